@@ -1,0 +1,68 @@
+"""``smsdl``: the headless twin of the napari plugin.
+
+Each sub-command lives in :mod:`napari_smsdl.commands` as a module with ``add_parser(subparsers)``
+(which sets ``func=run`` on its parser) and ``run(args) -> int``. This module only dispatches and
+turns expected errors into one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Sub-command modules, in the order ``smsdl --help`` lists them.
+COMMANDS = ("info", "ion", "sample", "register", "reconstruct", "benchmark")
+
+log = logging.getLogger("napari_smsdl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smsdl",
+        description="H&E-guided super-resolution of mass spectrometry images (SMSDL-Net).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"napari_smsdl.commands.{name}")
+        except ModuleNotFoundError as exc:  # a command still being built must not break the others
+            if exc.name == f"napari_smsdl.commands.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("smsdl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI contract: one line, no traceback
+        if args.debug:
+            raise
+        from .errors import SmsdlError
+
+        if isinstance(exc, SmsdlError):
+            message = str(exc)
+        elif isinstance(exc, OSError) and exc.filename:
+            message = f"{exc.filename}: {exc.strerror or exc}"
+        else:
+            message = f"{type(exc).__name__}: {exc}"
+        print(f"smsdl {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
