@@ -1,0 +1,165 @@
+"""H&E (histology) images: PNG/JPEG/TIFF/OME-TIFF and pyramidal TIFF/SVS, read lazily.
+
+A whole-slide image is never read into memory at once: :func:`open_histology` returns a
+:class:`HistologyImage` whose levels are zarr arrays over the TIFF (tifffile's ``aszarr``), so a
+caller reads the level and region it needs. Small formats (PNG, JPEG) are read eagerly.
+Arrays are (rows, cols, 3) RGB; pixel sizes are in µm.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+_TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff", ".btf", ".ndpi", ".scn"}
+
+
+@dataclass(frozen=True)
+class HistologyImage:
+    """A (possibly pyramidal) RGB histology image.
+
+    Attributes
+    ----------
+    path : Path
+    levels : list
+        Array-likes (rows, cols, 3), level 0 = full resolution; each supports slicing.
+    pixel_size_um : float or None
+        Pixel size of level 0 in µm, from the file's metadata when present.
+    """
+
+    path: Path
+    levels: tuple
+    pixel_size_um: float | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.levels[0].shape[:2])
+
+    def level_pixel_size_um(self, level: int) -> float | None:
+        if self.pixel_size_um is None:
+            return None
+        return self.pixel_size_um * self.levels[0].shape[0] / self.levels[level].shape[0]
+
+    def best_level(self, target_pixel_size_um: float) -> int:
+        """The coarsest level whose pixel size is still at most ``target_pixel_size_um``."""
+        best = 0
+        for k in range(len(self.levels)):
+            size = self.level_pixel_size_um(k)
+            if size is not None and size <= target_pixel_size_um * 1.0001:
+                best = k
+        return best
+
+    def read(self, level: int = 0, region_rc: tuple[slice, slice] | None = None) -> np.ndarray:
+        """Read a level (or a region of it) into memory as uint8 RGB (rows, cols, 3)."""
+        arr = self.levels[level]
+        data = np.asarray(arr[region_rc] if region_rc is not None else arr[:])
+        return to_rgb_uint8(data, self.path)
+
+
+def to_rgb_uint8(data: np.ndarray, path: str | Path | None = None) -> np.ndarray:
+    """Coerce grey/RGB/RGBA and integer/float images to (rows, cols, 3) uint8."""
+    data = np.asarray(data)
+    if data.ndim == 3 and data.shape[0] in (3, 4) and data.shape[-1] not in (3, 4):
+        data = np.moveaxis(data, 0, -1)  # channel-first TIFF
+    if data.ndim == 2:
+        data = np.repeat(data[..., None], 3, axis=-1)
+    if data.ndim != 3 or data.shape[-1] not in (3, 4):
+        raise InputError(f"expected an RGB histology image, got an array of shape {data.shape}", path)
+    data = data[..., :3]
+    if data.dtype == np.uint8:
+        return np.ascontiguousarray(data)
+    data = data.astype(np.float64)
+    top = 1.0 if data.max() <= 1.0 else (255.0 if data.max() <= 255 else float(data.max()))
+    return np.clip(np.round(data / top * 255.0), 0, 255).astype(np.uint8)
+
+
+def _tiff_pixel_size_um(tif) -> float | None:
+    """Pixel size from OME-XML (PhysicalSizeX), SVS (MPP) or the TIFF resolution tags."""
+    import re
+
+    if tif.is_ome and tif.ome_metadata:
+        match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+        if match:
+            value = float(match.group(1))
+            factor = {"nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(unit.group(1) if unit else "µm", 1.0)
+            return value * factor
+    page = tif.pages[0]
+    description = page.description or ""
+    match = re.search(r"MPP\s*=\s*([0-9.]+)", description)
+    if match:
+        return float(match.group(1))
+    tags = page.tags
+    if "XResolution" in tags and "ResolutionUnit" in tags:
+        num, den = tags["XResolution"].value
+        unit = tags["ResolutionUnit"].value
+        if num and den and int(unit) in (2, 3):  # inch, centimetre
+            per_unit = num / den
+            return (25400.0 if int(unit) == 2 else 10000.0) / per_unit if per_unit > 1 else None
+    return None
+
+
+def open_histology(path: str | os.PathLike, *, pixel_size_um: float | None = None) -> HistologyImage:
+    """Open an H&E image lazily; ``pixel_size_um`` is used when the metadata has none."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", path)
+    if path.stat().st_size == 0:
+        raise InputError("empty file", path)
+    name = path.name.lower()
+    if any(name.endswith(s) for s in _TIFF_SUFFIXES):
+        import tifffile
+        import zarr
+
+        try:
+            tif = tifffile.TiffFile(path)
+            series = tif.series[0]
+            store = series.aszarr()
+            group = zarr.open(store, mode="r")
+        except Exception as exc:  # noqa: BLE001 - tifffile raises many types on corrupt files
+            raise InputError(f"cannot read TIFF ({' '.join(str(exc).split())})", path) from exc
+        if hasattr(group, "shape"):  # a single level opens as an array
+            levels = (group,)
+        else:
+            levels = tuple(group[str(k)] for k in range(len(series.levels)))
+        size = _tiff_pixel_size_um(tif)
+        return HistologyImage(path, levels, size if size else pixel_size_um)
+    try:
+        from skimage import io as skio
+
+        data = skio.imread(path)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"cannot read image ({' '.join(str(exc).split())})", path) from exc
+    return HistologyImage(path, (to_rgb_uint8(data, path),), pixel_size_um)
+
+
+def read_histology(path: str | os.PathLike, *, level: int = 0) -> np.ndarray:
+    """Read an H&E image level into memory as (rows, cols, 3) uint8."""
+    return open_histology(path).read(level)
+
+
+def write_pyramidal_tiff(
+    path: str | os.PathLike, rgb: np.ndarray, *, pixel_size_um: float, n_levels: int = 3, tile: int = 256
+) -> Path:
+    """Write an RGB image as a tiled, pyramidal OME-TIFF with its physical pixel size."""
+    import tifffile
+    from skimage.transform import downscale_local_mean
+
+    path = Path(path)
+    rgb = to_rgb_uint8(rgb, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    meta = {"axes": "YXS", "PhysicalSizeX": pixel_size_um, "PhysicalSizeY": pixel_size_um,
+            "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
+    with tifffile.TiffWriter(tmp, ome=True, bigtiff=True) as tw:
+        tw.write(rgb, subifds=n_levels - 1, tile=(tile, tile), photometric="rgb", metadata=meta)
+        level = rgb
+        for _ in range(n_levels - 1):
+            level = downscale_local_mean(level, (2, 2, 1)).astype(np.uint8)
+            tw.write(level, subfiletype=1, tile=(tile, tile), photometric="rgb")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,594 @@
+"""Mass spectrometry images from imzML: a validated, vectorised reader.
+
+The XML is parsed once (through pyimzML's parser) into flat offset/length arrays; the ``.ibd`` is
+then read in contiguous chunks of spectra with ``numpy.fromfile`` and every query (ion images for
+any number of m/z windows, TIC, mean spectrum) is answered per chunk with vectorised searches: no
+Python loop per pixel and a memory footprint bounded by the chunk size, not by the file size.
+
+Coordinates: imzML positions are 1-based (x, y); here they become 0-based ``rows = y - 1`` and
+``cols = x - 1`` once, in :func:`open_imzml`. Images are (rows, cols); stacks (channels, rows, cols).
+Pixels without a spectrum are NaN in every image.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import uuid as uuid_mod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImzMLError, InputError
+
+#: Bytes of spectra read from the .ibd per chunk; bounds the memory of every query.
+CHUNK_BYTES = 32 * 2**20
+
+_PRECISION_DTYPES = {"f": np.float32, "d": np.float64, "i": np.int32, "l": np.int64}
+
+
+class Normalization(str, enum.Enum):
+    """Per-pixel normalisation of ion images."""
+
+    NONE = "none"
+    TIC = "tic"  # divide by the pixel's total ion count (rescaled by the median TIC)
+    RMS = "rms"  # divide by the root mean square of the pixel's spectrum (rescaled by the median)
+
+
+@dataclass(frozen=True)
+class MzWindow:
+    """An m/z window ``[low, high]`` (inclusive) around a centre."""
+
+    center: float
+    low: float
+    high: float
+
+    @property
+    def label(self) -> str:
+        return f"m/z {self.center:.4f}"
+
+
+def parse_tolerance(text: str | float) -> tuple[float, str]:
+    """Parse ``"10ppm"``, ``"0.01da"`` (or a bare number, read as Da) into ``(value, unit)``."""
+    if isinstance(text, (int, float)):
+        return float(text), "da"
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*(ppm|da|mda)?\s*", text.lower())
+    if not match:
+        raise InputError(f"cannot read tolerance {text!r}: expected e.g. '10ppm' or '0.01da'")
+    value, unit = float(match.group(1)), match.group(2) or "da"
+    if unit == "mda":
+        value, unit = value / 1000.0, "da"
+    if value <= 0:
+        raise InputError(f"tolerance must be positive, got {text!r}")
+    return value, unit
+
+
+def make_windows(mz: Sequence[float], tol: str | float = "10ppm") -> list[MzWindow]:
+    """m/z windows around each centre, with a tolerance in ppm (``"10ppm"``) or Da (``"0.01da"``)."""
+    value, unit = parse_tolerance(tol)
+    windows = []
+    for center in mz:
+        half = center * value * 1e-6 if unit == "ppm" else value
+        windows.append(MzWindow(float(center), float(center - half), float(center + half)))
+    return windows
+
+
+@dataclass(frozen=True)
+class IonImages:
+    """A stack of ion images ``data`` (channels, rows, cols), NaN where no spectrum was acquired."""
+
+    data: np.ndarray
+    windows: tuple[MzWindow, ...]
+    pixel_size_um: float | None
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(rows, cols) bool, True where a spectrum was acquired."""
+        return ~np.isnan(self.data[0]) if len(self.data) else np.zeros((0, 0), bool)
+
+    @property
+    def channel_names(self) -> list[str]:
+        return [w.label for w in self.windows]
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """A spectrum: m/z values and intensities (1-D, same length)."""
+
+    mz: np.ndarray
+    intensity: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Data of a run of consecutive spectra: concatenated values with per-spectrum starts."""
+
+    indices: np.ndarray  # spectrum indices in the chunk
+    mz: np.ndarray | None  # concatenated m/z (processed) or None (continuous: use shared axis)
+    intensity: np.ndarray  # concatenated intensities (processed) or (n, L) matrix (continuous)
+    starts: np.ndarray  # start of each spectrum in the concatenation (processed), len n + 1
+
+
+@dataclass
+class ImzMLDataset:
+    """An opened, validated imzML/ibd pair. Build it with :func:`open_imzml`.
+
+    Attributes
+    ----------
+    rows, cols : np.ndarray
+        0-based pixel position of each spectrum (``y - 1``, ``x - 1``).
+    shape : tuple[int, int]
+        (rows, cols) of the pixel grid.
+    mode : str
+        ``"continuous"`` (one shared m/z axis) or ``"processed"`` (an m/z array per spectrum).
+    pixel_size_um : float or None
+        From the imzML metadata (IMS:1000046) when present, else the value given to
+        :func:`open_imzml`, else None.
+    """
+
+    path: Path
+    ibd_path: Path
+    mode: str
+    rows: np.ndarray
+    cols: np.ndarray
+    shape: tuple[int, int]
+    pixel_size_um: float | None
+    mz_dtype: np.dtype
+    intensity_dtype: np.dtype
+    mz_offsets: np.ndarray
+    mz_lengths: np.ndarray
+    intensity_offsets: np.ndarray
+    intensity_lengths: np.ndarray
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_spectra(self) -> int:
+        return int(len(self.rows))
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(rows, cols) bool, True where a spectrum was acquired."""
+        mask = np.zeros(self.shape, bool)
+        mask[self.rows, self.cols] = True
+        return mask
+
+    # ------------------------------------------------------------------ raw access
+    def spectrum(self, index: int) -> Spectrum:
+        """One spectrum by index (0-based, in file order)."""
+        if not 0 <= index < self.n_spectra:
+            raise IndexError(f"spectrum {index} out of range 0..{self.n_spectra - 1}")
+        mz = self._read(self.mz_offsets[index], self.mz_lengths[index], self.mz_dtype)
+        intensity = self._read(
+            self.intensity_offsets[index], self.intensity_lengths[index], self.intensity_dtype
+        )
+        return Spectrum(mz.astype(np.float64), intensity.astype(np.float64))
+
+    def _read(self, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
+        return np.fromfile(self.ibd_path, dtype=dtype, count=int(count), offset=int(offset))
+
+    @cached_property
+    def shared_mz(self) -> np.ndarray | None:
+        """The shared m/z axis of a continuous file (None for processed files)."""
+        if self.mode != "continuous":
+            return None
+        return self._read(self.mz_offsets[0], self.mz_lengths[0], self.mz_dtype).astype(np.float64)
+
+    def _chunks(self) -> Iterator[_Chunk]:
+        """Yield consecutive spectra in chunks of about :data:`CHUNK_BYTES` of file."""
+        isz_mz, isz_int = self.mz_dtype.itemsize, self.intensity_dtype.itemsize
+        if self.mode == "continuous":
+            starts_b = self.intensity_offsets
+            ends_b = self.intensity_offsets + self.intensity_lengths * isz_int
+        else:
+            starts_b = np.minimum(self.mz_offsets, self.intensity_offsets)
+            ends_b = np.maximum(
+                self.mz_offsets + self.mz_lengths * isz_mz,
+                self.intensity_offsets + self.intensity_lengths * isz_int,
+            )
+        n = self.n_spectra
+        begin = 0
+        with open(self.ibd_path, "rb") as fh:
+            while begin < n:
+                # grow the chunk while the file span it covers stays under CHUNK_BYTES
+                lo = starts_b[begin]
+                span = np.maximum.accumulate(ends_b[begin:]) - np.minimum.accumulate(starts_b[begin:])
+                end = begin + max(1, int(np.searchsorted(span, CHUNK_BYTES, side="right")))
+                lo = int(starts_b[begin:end].min())
+                hi = int(ends_b[begin:end].max())
+                fh.seek(lo)
+                buf = fh.read(hi - lo)
+                idx = np.arange(begin, end)
+                if self.mode == "continuous":
+                    ints = _gather(buf, self.intensity_offsets[idx] - lo, self.intensity_lengths[idx], self.intensity_dtype)
+                    yield _Chunk(idx, None, ints.reshape(len(idx), -1), np.array([]))
+                else:
+                    lengths = self.mz_lengths[idx]
+                    mz = _gather(buf, self.mz_offsets[idx] - lo, lengths, self.mz_dtype)
+                    ints = _gather(buf, self.intensity_offsets[idx] - lo, lengths, self.intensity_dtype)
+                    starts = np.concatenate([[0], np.cumsum(lengths)])
+                    yield _Chunk(idx, mz.astype(np.float64), ints, starts)
+                begin = end
+
+    # ------------------------------------------------------------------ per-spectrum stats
+    def _spectrum_stats(self) -> dict[str, np.ndarray]:
+        """TIC, RMS and m/z range of every spectrum, computed in one pass and cached."""
+        if "stats" in self._cache:
+            return self._cache["stats"]
+        n = self.n_spectra
+        tic, sumsq = np.zeros(n), np.zeros(n)
+        mz_min, mz_max = np.full(n, np.inf), np.full(n, -np.inf)
+        counts = self.intensity_lengths.astype(np.float64)
+        for chunk in self._chunks():
+            ints = chunk.intensity.astype(np.float64)
+            if chunk.mz is None:
+                tic[chunk.indices] = ints.sum(axis=1)
+                sumsq[chunk.indices] = (ints**2).sum(axis=1)
+                axis = self.shared_mz
+                if len(axis):
+                    mz_min[chunk.indices], mz_max[chunk.indices] = axis[0], axis[-1]
+            else:
+                nonempty = np.diff(chunk.starts) > 0
+                starts = chunk.starts[:-1][nonempty]
+                sel = chunk.indices[nonempty]
+                tic[sel] = np.add.reduceat(ints, starts)
+                sumsq[sel] = np.add.reduceat(ints**2, starts)
+                # m/z arrays are sorted (imzML requires it), so first/last are min/max
+                mz_min[sel] = chunk.mz[starts]
+                mz_max[sel] = chunk.mz[chunk.starts[1:][nonempty] - 1]
+        rms = np.sqrt(sumsq / np.maximum(counts, 1))
+        stats = {"tic": tic, "rms": rms, "mz_min": mz_min, "mz_max": mz_max}
+        self._cache["stats"] = stats
+        return stats
+
+    @property
+    def mz_range(self) -> tuple[float, float]:
+        """(min, max) m/z over all spectra."""
+        stats = self._spectrum_stats()
+        finite = np.isfinite(stats["mz_min"])
+        if not finite.any():
+            return (float("nan"), float("nan"))
+        return float(stats["mz_min"][finite].min()), float(stats["mz_max"][finite].max())
+
+    def _to_image(self, values: np.ndarray) -> np.ndarray:
+        """Scatter per-spectrum values (n,) or (n, C) into (rows, cols) or (C, rows, cols), NaN elsewhere."""
+        values = np.asarray(values)
+        if values.ndim == 1:
+            image = np.full(self.shape, np.nan, np.float32)
+            image[self.rows, self.cols] = values
+            return image
+        stack = np.full((values.shape[1], *self.shape), np.nan, np.float32)
+        stack[:, self.rows, self.cols] = values.T
+        return stack
+
+    def tic_image(self) -> np.ndarray:
+        """Total ion count image (rows, cols), float32, NaN where no spectrum was acquired."""
+        return self._to_image(self._spectrum_stats()["tic"])
+
+    # ------------------------------------------------------------------ ion images
+    def window_sums(self, windows: Sequence[MzWindow]) -> np.ndarray:
+        """Sum of intensities of every spectrum inside every window: (n_spectra, n_windows)."""
+        lo_mz = np.array([w.low for w in windows], np.float64)
+        hi_mz = np.array([w.high for w in windows], np.float64)
+        out = np.zeros((self.n_spectra, len(windows)), np.float64)
+        if not len(windows):
+            return out
+        axis = self.shared_mz
+        if axis is not None:
+            first = np.searchsorted(axis, lo_mz, side="left")
+            last = np.searchsorted(axis, hi_mz, side="right")
+        for chunk in self._chunks():
+            if chunk.mz is None:
+                csum = np.zeros((len(chunk.indices), chunk.intensity.shape[1] + 1))
+                np.cumsum(chunk.intensity, axis=1, out=csum[:, 1:])
+                out[chunk.indices] = csum[:, last] - csum[:, first]
+                continue
+            # One global search over all spectra of the chunk: since each spectrum's m/z is sorted,
+            # mz + k * span (k = spectrum position in the chunk) is sorted over the concatenation.
+            n = len(chunk.indices)
+            if not len(chunk.mz):
+                continue
+            base = min(float(chunk.mz.min()), float(lo_mz.min()))
+            span = max(float(chunk.mz.max()), float(hi_mz.max())) - base + 1.0
+            owner = np.repeat(np.arange(n), np.diff(chunk.starts))
+            keys = (chunk.mz - base) + owner * span
+            offs = (np.arange(n) * span)[:, None]
+            first = np.searchsorted(keys, (lo_mz - base)[None, :] + offs, side="left")
+            last = np.searchsorted(keys, (hi_mz - base)[None, :] + offs, side="right")
+            csum = np.concatenate([[0.0], np.cumsum(chunk.intensity, dtype=np.float64)])
+            out[chunk.indices] = csum[last] - csum[first]
+        return out
+
+    def ion_images(
+        self,
+        mz: Sequence[float] | Sequence[MzWindow],
+        tol: str | float = "10ppm",
+        *,
+        norm: Normalization | str = Normalization.NONE,
+    ) -> IonImages:
+        """Ion images for a list of m/z values (or windows): (channels, rows, cols) float32.
+
+        Each pixel is the sum of the intensities inside the window; NaN where no spectrum exists.
+        ``norm`` divides each pixel by its TIC or RMS, rescaled by the median over pixels so the
+        values keep the order of magnitude of the raw intensities.
+        """
+        windows = [w if isinstance(w, MzWindow) else None for w in mz]
+        if any(w is None for w in windows):
+            windows = make_windows([float(m) for m in mz], tol)
+        sums = self.window_sums(windows)
+        norm = Normalization(norm)
+        if norm is not Normalization.NONE:
+            factor = self._spectrum_stats()["tic" if norm is Normalization.TIC else "rms"]
+            positive = factor > 0
+            scale = np.median(factor[positive]) if positive.any() else 1.0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sums = np.where(positive[:, None], sums / factor[:, None] * scale, 0.0)
+        return IonImages(self._to_image(sums), tuple(windows), self.pixel_size_um)
+
+    # ------------------------------------------------------------------ spectra summaries
+    def mean_spectrum(self, *, bin_ppm: float = 5.0) -> Spectrum:
+        """Mean spectrum over all pixels.
+
+        Continuous files average on their own axis; processed files are binned on a log-spaced
+        axis whose bin width is ``bin_ppm`` (each bin's m/z is its intensity-weighted centroid).
+        """
+        key = ("mean", bin_ppm)
+        if key in self._cache:
+            return self._cache[key]
+        if self.mode == "continuous":
+            total = np.zeros(len(self.shared_mz))
+            for chunk in self._chunks():
+                total += chunk.intensity.sum(axis=0, dtype=np.float64)
+            result = Spectrum(self.shared_mz.copy(), total / max(self.n_spectra, 1))
+        else:
+            low, high = self.mz_range
+            if not np.isfinite(low):
+                return Spectrum(np.zeros(0), np.zeros(0))
+            step = np.log1p(bin_ppm * 1e-6)
+            n_bins = int(np.ceil((np.log(high) - np.log(low)) / step)) + 1
+            weight = np.zeros(n_bins)
+            weighted_mz = np.zeros(n_bins)
+            for chunk in self._chunks():
+                bins = np.floor((np.log(chunk.mz) - np.log(low)) / step).astype(np.int64)
+                ints = chunk.intensity.astype(np.float64)
+                weight += np.bincount(bins, ints, minlength=n_bins)
+                weighted_mz += np.bincount(bins, ints * chunk.mz, minlength=n_bins)
+            centres = low * np.exp((np.arange(n_bins) + 0.5) * step)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mz = np.where(weight > 0, weighted_mz / weight, centres)
+            result = Spectrum(mz, weight / max(self.n_spectra, 1))
+        self._cache[key] = result
+        return result
+
+    def pick_peaks(self, n_peaks: int = 10, *, bin_ppm: float = 5.0, min_distance_ppm: float = 50.0) -> np.ndarray:
+        """m/z of the ``n_peaks`` strongest peaks of the mean spectrum, sorted by m/z."""
+        from scipy.signal import find_peaks
+
+        spectrum = self.mean_spectrum(bin_ppm=bin_ppm)
+        if len(spectrum.mz) < 3:
+            return spectrum.mz[spectrum.intensity > 0][:n_peaks]
+        # pad so that peaks at the first/last bin are found too
+        padded = np.concatenate([[0.0], spectrum.intensity, [0.0]])
+        distance = max(1, int(round(min_distance_ppm / bin_ppm))) if self.mode == "processed" else 1
+        peaks, props = find_peaks(padded, height=0.0, distance=distance)
+        peaks = peaks - 1
+        keep = peaks[np.argsort(props["peak_heights"])[::-1][:n_peaks]]
+        return np.sort(spectrum.mz[keep])
+
+
+# ---------------------------------------------------------------------- low-level helpers
+def _gather(buf: bytes, offsets: np.ndarray, lengths: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Concatenate ``lengths[i]`` values of ``dtype`` starting at byte ``offsets[i]`` of ``buf``.
+
+    Offsets need not be aligned to the item size (mixed float64/float32 files are not): values are
+    viewed through one ``frombuffer`` per byte residue, so there is no per-spectrum Python loop.
+    """
+    dtype = np.dtype(dtype)
+    isz = dtype.itemsize
+    offsets = np.asarray(offsets, np.int64)
+    lengths = np.asarray(lengths, np.int64)
+    total = int(lengths.sum())
+    out = np.empty(total, dtype)
+    if total == 0:
+        return out
+    out_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    residues = offsets % isz
+    for r in np.unique(residues):
+        sel = residues == r
+        view = np.frombuffer(buf, dtype=dtype, offset=int(r), count=(len(buf) - int(r)) // isz)
+        lens = lengths[sel]
+        n_sel = int(lens.sum())
+        if n_sel == 0:
+            continue
+        ramp = np.arange(n_sel) - np.repeat(np.cumsum(lens) - lens, lens)
+        src = np.repeat((offsets[sel] - r) // isz, lens) + ramp
+        dst = np.repeat(out_starts[sel], lens) + ramp
+        out[dst] = view[src]
+    return out
+
+
+def _find_ibd(path: Path) -> Path:
+    for suffix in (".ibd", ".IBD", ".Ibd"):
+        candidate = path.with_suffix(suffix)
+        if candidate.exists():
+            return candidate
+    raise ImzMLError(f"binary file {path.with_suffix('.ibd').name} not found beside it", path)
+
+
+def _param(group, name: str):
+    try:
+        return group.param_by_name.get(name)
+    except AttributeError:
+        return None
+
+
+def open_imzml(path: str | os.PathLike, *, pixel_size_um: float | None = None) -> ImzMLDataset:
+    """Open and validate an imzML file (continuous or processed) and index its ``.ibd``.
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.imzML`` file; the ``.ibd`` must lie beside it with the same stem.
+    pixel_size_um : float, optional
+        Pixel size in µm, used when the file's metadata has none (IMS:1000046); the metadata wins
+        otherwise.
+
+    Raises
+    ------
+    ImzMLError
+        Naming the file and the problem: file missing or empty, malformed XML, missing or truncated
+        ``.ibd``, UUID mismatch between the two, compressed binary data, coordinates out of range.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImzMLError("file not found", path)
+    if path.is_dir():
+        raise ImzMLError("is a directory, expected an .imzML file", path)
+    if path.stat().st_size == 0:
+        raise ImzMLError("empty file", path)
+    ibd_path = _find_ibd(path)
+    ibd_size = ibd_path.stat().st_size
+    if ibd_size < 16:
+        raise ImzMLError(f"binary file {ibd_path.name} is truncated ({ibd_size} bytes, no UUID)", path)
+
+    import warnings
+
+    from pyimzml.ImzMLParser import ImzMLParser
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parser = ImzMLParser(str(path), ibd_file=None)
+    except Exception as exc:  # lxml/ElementTree errors, pyimzML's own RuntimeErrors and KeyErrors
+        kind = type(exc).__name__
+        if "Syntax" in kind or "Parse" in kind:
+            raise ImzMLError(f"malformed imzML XML ({' '.join(str(exc).split())})", path) from exc
+        raise ImzMLError(f"not a readable imzML file ({kind}: {' '.join(str(exc).split())})", path) from exc
+
+    if not parser.coordinates:
+        raise ImzMLError("contains no spectra", path)
+    meta = parser.metadata
+    description = getattr(meta, "file_description", None)
+    declared_uuid = _param(description, "universally unique identifier")
+    if declared_uuid:
+        try:
+            expected = uuid_mod.UUID(str(declared_uuid).strip("{}")).bytes
+        except ValueError as exc:
+            raise ImzMLError(f"invalid UUID {declared_uuid!r} in the XML", path) from exc
+        with open(ibd_path, "rb") as fh:
+            actual = fh.read(16)
+        if actual != expected:
+            raise ImzMLError(
+                f"UUID mismatch: the XML says {declared_uuid} but {ibd_path.name} starts with "
+                f"{{{uuid_mod.UUID(bytes=actual)}}}; the two files do not belong together",
+                path,
+            )
+    is_continuous = description is not None and "continuous" in description
+    is_processed = description is not None and "processed" in description
+
+    for group in meta.referenceable_param_groups.values():
+        if "zlib compression" in group:
+            raise ImzMLError("zlib-compressed binary data is not supported; export uncompressed", path)
+    mz_dtype = np.dtype(_PRECISION_DTYPES.get(parser.mzPrecision, np.float64))
+    int_dtype = np.dtype(_PRECISION_DTYPES.get(parser.intensityPrecision, np.float32))
+
+    coords = np.asarray(parser.coordinates, dtype=np.int64)
+    x, y = coords[:, 0], coords[:, 1]
+    mz_off = np.asarray(parser.mzOffsets, np.int64)
+    mz_len = np.asarray(parser.mzLengths, np.int64)
+    int_off = np.asarray(parser.intensityOffsets, np.int64)
+    int_len = np.asarray(parser.intensityLengths, np.int64)
+
+    if (x < 1).any() or (y < 1).any():
+        raise ImzMLError("coordinates out of range: imzML positions start at 1", path)
+    max_x = parser.imzmldict.get("max count of pixels x")
+    max_y = parser.imzmldict.get("max count of pixels y")
+    if max_x and x.max() > max_x or max_y and y.max() > max_y:
+        raise ImzMLError(
+            f"coordinates out of range: position up to (x={x.max()}, y={y.max()}) but the scan "
+            f"settings declare {max_x} x {max_y} pixels",
+            path,
+        )
+    if len(np.unique(y * (x.max() + 1) + x)) != len(x):
+        raise ImzMLError("two spectra share the same (x, y) position", path)
+    if (mz_len != int_len).any():
+        raise ImzMLError("m/z and intensity arrays of a spectrum differ in length", path)
+    end = max(
+        int((mz_off + mz_len * mz_dtype.itemsize).max()),
+        int((int_off + int_len * int_dtype.itemsize).max()),
+    )
+    if (mz_off < 0).any() or (int_off < 0).any() or end > ibd_size:
+        raise ImzMLError(
+            f"binary file {ibd_path.name} is truncated: the XML needs {end} bytes, the file has {ibd_size}",
+            path,
+        )
+    if is_continuous:
+        mode = "continuous"
+    elif is_processed:
+        mode = "processed"
+    else:  # not declared: infer from the offsets
+        mode = "continuous" if (mz_off == mz_off[0]).all() else "processed"
+    if mode == "continuous" and not ((mz_off == mz_off[0]).all() and (mz_len == mz_len[0]).all()):
+        mode = "processed"  # declared continuous but does not share its m/z array: read it per spectrum
+
+    size_x = parser.imzmldict.get("pixel size x")
+    size_y = parser.imzmldict.get("pixel size y")
+    meta_size = float(size_x) if size_x else (float(size_y) if size_y else None)
+    rows, cols = y - 1, x - 1
+    shape = (int(max(max_y or 0, y.max())), int(max(max_x or 0, x.max())))
+    return ImzMLDataset(
+        path=path,
+        ibd_path=ibd_path,
+        mode=mode,
+        rows=rows,
+        cols=cols,
+        shape=shape,
+        pixel_size_um=meta_size if meta_size else pixel_size_um,
+        mz_dtype=mz_dtype,
+        intensity_dtype=int_dtype,
+        mz_offsets=mz_off,
+        mz_lengths=mz_len,
+        intensity_offsets=int_off,
+        intensity_lengths=int_len,
+    )
+
+
+def write_imzml(
+    path: str | os.PathLike,
+    spectra: Callable[[], Iterator[tuple[int, int, np.ndarray, np.ndarray]]] | Sequence,
+    *,
+    mode: str = "processed",
+    pixel_size_um: float | None = None,
+    mz_dtype=np.float64,
+    intensity_dtype=np.float32,
+) -> Path:
+    """Write an imzML/ibd pair with pyimzML's writer; atomically (temp names, then rename).
+
+    ``spectra`` yields ``(row, col, mz, intensity)`` with 0-based row/col. The pixel size, which
+    pyimzML's writer does not record, is added to the scan settings (IMS:1000046/IMS:1000047).
+    """
+    from pyimzml.ImzMLWriter import ImzMLWriter
+
+    path = Path(path).with_suffix(".imzML")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_stem = path.with_name(f".{path.stem}.tmp{os.getpid()}")
+    items = spectra() if callable(spectra) else spectra
+    with ImzMLWriter(str(tmp_stem), mode=mode, mz_dtype=mz_dtype, intensity_dtype=intensity_dtype) as writer:
+        for row, col, mz, intensity in items:
+            writer.addSpectrum(np.asarray(mz), np.asarray(intensity), (int(col) + 1, int(row) + 1))
+    tmp_xml, tmp_ibd = tmp_stem.with_suffix(".imzML"), tmp_stem.with_suffix(".ibd")
+    if pixel_size_um is not None:
+        text = tmp_xml.read_text()
+        params = (
+            f'<cvParam cvRef="IMS" accession="IMS:1000046" name="pixel size (x)" value="{pixel_size_um:g}"/>\n'
+            f'      <cvParam cvRef="IMS" accession="IMS:1000047" name="pixel size y" value="{pixel_size_um:g}"/>\n'
+            "    </scanSettings>"
+        )
+        text = text.replace("</scanSettings>", params, 1)
+        tmp_xml.write_text(text)
+    os.replace(tmp_ibd, path.with_suffix(".ibd"))
+    os.replace(tmp_xml, path)
+    return path
