@@ -151,7 +151,9 @@ def test_imzml_layers_follow_options(imzml_file):
 
 
 def test_read_imzml_without_pixel_size_uses_scale_one(tmp_path):
-    spectra = [(r, c, np.array([100.0, 200.0]), np.array([1.0, 2.0 + r], np.float32)) for r in range(3) for c in range(4)]
+    spectra = [
+        (r, c, np.array([100.0, 200.0]), np.array([1.0, 2.0 + r], np.float32)) for r in range(3) for c in range(4)
+    ]
     path = write_imzml(tmp_path / "nosize.imzML", spectra, mode="processed")
     tic, kw, _ = read_imzml(path)[0]
     assert kw["scale"] == (1.0, 1.0) and kw["translate"] == (0.5, 0.5)

@@ -96,9 +96,7 @@ def he_layer(
     multiscale = False
     if isinstance(image, HistologyImage):
         levels = list(image.levels)
-        lazy_ok = all(
-            len(lv.shape) == 3 and lv.shape[-1] in (3, 4) and np.dtype(lv.dtype) == np.uint8 for lv in levels
-        )
+        lazy_ok = all(len(lv.shape) == 3 and lv.shape[-1] in (3, 4) and np.dtype(lv.dtype) == np.uint8 for lv in levels)
         if len(levels) > 1 and lazy_ok:
             data, multiscale = levels, True
         else:
@@ -205,8 +203,12 @@ def imzml_layers(
     peaks = dataset.pick_peaks(n_peaks)
     if len(peaks):
         images = dataset.ion_images(peaks, tol, norm=norm)
-        meta = dict(common, tolerance=str(tol), normalization=Normalization(norm).value,
-                    windows=[(w.low, w.high) for w in images.windows])
+        meta = dict(
+            common,
+            tolerance=str(tol),
+            normalization=Normalization(norm).value,
+            windows=[(w.low, w.high) for w in images.windows],
+        )
         layers.append(
             ion_stack_layer(
                 images.data,

@@ -15,7 +15,7 @@ def smsdl_sample() -> list[LayerDataTuple]:
     from .sample import make_sample
 
     sample = make_sample()
-    names = [f"m/z {mz:.4f} {name}" for mz, name in zip(sample.mz, sample.channel_names)]
+    names = [f"m/z {mz:.4f} {name}" for mz, name in zip(sample.mz, sample.channel_names, strict=True)]
     sr_pixel_size_um = sample.msi_pixel_size_um / sample.factor
     common = {"source_path": None, "sample": "smsdl_sample", "factor": sample.factor}
     return [
