@@ -1,0 +1,49 @@
+"""Landmark-seeded nonlinear registration of the H&E (moving) onto the MSI (fixed), with SimpleITK.
+
+Physical space (the contract): pixel ``(row, col)`` of an image with pixel size ``p`` µm is centred
+at ``(x, y) = (col * p, row * p)`` µm. Every transform here maps **MSI physical → H&E physical**,
+the direction SimpleITK resamples the H&E onto MSI grids with (fixed = MSI, moving = H&E).
+
+Stages: (1) landmark affine (``LandmarkBasedTransformInitializer``) or a same-field-of-view start;
+(2) optional affine refinement on Mattes mutual information; (3) a B-spline in MSI space on top of the
+affine, multi-resolution, LBFGS2. Every run reports held-out landmark errors, per-landmark residuals,
+the Jacobian determinant and folds in the tissue, a checkerboard and a warped grid; a guard keeps the
+earlier stage when a later one makes held-out errors worse.
+"""
+
+from ._coords import GridSpec, affine_to_napari_matrix, rc_to_xy_um, super_resolution_grid, xy_um_to_rc
+from ._features import fixed_feature_image, moving_feature_image
+from ._io import load_params, load_report, load_transform, save_registration
+from ._landmarks import CSV_HEADER, LandmarkPairs, fit_landmark_affine, read_landmarks_csv, write_landmarks_csv
+from ._params import FixedFeature, FovFit, MovingFeature, RegistrationParams
+from ._register import RegistrationResult, register
+from ._resample import resample_moving_to_grid
+from ._stages import compose, same_field_of_view_transform
+
+__all__ = [
+    "CSV_HEADER",
+    "FixedFeature",
+    "FovFit",
+    "GridSpec",
+    "LandmarkPairs",
+    "MovingFeature",
+    "RegistrationParams",
+    "RegistrationResult",
+    "affine_to_napari_matrix",
+    "compose",
+    "fit_landmark_affine",
+    "fixed_feature_image",
+    "load_params",
+    "load_report",
+    "load_transform",
+    "moving_feature_image",
+    "rc_to_xy_um",
+    "read_landmarks_csv",
+    "register",
+    "resample_moving_to_grid",
+    "same_field_of_view_transform",
+    "save_registration",
+    "super_resolution_grid",
+    "write_landmarks_csv",
+    "xy_um_to_rc",
+]
