@@ -1,0 +1,194 @@
+"""``smsdl register``: register an H&E onto an MSI and write the transform and its quality report.
+
+``smsdl register --he HE_IMAGE --msi MSI_IMAGE --he-pixel-size UM --msi-pixel-size UM
+[--landmarks pairs.csv] -o OUTDIR``
+
+MSI_IMAGE is an ``.imzML`` (its TIC image is registered) or a single-channel image (TIFF, PNG,
+``.npy``; a multi-channel stack uses ``--msi-feature``). ``pairs.csv`` has the header
+``he_row,he_col,msi_row,msi_col`` in pixel (data) coordinates of each image. Writes
+``OUTDIR/transform.tfm`` (MSI physical µm → H&E physical µm, readable by ``SimpleITK.ReadTransform``)
+and ``OUTDIR/report.json``, plus ``affine.tfm``, ``params.json``, ``landmarks.csv`` and, with
+``--images``, TIFFs of the warped H&E, the checkerboard and the Jacobian map.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# the H&E is read at the pyramid level closest to this fraction of the MSI pixel (registration needs no more)
+HE_LEVEL_FRACTION = 0.125
+
+
+def add_parser(subparsers) -> None:
+    from ..registration import FixedFeature, MovingFeature, RegistrationParams
+
+    defaults = RegistrationParams()
+    parser = subparsers.add_parser(
+        "register",
+        help="register an H&E onto an MSI (landmark affine + B-spline) and write transform.tfm + report.json",
+        description=(
+            "Register an H&E (moving) onto an MSI (fixed): landmark affine, mutual-information affine, B-spline. "
+            "Writes OUTDIR/transform.tfm (MSI physical um -> H&E physical um; x = col * pixel size, "
+            "y = row * pixel size, origin at the centre of pixel (0, 0)) and OUTDIR/report.json (held-out "
+            "landmark error, folds in tissue, stages, seconds)."
+        ),
+    )
+    parser.add_argument("--he", required=True, metavar="HE_IMAGE", help="H&E image (PNG/JPEG/TIFF/OME-TIFF/SVS)")
+    parser.add_argument("--msi", required=True, metavar="MSI_IMAGE", help=".imzML (TIC used) or single-channel TIFF/PNG/NPY")
+    parser.add_argument("--he-pixel-size", type=float, default=None, metavar="UM",
+                        help="H&E pixel size in µm (default: from the file's metadata)")
+    parser.add_argument("--msi-pixel-size", type=float, default=None, metavar="UM",
+                        help="MSI pixel size in µm (default: from the imzML/TIFF metadata)")
+    parser.add_argument("--landmarks", default=None, metavar="PAIRS_CSV",
+                        help="CSV with header he_row,he_col,msi_row,msi_col (pixel coordinates); "
+                        "without it the start is 'same field of view'")
+    parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
+    parser.add_argument("--he-feature", choices=[m.value for m in MovingFeature], default=defaults.moving_feature.value,
+                        help=f"H&E image to register (default {defaults.moving_feature.value}; auto: best mutual information)")
+    parser.add_argument("--msi-feature", choices=[m.value for m in FixedFeature], default=defaults.fixed_feature.value,
+                        help="for a multi-channel MSI stack: tic, pc1, ion (with --msi-channel) or auto")
+    parser.add_argument("--msi-channel", type=int, default=0, help="channel for --msi-feature ion (default 0)")
+    parser.add_argument("--no-affine-refinement", action="store_true", help="skip the mutual-information affine stage")
+    parser.add_argument("--no-bspline", action="store_true", help="skip the B-spline stage (affine only)")
+    parser.add_argument("--mesh-spacing", type=float, default=defaults.mesh_spacing_msi_px, metavar="MSI_PX",
+                        help=f"final B-spline control-point spacing in MSI pixels (default {defaults.mesh_spacing_msi_px:g})")
+    parser.add_argument("--no-guard", action="store_true",
+                        help="keep every stage even when it worsens the held-out landmark error")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the metric sampling (default 0)")
+    parser.add_argument("--threads", type=int, default=None, help="SimpleITK threads (default: all cores)")
+    parser.add_argument("--images", action="store_true", help="also write warped_he.tif, checkerboard.tif, jacobian.tif")
+    parser.set_defaults(func=run)
+
+
+def _positive(value, option: str) -> float | None:
+    from ..errors import InputError
+
+    if value is None:
+        return None
+    if not np.isfinite(value) or value <= 0:
+        raise InputError(f"{option} must be a positive number of µm, got {value:g}")
+    return float(value)
+
+
+def load_msi_image(path: str | Path, *, pixel_size_um: float | None = None) -> tuple[np.ndarray, float | None]:
+    """The MSI to register: an imzML's TIC image, or an image/stack file. ((rows, cols) or (C, rows, cols), µm)."""
+    path = Path(path)
+    if path.suffix.lower() == ".imzml":
+        from ..msi import open_imzml
+
+        ds = open_imzml(path, pixel_size_um=pixel_size_um)
+        return ds.tic_image(), (pixel_size_um or ds.pixel_size_um)
+    from ..ion_stack import read_ion_stack
+
+    stack = read_ion_stack(path, pixel_size_um=pixel_size_um)
+    data = stack.data[0] if stack.data.shape[0] == 1 else stack.data
+    return data, (pixel_size_um or stack.pixel_size_um)
+
+
+def load_he_image(path: str | Path, *, pixel_size_um: float | None, msi_pixel_size_um: float):
+    """The H&E at the pyramid level that registration needs: (rgb uint8, level pixel size µm, level-0 → level scale)."""
+    from ..errors import InputError
+    from ..histology import open_histology
+
+    image = open_histology(path)
+    size0 = pixel_size_um or image.pixel_size_um
+    if size0 is None:
+        raise InputError("no pixel size in the file's metadata; give --he-pixel-size", path)
+    rows0 = image.levels[0].shape[0]
+    level = 0
+    for k in range(len(image.levels)):
+        if size0 * rows0 / image.levels[k].shape[0] <= HE_LEVEL_FRACTION * msi_pixel_size_um * 1.0001:
+            level = k
+    rgb = image.read(level)
+    scale = rgb.shape[0] / rows0
+    return rgb, size0 / scale, scale
+
+
+def _to_level0(result, *, he_size_level0: float, scale: float, landmarks):
+    """Express a result computed on a reduced H&E level in the physical space of level 0.
+
+    Level pixel (0, 0) is centred at level-0 pixel ``(1/scale - 1) / 2``, so level physical space is
+    level-0 physical space shifted by ``(1/scale - 1) / 2 * he_size_level0`` µm on both axes.
+    """
+    import dataclasses
+
+    import SimpleITK as sitk
+
+    from ..registration import compose
+
+    offset = (1.0 / scale - 1.0) / 2.0 * he_size_level0
+    affine = sitk.AffineTransform(result.affine)
+    affine.SetTranslation(tuple(float(t) + offset for t in affine.GetTranslation()))
+    report = dict(result.report)
+    report["moving"] = {**report["moving"], "pixel_size_um": he_size_level0, "level_scale": scale}
+    report["residuals"] = [
+        {**row, "he_row": (row["he_row"] + 0.5) / scale - 0.5, "he_col": (row["he_col"] + 0.5) / scale - 0.5}
+        for row in report.get("residuals", [])
+    ]
+    return dataclasses.replace(
+        result,
+        affine=affine,
+        transform=compose(affine, result.bspline),
+        report=report,
+        landmarks=landmarks if landmarks is not None else result.landmarks,
+        moving_pixel_size_um=he_size_level0,
+    )
+
+
+def run(args) -> int:
+    from ..errors import InputError, RegistrationError
+    from ..registration import LandmarkPairs, RegistrationParams, read_landmarks_csv, register, save_registration
+
+    t0 = time.perf_counter()
+    he_size = _positive(args.he_pixel_size, "--he-pixel-size")
+    msi_size = _positive(args.msi_pixel_size, "--msi-pixel-size")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise InputError("output exists and is not a folder", out)
+    landmarks = read_landmarks_csv(args.landmarks) if args.landmarks else None
+
+    msi, msi_size = load_msi_image(args.msi, pixel_size_um=msi_size)
+    if msi_size is None:
+        raise InputError("no pixel size in the file's metadata; give --msi-pixel-size", args.msi)
+    he, he_level_size, scale = load_he_image(args.he, pixel_size_um=he_size, msi_pixel_size_um=msi_size)
+    if landmarks is not None and scale != 1.0:  # H&E landmarks are level-0 pixels; the level read is smaller
+        landmarks = LandmarkPairs((landmarks.he_rc + 0.5) * scale - 0.5, landmarks.msi_rc)
+    if args.mesh_spacing <= 0:
+        raise InputError(f"--mesh-spacing must be > 0, got {args.mesh_spacing:g}")
+    params = RegistrationParams(
+        moving_feature=args.he_feature,
+        fixed_feature=args.msi_feature,
+        fixed_channel=args.msi_channel,
+        refine_affine=not args.no_affine_refinement,
+        bspline=not args.no_bspline,
+        mesh_spacing_msi_px=args.mesh_spacing,
+        guard=not args.no_guard,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    try:
+        result = register(msi, he, fixed_pixel_size_um=msi_size, moving_pixel_size_um=he_level_size,
+                          landmarks=landmarks, params=params)
+    except RegistrationError as exc:
+        if args.landmarks and exc.path is None and "landmark" in exc.problem:
+            raise RegistrationError(exc.problem, args.landmarks) from exc
+        raise
+    if scale != 1.0:
+        result = _to_level0(result, he_size_level0=he_level_size * scale, scale=scale,
+                            landmarks=read_landmarks_csv(args.landmarks) if args.landmarks else None)
+    written = save_registration(result, out, images=args.images)
+    rep = result.report
+    loo = rep["loo_error_msi_px"]
+    held = f"held-out landmark error median {loo['median']:.2f} / p90 {loo['p90']:.2f} MSI px" if loo else "no held-out error"
+    print(f"{rep['final']}; {held}; {rep['folds_in_tissue']} folded pixel(s) in tissue; "
+          f"{time.perf_counter() - t0:.1f} s")
+    for message in rep["messages"]:
+        print(f"note: {message}")
+    print(f"wrote {written['transform']} and {written['report']}")
+    return 0
