@@ -21,10 +21,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# the H&E is read at the pyramid level closest to this fraction of the MSI pixel (registration needs no more)
-HE_LEVEL_FRACTION = 0.125
-
-
 def add_parser(subparsers) -> None:
     from ..registration import FixedFeature, MovingFeature, RegistrationParams
 
@@ -95,55 +91,22 @@ def load_he_image(path: str | Path, *, pixel_size_um: float | None, msi_pixel_si
     """The H&E at the pyramid level that registration needs: (rgb uint8, level pixel size µm, level-0 → level scale)."""
     from ..errors import InputError
     from ..histology import open_histology
+    from ..registration._levels import choose_he_level
 
     image = open_histology(path)
     size0 = pixel_size_um or image.pixel_size_um
     if size0 is None:
         raise InputError("no pixel size in the file's metadata; give --he-pixel-size", path)
-    rows0 = image.levels[0].shape[0]
-    level = 0
-    for k in range(len(image.levels)):
-        if size0 * rows0 / image.levels[k].shape[0] <= HE_LEVEL_FRACTION * msi_pixel_size_um * 1.0001:
-            level = k
+    level = choose_he_level([lv.shape[0] for lv in image.levels], size0, msi_pixel_size_um)
     rgb = image.read(level)
-    scale = rgb.shape[0] / rows0
+    scale = rgb.shape[0] / image.levels[0].shape[0]
     return rgb, size0 / scale, scale
-
-
-def _to_level0(result, *, he_size_level0: float, scale: float, landmarks):
-    """Express a result computed on a reduced H&E level in the physical space of level 0.
-
-    Level pixel (0, 0) is centred at level-0 pixel ``(1/scale - 1) / 2``, so level physical space is
-    level-0 physical space shifted by ``(1/scale - 1) / 2 * he_size_level0`` µm on both axes.
-    """
-    import dataclasses
-
-    import SimpleITK as sitk
-
-    from ..registration import compose
-
-    offset = (1.0 / scale - 1.0) / 2.0 * he_size_level0
-    affine = sitk.AffineTransform(result.affine)
-    affine.SetTranslation(tuple(float(t) + offset for t in affine.GetTranslation()))
-    report = dict(result.report)
-    report["moving"] = {**report["moving"], "pixel_size_um": he_size_level0, "level_scale": scale}
-    report["residuals"] = [
-        {**row, "he_row": (row["he_row"] + 0.5) / scale - 0.5, "he_col": (row["he_col"] + 0.5) / scale - 0.5}
-        for row in report.get("residuals", [])
-    ]
-    return dataclasses.replace(
-        result,
-        affine=affine,
-        transform=compose(affine, result.bspline),
-        report=report,
-        landmarks=landmarks if landmarks is not None else result.landmarks,
-        moving_pixel_size_um=he_size_level0,
-    )
 
 
 def run(args) -> int:
     from ..errors import InputError, RegistrationError
-    from ..registration import LandmarkPairs, RegistrationParams, read_landmarks_csv, register, save_registration
+    from ..registration import RegistrationParams, read_landmarks_csv, register, save_registration
+    from ..registration._levels import landmarks_to_level, result_to_level0
 
     t0 = time.perf_counter()
     he_size = _positive(args.he_pixel_size, "--he-pixel-size")
@@ -157,8 +120,8 @@ def run(args) -> int:
     if msi_size is None:
         raise InputError("no pixel size in the file's metadata; give --msi-pixel-size", args.msi)
     he, he_level_size, scale = load_he_image(args.he, pixel_size_um=he_size, msi_pixel_size_um=msi_size)
-    if landmarks is not None and scale != 1.0:  # H&E landmarks are level-0 pixels; the level read is smaller
-        landmarks = LandmarkPairs((landmarks.he_rc + 0.5) * scale - 0.5, landmarks.msi_rc)
+    landmarks_level0 = landmarks
+    landmarks = landmarks_to_level(landmarks, scale)  # H&E landmarks are level-0 pixels
     if args.mesh_spacing <= 0:
         raise InputError(f"--mesh-spacing must be > 0, got {args.mesh_spacing:g}")
     params = RegistrationParams(
@@ -179,9 +142,8 @@ def run(args) -> int:
         if args.landmarks and exc.path is None and "landmark" in exc.problem:
             raise RegistrationError(exc.problem, args.landmarks) from exc
         raise
-    if scale != 1.0:
-        result = _to_level0(result, he_size_level0=he_level_size * scale, scale=scale,
-                            landmarks=read_landmarks_csv(args.landmarks) if args.landmarks else None)
+    result = result_to_level0(result, level0_pixel_size_um=he_level_size * scale, scale=scale,
+                              landmarks_level0=landmarks_level0)
     written = save_registration(result, out, images=args.images)
     rep = result.report
     loo = rep["loo_error_msi_px"]

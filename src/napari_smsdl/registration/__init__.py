@@ -16,7 +16,7 @@ from ._features import fixed_feature_image, moving_feature_image
 from ._io import load_params, load_report, load_transform, save_registration
 from ._landmarks import CSV_HEADER, LandmarkPairs, fit_landmark_affine, read_landmarks_csv, write_landmarks_csv
 from ._params import FixedFeature, FovFit, MovingFeature, RegistrationParams
-from ._register import RegistrationResult, register
+from ._register import RegistrationResult, iter_register, register
 from ._resample import resample_moving_to_grid
 from ._stages import compose, same_field_of_view_transform
 
@@ -33,6 +33,7 @@ __all__ = [
     "compose",
     "fit_landmark_affine",
     "fixed_feature_image",
+    "iter_register",
     "load_params",
     "load_report",
     "load_transform",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +27,7 @@ from ._stages import compose, run_affine_mi, run_bspline, same_field_of_view_tra
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RegistrationResult", "register"]
+__all__ = ["RegistrationResult", "iter_register", "register"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -169,14 +169,13 @@ def _warp_feature(moving: FeatureImage, fixed: FeatureImage, transform) -> np.nd
     return sitk.GetArrayFromImage(out)
 
 
-class _Progress:
-    def __init__(self, progress: Progress | None, total: int):
-        self.cb, self.total, self.done = progress, total, 0
+class _Counter:
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
 
-    def step(self, stage: str, n: int = 1):
-        self.done = min(self.total, self.done + n)
-        if self.cb is not None:
-            self.cb(stage, self.done, self.total)
+    def step(self, stage: str) -> tuple[str, int, int]:
+        self.done = min(self.total, self.done + 1)
+        return (stage, self.done, self.total)
 
 
 def register(
@@ -242,6 +241,40 @@ def register(
     the new stage is worse by more than ``params.guard_slack_msi_px``. Landmark errors are measured in
     MSI physical µm (the H&E-space miss mapped back through the transform's local Jacobian).
     """
+    steps = iter_register(
+        fixed_msi,
+        moving_he_rgb,
+        fixed_pixel_size_um=fixed_pixel_size_um,
+        moving_pixel_size_um=moving_pixel_size_um,
+        landmarks=landmarks,
+        params=params,
+        should_stop=should_stop,
+    )
+    while True:
+        try:
+            stage, done, total = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        if progress is not None:
+            progress(stage, done, total)
+
+
+def iter_register(
+    fixed_msi: np.ndarray,
+    moving_he_rgb: np.ndarray,
+    *,
+    fixed_pixel_size_um: float,
+    moving_pixel_size_um: float,
+    landmarks: LandmarkPairs | None = None,
+    params: RegistrationParams = RegistrationParams(),
+    should_stop: Callable[[], bool] | None = None,
+) -> Generator[tuple[str, int, int], None, RegistrationResult]:
+    """:func:`register` as a generator: yields ``(stage, done, total)`` after each unit of work and
+    returns the :class:`RegistrationResult` (``StopIteration.value``).
+
+    For ``napari.qt.threading.thread_worker``: its ``yielded`` signal carries the progress, its
+    ``returned`` signal the result. Arguments as :func:`register`.
+    """
     import SimpleITK as sitk
 
     t_start = time.perf_counter()
@@ -258,7 +291,7 @@ def register(
         n_lm = len(landmarks)
     folds = _make_folds(n_lm, params.max_folds, params.seed)
     image_stages = int(params.refine_affine) + int(params.bspline)
-    prog = _Progress(progress, 2 + image_stages * (1 + len(folds)))
+    prog = _Counter(2 + image_stages * (1 + len(folds)))
 
     old_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     if params.threads:
@@ -332,7 +365,7 @@ def register(
         else:
             f_kind, m_kind = f_kinds[0], m_kinds[0]
         fixed, moving = fixeds[f_kind], movings[m_kind]
-        prog.step("features")
+        yield prog.step("features")
         if should_stop is not None and should_stop():
             from ..errors import Cancelled
 
@@ -372,11 +405,11 @@ def register(
 
         if params.refine_affine:
             refined, info = run_affine_mi(fixed, moving, cur_affine, params, p, should_stop=should_stop)
-            prog.step("affine refinement")
+            yield prog.step("affine refinement")
             fold_refined = []
             for fa in cur_fold_affines:
                 fold_refined.append(None if fa is None else run_affine_mi(fixed, moving, fa, params, p, should_stop=should_stop)[0])
-                prog.step("affine refinement (held-out folds)")
+                yield prog.step("affine refinement (held-out folds)")
             errs = held_out_errors(fold_refined) if folds else np.zeros(0)
             keep, reason = guard("affine refinement", errs, prev_errs)
             stages.append(
@@ -390,13 +423,13 @@ def register(
 
         if params.bspline:
             bs, info = run_bspline(fixed, moving, cur_affine, params, p, should_stop=should_stop)
-            prog.step("B-spline")
+            yield prog.step("B-spline")
             fold_bs, fold_tx = [], []
             for fa in cur_fold_affines:
                 b = None if fa is None else run_bspline(fixed, moving, fa, params, p, should_stop=should_stop)[0]
                 fold_bs.append(b)
                 fold_tx.append(None if fa is None else compose(fa, b))
-                prog.step("B-spline (held-out folds)")
+                yield prog.step("B-spline (held-out folds)")
             errs = held_out_errors(fold_tx) if folds else np.zeros(0)
             keep, reason = guard("B-spline", errs, prev_errs)
             stages.append(
@@ -464,7 +497,7 @@ def register(
                 )
         if folds_in_tissue:
             messages.append(f"the deformation folds {folds_in_tissue} MSI pixel(s) inside the tissue")
-        prog.step("quality")
+        yield prog.step("quality")
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old_threads)
 
