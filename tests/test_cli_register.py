@@ -34,8 +34,21 @@ def files(tmp_path_factory):
 
 
 def _argv(d, out, *extra, landmarks=True):
-    argv = ["register", "--he", str(d / "he.png"), "--msi", str(d / "msi.npy"), "--he-pixel-size", str(P_HE),
-            "--msi-pixel-size", str(P_MSI), "-o", str(out), "--threads", "2"]
+    argv = [
+        "register",
+        "--he",
+        str(d / "he.png"),
+        "--msi",
+        str(d / "msi.npy"),
+        "--he-pixel-size",
+        str(P_HE),
+        "--msi-pixel-size",
+        str(P_MSI),
+        "-o",
+        str(out),
+        "--threads",
+        "2",
+    ]
     if landmarks:
         argv += ["--landmarks", str(d / "pairs.csv")]
     return argv + list(extra)
@@ -80,12 +93,27 @@ def test_register_reads_imzml_tic_and_its_pixel_size(files, tmp_path):
     mz = np.array([500.0, 600.0, 700.0])
     spectra = [
         (r, c, mz, np.array([0.5, 0.3, 0.2], np.float32) * msi[r, c])
-        for r in range(msi.shape[0]) for c in range(msi.shape[1]) if np.isfinite(msi[r, c])
+        for r in range(msi.shape[0])
+        for c in range(msi.shape[1])
+        if np.isfinite(msi[r, c])
     ]
     path = write_imzml(tmp_path / "msi.imzML", spectra, mode="continuous", pixel_size_um=P_MSI)
     out = tmp_path / "out"
-    argv = ["register", "--he", str(d / "he.png"), "--msi", str(path), "--he-pixel-size", "1", "--landmarks",
-            str(d / "pairs.csv"), "-o", str(out), "--no-bspline", "--no-affine-refinement"]
+    argv = [
+        "register",
+        "--he",
+        str(d / "he.png"),
+        "--msi",
+        str(path),
+        "--he-pixel-size",
+        "1",
+        "--landmarks",
+        str(d / "pairs.csv"),
+        "-o",
+        str(out),
+        "--no-bspline",
+        "--no-affine-refinement",
+    ]
     assert main(argv) == 0  # no --msi-pixel-size: taken from the imzML
     report = json.loads((out / "report.json").read_text())
     assert report["fixed"]["pixel_size_um"] == P_MSI and report["fixed"]["shape_rc"] == list(msi.shape)
@@ -103,10 +131,38 @@ def test_pyramidal_he_gives_the_level0_transform(files, tmp_path):
     lm = read_landmarks_csv(d / "pairs.csv")
     write_landmarks_csv(LandmarkPairs((lm.he_rc + 0.5) * 2 - 0.5, lm.msi_rc), tmp_path / "pairs0.csv")
     common = ["--msi", str(d / "msi.npy"), "--msi-pixel-size", "8", "--no-bspline", "--no-affine-refinement"]
-    assert main(["register", "--he", str(tmp_path / "he.ome.tif"), "--landmarks", str(tmp_path / "pairs0.csv"),
-                 "-o", str(tmp_path / "pyr"), *common]) == 0  # pixel size from the OME metadata
-    assert main(["register", "--he", str(d / "he.png"), "--he-pixel-size", "1", "--landmarks", str(d / "pairs.csv"),
-                 "-o", str(tmp_path / "png"), *common]) == 0
+    assert (
+        main(
+            [
+                "register",
+                "--he",
+                str(tmp_path / "he.ome.tif"),
+                "--landmarks",
+                str(tmp_path / "pairs0.csv"),
+                "-o",
+                str(tmp_path / "pyr"),
+                *common,
+            ]
+        )
+        == 0
+    )  # pixel size from the OME metadata
+    assert (
+        main(
+            [
+                "register",
+                "--he",
+                str(d / "he.png"),
+                "--he-pixel-size",
+                "1",
+                "--landmarks",
+                str(d / "pairs.csv"),
+                "-o",
+                str(tmp_path / "png"),
+                *common,
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "pyr" / "report.json").read_text())
     assert report["moving"]["level_scale"] == 0.5 and report["moving"]["pixel_size_um"] == 0.5
     a = sitk.ReadTransform(str(tmp_path / "pyr" / "transform.tfm"))

@@ -58,7 +58,9 @@ def he_rgb():
 @pytest.fixture(scope="module")
 def pair(he_rgb):
     """A 46 x 46 MSI-like image of the H&E under a known affine + 3-pixel smooth warp, 6 noisy landmarks."""
-    return make_synthetic_pair(he_rgb, moving_pixel_size_um=P_HE, fixed_pixel_size_um=P_MSI, seed=1, deformation_msi_px=3)
+    return make_synthetic_pair(
+        he_rgb, moving_pixel_size_um=P_HE, fixed_pixel_size_um=P_MSI, seed=1, deformation_msi_px=3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +153,9 @@ def test_resampling_direction_puts_he_feature_at_the_mapped_msi_pixel():
     he = np.zeros((120, 120, 3), np.uint8)
     r, c = np.round(xy_um_to_rc(target_xy, P_HE)).astype(int)
     he[r - 2 : r + 3, c - 2 : c + 3] = 255
-    out = resample_moving_to_grid(he, P_HE, known, grid_shape_rc=(12, 12), grid_pixel_size_um=P_MSI, antialias=False, fill_value=0)
+    out = resample_moving_to_grid(
+        he, P_HE, known, grid_shape_rc=(12, 12), grid_pixel_size_um=P_MSI, antialias=False, fill_value=0
+    )
     assert out.shape == (12, 12, 3) and out.dtype == np.float32
     assert np.unravel_index(np.argmax(out[..., 0]), (12, 12)) == (6, 3)
 
@@ -228,7 +232,9 @@ def test_bad_arrays_and_pixel_sizes(pair):
 def test_register_beats_landmark_affine_on_held_out_points(pair, result):
     res, _ = result
     err = warp_error_msi_px(res.transform, pair.true_transform, pair.eval_msi_rc, P_MSI)
-    affine_only = fit_landmark_affine(rc_to_xy_um(pair.landmarks.msi_rc, P_MSI), rc_to_xy_um(pair.landmarks.he_rc, P_HE))
+    affine_only = fit_landmark_affine(
+        rc_to_xy_um(pair.landmarks.msi_rc, P_MSI), rc_to_xy_um(pair.landmarks.he_rc, P_HE)
+    )
     err_affine = warp_error_msi_px(affine_only, pair.true_transform, pair.eval_msi_rc, P_MSI)
     assert np.median(err) < 0.5, np.median(err)
     assert np.percentile(err, 90) < 1.0
@@ -278,7 +284,9 @@ def test_registered_moving_correlates_with_msi_better_than_start(result, pair):
     from napari_smsdl.registration._register import _mutual_information
 
     mask = np.isfinite(pair.fixed_msi)
-    start = resample_moving_to_grid(pair.moving_rgb, P_HE, compose(res.affine), grid_shape_rc=pair.fixed_msi.shape, grid_pixel_size_um=P_MSI)
+    start = resample_moving_to_grid(
+        pair.moving_rgb, P_HE, compose(res.affine), grid_shape_rc=pair.fixed_msi.shape, grid_pixel_size_um=P_MSI
+    )
     mi_final = _mutual_information(res.fixed_feature, res.moving_feature_warped, mask, 16)
     assert mi_final > 0.2
     assert start.shape == pair.fixed_msi.shape + (3,)
@@ -290,7 +298,9 @@ def test_save_and_load(result, tmp_path):
     tx = sitk.ReadTransform(str(written["transform"]))
     for p in [(10.0, 20.0), (300.0, 100.0)]:
         np.testing.assert_allclose(tx.TransformPoint(p), res.transform.TransformPoint(p), atol=1e-6)
-    np.testing.assert_allclose(load_transform(tmp_path / "out").TransformPoint((5.0, 5.0)), res.transform.TransformPoint((5.0, 5.0)))
+    np.testing.assert_allclose(
+        load_transform(tmp_path / "out").TransformPoint((5.0, 5.0)), res.transform.TransformPoint((5.0, 5.0))
+    )
     assert load_report(tmp_path / "out")["folds_in_tissue"] == res.report["folds_in_tissue"]
     assert load_params(tmp_path / "out") == res.params
     back = read_landmarks_csv(written["landmarks"])
@@ -305,10 +315,21 @@ def test_save_and_load(result, tmp_path):
 def test_guard_keeps_the_affine_when_bspline_worsens_held_out_error(he_rgb):
     # exact landmarks on a pure affine; the MSI is noise, so the image stages can only wander
     rng = np.random.default_rng(3)
-    pair = make_synthetic_pair(he_rgb[:256, :256], seed=2, deformation_msi_px=0.0, landmark_noise_um=0.0, fixed_pixel_size_um=8.0)
+    pair = make_synthetic_pair(
+        he_rgb[:256, :256], seed=2, deformation_msi_px=0.0, landmark_noise_um=0.0, fixed_pixel_size_um=8.0
+    )
     noise = rng.normal(size=pair.fixed_msi.shape).astype(np.float32)
-    params = RegistrationParams(mesh_spacing_msi_px=2, bspline_iterations=60, refine_affine=False, guard_slack_msi_px=0.0, threads=2)
-    res = register(noise, pair.moving_rgb, fixed_pixel_size_um=8.0, moving_pixel_size_um=1.0, landmarks=pair.landmarks, params=params)
+    params = RegistrationParams(
+        mesh_spacing_msi_px=2, bspline_iterations=60, refine_affine=False, guard_slack_msi_px=0.0, threads=2
+    )
+    res = register(
+        noise,
+        pair.moving_rgb,
+        fixed_pixel_size_um=8.0,
+        moving_pixel_size_um=1.0,
+        landmarks=pair.landmarks,
+        params=params,
+    )
     bs = res.report["stages"][2]
     assert bs["ran"] and not bs["kept"]
     assert res.bspline is None and res.report["final"] == "landmark affine"
@@ -323,25 +344,42 @@ def test_no_landmarks_starts_from_same_field_of_view(he_rgb):
     he = he_rgb[:256, :192]
     hema = rgb2hed(he)[..., 0]
     msi = hema.reshape(32, 8, 24, 8).mean(axis=(1, 3)) ** 2  # monotonic remap, 32 x 24 MSI pixels
-    res = register(msi, he, fixed_pixel_size_um=16.0, moving_pixel_size_um=2.0, params=RegistrationParams(bspline=False))
+    res = register(
+        msi, he, fixed_pixel_size_um=16.0, moving_pixel_size_um=2.0, params=RegistrationParams(bspline=False)
+    )
     assert res.report["loo_error_um"] is None and res.report["n_landmarks"] == 0
     assert res.report["stages"][0]["name"] == "same field of view"
     truth = same_field_of_view_transform((32, 24), 16.0, (256, 192), 2.0)
     pts = rc_to_xy_um(np.array([[4.0, 4.0], [16.0, 12.0], [28.0, 20.0]]), 16.0)
     for p in pts:
-        assert np.linalg.norm(np.subtract(res.transform.TransformPoint(tuple(p)), truth.TransformPoint(tuple(p)))) < 0.5 * 16
+        assert (
+            np.linalg.norm(np.subtract(res.transform.TransformPoint(tuple(p)), truth.TransformPoint(tuple(p))))
+            < 0.5 * 16
+        )
 
 
 def test_cancel_raises(pair):
     with pytest.raises(Cancelled):
-        register(pair.fixed_msi, pair.moving_rgb, fixed_pixel_size_um=P_MSI, moving_pixel_size_um=P_HE,
-                 landmarks=pair.landmarks, should_stop=lambda: True)
+        register(
+            pair.fixed_msi,
+            pair.moving_rgb,
+            fixed_pixel_size_um=P_MSI,
+            moving_pixel_size_um=P_HE,
+            landmarks=pair.landmarks,
+            should_stop=lambda: True,
+        )
 
 
 def test_three_landmarks_run_without_held_out_error(pair):
     three = pair.landmarks.subset(np.array([0, 1, 2]))
-    res = register(pair.fixed_msi, pair.moving_rgb, fixed_pixel_size_um=P_MSI, moving_pixel_size_um=P_HE,
-                   landmarks=three, params=RegistrationParams(refine_affine=False, bspline=False))
+    res = register(
+        pair.fixed_msi,
+        pair.moving_rgb,
+        fixed_pixel_size_um=P_MSI,
+        moving_pixel_size_um=P_HE,
+        landmarks=three,
+        params=RegistrationParams(refine_affine=False, bspline=False),
+    )
     assert res.report["loo_error_um"] is None
     assert res.report["fit_error_um"]["max"] < 1e-6  # 3 points fit an affine exactly
     assert any("at least 4" in m for m in res.report["messages"])
@@ -366,8 +404,13 @@ def test_fixed_features_of_a_stack():
 
 
 def test_auto_feature_picks_by_mutual_information(pair):
-    res = register(pair.fixed_msi, pair.moving_rgb, fixed_pixel_size_um=P_MSI, moving_pixel_size_um=P_HE,
-                   params=RegistrationParams(moving_feature=MovingFeature.AUTO, refine_affine=False, bspline=False))
+    res = register(
+        pair.fixed_msi,
+        pair.moving_rgb,
+        fixed_pixel_size_um=P_MSI,
+        moving_pixel_size_um=P_HE,
+        params=RegistrationParams(moving_feature=MovingFeature.AUTO, refine_affine=False, bspline=False),
+    )
     cands = res.report["feature_candidates"]
     assert {c["moving"] for c in cands} == {"haematoxylin", "inverted_grey"}
     best = max(cands, key=lambda c: c["mutual_information_bits"])
@@ -381,8 +424,15 @@ def test_resample_all_channels_onto_super_resolution_grid():
     known = _affine([[1.0, 0.0], [0.0, 1.0]], (20.0, 30.0))  # MSI (x, y) + (20, 30) µm = H&E (x, y)
     msi = resample_moving_to_grid(he, 1.0, known, grid_shape_rc=(10, 12), grid_pixel_size_um=8.0, antialias=False)
     grid = super_resolution_grid((10, 12), 8.0, 4)
-    sr = resample_moving_to_grid(he, 1.0, known, grid_shape_rc=grid.shape_rc, grid_pixel_size_um=grid.pixel_size_um,
-                                 grid_origin_um=grid.origin_rc_um, antialias=False)
+    sr = resample_moving_to_grid(
+        he,
+        1.0,
+        known,
+        grid_shape_rc=grid.shape_rc,
+        grid_pixel_size_um=grid.pixel_size_um,
+        grid_origin_um=grid.origin_rc_um,
+        antialias=False,
+    )
     assert sr.shape == (40, 48, 3)
     np.testing.assert_allclose(msi[2, 3], [2 * 8 + 30, 3 * 8 + 20, 2 * 8 + 30 + 3 * 8 + 20], atol=1e-3)
     np.testing.assert_allclose(sr.reshape(10, 4, 12, 4, 3).mean(axis=(1, 3)), msi, atol=1e-3)

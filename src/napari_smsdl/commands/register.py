@@ -21,6 +21,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+
 def add_parser(subparsers) -> None:
     from ..registration import FixedFeature, MovingFeature, RegistrationParams
 
@@ -36,29 +37,61 @@ def add_parser(subparsers) -> None:
         ),
     )
     parser.add_argument("--he", required=True, metavar="HE_IMAGE", help="H&E image (PNG/JPEG/TIFF/OME-TIFF/SVS)")
-    parser.add_argument("--msi", required=True, metavar="MSI_IMAGE", help=".imzML (TIC used) or single-channel TIFF/PNG/NPY")
-    parser.add_argument("--he-pixel-size", type=float, default=None, metavar="UM",
-                        help="H&E pixel size in µm (default: from the file's metadata)")
-    parser.add_argument("--msi-pixel-size", type=float, default=None, metavar="UM",
-                        help="MSI pixel size in µm (default: from the imzML/TIFF metadata)")
-    parser.add_argument("--landmarks", default=None, metavar="PAIRS_CSV",
-                        help="CSV with header he_row,he_col,msi_row,msi_col (pixel coordinates); "
-                        "without it the start is 'same field of view'")
+    parser.add_argument(
+        "--msi", required=True, metavar="MSI_IMAGE", help=".imzML (TIC used) or single-channel TIFF/PNG/NPY"
+    )
+    parser.add_argument(
+        "--he-pixel-size",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="H&E pixel size in µm (default: from the file's metadata)",
+    )
+    parser.add_argument(
+        "--msi-pixel-size",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="MSI pixel size in µm (default: from the imzML/TIFF metadata)",
+    )
+    parser.add_argument(
+        "--landmarks",
+        default=None,
+        metavar="PAIRS_CSV",
+        help="CSV with header he_row,he_col,msi_row,msi_col (pixel coordinates); "
+        "without it the start is 'same field of view'",
+    )
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
-    parser.add_argument("--he-feature", choices=[m.value for m in MovingFeature], default=defaults.moving_feature.value,
-                        help=f"H&E image to register (default {defaults.moving_feature.value}; auto: best mutual information)")
-    parser.add_argument("--msi-feature", choices=[m.value for m in FixedFeature], default=defaults.fixed_feature.value,
-                        help="for a multi-channel MSI stack: tic, pc1, ion (with --msi-channel) or auto")
+    parser.add_argument(
+        "--he-feature",
+        choices=[m.value for m in MovingFeature],
+        default=defaults.moving_feature.value,
+        help=f"H&E image to register (default {defaults.moving_feature.value}; auto: best mutual information)",
+    )
+    parser.add_argument(
+        "--msi-feature",
+        choices=[m.value for m in FixedFeature],
+        default=defaults.fixed_feature.value,
+        help="for a multi-channel MSI stack: tic, pc1, ion (with --msi-channel) or auto",
+    )
     parser.add_argument("--msi-channel", type=int, default=0, help="channel for --msi-feature ion (default 0)")
     parser.add_argument("--no-affine-refinement", action="store_true", help="skip the mutual-information affine stage")
     parser.add_argument("--no-bspline", action="store_true", help="skip the B-spline stage (affine only)")
-    parser.add_argument("--mesh-spacing", type=float, default=defaults.mesh_spacing_msi_px, metavar="MSI_PX",
-                        help=f"final B-spline control-point spacing in MSI pixels (default {defaults.mesh_spacing_msi_px:g})")
-    parser.add_argument("--no-guard", action="store_true",
-                        help="keep every stage even when it worsens the held-out landmark error")
+    parser.add_argument(
+        "--mesh-spacing",
+        type=float,
+        default=defaults.mesh_spacing_msi_px,
+        metavar="MSI_PX",
+        help=f"final B-spline control-point spacing in MSI pixels (default {defaults.mesh_spacing_msi_px:g})",
+    )
+    parser.add_argument(
+        "--no-guard", action="store_true", help="keep every stage even when it worsens the held-out landmark error"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the metric sampling (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="SimpleITK threads (default: all cores)")
-    parser.add_argument("--images", action="store_true", help="also write warped_he.tif, checkerboard.tif, jacobian.tif")
+    parser.add_argument(
+        "--images", action="store_true", help="also write warped_he.tif, checkerboard.tif, jacobian.tif"
+    )
     parser.set_defaults(func=run)
 
 
@@ -136,20 +169,32 @@ def run(args) -> int:
         threads=args.threads,
     )
     try:
-        result = register(msi, he, fixed_pixel_size_um=msi_size, moving_pixel_size_um=he_level_size,
-                          landmarks=landmarks, params=params)
+        result = register(
+            msi,
+            he,
+            fixed_pixel_size_um=msi_size,
+            moving_pixel_size_um=he_level_size,
+            landmarks=landmarks,
+            params=params,
+        )
     except RegistrationError as exc:
         if args.landmarks and exc.path is None and "landmark" in exc.problem:
             raise RegistrationError(exc.problem, args.landmarks) from exc
         raise
-    result = result_to_level0(result, level0_pixel_size_um=he_level_size * scale, scale=scale,
-                              landmarks_level0=landmarks_level0)
+    result = result_to_level0(
+        result, level0_pixel_size_um=he_level_size * scale, scale=scale, landmarks_level0=landmarks_level0
+    )
     written = save_registration(result, out, images=args.images)
     rep = result.report
     loo = rep["loo_error_msi_px"]
-    held = f"held-out landmark error median {loo['median']:.2f} / p90 {loo['p90']:.2f} MSI px" if loo else "no held-out error"
-    print(f"{rep['final']}; {held}; {rep['folds_in_tissue']} folded pixel(s) in tissue; "
-          f"{time.perf_counter() - t0:.1f} s")
+    held = (
+        f"held-out landmark error median {loo['median']:.2f} / p90 {loo['p90']:.2f} MSI px"
+        if loo
+        else "no held-out error"
+    )
+    print(
+        f"{rep['final']}; {held}; {rep['folds_in_tissue']} folded pixel(s) in tissue; {time.perf_counter() - t0:.1f} s"
+    )
     for message in rep["messages"]:
         print(f"note: {message}")
     print(f"wrote {written['transform']} and {written['report']}")

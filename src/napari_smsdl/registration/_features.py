@@ -131,7 +131,9 @@ def moving_feature_image(
     return FeatureImage(normalise(feat), size_um, origin, None, kind.value)
 
 
-def background_mask(rgb01: np.ndarray, *, white: float = 0.88, black: float = 0.06, grey_sat: float = 0.08) -> np.ndarray:
+def background_mask(
+    rgb01: np.ndarray, *, white: float = 0.88, black: float = 0.06, grey_sat: float = 0.08
+) -> np.ndarray:
     """Slide background in an RGB image in [0, 1]: bright and unsaturated (glass) or near black (masked exports)."""
     rgb = np.nan_to_num(np.asarray(rgb01, np.float32), nan=1.0)
     hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)

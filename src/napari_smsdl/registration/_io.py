@@ -75,8 +75,13 @@ def save_registration(result, outdir: str | os.PathLike, *, images: bool = False
         res = (1e4 / grid.pixel_size_um, 1e4 / grid.pixel_size_um)
         for name, arr in (("warped_he", result.warped_he_rgb), ("checkerboard", result.checkerboard)):
             path = out / f"{name}.tif"
-            tifffile.imwrite(path, arr, resolution=res, resolutionunit="CENTIMETER",
-                             photometric="rgb" if arr.ndim == 3 else "minisblack")
+            tifffile.imwrite(
+                path,
+                arr,
+                resolution=res,
+                resolutionunit="CENTIMETER",
+                photometric="rgb" if arr.ndim == 3 else "minisblack",
+            )
             written[name] = path
         msi_res = (1e4 / result.fixed_pixel_size_um,) * 2
         path = out / "jacobian.tif"

@@ -110,7 +110,7 @@ def write_landmarks_csv(pairs: LandmarkPairs, path: str | os.PathLike) -> Path:
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_HEADER)
-        for he, msi in zip(pairs.he_rc, pairs.msi_rc):
+        for he, msi in zip(pairs.he_rc, pairs.msi_rc, strict=True):
             writer.writerow([repr(float(v)) for v in (*he, *msi)])
     return path
 

@@ -13,9 +13,7 @@ __all__ = ["HE_LEVEL_FRACTION", "choose_he_level", "landmarks_to_level", "result
 HE_LEVEL_FRACTION = 0.125
 
 
-def choose_he_level(
-    level_rows: Sequence[int], level0_pixel_size_um: float, msi_pixel_size_um: float
-) -> int:
+def choose_he_level(level_rows: Sequence[int], level0_pixel_size_um: float, msi_pixel_size_um: float) -> int:
     """The coarsest pyramid level whose pixel size is ≤ ``HE_LEVEL_FRACTION`` × the MSI pixel.
 
     ``level_rows`` are the row counts of the levels, level 0 first.

@@ -124,7 +124,9 @@ def _check_inputs(fixed_msi, moving_he_rgb, p, q):
             raise InputError(f"{name} must be a positive number of µm, got {v!r}")
     fixed = np.asarray(fixed_msi)
     if fixed.ndim not in (2, 3) or min(fixed.shape[-2:]) < 4:
-        raise InputError(f"MSI must be (rows, cols) or (channels, rows, cols) with ≥ 4 pixels a side, got {fixed.shape}")
+        raise InputError(
+            f"MSI must be (rows, cols) or (channels, rows, cols) with ≥ 4 pixels a side, got {fixed.shape}"
+        )
     moving = np.asarray(moving_he_rgb)
     if moving.ndim != 3 or moving.shape[-1] not in (3, 4) or min(moving.shape[:2]) < 8:
         raise InputError(f"H&E must be (rows, cols, 3) RGB with ≥ 8 pixels a side, got shape {moving.shape}")
@@ -308,7 +310,9 @@ def iter_register(
             for held in folds:
                 train = np.setdiff1d(np.arange(n_lm), held)
                 try:
-                    fold_affines.append(fit_landmark_affine(fixed_xy[train], moving_xy[train], center_xy_um=field_centre))
+                    fold_affines.append(
+                        fit_landmark_affine(fixed_xy[train], moving_xy[train], center_xy_um=field_centre)
+                    )
                 except RegistrationError:
                     fold_affines.append(None)
                     messages.append(f"fold holding out {held.tolist()}: the other landmarks are collinear; skipped")
@@ -326,7 +330,7 @@ def iter_register(
 
         def held_out_errors(fold_transforms) -> np.ndarray:
             errs = np.full(n_lm, np.nan)
-            for held, tx in zip(folds, fold_transforms):
+            for held, tx in zip(folds, fold_transforms, strict=True):
                 if tx is not None:
                     errs[held] = landmark_errors_um(tx, fixed_xy[held], moving_xy[held], h_um)
             return errs
@@ -345,7 +349,10 @@ def iter_register(
             f_kinds = [params.fixed_feature]
         target_um = params.moving_resolution_msi_px * p * he_per_msi
         blur_um = params.psf_sigma_msi_px * p * he_per_msi
-        movings = {k: moving_feature_image(moving_arr, q, k, target_pixel_size_um=target_um, blur_sigma_um=blur_um) for k in m_kinds}
+        movings = {
+            k: moving_feature_image(moving_arr, q, k, target_pixel_size_um=target_um, blur_sigma_um=blur_um)
+            for k in m_kinds
+        }
         fixeds = {k: fixed_feature_image(fixed_arr, p, k, channel=params.fixed_channel) for k in f_kinds}
         candidates = []
         if len(movings) * len(fixeds) > 1:
@@ -357,7 +364,9 @@ def iter_register(
                     if valid.sum() < 16:
                         raise RegistrationError("the H&E and the MSI do not overlap under the start transform")
                     mi = _mutual_information(fimg.data, np.nan_to_num(warped), valid, 16)
-                    candidates.append({"fixed": fimg.name, "moving": mk.value, "mutual_information_bits": mi, "_keys": (fk, mk)})
+                    candidates.append(
+                        {"fixed": fimg.name, "moving": mk.value, "mutual_information_bits": mi, "_keys": (fk, mk)}
+                    )
             best = max(candidates, key=lambda c: c["mutual_information_bits"])
             f_kind, m_kind = best["_keys"]
             for c in candidates:
@@ -384,7 +393,7 @@ def iter_register(
             }
         )
         cur_affine, cur_fold_affines = affine, list(fold_affines)
-        bspline, fold_bsplines = None, [None] * len(folds)
+        bspline = None
         slack_um = params.guard_slack_msi_px * p
 
         def guard(name: str, errs: np.ndarray, base: np.ndarray) -> tuple[bool, str]:
@@ -408,13 +417,21 @@ def iter_register(
             yield prog.step("affine refinement")
             fold_refined = []
             for fa in cur_fold_affines:
-                fold_refined.append(None if fa is None else run_affine_mi(fixed, moving, fa, params, p, should_stop=should_stop)[0])
+                fold_refined.append(
+                    None if fa is None else run_affine_mi(fixed, moving, fa, params, p, should_stop=should_stop)[0]
+                )
                 yield prog.step("affine refinement (held-out folds)")
             errs = held_out_errors(fold_refined) if folds else np.zeros(0)
             keep, reason = guard("affine refinement", errs, prev_errs)
             stages.append(
-                {"name": "affine refinement", "ran": True, "kept": keep, "reason": reason,
-                 "loo_error_um": error_stats(errs) if folds else None, **info.to_dict()}
+                {
+                    "name": "affine refinement",
+                    "ran": True,
+                    "kept": keep,
+                    "reason": reason,
+                    "loo_error_um": error_stats(errs) if folds else None,
+                    **info.to_dict(),
+                }
             )
             if keep:
                 cur_affine, cur_fold_affines, prev_errs = refined, fold_refined, errs
@@ -424,20 +441,25 @@ def iter_register(
         if params.bspline:
             bs, info = run_bspline(fixed, moving, cur_affine, params, p, should_stop=should_stop)
             yield prog.step("B-spline")
-            fold_bs, fold_tx = [], []
+            fold_tx = []
             for fa in cur_fold_affines:
                 b = None if fa is None else run_bspline(fixed, moving, fa, params, p, should_stop=should_stop)[0]
-                fold_bs.append(b)
                 fold_tx.append(None if fa is None else compose(fa, b))
                 yield prog.step("B-spline (held-out folds)")
             errs = held_out_errors(fold_tx) if folds else np.zeros(0)
             keep, reason = guard("B-spline", errs, prev_errs)
             stages.append(
-                {"name": "B-spline", "ran": True, "kept": keep, "reason": reason,
-                 "loo_error_um": error_stats(errs) if folds else None, **info.to_dict()}
+                {
+                    "name": "B-spline",
+                    "ran": True,
+                    "kept": keep,
+                    "reason": reason,
+                    "loo_error_um": error_stats(errs) if folds else None,
+                    **info.to_dict(),
+                }
             )
             if keep:
-                bspline, fold_bsplines, prev_errs = bs, fold_bs, errs
+                bspline, prev_errs = bs, errs
         else:
             stages.append({"name": "B-spline", "ran": False, "kept": False, "reason": "not asked for"})
 
@@ -445,18 +467,28 @@ def iter_register(
 
         # ---- quality -----------------------------------------------------------------------------------
         msi_grid = GridSpec(fixed_shape, p)
-        warped_msi_rgb = resample_moving_to_grid(moving_arr, q, transform, grid_shape_rc=fixed_shape, grid_pixel_size_um=p)
+        warped_msi_rgb = resample_moving_to_grid(
+            moving_arr, q, transform, grid_shape_rc=fixed_shape, grid_pixel_size_um=p
+        )
         he_white = 255.0 if moving_arr.dtype == np.uint8 else max(1.0, float(np.nanmax(moving_arr[..., :3])))
         tissue = fixed.mask & tissue_mask_from_rgb(warped_msi_rgb[..., :3] / he_white)
-        jac = jacobian_determinant(transform, cur_affine, msi_grid) if bspline is not None else np.ones(fixed_shape, np.float32)
+        jac = (
+            jacobian_determinant(transform, cur_affine, msi_grid)
+            if bspline is not None
+            else np.ones(fixed_shape, np.float32)
+        )
         folds_in_tissue = int(((jac <= 0) & tissue).sum())
         moving_warped = np.nan_to_num(_warp_feature(moving, fixed, transform), nan=0.0)
 
         factor = int(np.clip(round(p * he_per_msi / q), 1, 4))
         display = super_resolution_grid(fixed_shape, p, factor)
         warped_rgb = resample_moving_to_grid(
-            moving_arr[..., :3], q, transform, grid_shape_rc=display.shape_rc,
-            grid_pixel_size_um=display.pixel_size_um, grid_origin_um=display.origin_rc_um,
+            moving_arr[..., :3],
+            q,
+            transform,
+            grid_shape_rc=display.shape_rc,
+            grid_pixel_size_um=display.pixel_size_um,
+            grid_origin_um=display.origin_rc_um,
         )
         warped_u8 = np.clip(np.round(warped_rgb * (255.0 / he_white)), 0, 255).astype(np.uint8)
         warped_feat = moving_feature_image(warped_u8, display.pixel_size_um, m_kind).data
@@ -493,7 +525,8 @@ def iter_register(
                 )
             if outliers:
                 messages.append(
-                    f"landmark(s) {outliers} have a held-out error above {params.outlier_factor:g}x the median; check them"
+                    f"landmark(s) {outliers} have a held-out error above {params.outlier_factor:g}x the median; "
+                    "check them"
                 )
         if folds_in_tissue:
             messages.append(f"the deformation folds {folds_in_tissue} MSI pixel(s) inside the tissue")
@@ -516,7 +549,9 @@ def iter_register(
         },
         "feature_candidates": candidates,
         "n_landmarks": n_lm,
-        "loo_scheme": None if not folds else ("leave-one-out" if all(len(f) == 1 for f in folds) else f"{len(folds)}-fold"),
+        "loo_scheme": None
+        if not folds
+        else ("leave-one-out" if all(len(f) == 1 for f in folds) else f"{len(folds)}-fold"),
         "loo_error_um": loo,
         "loo_error_msi_px": error_stats(prev_errs, p) if folds else None,
         "fit_error_um": error_stats(fit_errs) if n_lm else None,

@@ -13,8 +13,12 @@ __all__ = ["resample_moving_to_grid"]
 def _local_scale(transform, grid: GridSpec) -> float:
     """H&E µm per MSI µm near the grid centre (square root of the Jacobian determinant)."""
     rows, cols = grid.shape_rc
-    c = np.array([grid.origin_xy_um[0] + (cols - 1) / 2 * grid.pixel_size_um,
-                  grid.origin_xy_um[1] + (rows - 1) / 2 * grid.pixel_size_um])
+    c = np.array(
+        [
+            grid.origin_xy_um[0] + (cols - 1) / 2 * grid.pixel_size_um,
+            grid.origin_xy_um[1] + (rows - 1) / 2 * grid.pixel_size_um,
+        ]
+    )
     h = grid.pixel_size_um
     y0 = np.array(transform.TransformPoint(tuple(c.tolist())))
     jx = np.array(transform.TransformPoint((c[0] + h, c[1]))) - y0
@@ -102,5 +106,7 @@ def resample_moving_to_grid(
     img = sitk.GetImageFromArray(data, isVector=True)
     img.SetSpacing((size_um,) * 2)
     img.SetOrigin(origin_xy)
-    out = sitk.Resample(img, grid.reference_image(), transform, sitk.sitkLinear, float(fill_value), sitk.sitkVectorFloat32)
+    out = sitk.Resample(
+        img, grid.reference_image(), transform, sitk.sitkLinear, float(fill_value), sitk.sitkVectorFloat32
+    )
     return sitk.GetArrayFromImage(out).reshape(grid.shape_rc + (arr.shape[-1],)).astype(np.float32, copy=False)

@@ -90,7 +90,7 @@ def _schedule(fixed: FeatureImage, params: RegistrationParams, msi_pixel_size_um
     """Shrink factors (integers) and smoothing sigmas (µm) per level, clipped to keep ≥ 12 px."""
     rows, cols = fixed.data.shape
     shrinks, sigmas = [], []
-    for s_px, sigma_px in zip(params.shrink_msi_px, params.smoothing_msi_px):
+    for s_px, sigma_px in zip(params.shrink_msi_px, params.smoothing_msi_px, strict=True):
         s = max(1, int(round(s_px * msi_pixel_size_um / fixed.pixel_size_um)))
         while s > 1 and min(rows, cols) / s < MIN_LEVEL_PX:
             s -= 1
@@ -164,7 +164,9 @@ def _execute(reg, fixed_img, moving_img, info, state, should_stop, stage):
     info.metric = float(reg.GetMetricValue())
     if should_stop is not None and should_stop():
         raise Cancelled(f"registration cancelled during {stage}")
-    log.info("%s: metric %.4f, iterations per level %s, stop: %s", stage, info.metric, info.iterations, info.stop_condition)
+    log.info(
+        "%s: metric %.4f, iterations per level %s, stop: %s", stage, info.metric, info.iterations, info.stop_condition
+    )
 
 
 def run_affine_mi(
@@ -231,7 +233,9 @@ def run_bspline(
     shrinks, _ = _schedule(fixed, params, msi_pixel_size_um)
     n_levels = len(shrinks)
     rows, cols = fixed.data.shape
-    mesh = bspline_mesh_size((rows, cols), params.mesh_spacing_msi_px * msi_pixel_size_um / fixed.pixel_size_um, n_levels)
+    mesh = bspline_mesh_size(
+        (rows, cols), params.mesh_spacing_msi_px * msi_pixel_size_um / fixed.pixel_size_um, n_levels
+    )
     tx = sitk.BSplineTransformInitializer(fixed_img, mesh, 3)
     reg = _method(fixed, params, msi_pixel_size_um)
     reg.SetOptimizerAsLBFGS2(

@@ -122,9 +122,10 @@ def make_synthetic_pair(
     coeffs = rng.normal(size=len(bspline.GetParameters()))
     bspline.SetParameters(coeffs.tolist())
     grid = super_resolution_grid(shape_rc, p, 2).pixel_centres_xy_um().reshape(-1, 2)
-    disp = np.array([bspline.TransformPoint(tuple(pt)) for pt in grid[:: max(1, len(grid) // 2000)]]) - grid[
-        :: max(1, len(grid) // 2000)
-    ]
+    disp = (
+        np.array([bspline.TransformPoint(tuple(pt)) for pt in grid[:: max(1, len(grid) // 2000)]])
+        - grid[:: max(1, len(grid) // 2000)]
+    )
     coeffs *= deformation_msi_px * p / np.abs(disp).max()
     bspline.SetParameters(coeffs.tolist())
     true = sitk.CompositeTransform([affine, bspline])
@@ -139,7 +140,9 @@ def make_synthetic_pair(
     src.SetSpacing((q, q))
     sub = 4
     fine = super_resolution_grid(shape_rc, p, sub)
-    warped = sitk.GetArrayFromImage(sitk.Resample(src, fine.reference_image(), true, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    warped = sitk.GetArrayFromImage(
+        sitk.Resample(src, fine.reference_image(), true, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    )
     warped = gaussian_filter(warped, 0.5 * sub)  # optical/laser spot blur of half an MSI pixel
     low = block_mean_rc(warped, sub)
     low = normalise(low)

@@ -132,26 +132,43 @@ class RegisterWidget(QWidget):
 
         self.he_layer = ComboBox(label="H&E layer", choices=self._image_layers, tooltip=tip["he_layer"])
         self.msi_layer = ComboBox(label="MSI layer", choices=self._image_layers, tooltip=tip["msi_layer"])
-        self.he_pixel_size = FloatSpinBox(value=1.0, min=1e-4, max=1e5, step=0.1, label="H&E pixel (µm)",
-                                          tooltip=tip["he_pixel_size"])
-        self.msi_pixel_size = FloatSpinBox(value=1.0, min=1e-4, max=1e5, step=0.1, label="MSI pixel (µm)",
-                                           tooltip=tip["msi_pixel_size"])
+        self.he_pixel_size = FloatSpinBox(
+            value=1.0, min=1e-4, max=1e5, step=0.1, label="H&E pixel (µm)", tooltip=tip["he_pixel_size"]
+        )
+        self.msi_pixel_size = FloatSpinBox(
+            value=1.0, min=1e-4, max=1e5, step=0.1, label="MSI pixel (µm)", tooltip=tip["msi_pixel_size"]
+        )
         for spin in (self.he_pixel_size, self.msi_pixel_size):
             spin.native.setDecimals(4)
-        self.he_feature = ComboBox(label="H&E feature", choices=[(m.value, m) for m in MovingFeature],
-                                   value=defaults.moving_feature, tooltip=tip["he_feature"])
-        self.msi_feature = ComboBox(label="MSI feature", choices=[(m.value, m) for m in FixedFeature],
-                                    value=defaults.fixed_feature, tooltip=tip["msi_feature"])
+        self.he_feature = ComboBox(
+            label="H&E feature",
+            choices=[(m.value, m) for m in MovingFeature],
+            value=defaults.moving_feature,
+            tooltip=tip["he_feature"],
+        )
+        self.msi_feature = ComboBox(
+            label="MSI feature",
+            choices=[(m.value, m) for m in FixedFeature],
+            value=defaults.fixed_feature,
+            tooltip=tip["msi_feature"],
+        )
         self.msi_channel = SpinBox(value=0, min=0, max=10_000, label="MSI channel", tooltip=tip["msi_channel"])
         self.side_by_side = CheckBox(value=True, text="H&&E beside the MSI", tooltip=tip["side_by_side"])
         self.add_points_button = PushButton(text="Add landmark layers", tooltip=tip["add_points"])
         self.load_csv_button = PushButton(text="Load CSV…", tooltip=tip["load_csv"])
         self.save_csv_button = PushButton(text="Save CSV…", tooltip=tip["save_csv"])
-        self.refine_affine = CheckBox(value=defaults.refine_affine, text="MI affine refinement",
-                                      tooltip=tip["refine_affine"])
+        self.refine_affine = CheckBox(
+            value=defaults.refine_affine, text="MI affine refinement", tooltip=tip["refine_affine"]
+        )
         self.bspline = CheckBox(value=defaults.bspline, text="B-spline", tooltip=tip["bspline"])
-        self.mesh_spacing = FloatSpinBox(value=defaults.mesh_spacing_msi_px, min=1.0, max=1000.0, step=1.0,
-                                         label="mesh (MSI px)", tooltip=tip["mesh_spacing"])
+        self.mesh_spacing = FloatSpinBox(
+            value=defaults.mesh_spacing_msi_px,
+            min=1.0,
+            max=1000.0,
+            step=1.0,
+            label="mesh (MSI px)",
+            tooltip=tip["mesh_spacing"],
+        )
         self.guard = CheckBox(value=defaults.guard, text="guard (held-out error)", tooltip=tip["guard"])
         self.run_button = PushButton(text="Run", tooltip=tip["run"])
         self.cancel_button = PushButton(text="Cancel", tooltip=tip["cancel"])
@@ -169,16 +186,30 @@ class RegisterWidget(QWidget):
         self.table.verticalHeader().setVisible(False)
         self.table.setMinimumHeight(120)
 
-        inputs = Container(widgets=[self.he_layer, self.he_pixel_size, self.msi_layer, self.msi_pixel_size,
-                                    self.he_feature, self.msi_feature, self.msi_channel])
-        landmark_row = Container(widgets=[self.add_points_button, self.load_csv_button, self.save_csv_button],
-                                 layout="horizontal", labels=False)
-        stages = Container(widgets=[self.side_by_side, landmark_row, self.refine_affine, self.bspline,
-                                    self.mesh_spacing, self.guard])
+        inputs = Container(
+            widgets=[
+                self.he_layer,
+                self.he_pixel_size,
+                self.msi_layer,
+                self.msi_pixel_size,
+                self.he_feature,
+                self.msi_feature,
+                self.msi_channel,
+            ]
+        )
+        landmark_row = Container(
+            widgets=[self.add_points_button, self.load_csv_button, self.save_csv_button],
+            layout="horizontal",
+            labels=False,
+        )
+        stages = Container(
+            widgets=[self.side_by_side, landmark_row, self.refine_affine, self.bspline, self.mesh_spacing, self.guard]
+        )
         run_row = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False)
         outputs = Container(widgets=[self.opacity])
-        decide_row = Container(widgets=[self.accept_button, self.revert_button, self.save_button],
-                               layout="horizontal", labels=False)
+        decide_row = Container(
+            widgets=[self.accept_button, self.revert_button, self.save_button], layout="horizontal", labels=False
+        )
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -212,8 +243,11 @@ class RegisterWidget(QWidget):
     def _image_layers(self, *_: Any) -> list:
         from napari.layers import Image
 
-        return [(layer.name, layer) for layer in self.viewer.layers
-                if isinstance(layer, Image) and not layer.name.startswith(PREFIX)]
+        return [
+            (layer.name, layer)
+            for layer in self.viewer.layers
+            if isinstance(layer, Image) and not layer.name.startswith(PREFIX)
+        ]
 
     def _reset_choices(self, *_: Any) -> None:
         self.he_layer.reset_choices()
@@ -260,9 +294,14 @@ class RegisterWidget(QWidget):
             layer = self._points_layer(name)
             if layer is None:
                 layer = self.viewer.add_points(
-                    np.zeros((0, 2)), name=name, ndim=2, scale=_last2(image.scale), translate=_last2(image.translate),
+                    np.zeros((0, 2)),
+                    name=name,
+                    ndim=2,
+                    scale=_last2(image.scale),
+                    translate=_last2(image.translate),
                     size=msi_world_px / float(_last2(image.scale)[0]),  # one MSI pixel across, in data units
-                    face_color=colour, border_color="black",
+                    face_color=colour,
+                    border_color="black",
                     features={"label": np.zeros(0, int)},
                     text={"string": "{label}", "color": colour, "size": 12, "anchor": "upper_left"},
                 )
@@ -358,7 +397,9 @@ class RegisterWidget(QWidget):
         msi_size = float(self.msi_pixel_size.value)
         fixed = np.asarray(msi.data[0] if msi.multiscale else msi.data, dtype=np.float32)
         if fixed.ndim > 3:
-            raise InputError(f"layer {msi.name!r} has {fixed.ndim} dimensions; expected (rows, cols) or (channels, rows, cols)")
+            raise InputError(
+                f"layer {msi.name!r} has {fixed.ndim} dimensions; expected (rows, cols) or (channels, rows, cols)"
+            )
         levels = list(he.data) if he.multiscale else [he.data]
         level = choose_he_level([lv.shape[0] for lv in levels], he_size0, msi_size)
         moving = np.asarray(levels[level])
@@ -415,8 +456,9 @@ class RegisterWidget(QWidget):
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
-        worker = create_worker(iter_register, **kwargs, should_stop=self._stop.is_set,
-                               _start_thread=False, _ignore_errors=True)
+        worker = create_worker(
+            iter_register, **kwargs, should_stop=self._stop.is_set, _start_thread=False, _ignore_errors=True
+        )
         self._pbar = progress(total=0, desc="Registering")
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(on_returned)
@@ -508,27 +550,68 @@ class RegisterWidget(QWidget):
         grid = result.display_grid
         grid_scale = scale * grid.pixel_size_um / p
         grid_translate = translate + np.asarray(grid.origin_rc_um) / p * scale
-        self._put_layer(result.checkerboard, {"name": PREFIX + "checkerboard", "scale": grid_scale,
-                                              "translate": grid_translate, "colormap": "gray", "visible": False,
-                                              "contrast_limits": (0.0, 1.0)}, "image")
-        self._put_layer(result.jacobian, {"name": PREFIX + "Jacobian", "scale": scale, "translate": translate,
-                                          "colormap": "PiYG", "contrast_limits": (0.0, 2.0), "visible": False,
-                                          "metadata": {"meaning": "Jacobian determinant of the B-spline; <= 0 folded"}},
-                        "image")
-        self._put_layer(result.warped_he_rgb, {"name": PREFIX + "warped H&E", "scale": grid_scale,
-                                               "translate": grid_translate, "rgb": True,
-                                               "opacity": float(self.opacity.value)}, "image")
-        self._put_layer(list(result.grid_lines_rc), {"name": PREFIX + "deformation grid", "shape_type": "path",
-                                                     "scale": scale, "translate": translate, "edge_color": "yellow",
-                                                     "edge_width": 0.08, "face_color": "transparent"}, "shapes")
+        self._put_layer(
+            result.checkerboard,
+            {
+                "name": PREFIX + "checkerboard",
+                "scale": grid_scale,
+                "translate": grid_translate,
+                "colormap": "gray",
+                "visible": False,
+                "contrast_limits": (0.0, 1.0),
+            },
+            "image",
+        )
+        self._put_layer(
+            result.jacobian,
+            {
+                "name": PREFIX + "Jacobian",
+                "scale": scale,
+                "translate": translate,
+                "colormap": "PiYG",
+                "contrast_limits": (0.0, 2.0),
+                "visible": False,
+                "metadata": {"meaning": "Jacobian determinant of the B-spline; <= 0 folded"},
+            },
+            "image",
+        )
+        self._put_layer(
+            result.warped_he_rgb,
+            {
+                "name": PREFIX + "warped H&E",
+                "scale": grid_scale,
+                "translate": grid_translate,
+                "rgb": True,
+                "opacity": float(self.opacity.value),
+            },
+            "image",
+        )
+        self._put_layer(
+            list(result.grid_lines_rc),
+            {
+                "name": PREFIX + "deformation grid",
+                "shape_type": "path",
+                "scale": scale,
+                "translate": translate,
+                "edge_color": "yellow",
+                "edge_width": 0.08,
+                "face_color": "transparent",
+            },
+            "shapes",
+        )
         self._fill_table(result)
         rep = result.report
         loo = rep["loo_error_msi_px"]
-        held = (f"held-out error median {loo['median']:.2f}, p90 {loo['p90']:.2f}, max {loo['max']:.2f} MSI px"
-                if loo else "no held-out error (needs ≥ 4 landmarks)")
+        held = (
+            f"held-out error median {loo['median']:.2f}, p90 {loo['p90']:.2f}, max {loo['max']:.2f} MSI px"
+            if loo
+            else "no held-out error (needs ≥ 4 landmarks)"
+        )
         notes = "".join(f" {m[0].upper()}{m[1:]}." for m in rep["messages"])
-        self.status.value = (f"{rep['final']}. {held}; {rep['folds_in_tissue']} folded pixel(s) in tissue; "
-                             f"{rep['seconds']:.1f} s.{notes} Accept or Revert.")
+        self.status.value = (
+            f"{rep['final']}. {held}; {rep['folds_in_tissue']} folded pixel(s) in tissue; "
+            f"{rep['seconds']:.1f} s.{notes} Accept or Revert."
+        )
         self._sync_enabled()
 
     def _fill_table(self, result: RegistrationResult) -> None:
@@ -537,9 +620,16 @@ class RegisterWidget(QWidget):
         p = result.fixed_pixel_size_um
         for i, row in enumerate(rows):
             loo = row["loo_error_msi_px"]
-            cells = (str(row["index"] + 1), f"{row['he_row']:.1f}", f"{row['he_col']:.1f}", f"{row['msi_row']:.2f}",
-                     f"{row['msi_col']:.2f}", "—" if loo is None else f"{loo:.2f}", f"{row['fit_error_um'] / p:.2f}",
-                     "yes" if row["outlier"] else "")
+            cells = (
+                str(row["index"] + 1),
+                f"{row['he_row']:.1f}",
+                f"{row['he_col']:.1f}",
+                f"{row['msi_row']:.2f}",
+                f"{row['msi_col']:.2f}",
+                "—" if loo is None else f"{loo:.2f}",
+                f"{row['fit_error_um'] / p:.2f}",
+                "yes" if row["outlier"] else "",
+            )
             for j, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 item.setTextAlignment(int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter))
