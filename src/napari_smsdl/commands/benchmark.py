@@ -1,0 +1,103 @@
+"""``smsdl benchmark``: degrade a real MSI by F, reconstruct it with SMSDL, BI and CNN, score all.
+
+Contract: ``smsdl benchmark --he HE_IMAGE --msi GROUND_TRUTH --factor F [--fast]
+[--transform FILE.tfm] [--seed N] -o OUTDIR`` writes ``metrics.json`` (method → metric →
+{"mean", "per_channel"}, plus "seconds"), the SR stacks as OME-TIFF and ``figure.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._common import add_method_args, add_msi_channel_args, load_he, load_msi, load_transform_arg, settings_from_args
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "benchmark", help="score SMSDL, bicubic and CNN on a downsampled real MSI against its native resolution"
+    )
+    parser.add_argument("--he", required=True, help="H&E image (PNG/JPEG/TIFF/OME-TIFF/SVS)")
+    parser.add_argument("--msi", required=True, help="ground truth: imzML, or .npy (rows, cols)/(channels, rows, cols)")
+    add_method_args(parser)
+    add_msi_channel_args(parser)
+    parser.add_argument("--methods", default="smsdl,bicubic,cnn", help="comma-separated subset of smsdl,bicubic,cnn")
+    parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.set_defaults(func=run)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def run(args) -> int:
+    from ..errors import InputError
+    from ..export import write_tiff_stack
+    from ..figures import comparison_figure
+    from ..pipeline import run_benchmark
+
+    start = time.perf_counter()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    msi = load_msi(args.msi, args)
+    he, he_px = load_he(args.he, pixel_size_um=args.he_pixel_size)
+    truth = msi.data
+    if truth.ndim != 3 or min(truth.shape[1:]) < 2 * args.factor:
+        raise InputError(f"ground truth of shape {truth.shape} is too small for factor {args.factor}", args.msi)
+    truth_px = args.msi_pixel_size or msi.pixel_size_um
+    transform = load_transform_arg(args.transform)
+    if truth_px is None:
+        if transform is not None and not args.msi_pixel_size:
+            raise InputError("--msi-pixel-size is needed with --transform when the MSI has no pixel size", args.msi)
+        truth_px = 1.0  # one unit per ground-truth pixel; only ratios matter without a transform
+    if he_px is None:
+        if transform is not None:
+            raise InputError("--he-pixel-size is needed with --transform when the H&E has no pixel size", args.he)
+        # same field of view: the H&E spans the MSI grid
+        he_px = truth_px * truth.shape[1] / he.shape[0]
+    settings = settings_from_args(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+
+    def progress(stage, done, total):
+        if done == total or done == 1:
+            log.info("%s: %d/%d", stage, done, total)
+
+    result = run_benchmark(
+        truth, he, factor=args.factor, truth_pixel_size_um=truth_px, he_pixel_size_um=he_px, settings=settings,
+        transform=transform, methods=methods, cache_dir=args.cache_dir or out / "cache", progress=progress,
+    )
+    sr_px = truth_px
+    for name, stack in result.reconstruction.sr.items():
+        write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=msi.channel_names, pixel_size_um=sr_px)
+    write_tiff_stack(out / "ground_truth.ome.tif", result.truth, channel_names=msi.channel_names, pixel_size_um=sr_px)
+    write_tiff_stack(out / "lr_input.ome.tif", result.lr, channel_names=msi.channel_names, pixel_size_um=sr_px * args.factor)
+    comparison_figure(
+        out / "figure.png", result.reconstruction.sr, truth=result.truth, mask=result.mask_hr,
+        channel_names=msi.channel_names,
+    )
+    metrics = dict(result.metrics)
+    metrics["seconds"] = {name: m["seconds"] for name, m in result.metrics.items()}
+    metrics["seconds"]["total"] = time.perf_counter() - start
+    metrics["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    metrics["settings"] = {
+        "factor": args.factor, "preset": "fast" if args.fast else "default", "seed": args.seed,
+        "channels": list(msi.channel_names), "truth_shape": list(result.truth.shape), "lr_shape": list(result.lr.shape),
+        "transform": args.transform, "he_pixel_size_um": he_px, "truth_pixel_size_um": truth_px,
+    }
+    write_json_atomic(out / "metrics.json", metrics)
+    for name in result.reconstruction.sr:
+        m = result.metrics[name]
+        print(f"{name:>8}: RMSE {m['rmse']['mean']:.4f}  SSIM {m['ssim']['mean']:.4f}  R2 {m['r2']['mean']:.4f}  "
+              f"PSNR {m['psnr']['mean']:.2f}  ({m['seconds']:.1f} s)")
+    print(f"wrote {out / 'metrics.json'}, {out / 'figure.png'}")
+    return 0

@@ -1,0 +1,296 @@
+"""The reconstruction pipeline and the benchmark protocol, shared by the CLI and the widgets.
+
+* :func:`prepare_guide` resamples the registered H&E onto the super-resolution (SR) grid refined
+  ``k`` times, so each SR cell sees its own k × k patch of H&E.
+* :func:`reconstruct` runs SMSDL-Net (features + regression) and, on request, the bicubic and CNN
+  baselines on the same inputs and the same SR grid.
+* :func:`run_benchmark` takes a ground truth at native resolution, block-averages it by F,
+  reconstructs it back with every method and scores each against the ground truth.
+
+Grids: the MSI has pixel size p µm and shape (h, w); the SR grid has pixel size p/F and shape
+(h·F, w·F); MSI pixel (i, j) covers exactly SR cells [i·F, (i+1)·F) × [j·F, (j+1)·F).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+from .features import FAST_FEATURES, FeatureMaps, FeatureParams, extract_features
+from .regression import FAST_REGRESSION, RegressionParams, train_regression
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+class Method(str, enum.Enum):
+    SMSDL = "smsdl"
+    BICUBIC = "bicubic"
+    CNN = "cnn"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides a reconstruction (saved with the results)."""
+
+    factor: int = 4
+    features: FeatureParams = FeatureParams()
+    regression: RegressionParams = RegressionParams()
+    cnn_preset: str = "default"
+    cnn_iterations: int | None = None
+    max_cell_px: int = 8  # H&E pixels per SR cell side in the guide image (caps memory and time)
+    seed: int = 0
+    device: str = "auto"
+
+    @classmethod
+    def preset(cls, name: str = "default", **overrides) -> Settings:
+        """``"default"`` or ``"fast"`` (the fast preset is for tests and demos: under 2 minutes)."""
+        if name == "fast":
+            base = cls(features=FAST_FEATURES, regression=FAST_REGRESSION, cnn_preset="fast", max_cell_px=4)
+        elif name == "default":
+            base = cls()
+        else:
+            raise InputError(f"unknown preset {name!r} (use 'default' or 'fast')")
+        seed = overrides.get("seed")
+        if seed is not None:  # one seed drives every random part
+            base = dataclasses.replace(
+                base,
+                features=dataclasses.replace(base.features, seed=seed),
+                regression=dataclasses.replace(base.regression, seed=seed),
+            )
+        return dataclasses.replace(base, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """SR stacks per method (C, h·F, w·F) float32, with timings and what was used to make them."""
+
+    sr: dict
+    seconds: dict
+    guide_rgb: np.ndarray
+    features: FeatureMaps | None
+    loss_history: dict = field(default_factory=dict)
+    settings: Settings = Settings()
+
+
+def choose_cell_px(he_pixel_size_um: float, sr_pixel_size_um: float, max_cell_px: int) -> int:
+    """H&E pixels per SR cell side for the guide: the native ratio, clipped to [2, max_cell_px]."""
+    return int(np.clip(round(sr_pixel_size_um / he_pixel_size_um), 2, max(2, max_cell_px)))
+
+
+def prepare_guide(
+    he_rgb: np.ndarray,
+    *,
+    he_pixel_size_um: float,
+    msi_shape: tuple[int, int],
+    msi_pixel_size_um: float,
+    factor: int,
+    transform=None,
+    max_cell_px: int = 8,
+) -> tuple[np.ndarray, int]:
+    """The H&E on the SR grid refined k times: ((h·F·k, w·F·k, 3) float32 in [0, 1], k).
+
+    ``transform`` maps MSI physical space (µm, origin at the centre of MSI pixel (0, 0)) to H&E
+    physical space; None means the H&E covers exactly the MSI field of view.
+    """
+    from .registration import resample_moving_to_grid, same_field_of_view_transform
+
+    he = np.asarray(he_rgb)
+    if he.ndim != 3 or he.shape[-1] < 3:
+        raise InputError(f"H&E must be an RGB image (rows, cols, 3), got shape {he.shape}")
+    he = he[..., :3].astype(np.float32) / (255.0 if he.dtype == np.uint8 else 1.0)
+    sr_px = msi_pixel_size_um / factor
+    k = choose_cell_px(he_pixel_size_um, sr_px, max_cell_px)
+    grid_px = sr_px / k
+    if transform is None:
+        transform = same_field_of_view_transform(msi_shape, msi_pixel_size_um, he.shape[:2], he_pixel_size_um)
+    rows, cols = msi_shape[0] * factor * k, msi_shape[1] * factor * k
+    # the fine grid covers the MSI grid: its pixel (0, 0) centre sits at -p/2 + g/2 in MSI space
+    origin = -msi_pixel_size_um / 2 + grid_px / 2
+    guide = resample_moving_to_grid(
+        he, he_pixel_size_um, transform, grid_shape_rc=(rows, cols), grid_pixel_size_um=grid_px,
+        grid_origin_um=(origin, origin), antialias=True,
+    )
+    return np.clip(np.asarray(guide, np.float32), 0, 1), k
+
+
+def reconstruct(
+    lr_msi: np.ndarray,
+    he_rgb: np.ndarray,
+    *,
+    he_pixel_size_um: float,
+    msi_pixel_size_um: float,
+    settings: Settings = Settings(),
+    methods: Sequence[Method | str] = (Method.SMSDL, Method.BICUBIC, Method.CNN),
+    transform=None,
+    mask_lr: np.ndarray | None = None,
+    cache_dir=None,
+    save_weights=None,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_loss: Callable[[int, float], None] | None = None,
+) -> Reconstruction:
+    """Super-resolve a low-resolution MSI stack (C, h, w) with the chosen methods.
+
+    NaN marks MSI pixels without a spectrum. ``mask_lr`` (h, w) selects the tissue pixels the
+    networks train on (default: acquired pixels with any non-zero channel).
+    """
+    from .baselines import bicubic_upsample
+
+    lr = np.asarray(lr_msi, np.float32)
+    if lr.ndim == 2:
+        lr = lr[None]
+    if lr.ndim != 3:
+        raise InputError(f"MSI stack must be (channels, rows, cols), got shape {lr.shape}")
+    factor = int(settings.factor)
+    if not 2 <= factor <= 16:
+        raise InputError(f"factor must be an integer from 2 to 16, got {factor}")
+    methods = [Method(m) for m in methods]
+    if mask_lr is None:
+        mask_lr = np.isfinite(lr).all(0) & (np.nan_to_num(lr) != 0).any(0)
+    mask_lr = np.asarray(mask_lr, bool) & np.isfinite(lr).all(0)
+    sr_shape = (lr.shape[1] * factor, lr.shape[2] * factor)
+    stage = progress or (lambda *_: None)
+    sr, seconds, history = {}, {}, {}
+
+    t0 = time.perf_counter()
+    stage("resampling H&E onto the SR grid", 0, 1)
+    guide, k = prepare_guide(
+        he_rgb, he_pixel_size_um=he_pixel_size_um, msi_shape=lr.shape[1:], msi_pixel_size_um=msi_pixel_size_um,
+        factor=factor, transform=transform, max_cell_px=settings.max_cell_px,
+    )
+    guide_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bicubic = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=mask_lr)
+    bicubic_seconds = time.perf_counter() - t0 + guide_seconds * 0
+    if Method.BICUBIC in methods:
+        sr[Method.BICUBIC.value] = bicubic.astype(np.float32)
+        seconds[Method.BICUBIC.value] = bicubic_seconds
+    features = None
+    if Method.SMSDL in methods:
+        t0 = time.perf_counter()
+        features = extract_features(
+            guide, sr_shape=sr_shape, factor=factor, params=settings.features, cache_dir=cache_dir,
+            device=settings.device, save_weights=save_weights, progress=progress, should_stop=should_stop,
+        )
+        result = train_regression(
+            features.data, lr, factor, mask_lr=mask_lr, bicubic=bicubic, params=settings.regression,
+            device=settings.device, progress=progress, should_stop=should_stop, on_loss=on_loss,
+        )
+        sr[Method.SMSDL.value] = result.sr
+        history[Method.SMSDL.value] = result.loss_history
+        seconds[Method.SMSDL.value] = time.perf_counter() - t0 + guide_seconds
+    if Method.CNN in methods:
+        from .baselines import train_deepfere
+
+        t0 = time.perf_counter()
+        # the CNN sees the guide at the SR grid (one pixel per SR cell), as DeepFERE does
+        guide_sr = guide.reshape(sr_shape[0], k, sr_shape[1], k, 3).mean(axis=(1, 3))
+        cnn = train_deepfere(
+            lr, guide_sr, factor, mask_lr=mask_lr, iterations=settings.cnn_iterations, seed=settings.seed,
+            device=settings.device, progress=progress, should_stop=should_stop, preset=settings.cnn_preset,
+        )
+        sr[Method.CNN.value] = np.asarray(cnn.sr, np.float32)
+        history[Method.CNN.value] = list(getattr(cnn, "loss_history", []))
+        seconds[Method.CNN.value] = time.perf_counter() - t0 + guide_seconds
+    return Reconstruction(sr, seconds, guide, features, history, settings)
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """Scores per method (``metrics``), the reconstructions, and the inputs that made them."""
+
+    metrics: dict
+    reconstruction: Reconstruction
+    truth: np.ndarray
+    mask_hr: np.ndarray
+    lr: np.ndarray
+    mask_lr: np.ndarray
+
+
+def degrade(truth: np.ndarray, mask_hr: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block-average a native-resolution stack by F over tissue pixels → (LR stack, LR tissue mask).
+
+    An LR pixel is tissue when at least half of its F × F block is tissue; non-tissue LR pixels are 0.
+    """
+    c, rows, cols = truth.shape
+    t = np.where(mask_hr[None], np.nan_to_num(truth), 0.0).reshape(c, rows // factor, factor, cols // factor, factor)
+    m = mask_hr.reshape(rows // factor, factor, cols // factor, factor)
+    counts = m.sum(axis=(1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lr = np.where(counts > 0, t.sum(axis=(2, 4)) / counts, 0.0)
+    mask_lr = counts >= (factor * factor) / 2
+    return np.where(mask_lr[None], lr, 0.0).astype(np.float32), mask_lr
+
+
+def run_benchmark(
+    truth: np.ndarray,
+    he_rgb: np.ndarray,
+    *,
+    factor: int,
+    truth_pixel_size_um: float,
+    he_pixel_size_um: float,
+    settings: Settings | None = None,
+    mask_hr: np.ndarray | None = None,
+    transform=None,
+    methods: Sequence[Method | str] = (Method.SMSDL, Method.BICUBIC, Method.CNN),
+    cache_dir=None,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> BenchmarkResult:
+    """The benchmark protocol: degrade the ground truth by F, reconstruct, score every method.
+
+    ``truth`` is (C, H, W) at native resolution with NaN or 0 outside tissue; it is cropped to a
+    multiple of F. ``transform`` maps truth-grid physical space to H&E physical space (None: the
+    H&E covers the same field of view). The truth grid's pixel size is ``truth_pixel_size_um``, so
+    the degraded MSI has pixel size ``F × truth_pixel_size_um``.
+    """
+    from .metrics import score_stack
+
+    truth = np.asarray(truth, np.float32)
+    if truth.ndim == 2:
+        truth = truth[None]
+    if truth.ndim != 3 or min(truth.shape[1:]) < 2 * factor:
+        raise InputError(f"ground truth must be (channels, rows, cols) at least {2 * factor} pixels wide, got {truth.shape}")
+    settings = dataclasses.replace(settings or Settings(), factor=factor)
+    if mask_hr is None:
+        mask_hr = np.isfinite(truth).all(0) & (np.nan_to_num(truth) != 0).any(0)
+    rows, cols = (truth.shape[1] // factor) * factor, (truth.shape[2] // factor) * factor
+    he = np.asarray(he_rgb)
+    if (rows, cols) != truth.shape[1:]:
+        if transform is None:  # keep the same-field-of-view correspondence after the crop
+            he = he[: int(round(he.shape[0] * rows / truth.shape[1])), : int(round(he.shape[1] * cols / truth.shape[2]))]
+        truth, mask_hr = truth[:, :rows, :cols], mask_hr[:rows, :cols]
+    lr, mask_lr = degrade(truth, mask_hr, factor)
+    msi_px = truth_pixel_size_um * factor
+    if transform is not None:
+        # the transform was given for the truth grid (pixel size s, origin at its pixel (0, 0) centre);
+        # the LR grid's pixel (0, 0) centre is at ((F-1)/2)·s in that space
+        import SimpleITK as sitk
+
+        shift = sitk.TranslationTransform(2, [(factor - 1) / 2 * truth_pixel_size_um] * 2)
+        composite = sitk.CompositeTransform(2)
+        composite.AddTransform(transform)
+        composite.AddTransform(shift)  # applied first
+        transform = composite
+    recon = reconstruct(
+        lr, he, he_pixel_size_um=he_pixel_size_um, msi_pixel_size_um=msi_px, settings=settings, methods=methods,
+        transform=transform, mask_lr=mask_lr, cache_dir=cache_dir, progress=progress, should_stop=should_stop,
+    )
+    truth_clean = np.where(mask_hr[None], np.nan_to_num(truth), 0.0)
+    metrics = {}
+    for name, stack in recon.sr.items():
+        scores = score_stack(truth_clean, stack, mask_hr)
+        metrics[name] = {**scores, "seconds": float(recon.seconds[name])}
+    return BenchmarkResult(metrics, recon, truth_clean, mask_hr, lr, mask_lr)

@@ -1,0 +1,129 @@
+"""SMSDL-Net: real (tiny) ViT training and regression runs on a crop of the built-in sample."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from napari_smsdl.errors import Cancelled
+from napari_smsdl.features import FeatureParams, extract_features
+from napari_smsdl.pipeline import Settings, degrade, reconstruct
+from napari_smsdl.regression import RegressionParams, block_mean, train_regression
+
+TINY_FEATURES = FeatureParams(embed_dim=32, depth=1, num_heads=2, ssl_steps=8, ssl_batch=4, shifts=1)
+TINY_REGRESSION = RegressionParams(hidden=64, steps=150, restarts=1, pca_dims=16)
+
+
+@pytest.fixture(scope="module")
+def crop():
+    """A 256 x 256 H&E crop; LR 16 x 16 (40 µm), ground truth 64 x 64 (10 µm), F = 4."""
+    from napari_smsdl.sample import make_sample
+
+    s = make_sample()
+    truth = s.ground_truth[:, :64, :64]
+    mask_hr = s.mask_hr[:64, :64]
+    lr, mask_lr = degrade(truth, mask_hr, 4)
+    return s.he_rgb[:256, :256], truth, mask_hr, lr, mask_lr
+
+
+@pytest.fixture(scope="module")
+def features(crop, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    fm = extract_features(crop[0], sr_shape=(64, 64), factor=4, params=TINY_FEATURES, cache_dir=cache)
+    return fm, cache
+
+
+def test_features_shape_training_and_cache_hit(crop, features):
+    fm, cache = features
+    assert fm.data.shape == (3 * 32 + 3, 64, 64) and not fm.from_cache
+    assert np.isfinite(fm.data).all()
+    for level in ("cellular", "regional", "tissue"):
+        first, last = fm.ssl_losses[level]
+        assert last < first  # self-supervised training made progress
+    again = extract_features(crop[0], sr_shape=(64, 64), factor=4, params=TINY_FEATURES, cache_dir=cache)
+    assert again.from_cache
+    np.testing.assert_array_equal(again.data, fm.data)
+    other = dataclasses.replace(TINY_FEATURES, seed=1, ssl_steps=0)
+    assert not extract_features(crop[0], sr_shape=(64, 64), factor=4, params=other, cache_dir=cache).from_cache
+
+
+def test_cellular_features_follow_the_image(crop, features):
+    """Cells with different H&E have different features: no constant or patch-grid output."""
+    fm, _ = features
+    cellular = fm.data[:32]
+    assert cellular.std(axis=(1, 2)).mean() > 1e-3
+    # no 8-pixel periodic artefact: neighbouring cells differ no more across token borders than inside
+    diffs = np.abs(np.diff(cellular, axis=2)).mean(axis=(0, 1))
+    assert diffs.max() < 5 * np.median(diffs)
+
+
+def test_checkpoint_replaces_training(crop, tmp_path):
+    weights = tmp_path / "vit.pt"
+    fm = extract_features(crop[0], sr_shape=(64, 64), factor=4, params=TINY_FEATURES, save_weights=weights)
+    loaded = extract_features(
+        crop[0], sr_shape=(64, 64), factor=4, params=dataclasses.replace(TINY_FEATURES, checkpoint=str(weights))
+    )
+    assert loaded.ssl_losses == {}  # no training happened
+    np.testing.assert_allclose(loaded.data, fm.data, atol=1e-4)
+
+
+def test_forward_model_consistency(crop, features):
+    _, truth, mask_hr, lr, mask_lr = crop
+    fm, _ = features
+    result = train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=TINY_REGRESSION)
+    pooled = block_mean(result.sr, 4)
+    rel = np.abs(pooled - lr)[:, mask_lr].mean() / lr[:, mask_lr].mean()
+    assert rel < 0.15  # SR pooled back over each MSI pixel reproduces the MSI
+    exact = train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=dataclasses.replace(TINY_REGRESSION, conserve_mean=True))
+    np.testing.assert_allclose(block_mean(exact.sr, 4)[:, mask_lr], lr[:, mask_lr], rtol=1e-4)
+    assert (result.sr >= 0).all()
+
+
+def test_smsdl_beats_bicubic_where_he_carries_the_signal(crop, features):
+    from napari_smsdl.baselines import bicubic_upsample
+    from napari_smsdl.metrics import score_stack
+
+    _, truth, mask_hr, lr, mask_lr = crop
+    fm, _ = features
+    bicubic = bicubic_upsample(lr, 4, mask_lr=mask_lr)
+    smsdl = train_regression(fm.data, lr, 4, mask_lr=mask_lr, bicubic=bicubic, params=TINY_REGRESSION).sr
+    s_smsdl = score_stack(truth, smsdl, mask_hr)
+    s_bi = score_stack(truth, bicubic, mask_hr)
+    assert s_smsdl["ssim"]["mean"] > s_bi["ssim"]["mean"] + 0.05
+    assert s_smsdl["rmse"]["mean"] < s_bi["rmse"]["mean"]
+    assert s_smsdl["r2"]["mean"] > s_bi["r2"]["mean"]
+
+
+def test_seeded_runs_reproduce(crop, features):
+    _, _, _, lr, mask_lr = crop
+    fm, _ = features
+    params = dataclasses.replace(TINY_REGRESSION, steps=30)
+    a = train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=params).sr
+    b = train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=params).sr
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cancel_stops_training(crop, features):
+    _, _, _, lr, mask_lr = crop
+    fm, _ = features
+    with pytest.raises(Cancelled):
+        train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=TINY_REGRESSION, should_stop=lambda: True)
+    with pytest.raises(Cancelled):
+        extract_features(crop[0], sr_shape=(64, 64), factor=4, params=TINY_FEATURES, should_stop=lambda: True)
+
+
+def test_reconstruct_pipeline_grids_and_methods(crop):
+    he, truth, mask_hr, lr, mask_lr = crop
+    settings = Settings(factor=4, features=TINY_FEATURES, regression=TINY_REGRESSION, max_cell_px=4)
+    stages = []
+    result = reconstruct(
+        lr, he, he_pixel_size_um=2.5, msi_pixel_size_um=40.0, settings=settings, methods=["smsdl", "bicubic"],
+        mask_lr=mask_lr, progress=lambda stage, done, total: stages.append(stage),
+    )
+    assert set(result.sr) == {"smsdl", "bicubic"}
+    assert result.sr["smsdl"].shape == (5, 64, 64) and result.guide_rgb.shape == (256, 256, 3)
+    # same field of view, 2.5 µm H&E pixels, 10 µm SR cells of 4 x 4 guide pixels: the guide is the H&E
+    np.testing.assert_allclose(result.guide_rgb, he / 255.0, atol=0.02)
+    assert any("self-supervised" in s for s in stages) and any("regression" in s for s in stages)
