@@ -1,4 +1,9 @@
-"""Writing results: float32 TIFF / OME-TIFF stacks with physical pixel size and channel names."""
+"""Writing results, every file atomically (temp file, then rename).
+
+* :func:`write_tiff_stack`: float32 OME-TIFF stacks with physical pixel size and channel names;
+* :func:`write_sr_imzml`: an SR stack as a continuous imzML at the SR pixel size;
+* :func:`write_metrics_csv`: per-method, per-channel scores as CSV.
+"""
 
 from __future__ import annotations
 
@@ -38,3 +43,122 @@ def write_tiff_stack(
     tifffile.imwrite(tmp, stack, ome=True, metadata=metadata, photometric="minisblack")
     os.replace(tmp, path)
     return path
+
+
+def write_sr_imzml(
+    path: str | os.PathLike,
+    stack: np.ndarray,
+    mz: Sequence[float],
+    pixel_size_um: float,
+) -> Path:
+    """Write a super-resolved stack (channels, rows, cols) as a *continuous* imzML/ibd pair.
+
+    Every SR pixel becomes one spectrum on a shared m/z axis holding one value per channel, so
+    the file opens in any imzML viewer (and :func:`napari_smsdl.msi.open_imzml`) as an image at
+    the SR pixel size, recorded in the scan settings. Pixels that are NaN in every channel are left
+    out (no spectrum); other NaNs are written as 0.
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.imzML`` file; the ``.ibd`` is written beside it (both atomically).
+    stack : (channels, rows, cols) array
+        Intensities in the MSI's units.
+    mz : sequence of float
+        One m/z per channel; they must be distinct. The axis is written in increasing order.
+    pixel_size_um : float
+        The SR pixel size in µm (MSI pixel size / F).
+
+    Returns
+    -------
+    Path of the ``.imzML`` written.
+    """
+    from .errors import InputError
+    from .msi import write_imzml
+
+    stack = np.asarray(stack, dtype=np.float32)
+    if stack.ndim == 2:
+        stack = stack[None]
+    if stack.ndim != 3:
+        raise InputError(f"an SR stack must be (channels, rows, cols), got shape {stack.shape}", path)
+    mz_arr = np.asarray(mz, dtype=np.float64)
+    if mz_arr.shape != (stack.shape[0],):
+        raise InputError(f"{mz_arr.size} m/z values for {stack.shape[0]} channels: imzML needs one m/z per channel", path)
+    if not np.all(np.isfinite(mz_arr)) or (mz_arr <= 0).any() or len(np.unique(mz_arr)) != len(mz_arr):
+        raise InputError(f"m/z values must be distinct positive numbers, got {mz_arr.tolist()}", path)
+    if not (pixel_size_um and np.isfinite(pixel_size_um) and pixel_size_um > 0):
+        raise InputError(f"pixel size must be a positive number of µm, got {pixel_size_um!r}", path)
+    order = np.argsort(mz_arr)
+    axis = mz_arr[order]
+    ordered = stack[order]
+    acquired = np.isfinite(ordered).any(axis=0)
+    values = np.nan_to_num(ordered, nan=0.0)
+
+    def spectra():
+        for row, col in zip(*np.nonzero(acquired), strict=True):
+            yield int(row), int(col), axis, values[:, row, col]
+
+    return write_imzml(path, spectra, mode="continuous", pixel_size_um=float(pixel_size_um))
+
+
+#: Metric columns of the metrics CSV, in order.
+CSV_METRICS = ("rmse", "ssim", "r2", "psnr", "pearson")
+
+
+def write_metrics_csv(
+    path: str | os.PathLike,
+    metrics: dict,
+    *,
+    channel_names: Sequence[str] | None = None,
+) -> Path:
+    """Write per-method, per-channel scores as CSV (atomically).
+
+    Parameters
+    ----------
+    metrics : dict
+        ``method -> metric -> {"mean": float, "per_channel": [float, ...]}`` as returned per method
+        by :func:`napari_smsdl.metrics.score_stack` (extra keys such as ``"seconds"`` are ignored).
+    channel_names : sequence of str, optional
+        One name per channel (default ``channel 0``, ``channel 1``, ...).
+
+    Notes
+    -----
+    Columns: ``method,channel,rmse,ssim,r2,psnr,pearson``; one row per method and channel, then
+    one row per method with channel ``mean``. Numbers are written with full precision (``repr``);
+    a metric missing for a method is left empty.
+    """
+    import csv
+    import io
+
+    rows = []
+    for method, scores in metrics.items():
+        if not isinstance(scores, dict):
+            continue
+        present = [m for m in CSV_METRICS if isinstance(scores.get(m), dict)]
+        if not present:
+            continue
+        n_ch = len(scores[present[0]]["per_channel"])
+        names = list(channel_names) if channel_names is not None else [f"channel {c}" for c in range(n_ch)]
+        if len(names) != n_ch:
+            raise ValueError(f"{len(names)} channel names for {n_ch} channels of method {method!r}")
+        for c in range(n_ch):
+            rows.append([method, names[c], *(_num(scores, m, c) for m in CSV_METRICS)])
+        rows.append([method, "mean", *(_num(scores, m, None) for m in CSV_METRICS)])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "channel", *CSV_METRICS])
+    writer.writerows(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _num(scores: dict, metric: str, channel: int | None) -> str:
+    entry = scores.get(metric)
+    if not isinstance(entry, dict):
+        return ""
+    value = entry["mean"] if channel is None else entry["per_channel"][channel]
+    return repr(float(value))
