@@ -1,0 +1,678 @@
+"""A project folder: one reconstruction session, saved so that it reopens exactly.
+
+What a project holds (:class:`Project`): the inputs (paths and SHA-256 of the files they came from,
+and the low-resolution MSI stack itself), the registration (landmarks CSV, transform ``.tfm``,
+report), the parameters (:class:`~napari_smsdl.pipeline.Settings` and the pixel sizes), the trained
+ViT weights, the feature cache, and the results: the SR stack of every method as OME-TIFF, the
+ground truth and the metrics when there is one, the loss curves.
+
+Layout on disk::
+
+    DIR/project.json              the manifest, written last: which snapshot is current, every
+                                  file of it with its SHA-256 and size, the input records
+    DIR/save-0003/                the current snapshot (read only through the manifest)
+        parameters.json           settings, methods, pixel sizes, channels, m/z, timings
+        inputs/msi_lr.ome.tif     the measured MSI (C, h, w) float32, NaN = not acquired
+        inputs/he_guide.tif       the registered H&E on the SR grid (uint8 RGB, for display)
+        registration/transform.tfm, landmarks.csv, report.json
+        weights/vit_weights.pt    the self-supervised ViT weights ({level: state_dict})
+        results/sr_<method>.ome.tif, ground_truth.ome.tif, masks.npz,
+        results/metrics.json, metrics.csv, loss_history.json
+    DIR/cache/                    feature cache (content-addressed, shared by snapshots)
+
+Atomicity: a save writes a complete new snapshot into a hidden staging folder, flushes it to
+disk, renames it into place, and only then replaces ``project.json`` (temp file + ``os.replace``).
+A crash at any point leaves either the previous manifest with its intact snapshot or the new one
+with its complete snapshot; leftovers of an interrupted save are removed by the next save.
+:func:`load_project` checks every file against the manifest's hashes.
+
+Nothing here imports Qt; the widgets and ``smsdl reconstruct --project`` share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .pipeline import Reconstruction, Settings
+
+log = logging.getLogger(__name__)
+
+PROJECT_FILE = "project.json"
+FORMAT = "napari-smsdl project"
+FORMAT_VERSION = 1
+CACHE_DIR = "cache"
+SNAPSHOT_RE = re.compile(r"^save-(\d{4,})$")
+STAGING_PREFIX = ".staging-"
+
+# file names inside a snapshot
+PARAMETERS = "parameters.json"
+MSI_LR = "inputs/msi_lr.ome.tif"
+GUIDE = "inputs/he_guide.tif"
+TRANSFORM = "registration/transform.tfm"
+LANDMARKS = "registration/landmarks.csv"
+REGISTRATION_REPORT = "registration/report.json"
+WEIGHTS = "weights/vit_weights.pt"
+TRUTH = "results/ground_truth.ome.tif"
+MASKS = "results/masks.npz"
+METRICS_JSON = "results/metrics.json"
+METRICS_CSV = "results/metrics.csv"
+LOSS_HISTORY = "results/loss_history.json"
+
+
+def sr_file(method: str) -> str:
+    """Snapshot-relative path of a method's SR stack."""
+    return f"results/sr_{method}.ome.tif"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class InputRecord:
+    """Where an input came from: ``role`` (``"he"``, ``"msi"``, ``"msi_ibd"``, ``"ground_truth"``...),
+    its absolute ``path`` and the SHA-256 and size of the file when it was recorded."""
+
+    role: str
+    path: str | None
+    sha256: str | None = None
+    size_bytes: int | None = None
+
+    @classmethod
+    def from_path(cls, role: str, path: str | os.PathLike | None) -> InputRecord:
+        """Record a file (hash and size); a missing path or file gives a record without hash."""
+        if path is None:
+            return cls(role, None)
+        p = Path(path).expanduser().resolve()
+        if not p.is_file():
+            return cls(role, str(p))
+        return cls(role, str(p), sha256_file(p), p.stat().st_size)
+
+    def check(self) -> str:
+        """``"unchanged"``, ``"changed"``, ``"missing"`` or ``"unknown"`` (nothing was recorded)."""
+        if self.path is None or self.sha256 is None:
+            return "unknown"
+        p = Path(self.path)
+        if not p.is_file():
+            return "missing"
+        if self.size_bytes is not None and p.stat().st_size != self.size_bytes:
+            return "changed"
+        return "unchanged" if sha256_file(p) == self.sha256 else "changed"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InputRecord:
+        return cls(str(d["role"]), d.get("path"), d.get("sha256"), d.get("size_bytes"))
+
+
+def input_records(
+    *,
+    he_path: str | os.PathLike | None = None,
+    msi_path: str | os.PathLike | None = None,
+    ground_truth_path: str | os.PathLike | None = None,
+) -> tuple[InputRecord, ...]:
+    """Records of the input files given (an imzML also records the ``.ibd`` beside it)."""
+    records = []
+    if he_path is not None:
+        records.append(InputRecord.from_path("he", he_path))
+    if msi_path is not None:
+        records.append(InputRecord.from_path("msi", msi_path))
+        p = Path(msi_path)
+        if p.suffix.lower() == ".imzml":
+            ibd = next((p.with_suffix(s) for s in (".ibd", ".IBD", ".Ibd") if p.with_suffix(s).is_file()), None)
+            records.append(InputRecord.from_path("msi_ibd", ibd if ibd is not None else p.with_suffix(".ibd")))
+    if ground_truth_path is not None:
+        records.append(InputRecord.from_path("ground_truth", ground_truth_path))
+    return tuple(records)
+
+
+# ---------------------------------------------------------------------------- settings (de)serialisation
+def settings_from_dict(d: dict) -> Settings:
+    """Rebuild :class:`~napari_smsdl.pipeline.Settings` from :meth:`Settings.to_dict` (unknown keys ignored)."""
+    from .features import FeatureParams
+    from .regression import RegressionParams
+
+    def pick(cls, values: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return {k: v for k, v in (values or {}).items() if k in names}
+
+    top = pick(Settings, d)
+    top["features"] = FeatureParams(**pick(FeatureParams, d.get("features", {})))
+    top["regression"] = RegressionParams(**pick(RegressionParams, d.get("regression", {})))
+    return Settings(**top)
+
+
+# ---------------------------------------------------------------------------- the project
+@dataclass(frozen=True, eq=False)
+class Project:
+    """One reconstruction session: inputs, registration, parameters, weights and results.
+
+    Attributes
+    ----------
+    lr_msi : (C, h, w) float32
+        The measured low-resolution MSI the methods started from; NaN where not acquired.
+    channel_names : tuple of str
+        One per channel (e.g. ``"m/z 885.5499"``).
+    msi_pixel_size_um, he_pixel_size_um : float
+        Pixel sizes in µm of the MSI and of the H&E (level 0).
+    settings : Settings
+        Everything that decided the reconstruction (``settings.factor`` is F).
+    sr : dict
+        Method name (``"smsdl"``, ``"bicubic"``, ``"cnn"``) → (C, h·F, w·F) float32 in the MSI's units.
+    mz : tuple of float or None
+        One m/z per channel when the channels are m/z windows.
+    seconds, loss_history : dict
+        Per-method wall time (s) and training losses.
+    guide_rgb : (h·F·k, w·F·k, 3) array or None
+        The registered H&E on the SR grid refined k times (uint8, or float in [0, 1]).
+    truth : (C, h·F, w·F) float32 or None
+        A ground truth on the SR grid, when one exists (benchmark, simulated sample).
+    mask_hr, mask_lr : bool arrays or None
+        Tissue masks of the SR grid (scoring) and of the MSI grid (training).
+    metrics : dict or None
+        Method → :func:`napari_smsdl.metrics.score_stack` output (+ ``"seconds"``).
+    transform : SimpleITK transform or None
+        MSI physical µm → H&E physical µm (None: the H&E covers the MSI field of view).
+    landmarks : LandmarkPairs or None
+    registration_report : dict or None
+    inputs : tuple of InputRecord
+    weights_path : Path or None
+        ViT weights file (a torch ``{level: state_dict}``); inside the project once loaded.
+    cache_dir : Path or None
+        Feature-cache folder; ``DIR/cache`` once loaded.
+    path : Path or None
+        The project folder this was loaded from or saved to.
+    saved_at : str or None
+        ISO time of the save.
+    """
+
+    lr_msi: np.ndarray
+    channel_names: tuple[str, ...]
+    msi_pixel_size_um: float
+    he_pixel_size_um: float
+    settings: Settings
+    sr: dict
+    mz: tuple[float, ...] | None = None
+    seconds: dict = field(default_factory=dict)
+    loss_history: dict = field(default_factory=dict)
+    guide_rgb: np.ndarray | None = None
+    truth: np.ndarray | None = None
+    mask_hr: np.ndarray | None = None
+    mask_lr: np.ndarray | None = None
+    metrics: dict | None = None
+    transform: object | None = None
+    landmarks: object | None = None
+    registration_report: dict | None = None
+    inputs: tuple[InputRecord, ...] = ()
+    weights_path: Path | None = None
+    cache_dir: Path | None = None
+    path: Path | None = None
+    saved_at: str | None = None
+
+    @property
+    def factor(self) -> int:
+        return int(self.settings.factor)
+
+    @property
+    def sr_pixel_size_um(self) -> float:
+        """SR pixel size in µm: the MSI pixel size / F."""
+        return float(self.msi_pixel_size_um) / self.factor
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(self.sr)
+
+    @classmethod
+    def from_reconstruction(
+        cls,
+        recon: Reconstruction,
+        *,
+        lr_msi: np.ndarray,
+        channel_names: Sequence[str],
+        msi_pixel_size_um: float,
+        he_pixel_size_um: float,
+        mz: Sequence[float] | None = None,
+        mask_lr: np.ndarray | None = None,
+        transform=None,
+        landmarks=None,
+        registration_report: dict | None = None,
+        inputs: Sequence[InputRecord] = (),
+        weights_path: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> Project:
+        """A project from the output of :func:`napari_smsdl.pipeline.reconstruct` and its inputs."""
+        lr = np.asarray(lr_msi, np.float32)
+        if lr.ndim == 2:
+            lr = lr[None]
+        if len(channel_names) != lr.shape[0]:
+            raise InputError(f"{len(channel_names)} channel names for {lr.shape[0]} channels")
+        return cls(
+            lr_msi=lr,
+            channel_names=tuple(str(n) for n in channel_names),
+            msi_pixel_size_um=float(msi_pixel_size_um),
+            he_pixel_size_um=float(he_pixel_size_um),
+            settings=recon.settings,
+            sr={str(k): np.asarray(v, np.float32) for k, v in recon.sr.items()},
+            mz=None if mz is None else tuple(float(m) for m in mz),
+            seconds={str(k): float(v) for k, v in recon.seconds.items()},
+            loss_history={str(k): [float(x) for x in v] for k, v in recon.loss_history.items()},
+            guide_rgb=recon.guide_rgb,
+            mask_lr=None if mask_lr is None else np.asarray(mask_lr, bool),
+            transform=transform,
+            landmarks=landmarks,
+            registration_report=registration_report,
+            inputs=tuple(inputs),
+            weights_path=None if weights_path is None else Path(weights_path),
+            cache_dir=None if cache_dir is None else Path(cache_dir),
+        )
+
+    def with_truth(self, truth: np.ndarray, mask_hr: np.ndarray | None = None) -> Project:
+        """This project with a ground truth on the SR grid and every method scored against it.
+
+        ``mask_hr`` defaults to the pixels that are finite in every channel and non-zero in one.
+        """
+        from .metrics import score_stack
+
+        t = np.asarray(truth, np.float32)
+        if t.ndim == 2:
+            t = t[None]
+        expected = (len(self.channel_names), *self.lr_msi.shape[1:])
+        expected = (expected[0], expected[1] * self.factor, expected[2] * self.factor)
+        if t.shape != expected:
+            raise InputError(f"ground truth of shape {t.shape} does not match the SR stacks {expected}")
+        if mask_hr is None:
+            mask_hr = np.isfinite(t).all(0) & (np.nan_to_num(t) != 0).any(0)
+        mask_hr = np.asarray(mask_hr, bool)
+        clean = np.where(mask_hr[None], np.nan_to_num(t), 0.0).astype(np.float32)
+        metrics = {}
+        for name, stack in self.sr.items():
+            metrics[name] = {**score_stack(clean, stack, mask_hr), "seconds": float(self.seconds.get(name, math.nan))}
+        return dataclasses.replace(self, truth=clean, mask_hr=mask_hr, metrics=metrics)
+
+    def input_status(self) -> dict[str, str]:
+        """Role → :meth:`InputRecord.check` for every recorded input."""
+        return {rec.role: rec.check() for rec in self.inputs}
+
+    def input_path(self, role: str) -> Path | None:
+        for rec in self.inputs:
+            if rec.role == role and rec.path:
+                return Path(rec.path)
+        return None
+
+
+# ---------------------------------------------------------------------------- saving
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _read_manifest(directory: Path) -> dict | None:
+    path = directory / PROJECT_FILE
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the project manifest ({exc})", path) from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InputError(f"not a napari-smsdl project manifest (format {manifest.get('format')!r})", path)
+    return manifest
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not possible on every platform (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_snapshot(stage: Path, project: Project) -> None:
+    """Write every file of a snapshot into ``stage`` (a fresh folder)."""
+    import tifffile
+
+    from .export import write_metrics_csv, write_tiff_stack
+
+    for sub in ("inputs", "registration", "weights", "results"):
+        (stage / sub).mkdir(parents=True, exist_ok=True)
+    names = list(project.channel_names)
+    write_tiff_stack(stage / MSI_LR, project.lr_msi, channel_names=names, pixel_size_um=project.msi_pixel_size_um)
+    for method, stack in project.sr.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", method):
+            raise InputError(f"method name {method!r} cannot be a file name")
+        write_tiff_stack(stage / sr_file(method), stack, channel_names=names, pixel_size_um=project.sr_pixel_size_um)
+    if project.guide_rgb is not None:
+        guide = np.asarray(project.guide_rgb)
+        if guide.dtype != np.uint8:
+            guide = np.clip(np.round(np.nan_to_num(guide.astype(np.float32)) * 255.0), 0, 255).astype(np.uint8)
+        tifffile.imwrite(stage / GUIDE, guide, photometric="rgb", compression="zlib")
+    if project.truth is not None:
+        write_tiff_stack(stage / TRUTH, project.truth, channel_names=names, pixel_size_um=project.sr_pixel_size_um)
+    masks = {k: np.asarray(v, bool) for k, v in (("mask_hr", project.mask_hr), ("mask_lr", project.mask_lr)) if v is not None}
+    if masks:
+        np.savez_compressed(stage / MASKS, **masks)
+    if project.metrics is not None:
+        (stage / METRICS_JSON).write_text(json.dumps(_jsonable(project.metrics), indent=2), encoding="utf-8")
+        write_metrics_csv(stage / METRICS_CSV, project.metrics, channel_names=names)
+    (stage / LOSS_HISTORY).write_text(json.dumps(_jsonable(project.loss_history)), encoding="utf-8")
+    if project.transform is not None:
+        import SimpleITK as sitk
+
+        sitk.WriteTransform(project.transform, str(stage / TRANSFORM))
+    if project.landmarks is not None and len(project.landmarks):
+        from .registration import write_landmarks_csv
+
+        write_landmarks_csv(project.landmarks, stage / LANDMARKS)
+    if project.registration_report is not None:
+        (stage / REGISTRATION_REPORT).write_text(json.dumps(_jsonable(project.registration_report), indent=2))
+    if project.weights_path is not None:
+        if not Path(project.weights_path).is_file():
+            raise InputError("trained weights file not found", project.weights_path)
+        shutil.copyfile(project.weights_path, stage / WEIGHTS)
+    parameters = {
+        "settings": project.settings.to_dict(),
+        "methods": list(project.sr),
+        "factor": project.factor,
+        "channel_names": names,
+        "mz": None if project.mz is None else list(project.mz),
+        "msi_pixel_size_um": project.msi_pixel_size_um,
+        "he_pixel_size_um": project.he_pixel_size_um,
+        "sr_pixel_size_um": project.sr_pixel_size_um,
+        "lr_shape": list(project.lr_msi.shape),
+        "seconds": project.seconds,
+    }
+    (stage / PARAMETERS).write_text(json.dumps(_jsonable(parameters), indent=2), encoding="utf-8")
+    for sub in ("inputs", "registration", "weights", "results"):
+        if not any((stage / sub).iterdir()):
+            (stage / sub).rmdir()
+
+
+def _copy_cache(source: Path | None, target: Path) -> list[str]:
+    """Copy feature-cache files into the project's cache (each atomically); their names."""
+    if source is None or not Path(source).is_dir():
+        return []
+    source = Path(source)
+    names = []
+    for path in sorted(source.glob("features-*.npz")):
+        if ".tmp" in path.name:
+            continue
+        names.append(path.name)
+        dest = target / path.name
+        if source.resolve() == target.resolve() or (dest.exists() and dest.stat().st_size == path.stat().st_size):
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = target / f".{path.name}.tmp{os.getpid()}"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+    return names
+
+
+def save_project(directory: str | os.PathLike, project: Project) -> Project:
+    """Save ``project`` into the folder ``directory`` (created if needed), atomically.
+
+    A previous save in the same folder is replaced as a whole only once the new one is complete
+    (see the module notes); files in the folder that are not part of a project are left alone.
+
+    Returns
+    -------
+    Project
+        The same project with ``path``, ``saved_at``, and ``weights_path``/``cache_dir`` pointing
+        into the folder.
+    """
+    directory = Path(directory).expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    previous = _read_manifest(directory)
+    number = 1
+    if previous is not None:
+        match = SNAPSHOT_RE.match(str(previous.get("snapshot", "")))
+        number = int(match.group(1)) + 1 if match else 1
+    existing = [int(m.group(1)) for p in directory.iterdir() if (m := SNAPSHOT_RE.match(p.name))]
+    number = max([number, *(n + 1 for n in existing)])
+    snapshot = f"save-{number:04d}"
+    stage = directory / f"{STAGING_PREFIX}{snapshot}-{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    try:
+        _write_snapshot(stage, project)
+        _fsync_tree(stage)
+        os.rename(stage, directory / snapshot)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _fsync_dir(directory)
+    cache_names = _copy_cache(project.cache_dir, directory / CACHE_DIR)
+    files = {}
+    for path in sorted((directory / snapshot).rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(directory / snapshot).as_posix()
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    saved_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "saved_at": saved_at,
+        "snapshot": snapshot,
+        "files": files,
+        "cache": {"folder": CACHE_DIR, "files": cache_names},
+        "inputs": [rec.to_dict() for rec in project.inputs],
+        "summary": {
+            "factor": project.factor,
+            "methods": list(project.sr),
+            "channels": list(project.channel_names),
+            "lr_shape": list(project.lr_msi.shape),
+            "sr_pixel_size_um": project.sr_pixel_size_um,
+            "has_ground_truth": project.truth is not None,
+            "registered": project.transform is not None,
+        },
+    }
+    tmp = directory / f".{PROJECT_FILE}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(_jsonable(manifest), indent=2))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / PROJECT_FILE)
+    _fsync_dir(directory)
+    _remove_leftovers(directory, keep=snapshot)
+    log.info("project saved to %s (%s, %d files)", directory, snapshot, len(files))
+    return dataclasses.replace(
+        project,
+        path=directory,
+        saved_at=saved_at,
+        weights_path=directory / snapshot / WEIGHTS if WEIGHTS in files else None,
+        cache_dir=directory / CACHE_DIR,
+    )
+
+
+def _remove_leftovers(directory: Path, *, keep: str) -> None:
+    """Remove older snapshots and staging folders of interrupted saves (never anything else)."""
+    for path in directory.iterdir():
+        if not path.is_dir() or path.name == keep:
+            continue
+        if path.name.startswith(STAGING_PREFIX) or (SNAPSHOT_RE.match(path.name) and (path / PARAMETERS).exists()):
+            shutil.rmtree(path, ignore_errors=True)
+        elif SNAPSHOT_RE.match(path.name) and not any(path.iterdir()):
+            path.rmdir()
+
+
+# ---------------------------------------------------------------------------- loading
+def is_project(directory: str | os.PathLike) -> bool:
+    """True when ``directory`` holds a project manifest."""
+    return (Path(directory) / PROJECT_FILE).is_file()
+
+
+def load_project(directory: str | os.PathLike, *, verify: bool = True) -> Project:
+    """Reopen a project saved by :func:`save_project`.
+
+    Parameters
+    ----------
+    directory : path-like
+        The project folder (or its ``project.json``).
+    verify : bool
+        Check every file of the snapshot against the SHA-256 in the manifest (default).
+
+    Raises
+    ------
+    InputError
+        Naming the file: no manifest (not a project, or a save that never completed), a file of
+        the snapshot missing or changed since it was saved, an unreadable file.
+    """
+    import tifffile
+
+    directory = Path(directory).expanduser()
+    if directory.name == PROJECT_FILE:
+        directory = directory.parent
+    if not directory.is_dir():
+        raise InputError("project folder not found", directory)
+    manifest = _read_manifest(directory)
+    if manifest is None:
+        staged = any(p.name.startswith(STAGING_PREFIX) for p in directory.iterdir())
+        hint = " (an interrupted save left a staging folder; nothing was completed)" if staged else ""
+        raise InputError(f"not a napari-smsdl project: no {PROJECT_FILE}{hint}", directory)
+    if int(manifest.get("version", 0)) > FORMAT_VERSION:
+        raise InputError(f"project format version {manifest.get('version')} is newer than this napari-smsdl reads "
+                         f"({FORMAT_VERSION})", directory / PROJECT_FILE)
+    snap = directory / str(manifest["snapshot"])
+    files: dict = manifest.get("files", {})
+    for rel, info in files.items():
+        path = snap / rel
+        if not path.is_file():
+            raise InputError(f"project file missing (listed in {PROJECT_FILE})", path)
+        if path.stat().st_size != info.get("bytes"):
+            raise InputError("project file changed since it was saved (size differs)", path)
+        if verify and sha256_file(path) != info.get("sha256"):
+            raise InputError("project file changed since it was saved (SHA-256 differs)", path)
+
+    def read_json(rel: str, default=None):
+        if rel not in files:
+            return default
+        try:
+            return json.loads((snap / rel).read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise InputError(f"unreadable JSON ({exc})", snap / rel) from exc
+
+    def read_tiff(rel: str) -> np.ndarray | None:
+        if rel not in files:
+            return None
+        try:
+            return tifffile.imread(snap / rel)
+        except Exception as exc:  # noqa: BLE001 - tifffile raises several types
+            raise InputError(f"unreadable TIFF ({exc})", snap / rel) from exc
+
+    params = read_json(PARAMETERS)
+    if params is None:
+        raise InputError(f"project snapshot has no {PARAMETERS}", snap)
+    names = tuple(params["channel_names"])
+    lr = read_tiff(MSI_LR)
+    if lr is None:
+        raise InputError(f"project snapshot has no {MSI_LR}", snap)
+    lr = np.asarray(lr, np.float32).reshape(len(names), *np.shape(lr)[-2:])
+    sr = {}
+    for method in params["methods"]:
+        stack = read_tiff(sr_file(method))
+        if stack is None:
+            raise InputError(f"project snapshot has no {sr_file(method)}", snap)
+        sr[method] = np.asarray(stack, np.float32).reshape(len(names), *np.shape(stack)[-2:])
+    truth = read_tiff(TRUTH)
+    if truth is not None:
+        truth = np.asarray(truth, np.float32).reshape(len(names), *np.shape(truth)[-2:])
+    mask_hr = mask_lr = None
+    if MASKS in files:
+        with np.load(snap / MASKS, allow_pickle=False) as npz:
+            mask_hr = npz["mask_hr"] if "mask_hr" in npz else None
+            mask_lr = npz["mask_lr"] if "mask_lr" in npz else None
+    transform = None
+    if TRANSFORM in files:
+        from .registration import load_transform
+
+        transform = load_transform(snap / TRANSFORM)
+    landmarks = None
+    if LANDMARKS in files:
+        from .registration import read_landmarks_csv
+
+        landmarks = read_landmarks_csv(snap / LANDMARKS)
+    cache = directory / manifest.get("cache", {}).get("folder", CACHE_DIR)
+    return Project(
+        lr_msi=lr,
+        channel_names=names,
+        msi_pixel_size_um=float(params["msi_pixel_size_um"]),
+        he_pixel_size_um=float(params["he_pixel_size_um"]),
+        settings=settings_from_dict(params["settings"]),
+        sr=sr,
+        mz=None if params.get("mz") is None else tuple(float(m) for m in params["mz"]),
+        seconds={k: float(v) if v is not None else math.nan for k, v in params.get("seconds", {}).items()},
+        loss_history=read_json(LOSS_HISTORY, {}),
+        guide_rgb=read_tiff(GUIDE),
+        truth=truth,
+        mask_hr=mask_hr,
+        mask_lr=mask_lr,
+        metrics=_nan_metrics(read_json(METRICS_JSON)),
+        transform=transform,
+        landmarks=landmarks,
+        registration_report=read_json(REGISTRATION_REPORT),
+        inputs=tuple(InputRecord.from_dict(d) for d in manifest.get("inputs", [])),
+        weights_path=snap / WEIGHTS if WEIGHTS in files else None,
+        cache_dir=cache,
+        path=directory,
+        saved_at=manifest.get("saved_at"),
+    )
+
+
+def _nan_metrics(obj):
+    """JSON null (a NaN metric when saved) back to NaN."""
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_metrics(v) if v is not None else math.nan for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [math.nan if v is None else _nan_metrics(v) for v in obj]
+    return obj

@@ -1,0 +1,206 @@
+"""Project folders: exact round trip, input records, atomic saves (a crash never half-writes), checks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from napari_smsdl import project as proj
+from napari_smsdl.errors import InputError
+from napari_smsdl.pipeline import Reconstruction, Settings
+from napari_smsdl.project import (
+    PROJECT_FILE,
+    InputRecord,
+    Project,
+    input_records,
+    load_project,
+    save_project,
+    settings_from_dict,
+)
+
+NAMES = ("m/z 734.5694", "m/z 885.5499")
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A project with every part filled (results made cheaply; no training needed here)."""
+    import SimpleITK as sitk
+
+    from napari_smsdl.registration import LandmarkPairs
+
+    rng = np.random.default_rng(0)
+    lr = rng.uniform(1, 100, (2, 6, 5)).astype(np.float32)
+    lr[:, 0, 0] = np.nan
+    sr = {m: rng.uniform(0, 100, (2, 24, 20)).astype(np.float32) for m in ("smsdl", "bicubic", "cnn")}
+    settings = Settings.preset("fast", factor=4, seed=3)
+    recon = Reconstruction(
+        sr, {"smsdl": 1.5, "bicubic": 0.01, "cnn": 2.0}, rng.uniform(0, 1, (48, 40, 3)).astype(np.float32), None,
+        {"smsdl": [1.0, 0.5, 0.25], "cnn": []}, settings,
+    )
+    he = tmp_path / "inputs" / "he.png"
+    msi = tmp_path / "inputs" / "msi.imzML"
+    he.parent.mkdir()
+    he.write_bytes(b"fake png bytes")
+    msi.write_text("<imzML/>")
+    msi.with_suffix(".ibd").write_bytes(b"\0" * 32)
+    weights = tmp_path / "vit.pt"
+    weights.write_bytes(b"weights" * 100)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    np.savez(cache / "features-abc.npz", data=np.ones((3, 4, 4)))
+    affine = sitk.AffineTransform(2)
+    affine.SetMatrix((1.1, 0.05, -0.02, 0.95))
+    affine.SetTranslation((3.0, -2.5))
+    landmarks = LandmarkPairs(np.array([[1.0, 2.0], [30.0, 5.0], [12.0, 33.0]]), np.array([[0.1, 0.2], [3.0, 0.5], [1.2, 3.3]]))
+    p = Project.from_reconstruction(
+        recon, lr_msi=lr, channel_names=NAMES, msi_pixel_size_um=40.0, he_pixel_size_um=2.5, mz=(734.5694, 885.5499),
+        mask_lr=np.isfinite(lr[0]), transform=affine, landmarks=landmarks, registration_report={"final": "affine", "x": math.nan},
+        inputs=input_records(he_path=he, msi_path=msi), weights_path=weights, cache_dir=cache,
+    )
+    truth = rng.uniform(0, 100, (2, 24, 20)).astype(np.float32)
+    truth[:, :2] = 0
+    return p.with_truth(truth)
+
+
+def _assert_same(a: Project, b: Project) -> None:
+    np.testing.assert_array_equal(a.lr_msi, b.lr_msi)
+    assert a.sr.keys() == b.sr.keys()
+    for m in a.sr:
+        np.testing.assert_array_equal(a.sr[m], b.sr[m])
+        assert b.sr[m].dtype == np.float32
+    np.testing.assert_array_equal(a.truth, b.truth)
+    np.testing.assert_array_equal(a.mask_hr, b.mask_hr)
+    np.testing.assert_array_equal(a.mask_lr, b.mask_lr)
+    assert a.channel_names == b.channel_names and a.mz == b.mz
+    assert a.settings == b.settings
+    assert (a.msi_pixel_size_um, a.he_pixel_size_um, a.factor) == (b.msi_pixel_size_um, b.he_pixel_size_um, b.factor)
+    assert a.metrics.keys() == b.metrics.keys()
+    for m in a.metrics:
+        for metric in ("rmse", "ssim", "r2", "psnr"):
+            assert a.metrics[m][metric]["per_channel"] == pytest.approx(b.metrics[m][metric]["per_channel"])
+    assert a.loss_history == b.loss_history and a.seconds == b.seconds
+
+
+def test_round_trip_is_exact(project, tmp_path):
+    saved = save_project(tmp_path / "proj", project)
+    assert saved.path == tmp_path / "proj" and saved.saved_at
+    back = load_project(tmp_path / "proj")
+    _assert_same(project, back)
+    # the guide is kept as uint8 for display
+    assert back.guide_rgb.dtype == np.uint8 and back.guide_rgb.shape == (48, 40, 3)
+    np.testing.assert_allclose(back.guide_rgb / 255.0, project.guide_rgb, atol=0.5 / 255 + 1e-6)
+    # registration: transform, landmarks, report (NaN written as null)
+    assert back.transform.GetParameters() == pytest.approx(project.transform.GetParameters())
+    np.testing.assert_allclose(back.landmarks.he_rc, project.landmarks.he_rc)
+    assert back.registration_report["final"] == "affine" and back.registration_report["x"] is None
+    # weights and cache now live in the project
+    assert back.weights_path.read_bytes() == b"weights" * 100
+    assert back.weights_path.is_relative_to(tmp_path / "proj")
+    assert (back.cache_dir / "features-abc.npz").exists()
+    # metrics CSV beside the JSON, one row per method and channel plus the means
+    snapshot = back.weights_path.parents[1]
+    assert len((snapshot / "results" / "metrics.csv").read_text().splitlines()) == 1 + 3 * 3
+
+
+def test_input_records_detect_changes(project):
+    assert [r.role for r in project.inputs] == ["he", "msi", "msi_ibd"]
+    assert project.input_status() == {"he": "unchanged", "msi": "unchanged", "msi_ibd": "unchanged"}
+    he = project.input_path("he")
+    he.write_bytes(b"other png bytes")
+    project.input_path("msi_ibd").unlink()
+    assert project.input_status() == {"he": "changed", "msi": "unchanged", "msi_ibd": "missing"}
+    assert InputRecord.from_path("he", None).check() == "unknown"
+
+
+def test_second_save_replaces_the_snapshot(project, tmp_path):
+    folder = tmp_path / "proj"
+    (folder / "notes.txt").parent.mkdir()
+    (folder / "notes.txt").write_text("mine")  # a user's file is never touched
+    save_project(folder, project)
+    changed = project.with_truth(project.truth * 2)
+    save_project(folder, changed)
+    snapshots = sorted(p.name for p in folder.iterdir() if p.name.startswith("save-"))
+    assert snapshots == ["save-0002"]
+    assert json.loads((folder / PROJECT_FILE).read_text())["snapshot"] == "save-0002"
+    np.testing.assert_array_equal(load_project(folder).truth, changed.truth)
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_a_crash_during_save_leaves_the_previous_project(project, tmp_path, monkeypatch):
+    folder = tmp_path / "proj"
+    save_project(folder, project)
+    manifest_before = (folder / PROJECT_FILE).read_text()
+    real_write = proj._write_snapshot
+
+    def crash(stage, p):
+        real_write(stage, p)  # every file written ...
+        raise OSError("disk full")  # ... then the save dies before the snapshot is put in place
+
+    monkeypatch.setattr(proj, "_write_snapshot", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_project(folder, project.with_truth(project.truth * 3))
+    monkeypatch.undo()
+    assert (folder / PROJECT_FILE).read_text() == manifest_before
+    _assert_same(project, load_project(folder))
+    # a hard kill leaves staging and an unreferenced snapshot behind: still the old project
+    (folder / ".staging-save-0009-1").mkdir()
+    (folder / ".staging-save-0009-1" / "parameters.json").write_text("{")
+    (folder / "save-0008").mkdir()
+    (folder / "save-0008" / "parameters.json").write_text("{")
+    _assert_same(project, load_project(folder))
+    save_project(folder, project)  # the next save cleans them up
+    assert sorted(p.name for p in folder.iterdir()) == ["cache", PROJECT_FILE, "save-0009"]
+
+
+def test_changed_or_missing_files_are_reported(project, tmp_path):
+    folder = tmp_path / "proj"
+    saved = save_project(folder, project)
+    sr = saved.weights_path.parents[1] / "results" / "sr_cnn.ome.tif"
+    data = bytearray(sr.read_bytes())
+    data[-1] ^= 0xFF
+    sr.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"sr_cnn\.ome\.tif: project file changed since it was saved \(SHA-256"):
+        load_project(folder)
+    sr.unlink()
+    with pytest.raises(InputError, match="sr_cnn.ome.tif: project file missing"):
+        load_project(folder)
+
+
+def test_not_a_project(tmp_path):
+    with pytest.raises(InputError, match="no project.json"):
+        load_project(tmp_path)
+    (tmp_path / ".staging-save-0001-5").mkdir()
+    with pytest.raises(InputError, match="interrupted save"):
+        load_project(tmp_path)
+    (tmp_path / PROJECT_FILE).write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(InputError, match="not a napari-smsdl project manifest"):
+        load_project(tmp_path)
+    with pytest.raises(InputError, match="project folder not found"):
+        load_project(tmp_path / "nowhere")
+
+
+def test_settings_round_trip_through_dict():
+    s = Settings.preset("fast", factor=8, seed=5, cnn_iterations=7)
+    assert settings_from_dict(s.to_dict()) == s
+    assert settings_from_dict({**s.to_dict(), "future_option": 1}) == s
+
+
+def test_real_reconstruction_round_trip(tmp_path):
+    """A real (bicubic-only, so quick) reconstruction of the sample survives save and reopen."""
+    from napari_smsdl.pipeline import reconstruct
+    from napari_smsdl.sample import make_sample
+
+    s = make_sample()
+    recon = reconstruct(s.msi, s.he_rgb, he_pixel_size_um=2.5, msi_pixel_size_um=40.0,
+                        settings=Settings.preset("fast", factor=4), methods=["bicubic"])
+    p = Project.from_reconstruction(recon, lr_msi=s.msi, channel_names=s.channel_names, msi_pixel_size_um=40.0,
+                                    he_pixel_size_um=2.5, mz=s.mz).with_truth(s.ground_truth, s.mask_hr)
+    save_project(tmp_path / "p", p)
+    back = load_project(tmp_path / "p")
+    _assert_same(p, back)
+    assert back.sr_pixel_size_um == 10.0 and back.sr["bicubic"].shape == (5, 128, 128)
+    assert back.metrics["bicubic"]["ssim"]["mean"] == pytest.approx(p.metrics["bicubic"]["ssim"]["mean"])
+    assert back.transform is None and back.landmarks is None and back.weights_path is None
