@@ -1,0 +1,224 @@
+"""Qt-free helpers behind the Train and Compare widgets: grid placement, pixel look-ups, differences,
+shared contrast limits, tissue segments.
+
+World coordinates are napari's, in µm, (row, col) order. The reader's convention places a grid of
+pixel size ``s`` with ``scale = s`` and ``translate = s/2`` (top-left corner at 0 µm); here the
+MSI layer's actual ``scale``/``translate`` are taken as given, so everything follows the MSI
+wherever it sits. MSI pixel (i, j) covers exactly the SR cells [i·F, (i+1)·F) × [j·F, (j+1)·F).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+#: Display labels of the methods (and of the ground truth and the measured MSI).
+METHOD_LABELS = {"lr": "LR", "truth": "ground truth", "smsdl": "SMSDL", "bicubic": "BI", "cnn": "CNN"}
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def channel_label(index: int, channel_names: Sequence[str], mz: Sequence[float] | None = None) -> str:
+    """A short label for a channel: ``"m/z 885.5499"`` when the m/z is known, else its name."""
+    if mz is not None and index < len(mz) and mz[index] is not None:
+        return f"m/z {float(mz[index]):.4f}"
+    return str(channel_names[index])
+
+
+# ---------------------------------------------------------------------------- placement
+def refined_placement(msi_scale_rc: Sequence[float], msi_translate_rc: Sequence[float], refine: float) -> dict:
+    """napari ``scale``/``translate`` (row, col) of the MSI grid refined ``refine`` times.
+
+    The refined grid covers the same area: its pixel (0, 0) shares the top-left corner of MSI
+    pixel (0, 0), so pixel centres sit at ``corner + (k + 1/2) · s / refine``.
+    """
+    s = np.asarray(msi_scale_rc, float)[-2:]
+    t = np.asarray(msi_translate_rc, float)[-2:]
+    fine = s / float(refine)
+    return {"scale": tuple(fine.tolist()), "translate": tuple((t - s / 2 + fine / 2).tolist())}
+
+
+def placement_transform(
+    *,
+    msi_scale_rc: Sequence[float],
+    msi_translate_rc: Sequence[float],
+    msi_pixel_size_um: float,
+    he_scale_rc: Sequence[float],
+    he_translate_rc: Sequence[float],
+    he_pixel_size_um: float,
+):
+    """The MSI → H&E transform implied by where the two layers sit in the viewer.
+
+    Returns a SimpleITK ``AffineTransform`` from MSI physical (x, y) µm (origin at the centre of
+    MSI pixel (0, 0)) to H&E physical (x, y) µm (origin at the centre of H&E pixel (0, 0)), the
+    convention of :mod:`napari_smsdl.registration`: what you see overlaid is what is used.
+    """
+    import SimpleITK as sitk
+
+    sm, tm = np.asarray(msi_scale_rc, float)[-2:], np.asarray(msi_translate_rc, float)[-2:]
+    sh, th = np.asarray(he_scale_rc, float)[-2:], np.asarray(he_translate_rc, float)[-2:]
+    # per axis a: he_phys = p_h / s_h · (t_m + s_m / p_m · msi_phys − t_h)
+    gain_rc = he_pixel_size_um / sh * sm / msi_pixel_size_um
+    offset_rc = he_pixel_size_um / sh * (tm - th)
+    transform = sitk.AffineTransform(2)
+    transform.SetMatrix((float(gain_rc[1]), 0.0, 0.0, float(gain_rc[0])))
+    transform.SetTranslation((float(offset_rc[1]), float(offset_rc[0])))
+    return transform
+
+
+@dataclass(frozen=True)
+class PixelHit:
+    """Where a world point falls: SR cell (row, col), the MSI pixel it came from, the point in µm."""
+
+    sr_rc: tuple[int, int]
+    lr_rc: tuple[int, int]
+    world_rc_um: tuple[float, float]
+
+
+def locate_pixel(
+    world_rc_um: Sequence[float],
+    *,
+    msi_scale_rc: Sequence[float],
+    msi_translate_rc: Sequence[float],
+    lr_shape_rc: Sequence[int],
+    factor: int,
+) -> PixelHit | None:
+    """The SR cell and MSI pixel under a world point (µm), or None outside the MSI field of view."""
+    s = np.asarray(msi_scale_rc, float)[-2:]
+    t = np.asarray(msi_translate_rc, float)[-2:]
+    pos = np.asarray(world_rc_um, float)[-2:]
+    corner = t - s / 2
+    sr = np.floor((pos - corner) / (s / factor)).astype(int)
+    rows, cols = int(lr_shape_rc[0]) * factor, int(lr_shape_rc[1]) * factor
+    if not (0 <= sr[0] < rows and 0 <= sr[1] < cols):
+        return None
+    return PixelHit((int(sr[0]), int(sr[1])), (int(sr[0] // factor), int(sr[1] // factor)), (float(pos[0]), float(pos[1])))
+
+
+def pixel_values(project, hit: PixelHit, channels: Sequence[int] | None = None) -> dict[str, list[float]]:
+    """Values at one SR cell: ``{"lr": [...], "truth": [...], method: [...]}`` per channel.
+
+    ``lr`` is the measured MSI pixel the cell came from (NaN when not acquired); ``truth`` is
+    present only when the project has a ground truth.
+    """
+    chans = list(range(len(project.channel_names))) if channels is None else [int(c) for c in channels]
+    r, c = hit.sr_rc
+    i, j = hit.lr_rc
+    out = {"lr": [float(project.lr_msi[k, i, j]) for k in chans]}
+    if project.truth is not None:
+        out["truth"] = [float(project.truth[k, r, c]) for k in chans]
+    for method, stack in project.sr.items():
+        out[method] = [float(stack[k, r, c]) for k in chans]
+    return out
+
+
+# ---------------------------------------------------------------------------- differences and limits
+def difference_stacks(project, reference: str = "truth") -> dict[str, np.ndarray]:
+    """Method − reference stacks (C, rows, cols) for every other method.
+
+    ``reference`` is ``"truth"`` (needs a ground truth) or a method name such as ``"bicubic"``.
+    """
+    if reference == "truth":
+        if project.truth is None:
+            raise InputError("no ground truth to take differences against; pick BI as the reference")
+        ref = project.truth
+    elif reference in project.sr:
+        ref = project.sr[reference]
+    else:
+        raise InputError(f"reference {reference!r} is not one of {['truth', *project.sr]}")
+    return {m: (s - ref).astype(np.float32) for m, s in project.sr.items() if m != reference}
+
+
+def shared_limits(images: Sequence[np.ndarray], *, mask: np.ndarray | None = None, symmetric: bool = False,
+                  percentile: float = 99.5) -> tuple[float, float]:
+    """Contrast limits shared by images shown side by side: robust range of the first image.
+
+    The first image is the reference (the ground truth when there is one, else SMSDL), so every
+    method is seen on the same scale and brightness differences are real. ``symmetric`` gives
+    ``(-a, a)`` with ``a`` the percentile of |values| (difference maps).
+    """
+    ref = np.asarray(images[0], float)
+    values = ref[mask] if mask is not None and mask.shape == ref.shape else ref.ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return (-1.0, 1.0) if symmetric else (0.0, 1.0)
+    if symmetric:
+        a = float(np.percentile(np.abs(values), percentile))
+        a = a if a > 0 else 1.0
+        return -a, a
+    lo = float(min(0.0, np.percentile(values, 100 - percentile)))
+    hi = float(np.percentile(values, percentile))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def tissue_mask_sr(project) -> np.ndarray:
+    """Tissue on the SR grid: the project's ``mask_hr``, else the MSI tissue mask upsampled by F."""
+    if project.mask_hr is not None:
+        return np.asarray(project.mask_hr, bool)
+    lr = project.lr_msi
+    mask_lr = project.mask_lr if project.mask_lr is not None else np.isfinite(lr).all(0) & (np.nan_to_num(lr) != 0).any(0)
+    f = project.factor
+    return np.repeat(np.repeat(np.asarray(mask_lr, bool), f, axis=0), f, axis=1)
+
+
+# ---------------------------------------------------------------------------- segments
+def cluster_segments(stack: np.ndarray, *, n_segments: int, mask: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """Tissue segments of an SR stack by k-means (``scipy.cluster.vq.kmeans2``) on its channels.
+
+    Each channel is standardised over the tissue pixels, so every m/z weighs the same.
+
+    Parameters
+    ----------
+    stack : (C, rows, cols)
+    n_segments : int
+        k, from 2 to 32.
+    mask : (rows, cols) bool, optional
+        Pixels to segment (default: finite in every channel).
+    seed : int
+
+    Returns
+    -------
+    (rows, cols) int32 labels: 0 outside the mask, 1..k inside, 1 the largest segment.
+    """
+    from scipy.cluster.vq import kmeans2
+
+    data = np.asarray(stack, float)
+    if data.ndim == 2:
+        data = data[None]
+    if not 2 <= int(n_segments) <= 32:
+        raise InputError(f"number of segments must be from 2 to 32, got {n_segments}")
+    if mask is None:
+        mask = np.isfinite(data).all(0)
+    mask = np.asarray(mask, bool) & np.isfinite(data).all(0)
+    if mask.sum() < n_segments:
+        raise InputError(f"only {int(mask.sum())} tissue pixels for {n_segments} segments")
+    x = data[:, mask].T
+    x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+    _, labels = kmeans2(x, int(n_segments), minit="++", seed=np.random.default_rng(seed))
+    counts = np.bincount(labels, minlength=int(n_segments))
+    rank = np.empty_like(counts)
+    rank[np.argsort(-counts, kind="stable")] = np.arange(len(counts))
+    out = np.zeros(mask.shape, np.int32)
+    out[mask] = rank[labels] + 1
+    return out
+
+
+# ---------------------------------------------------------------------------- metrics table
+def metrics_rows(metrics: dict, channel_names: Sequence[str], channels: Sequence[int] | None = None,
+                 columns: Sequence[str] = ("rmse", "ssim", "r2", "psnr")) -> list[tuple]:
+    """Table rows ``(method label, channel label, *values)``: the chosen channels, then the mean."""
+    chans = list(range(len(channel_names))) if channels is None else list(channels)
+    rows = []
+    for method, scores in metrics.items():
+        if not isinstance(scores, dict) or not all(isinstance(scores.get(m), dict) for m in columns):
+            continue
+        for c in chans:
+            rows.append((method_label(method), str(channel_names[c]), *(float(scores[m]["per_channel"][c]) for m in columns)))
+        rows.append((method_label(method), "mean (all channels)", *(float(scores[m]["mean"]) for m in columns)))
+    return rows

@@ -1,0 +1,105 @@
+"""Compare helpers: placement in µm, pixel look-ups, differences, limits, segments (headless)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_smsdl.comparison import (
+    channel_label,
+    cluster_segments,
+    difference_stacks,
+    locate_pixel,
+    metrics_rows,
+    pixel_values,
+    placement_transform,
+    refined_placement,
+    shared_limits,
+    tissue_mask_sr,
+)
+from napari_smsdl.errors import InputError
+from napari_smsdl.pipeline import Reconstruction, Settings
+from napari_smsdl.project import Project
+
+
+@pytest.fixture
+def project():
+    rng = np.random.default_rng(0)
+    lr = rng.uniform(1, 10, (2, 4, 3)).astype(np.float32)
+    sr = {m: rng.uniform(0, 10, (2, 16, 12)).astype(np.float32) for m in ("smsdl", "bicubic")}
+    recon = Reconstruction(sr, {}, np.zeros((32, 24, 3), np.float32), None, {}, Settings(factor=4))
+    p = Project.from_reconstruction(recon, lr_msi=lr, channel_names=("a", "b"), msi_pixel_size_um=40.0,
+                                    he_pixel_size_um=2.5, mz=(700.1, 800.2))
+    return p.with_truth(rng.uniform(1, 10, (2, 16, 12)))
+
+
+def test_sr_layers_share_pixel_corners_with_the_msi():
+    place = refined_placement((40.0, 40.0), (20.0, 20.0), 4)
+    assert place == {"scale": (10.0, 10.0), "translate": (5.0, 5.0)}
+    # an MSI shifted in the viewer: the SR grid follows it
+    place = refined_placement((1, 40.0, 40.0), (0, 120.0, -20.0), 8)
+    np.testing.assert_allclose(place["translate"], (102.5, -37.5))
+
+
+def test_placement_transform_matches_same_field_of_view():
+    from napari_smsdl.registration import same_field_of_view_transform
+
+    t = placement_transform(msi_scale_rc=(40, 40), msi_translate_rc=(20, 20), msi_pixel_size_um=40,
+                            he_scale_rc=(2.5, 2.5), he_translate_rc=(1.25, 1.25), he_pixel_size_um=2.5)
+    ref = same_field_of_view_transform((32, 32), 40.0, (512, 512), 2.5)
+    for point in [(0.0, 0.0), (400.0, 120.0), (1240.0, 1240.0)]:
+        np.testing.assert_allclose(t.TransformPoint(point), ref.TransformPoint(point), atol=1e-9)
+    # the H&E moved 100 µm right in the viewer: MSI (0, 0) now lands 100 µm further left in the H&E
+    moved = placement_transform(msi_scale_rc=(40, 40), msi_translate_rc=(20, 20), msi_pixel_size_um=40,
+                                he_scale_rc=(2.5, 2.5), he_translate_rc=(1.25, 101.25), he_pixel_size_um=2.5)
+    np.testing.assert_allclose(moved.TransformPoint((0.0, 0.0)), (18.75 - 100.0, 18.75))
+
+
+def test_locate_pixel_and_values(project):
+    kw = {"msi_scale_rc": (40.0, 40.0), "msi_translate_rc": (20.0, 20.0), "lr_shape_rc": (4, 3), "factor": 4}
+    hit = locate_pixel((45.0, 119.0), **kw)  # µm: SR row 4, col 11 → MSI pixel (1, 2)
+    assert hit.sr_rc == (4, 11) and hit.lr_rc == (1, 2)
+    assert locate_pixel((-1.0, 10.0), **kw) is None and locate_pixel((10.0, 120.0), **kw) is None
+    values = pixel_values(project, hit)
+    assert values["lr"] == [pytest.approx(project.lr_msi[c, 1, 2]) for c in (0, 1)]
+    assert values["smsdl"][1] == pytest.approx(project.sr["smsdl"][1, 4, 11])
+    assert values["truth"][0] == pytest.approx(project.truth[0, 4, 11])
+    assert list(pixel_values(project, hit, channels=[1])) == ["lr", "truth", "smsdl", "bicubic"]
+
+
+def test_differences_and_limits(project):
+    diffs = difference_stacks(project, "truth")
+    np.testing.assert_allclose(diffs["bicubic"], project.sr["bicubic"] - project.truth)
+    assert set(difference_stacks(project, "bicubic")) == {"smsdl"}
+    with pytest.raises(InputError, match="not one of"):
+        difference_stacks(project, "cnn")
+    lo, hi = shared_limits([np.array([[0.0, 5.0], [10.0, np.nan]])], percentile=100)
+    assert (lo, hi) == (0.0, 10.0)
+    assert shared_limits([np.array([-3.0, 1.0, 2.0])], symmetric=True, percentile=100) == (-3.0, 3.0)
+    assert tissue_mask_sr(project).shape == (16, 12)
+
+
+def test_segments_find_planted_regions():
+    rng = np.random.default_rng(1)
+    labels_true = np.zeros((30, 30), int)
+    labels_true[:, 10:20] = 1
+    labels_true[:, 20:] = 2
+    centres = np.array([[0.0, 5.0, 1.0], [5.0, 0.0, 1.0], [2.0, 2.0, 8.0]])
+    stack = centres[labels_true].transpose(2, 0, 1) + rng.normal(0, 0.3, (3, 30, 30))
+    mask = np.ones((30, 30), bool)
+    mask[:3] = False
+    seg = cluster_segments(stack, n_segments=3, mask=mask, seed=0)
+    assert seg[~mask].max() == 0 and set(np.unique(seg[mask])) == {1, 2, 3}
+    for k in range(3):  # each planted region is one segment
+        assert len(np.unique(seg[mask & (labels_true == k)])) == 1
+    np.testing.assert_array_equal(seg, cluster_segments(stack, n_segments=3, mask=mask, seed=0))
+    with pytest.raises(InputError, match="from 2 to 32"):
+        cluster_segments(stack, n_segments=1)
+
+
+def test_metrics_rows_and_labels(project):
+    rows = metrics_rows(project.metrics, project.channel_names, channels=[1])
+    assert [r[:2] for r in rows] == [("SMSDL", "b"), ("SMSDL", "mean (all channels)"), ("BI", "b"), ("BI", "mean (all channels)")]
+    assert rows[0][3] == project.metrics["smsdl"]["ssim"]["per_channel"][1]
+    assert channel_label(1, project.channel_names, project.mz) == "m/z 800.2000"
+    assert channel_label(0, project.channel_names) == "a"
