@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Cancelled, InputError
+from .torch_setup import get_device
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +90,6 @@ def _sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(2**20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _device(device: str = "auto"):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def make_vit(params: FeatureParams):
@@ -324,7 +317,7 @@ def extract_features(
             return FeatureMaps(npz["data"], tuple(npz["names"]), json.loads(str(npz["ssl_losses"])), 0.0, from_cache=True)
 
     torch.manual_seed(params.seed)
-    dev = _device(device)
+    dev = get_device(device)
     vits = {level: make_vit(params).to(dev) for level in LEVELS}
     for vit in vits.values():
         vit.eval()

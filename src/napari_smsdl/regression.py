@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import Cancelled, InputError
+from .torch_setup import get_device
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def train_regression(
         inputs.append((np.nan_to_num(bicubic) / scale[:, None, None]).reshape(n_ch, -1).astype(np.float32))
     x_np = np.concatenate(inputs).T  # (N_sr, D')
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = get_device(device)
     x = torch.from_numpy(x_np).to(dev)
     # SR cells of every training MSI pixel: (n_pixels, F*F) flat indices into the SR grid
     pix_r, pix_c = np.nonzero(mask_lr)

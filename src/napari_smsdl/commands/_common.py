@@ -67,6 +67,8 @@ def add_method_args(parser) -> None:
     parser.add_argument("--msi-pixel-size", type=float, default=None, help="MSI pixel size in µm")
     parser.add_argument("--seed", type=int, default=0, help="seed for every random part (default 0)")
     parser.add_argument("--cnn-iterations", type=int, default=None, help="CNN iterations (default: the preset's)")
+    parser.add_argument("--ssl-steps", type=int, default=None, help="self-supervised ViT steps per level (default: the preset's)")
+    parser.add_argument("--regression-steps", type=int, default=None, help="SMSDL regression steps (default: the preset's)")
     parser.add_argument("--checkpoint", default=None, help="local ViT weights to use instead of self-supervised training")
     parser.add_argument("--cache-dir", default=None, help="feature cache folder (default OUTDIR/cache)")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
@@ -80,6 +82,12 @@ def settings_from_args(args):
     settings = Settings.preset("fast" if args.fast else "default", factor=args.factor, seed=args.seed, device=args.device)
     if args.cnn_iterations:
         settings = dataclasses.replace(settings, cnn_iterations=args.cnn_iterations)
+    if args.ssl_steps is not None:
+        settings = dataclasses.replace(settings, features=dataclasses.replace(settings.features, ssl_steps=args.ssl_steps))
+    if args.regression_steps is not None:
+        settings = dataclasses.replace(
+            settings, regression=dataclasses.replace(settings.regression, steps=args.regression_steps)
+        )
     if args.checkpoint:
         settings = dataclasses.replace(settings, features=dataclasses.replace(settings.features, checkpoint=args.checkpoint))
     return settings
