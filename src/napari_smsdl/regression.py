@@ -46,7 +46,7 @@ class RegressionParams:
     seed: int = 0
 
 
-FAST_REGRESSION = RegressionParams(hidden=96, steps=200, restarts=2, pca_dims=32)
+FAST_REGRESSION = RegressionParams(hidden=96, steps=200, restarts=3, pca_dims=32)
 
 
 @dataclass(frozen=True)
