@@ -72,6 +72,38 @@ def placement_transform(
     return transform
 
 
+def he_level_for_guide(level_rows: Sequence[int], level0_pixel_size_um: float, sr_pixel_size_um: float,
+                       max_cell_px: int) -> int:
+    """The coarsest H&E pyramid level still fine enough for the guide image.
+
+    The guide samples each SR cell with up to ``max_cell_px`` × ``max_cell_px`` H&E pixels, so a level
+    whose pixel size is ≤ SR pixel / ``max_cell_px`` loses nothing; level 0 when none is coarse enough.
+    """
+    rows0 = float(level_rows[0])
+    best = 0
+    for k, rows in enumerate(level_rows):
+        if level0_pixel_size_um * rows0 / rows <= sr_pixel_size_um / max(1, max_cell_px) * 1.0001:
+            best = k
+    return best
+
+
+def transform_to_level(transform, *, level0_pixel_size_um: float, scale: float):
+    """An MSI → H&E level-0 transform re-expressed for a pyramid level ``scale`` times smaller.
+
+    Level pixel (0, 0) is centred on level-0 pixel ``(1/scale − 1)/2``, so the level's physical
+    space (µm, origin at its pixel (0, 0) centre) is level-0 space shifted by that many level-0 pixels.
+    """
+    import SimpleITK as sitk
+
+    if scale == 1.0:
+        return transform
+    offset = (1.0 / scale - 1.0) / 2.0 * level0_pixel_size_um
+    composite = sitk.CompositeTransform(2)
+    composite.AddTransform(sitk.TranslationTransform(2, (-offset, -offset)))  # applied last
+    composite.AddTransform(transform)  # applied first
+    return composite
+
+
 @dataclass(frozen=True)
 class PixelHit:
     """Where a world point falls: SR cell (row, col), the MSI pixel it came from, the point in µm."""

@@ -2,7 +2,8 @@
 
 * :func:`write_tiff_stack`: float32 OME-TIFF stacks with physical pixel size and channel names;
 * :func:`write_sr_imzml`: an SR stack as a continuous imzML at the SR pixel size;
-* :func:`write_metrics_csv`: per-method, per-channel scores as CSV.
+* :func:`write_metrics_csv`: per-method, per-channel scores as CSV;
+* :func:`export_results`: all of them (and the comparison figure) for a reconstruction.
 """
 
 from __future__ import annotations
@@ -162,3 +163,62 @@ def _num(scores: dict, metric: str, channel: int | None) -> str:
         return ""
     value = entry["mean"] if channel is None else entry["per_channel"][channel]
     return repr(float(value))
+
+
+#: What :func:`export_results` can write.
+EXPORT_FORMATS = ("ome-tiff", "imzml", "csv", "png")
+
+
+def export_results(project, outdir: str | os.PathLike, *, formats: Sequence[str] = EXPORT_FORMATS) -> dict[str, Path]:
+    """Write a reconstruction's results into ``outdir`` in the chosen formats.
+
+    Parameters
+    ----------
+    project : napari_smsdl.project.Project
+        The reconstruction (its SR stacks, channel names, m/z, pixel sizes, ground truth, metrics).
+    outdir : path-like
+        Created if needed.
+    formats : sequence of str
+        Any of ``"ome-tiff"`` (``sr_<method>.ome.tif``, plus ``ground_truth.ome.tif`` when there is
+        one), ``"imzml"`` (``sr_<method>.imzML`` + ``.ibd``, continuous, at the SR pixel size; needs
+        m/z channels), ``"csv"`` (``metrics.csv``; needs a ground truth) and ``"png"``
+        (``figure.png``: LR, ground truth, methods and error maps per channel).
+
+    Returns
+    -------
+    dict
+        Name → path of every file written.
+    """
+    from .errors import InputError
+    from .figures import comparison_figure
+
+    unknown = set(formats) - set(EXPORT_FORMATS)
+    if unknown:
+        raise InputError(f"unknown export format(s) {sorted(unknown)}; choose from {list(EXPORT_FORMATS)}")
+    if "imzml" in formats and project.mz is None:
+        raise InputError("imzML export needs one m/z per channel; these channels are not m/z windows")
+    if "csv" in formats and not project.metrics:
+        raise InputError("no metrics to export: choose a ground truth in Compare first")
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(project.channel_names)
+    sr_px = project.sr_pixel_size_um
+    written: dict[str, Path] = {}
+    if "ome-tiff" in formats:
+        for method, stack in project.sr.items():
+            written[f"{method}.ome.tif"] = write_tiff_stack(out / f"sr_{method}.ome.tif", stack, channel_names=names,
+                                                            pixel_size_um=sr_px)
+        if project.truth is not None:
+            written["ground_truth.ome.tif"] = write_tiff_stack(out / "ground_truth.ome.tif", project.truth,
+                                                               channel_names=names, pixel_size_um=sr_px)
+    if "imzml" in formats:
+        for method, stack in project.sr.items():
+            written[f"{method}.imzML"] = write_sr_imzml(out / f"sr_{method}.imzML", stack, project.mz, sr_px)
+    if "csv" in formats:
+        written["metrics.csv"] = write_metrics_csv(out / "metrics.csv", project.metrics, channel_names=names)
+    if "png" in formats:
+        written["figure.png"] = comparison_figure(
+            out / "figure.png", project.sr, truth=project.truth, mask=project.mask_hr, channel_names=names,
+            lr=project.lr_msi,
+        )
+    return written

@@ -676,3 +676,59 @@ def _nan_metrics(obj):
     if isinstance(obj, list):
         return [math.nan if v is None else _nan_metrics(v) for v in obj]
     return obj
+
+
+# ---------------------------------------------------------------------------- running
+#: napari layers carry the :class:`Project` of their last reconstruction under this metadata key.
+LAYER_METADATA_KEY = "smsdl_project"
+
+
+def reconstruct_project(
+    lr_msi: np.ndarray,
+    he_rgb: np.ndarray,
+    *,
+    channel_names: Sequence[str],
+    msi_pixel_size_um: float,
+    he_pixel_size_um: float,
+    settings: Settings,
+    methods: Sequence[str] = ("smsdl", "bicubic", "cnn"),
+    mz: Sequence[float] | None = None,
+    transform=None,
+    landmarks=None,
+    registration_report: dict | None = None,
+    inputs: Sequence[InputRecord] = (),
+    mask_lr: np.ndarray | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    weights_path: str | os.PathLike | None = None,
+    progress=None,
+    should_stop=None,
+    on_loss=None,
+) -> Project:
+    """Run :func:`napari_smsdl.pipeline.reconstruct` and wrap its output and inputs as a :class:`Project`.
+
+    ``lr_msi`` is (C, h, w) with NaN where not acquired; ``transform`` maps MSI physical µm to H&E
+    physical µm (None: the H&E covers the MSI field of view). The trained ViT weights are written to
+    ``weights_path`` when SMSDL runs with self-supervised training. ``progress``, ``should_stop`` and
+    ``on_loss`` are passed through (the job raises :class:`~napari_smsdl.errors.Cancelled` when
+    ``should_stop()`` returns True).
+    """
+    from .pipeline import reconstruct
+
+    methods = [str(getattr(m, "value", m)) for m in methods]
+    if not methods:
+        raise InputError("no method chosen: pick SMSDL and/or a baseline")
+    train_vit = "smsdl" in methods and not settings.features.checkpoint and settings.features.ssl_steps > 0
+    save_weights = weights_path if (weights_path is not None and train_vit) else None
+    if save_weights is not None:
+        Path(save_weights).parent.mkdir(parents=True, exist_ok=True)
+    recon = reconstruct(
+        lr_msi, he_rgb, he_pixel_size_um=he_pixel_size_um, msi_pixel_size_um=msi_pixel_size_um, settings=settings,
+        methods=methods, transform=transform, mask_lr=mask_lr, cache_dir=cache_dir, save_weights=save_weights,
+        progress=progress, should_stop=should_stop, on_loss=on_loss,
+    )
+    weights = save_weights if save_weights is not None and Path(save_weights).is_file() else None
+    return Project.from_reconstruction(
+        recon, lr_msi=lr_msi, channel_names=channel_names, msi_pixel_size_um=msi_pixel_size_um,
+        he_pixel_size_um=he_pixel_size_um, mz=mz, mask_lr=mask_lr, transform=transform, landmarks=landmarks,
+        registration_report=registration_report, inputs=inputs, weights_path=weights, cache_dir=cache_dir,
+    )

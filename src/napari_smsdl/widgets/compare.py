@@ -1,0 +1,608 @@
+"""The **Compare** dock widget: SMSDL, BI, CNN (and the ground truth) side by side, in µm.
+
+An adapter only: the reconstruction is the :class:`~napari_smsdl.project.Project` the Train widget
+(or a reopened project) left on the MSI layer's ``metadata["smsdl_project"]``; the maths is in
+:mod:`napari_smsdl.comparison` (placement, pixel look-up, differences, limits, segments) and
+:mod:`napari_smsdl.metrics` (through :meth:`Project.with_truth`).
+
+For each chosen channel it adds one 2-D layer per column: the measured MSI (LR), the ground truth
+when there is one, and every method, all with the same colormap and linked contrast limits, placed
+in µm over the registered H&E (scale = MSI pixel / F, pixel corners shared with the MSI). Grid view
+puts one channel per row; difference maps (method − ground truth, or − BI) use a diverging
+colormap with symmetric limits. Clicking the canvas lists, for the pixel under the cursor, the
+value of every method and of the LR pixel it came from. k-means segments of an SR stack become a
+Labels layer.
+
+Every action is a method with explicit arguments::
+
+    w = CompareWidget(viewer)
+    w.show_results(channels=[0, 1], truth="sample ground truth (10 µm)")
+    w.set_grid(True)
+    w.inspect_pixel((105.0, 233.0))      # world (row, col) in µm
+    w.segment(4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton, Select, SpinBox
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+
+from ..comparison import (
+    PixelHit,
+    channel_label,
+    cluster_segments,
+    difference_stacks,
+    locate_pixel,
+    method_label,
+    metrics_rows,
+    pixel_values,
+    refined_placement,
+    shared_limits,
+    tissue_mask_sr,
+)
+from ..errors import InputError, SmsdlError
+from ..project import LAYER_METADATA_KEY, Project
+
+if TYPE_CHECKING:
+    import napari
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "compare: "
+GUIDE_NAME = PREFIX + "H&E (registered, SR grid)"
+PICK_NAME = PREFIX + "picked pixel"
+COLORMAP = "magma"
+DIFF_COLORMAP = "RdBu_r"
+FROM_PROJECT = "project"
+
+TOOLTIPS = {
+    "source": "The MSI layer whose reconstruction (from Train, or a reopened project) is shown.",
+    "channels": "Channels (m/z) to show: one row of layers each.",
+    "truth": "A ground-truth stack on the SR grid (e.g. the sample's), to score the methods against.",
+    "show": "Add the comparison layers (existing ones are replaced).",
+    "grid": "Grid view: one channel per row, one method per column.",
+    "differences": "Add difference maps: method − reference, diverging colours, symmetric limits.",
+    "reference": "Reference of the difference maps.",
+    "n_segments": "Number of tissue segments (k-means on the SR stack's channels).",
+    "segment_method": "Which SR stack to segment.",
+    "segment": "Cluster the SR stack into tissue segments (a Labels layer).",
+    "pixel": "Click a pixel on the canvas: values of every method and of its LR pixel.",
+}
+
+METRIC_COLUMNS = ("rmse", "ssim", "r2", "psnr")
+METRIC_HEADERS = ("method", "channel", "RMSE", "SSIM", "R²", "PSNR (dB)")
+
+
+def _last2(values: Sequence[float]) -> np.ndarray:
+    return np.asarray(values, float)[-2:]
+
+
+def _fmt(value: float) -> str:
+    if value is None or not np.isfinite(value):
+        return "—"
+    return f"{value:.4g}"
+
+
+def truth_from_layer(layer, project: Project) -> np.ndarray:
+    """The ground-truth stack of ``layer`` for the project's channels, on the SR grid (no Qt).
+
+    Channels are matched by name (``metadata["channel_names"]``); without names the layer must
+    have exactly the project's channels.
+    """
+    data = np.asarray(layer.data[0] if layer.multiscale else layer.data, np.float32)
+    if data.ndim == 2:
+        data = data[None]
+    names = list(layer.metadata.get("channel_names") or [])
+    if all(n in names for n in project.channel_names):
+        data = data[[names.index(n) for n in project.channel_names]]
+    elif len(data) != len(project.channel_names):
+        raise InputError(f"ground truth layer {layer.name!r} has {len(data)} channels and none of the names "
+                         f"{list(project.channel_names)}")
+    sr_shape = (project.lr_msi.shape[1] * project.factor, project.lr_msi.shape[2] * project.factor)
+    if data.shape[1:] != sr_shape:
+        raise InputError(f"ground truth layer {layer.name!r} is {data.shape[1]}×{data.shape[2]} pixels; the SR grid "
+                         f"is {sr_shape[0]}×{sr_shape[1]} (factor {project.factor})")
+    return data
+
+
+def add_comparison_layers(
+    viewer,
+    project: Project,
+    msi_layer,
+    *,
+    channels: Sequence[int] | None = None,
+    differences: str | None = None,
+    grid: bool = False,
+) -> dict[int, list]:
+    """Add the comparison layers of ``project`` placed on ``msi_layer`` (old ones are replaced).
+
+    Returns ``{channel: [layers of that row]}`` (LR, truth, methods, then differences).
+    """
+    from napari.layers import Image
+
+    remove_comparison_layers(viewer)
+    chans = list(range(len(project.channel_names))) if channels is None else [int(c) for c in channels]
+    msi_scale, msi_translate = _last2(msi_layer.scale), _last2(msi_layer.translate)
+    sr_place = refined_placement(msi_scale, msi_translate, project.factor)
+    added = []
+    if project.guide_rgb is not None:
+        k = project.guide_rgb.shape[0] / (project.lr_msi.shape[1] * project.factor)
+        guide = Image(np.asarray(project.guide_rgb), name=GUIDE_NAME, rgb=True,
+                      **refined_placement(msi_scale, msi_translate, project.factor * k),
+                      metadata={"role": "guide", "pixel_size_um": project.sr_pixel_size_um / k})
+        viewer.layers.append(guide)
+        added.append(guide)
+    mask = tissue_mask_sr(project)
+    diffs = difference_stacks(project, differences) if differences else {}
+    rows: dict[int, list] = {}
+    for c in chans:
+        label = channel_label(c, project.channel_names, project.mz)
+        columns = [("lr", project.lr_msi[c])]
+        if project.truth is not None:
+            columns.append(("truth", project.truth[c]))
+        columns += [(m, project.sr[m][c]) for m in ordered_methods(project.sr)]
+        reference = project.truth[c] if project.truth is not None else next(iter(project.sr.values()))[c]
+        limits = shared_limits([reference], mask=mask)
+        row = []
+        for method, image in columns:
+            place = {"scale": tuple(msi_scale), "translate": tuple(msi_translate)} if method == "lr" else sr_place
+            layer = Image(
+                np.asarray(image, np.float32), name=f"{PREFIX}{method_label(method)} · {label}", colormap=COLORMAP,
+                contrast_limits=limits, **place,
+                metadata={"role": "comparison", "method": method, "channel": c, "channel_name": project.channel_names[c],
+                          "pixel_size_um": project.msi_pixel_size_um if method == "lr" else project.sr_pixel_size_um},
+            )
+            row.append(layer)
+        if diffs:
+            ref_label = method_label(differences)
+            d_limits = shared_limits([next(iter(diffs.values()))[c]], mask=mask, symmetric=True)
+            for method in ordered_methods(diffs):
+                stack = diffs[method]
+                row.append(Image(
+                    stack[c], name=f"{PREFIX}{method_label(method)} − {ref_label} · {label}", colormap=DIFF_COLORMAP,
+                    contrast_limits=d_limits, **sr_place,
+                    metadata={"role": "difference", "method": method, "reference": differences, "channel": c},
+                ))
+        for layer in row:
+            viewer.layers.append(layer)
+        rows[c] = row
+        _link_limits([lay for lay in row if lay.metadata["role"] == "comparison"])
+        _link_limits([lay for lay in row if lay.metadata["role"] == "difference"])
+    arrange(viewer, rows, grid=grid)
+    return rows
+
+
+def ordered_methods(methods) -> list[str]:
+    """SMSDL first, then the baselines (BI, CNN), then anything else in the given order."""
+    rank = {"smsdl": 0, "bicubic": 1, "cnn": 2}
+    return sorted(methods, key=lambda m: rank.get(m, 3))
+
+
+def remove_comparison_layers(viewer) -> None:
+    for layer in [lay for lay in viewer.layers if lay.name.startswith(PREFIX)]:
+        viewer.layers.remove(layer)
+
+
+def _link_limits(layers: list) -> None:
+    """Keep the contrast limits of ``layers`` equal (changing one changes all)."""
+    state = {"busy": False}
+
+    def follow(event, source=None):
+        if state["busy"]:
+            return
+        state["busy"] = True
+        try:
+            limits = tuple(source.contrast_limits)
+            for other in layers:
+                if other is not source and tuple(other.contrast_limits) != limits:
+                    other.contrast_limits = limits
+        finally:
+            state["busy"] = False
+
+    for layer in layers:
+        layer.events.contrast_limits.connect(lambda event, lay=layer: follow(event, lay))
+
+
+def arrange(viewer, rows: dict[int, list], *, grid: bool) -> None:
+    """Overlay (H&E, with the first channel's SMSDL on top) or grid view (one channel per row)."""
+    canvas_grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
+    shown = {id(lay) for row in rows.values() for lay in row}
+    n_cols = max((len(row) for row in rows.values()), default=1)
+    if grid:
+        for layer in viewer.layers:
+            layer.visible = id(layer) in shown
+        canvas_grid.shape = (len(rows), n_cols) if rows else (-1, -1)
+        canvas_grid.enabled = True
+    else:
+        canvas_grid.enabled = False
+        canvas_grid.shape = (-1, -1)
+        first = next(iter(rows.values()), [])
+        top = next((lay for lay in first if lay.metadata.get("method") == "smsdl"), first[-1] if first else None)
+        for row in rows.values():
+            for layer in row:
+                layer.visible = layer is top
+        if top is not None:
+            top.opacity = 0.85
+        if GUIDE_NAME in viewer.layers:
+            viewer.layers[GUIDE_NAME].visible = True
+    viewer.reset_view()
+
+
+class CompareWidget(QWidget):
+    """Dock widget: comparison layers, grid view, differences, metrics, pixel values, segments.
+
+    Attributes
+    ----------
+    project : Project or None
+        The project shown (with its ground truth and metrics when one was given).
+    rows : dict
+        Channel → its comparison layers.
+    picked : dict or None
+        The last :meth:`inspect_pixel` result.
+    last_error : str or None
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.project: Project | None = None
+        self.rows: dict[int, list] = {}
+        self.picked: dict | None = None
+        self.last_error: str | None = None
+        self._watched: set[int] = set()
+        tip = TOOLTIPS
+
+        self.source = ComboBox(label="MSI layer", choices=self._project_layers, tooltip=tip["source"])
+        self.channels = Select(choices=[], label="channels", tooltip=tip["channels"])
+        self.channels.native.setMinimumHeight(80)
+        self.truth = ComboBox(label="ground truth", choices=self._truth_choices, tooltip=tip["truth"])
+        self.show_button = PushButton(text="Show", tooltip=tip["show"])
+        self.grid = CheckBox(value=False, text="grid view", tooltip=tip["grid"])
+        self.differences = CheckBox(value=False, text="difference maps", tooltip=tip["differences"])
+        self.reference = ComboBox(label="reference", choices=[("ground truth", "truth"), ("BI", "bicubic")],
+                                  value="bicubic", tooltip=tip["reference"])
+        self.n_segments = SpinBox(value=4, min=2, max=32, label="segments", tooltip=tip["n_segments"])
+        self.segment_method = ComboBox(label="segment", choices=self._method_choices, tooltip=tip["segment_method"])
+        self.segment_button = PushButton(text="Segment tissue", tooltip=tip["segment"])
+        self.status = Label(value="Train first (or reopen a project), then Show.")
+        self.status.native.setWordWrap(True)
+        self.status.native.setContentsMargins(9, 0, 9, 6)
+        self.pixel_label = Label(value="Click a pixel on the canvas to see every method's value there.")
+        self.pixel_label.native.setWordWrap(True)
+        self.pixel_label.native.setContentsMargins(9, 0, 9, 0)
+        self.pixel_label.tooltip = tip["pixel"]
+
+        self.metrics_table = QTableWidget(0, len(METRIC_HEADERS))
+        self.metrics_table.setHorizontalHeaderLabels(METRIC_HEADERS)
+        self._setup_table(self.metrics_table)
+        self.pixel_table = QTableWidget(0, 1)
+        self._setup_table(self.pixel_table)
+
+        choose = Container(widgets=[self.source, self.channels, self.truth, self.show_button])
+        view = Container(widgets=[self.grid, self.differences, self.reference])
+        segments = Container(widgets=[self.n_segments, self.segment_method, self.segment_button])
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(choose.native)
+        layout.addWidget(view.native)
+        layout.addWidget(self.metrics_table)
+        layout.addWidget(self.pixel_label.native)
+        layout.addWidget(self.pixel_table)
+        layout.addWidget(segments.native)
+        layout.addWidget(self.status.native)
+        layout.addStretch(1)
+
+        self.source.changed.connect(self._on_source)
+        self.show_button.changed.connect(lambda: self.show_results())
+        self.grid.changed.connect(lambda value: self.set_grid(bool(value)))
+        self.differences.changed.connect(lambda *_: self._refresh_if_shown())
+        self.reference.changed.connect(lambda *_: self._refresh_if_shown())
+        self.segment_button.changed.connect(lambda: self.segment())
+        self.viewer.layers.events.inserted.connect(self._on_inserted)
+        self.viewer.layers.events.removed.connect(self._reset_choices)
+        self.viewer.mouse_drag_callbacks.append(self._on_click)
+        callbacks, on_click = self.viewer.mouse_drag_callbacks, self._on_click
+        self.destroyed.connect(lambda *_: on_click in callbacks and callbacks.remove(on_click))
+        for layer in self.viewer.layers:
+            self._watch(layer)
+        self._reset_choices()
+        self._on_source(self.source.value)
+
+    @staticmethod
+    def _setup_table(table: QTableWidget) -> None:
+        table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        table.verticalHeader().setVisible(False)
+        table.setMinimumHeight(110)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
+        if self._on_click in self.viewer.mouse_drag_callbacks:
+            self.viewer.mouse_drag_callbacks.remove(self._on_click)
+        super().closeEvent(event)
+
+    # ------------------------------------------------------------------ choices
+    def _project_layers(self, *_: Any) -> list:
+        from napari.layers import Image
+
+        return [(lay.name, lay) for lay in self.viewer.layers
+                if isinstance(lay, Image) and isinstance(lay.metadata.get(LAYER_METADATA_KEY), Project)]
+
+    def _truth_choices(self, *_: Any) -> list:
+        from napari.layers import Image
+
+        choices: list = [("(none)", None)]
+        project = self._source_project()
+        if project is not None and project.truth is not None:
+            choices.append(("stored in the project", FROM_PROJECT))
+        for lay in self.viewer.layers:
+            if isinstance(lay, Image) and not lay.rgb and not lay.name.startswith(PREFIX) and lay is not self.source.value \
+                    and np.ndim(lay.data[0] if lay.multiscale else lay.data) in (2, 3):
+                choices.append((lay.name, lay))
+        return choices
+
+    def _method_choices(self, *_: Any) -> list:
+        project = self.project or self._source_project()
+        return [(method_label(m), m) for m in (project.sr if project is not None else [])]
+
+    def _source_project(self) -> Project | None:
+        layer = self.source.value
+        return layer.metadata.get(LAYER_METADATA_KEY) if layer is not None else None
+
+    def _watch(self, layer) -> None:
+        if id(layer) not in self._watched and hasattr(layer.events, "metadata"):
+            self._watched.add(id(layer))
+            layer.events.metadata.connect(lambda event, lay=layer: self._on_metadata(lay))
+
+    def _on_inserted(self, event) -> None:
+        self._watch(event.value)
+        self._reset_choices()
+
+    def _reset_choices(self, *_: Any) -> None:
+        old = self.source.value
+        self.source.reset_choices()
+        if self.source.value is not old:
+            self._on_source(self.source.value)
+        else:
+            self._reset_truth()
+        self.segment_method.reset_choices()
+
+    def _reset_truth(self) -> None:
+        current = self.truth.value
+        self.truth.reset_choices()
+        values = [v for _, v in self._truth_choices()]
+        if current is not None and any(v is current for v in values):
+            self.truth.value = current
+            return
+        if FROM_PROJECT in values:
+            self.truth.value = FROM_PROJECT
+            return
+        guess = next((v for v in values if v is not None and v != FROM_PROJECT
+                      and (v.metadata.get("kind") == "ground_truth" or v.metadata.get("role") == "reference")), None)
+        self.truth.value = guess
+
+    def _on_source(self, layer) -> None:
+        project = layer.metadata.get(LAYER_METADATA_KEY) if layer is not None else None
+        if project is None:
+            self.channels.choices = []
+        else:
+            self.channels.choices = [(channel_label(k, project.channel_names, project.mz), k)
+                                     for k in range(len(project.channel_names))]
+            self.channels.value = list(range(len(project.channel_names)))
+        self._reset_truth()
+        self.segment_method.reset_choices()
+
+    def _on_metadata(self, layer) -> None:
+        """A layer's metadata changed: a new reconstruction from Train is shown straight away."""
+        project = layer.metadata.get(LAYER_METADATA_KEY)
+        if not isinstance(project, Project):
+            return
+        self.source.reset_choices()
+        if project is self.project:
+            return
+        if self.project is not None and project.sr is self.project.sr and layer is self.source.value:
+            self.project = project  # same results (e.g. just saved): nothing to redraw
+            return
+        self.source.value = layer
+        self._on_source(layer)
+        self.show_results()
+
+    # ------------------------------------------------------------------ actions
+    def show_results(self, project: Project | None = None, *, channels: Sequence[int] | None = None,
+                     truth: Any = "auto") -> dict[int, list]:
+        """Add the comparison layers and fill the metrics table.
+
+        Parameters
+        ----------
+        project : Project, optional
+            Default: the one on the chosen MSI layer.
+        channels : sequence of int, optional
+            Channel indices to show (default: the selection).
+        truth : layer, layer name, ``"project"``, None or ``"auto"``
+            The ground truth (``"auto"``: the widget's choice).
+        """
+        try:
+            return self._show(project, channels, truth)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            self._on_error(exc)
+            return {}
+
+    def _show(self, project, channels, truth) -> dict[int, list]:
+        msi_layer = self.source.value
+        if project is None:
+            project = self._source_project()
+        if project is None or msi_layer is None:
+            raise InputError("nothing to compare yet: train first (Train widget) or reopen a project")
+        if channels is not None:
+            self.channels.value = [int(c) for c in channels]
+        if truth != "auto":
+            self._reset_truth()
+            self.truth.value = self.viewer.layers[truth] if isinstance(truth, str) and truth != FROM_PROJECT else truth
+        chosen = sorted(int(c) for c in self.channels.value)
+        if not chosen:
+            raise InputError("no channel selected")
+        truth_value = self.truth.value
+        if truth_value is not None and truth_value != FROM_PROJECT:
+            project = project.with_truth(truth_from_layer(truth_value, project))
+        elif truth_value is None and project.truth is not None:
+            project = dataclasses.replace(project, truth=None, mask_hr=None, metrics=None)
+        self.project = project
+        if msi_layer.metadata.get(LAYER_METADATA_KEY) is not project:
+            msi_layer.metadata = {**msi_layer.metadata, LAYER_METADATA_KEY: project}  # Export saves this one
+        reference = self.reference.value if self.differences.value else None
+        if reference == "truth" and project.truth is None:
+            reference = "bicubic" if "bicubic" in project.sr else None
+        if reference is not None and reference not in ("truth", *project.sr):
+            reference = None
+        self.rows = add_comparison_layers(self.viewer, project, msi_layer, channels=chosen, differences=reference,
+                                          grid=bool(self.grid.value))
+        self._fill_metrics(project, chosen)
+        self.segment_method.reset_choices()
+        n = sum(len(r) for r in self.rows.values())
+        scored = "; scored against the ground truth" if project.metrics else ""
+        self.status.value = (f"{n} layers for {len(chosen)} channel(s) at {project.sr_pixel_size_um:g} µm "
+                             f"(MSI {project.msi_pixel_size_um:g} µm / F = {project.factor}){scored}.")
+        return self.rows
+
+    def _refresh_if_shown(self) -> None:
+        if self.rows:
+            self.show_results(self.project)
+
+    def set_grid(self, enabled: bool) -> None:
+        """Grid view (one channel per row) or overlay on the H&E."""
+        if bool(self.grid.value) != enabled:
+            self.grid.value = enabled  # calls back here through the checkbox
+            return
+        arrange(self.viewer, self.rows, grid=enabled)
+
+    def _fill_metrics(self, project: Project, channels: Sequence[int]) -> None:
+        table = self.metrics_table
+        if not project.metrics:
+            table.setRowCount(0)
+            return
+        labels = [channel_label(k, project.channel_names, project.mz) for k in range(len(project.channel_names))]
+        metrics = {m: project.metrics[m] for m in ordered_methods(project.metrics)}
+        rows = metrics_rows(metrics, labels, channels, columns=METRIC_COLUMNS)
+        table.setRowCount(len(rows))
+        for i, row in enumerate(rows):
+            cells = (row[0], row[1], *(_fmt(v) for v in row[2:]))
+            for j, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if j >= 2:
+                    item.setTextAlignment(int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter))
+                table.setItem(i, j, item)
+        table.resizeColumnsToContents()
+
+    # ------------------------------------------------------------------ pixel values
+    def _on_click(self, viewer, event) -> None:
+        if self.project is None or event.type != "mouse_press":
+            return
+        try:
+            self.inspect_pixel(tuple(event.position)[-2:])
+        except RuntimeError:  # the widget was closed: stop listening
+            if self._on_click in viewer.mouse_drag_callbacks:
+                viewer.mouse_drag_callbacks.remove(self._on_click)
+
+    def inspect_pixel(self, world_rc_um: Sequence[float]) -> dict | None:
+        """Values of every method at the SR pixel under a world point (row, col) in µm, and its LR pixel."""
+        project, msi = self.project, self.source.value
+        if project is None or msi is None:
+            return None
+        hit = locate_pixel(world_rc_um, msi_scale_rc=_last2(msi.scale), msi_translate_rc=_last2(msi.translate),
+                           lr_shape_rc=project.lr_msi.shape[1:], factor=project.factor)
+        if hit is None:
+            self.pixel_label.value = "Outside the MSI field of view."
+            self.pixel_table.setRowCount(0)
+            self.picked = None
+            return None
+        chans = sorted(int(c) for c in self.channels.value) or list(range(len(project.channel_names)))
+        values = pixel_values(project, hit, chans)
+        self.picked = {"hit": hit, "channels": chans, "values": values}
+        self._fill_pixel_table(project, hit, chans, values)
+        self._mark_pixel(hit)
+        return self.picked
+
+    def _fill_pixel_table(self, project: Project, hit: PixelHit, chans: list[int], values: dict) -> None:
+        headers = ["channel", *(method_label(k) + (f" {hit.lr_rc}" if k == "lr" else "") for k in values)]
+        table = self.pixel_table
+        table.setColumnCount(len(headers))
+        table.setHorizontalHeaderLabels(headers)
+        table.setRowCount(len(chans))
+        for i, c in enumerate(chans):
+            cells = [channel_label(c, project.channel_names, project.mz), *(_fmt(v[i]) for v in values.values())]
+            for j, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if j:
+                    item.setTextAlignment(int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter))
+                table.setItem(i, j, item)
+        table.resizeColumnsToContents()
+        y, x = hit.world_rc_um
+        self.pixel_label.value = (f"SR pixel (row {hit.sr_rc[0]}, col {hit.sr_rc[1]}) at ({y:.1f}, {x:.1f}) µm, "
+                                  f"from MSI pixel (row {hit.lr_rc[0]}, col {hit.lr_rc[1]}).")
+
+    def _mark_pixel(self, hit: PixelHit) -> None:
+        """Outline the picked SR pixel and the MSI pixel it came from (a Shapes layer)."""
+        from napari.layers import Shapes
+
+        msi = self.source.value
+        s, t = _last2(msi.scale), _last2(msi.translate)
+        corner = t - s / 2
+        cell = s / self.project.factor
+        sr0 = corner + np.asarray(hit.sr_rc) * cell
+        lr0 = corner + np.asarray(hit.lr_rc) * s
+        boxes = [np.array([sr0, sr0 + cell]), np.array([lr0, lr0 + s])]
+        rects = [np.array([[a[0], a[1]], [a[0], b[1]], [b[0], b[1]], [b[0], a[1]]]) for a, b in boxes]
+        if PICK_NAME in self.viewer.layers:
+            layer = self.viewer.layers[PICK_NAME]
+            layer.data = rects
+        else:
+            layer = Shapes(rects, shape_type="rectangle", name=PICK_NAME, edge_color=["cyan", "white"],
+                           face_color="transparent", edge_width=max(cell[0] / 6, 0.5))
+            self.viewer.layers.append(layer)
+        layer.edge_color = ["cyan", "white"]
+        layer.visible = not self.grid.value  # in grid view it would take a grid cell of its own
+
+    # ------------------------------------------------------------------ segments
+    def segment(self, n_segments: int | None = None, *, method: str | None = None):
+        """k-means tissue segments of an SR stack as a Labels layer (returned)."""
+        from napari.layers import Labels
+
+        try:
+            project, msi = self.project, self.source.value
+            if project is None or msi is None:
+                raise InputError("show a reconstruction first")
+            if n_segments is not None:
+                self.n_segments.value = int(n_segments)
+            if method is not None:
+                self.segment_method.value = method
+            method = self.segment_method.value or next(iter(project.sr))
+            labels = cluster_segments(project.sr[method], n_segments=int(self.n_segments.value),
+                                      mask=tissue_mask_sr(project), seed=project.settings.seed)
+        except Exception as exc:  # noqa: BLE001
+            self._on_error(exc)
+            return None
+        name = f"{PREFIX}segments ({method_label(method)}, k={int(self.n_segments.value)})"
+        for old in [lay for lay in self.viewer.layers if lay.name.startswith(PREFIX + "segments")]:
+            self.viewer.layers.remove(old)
+        layer = Labels(labels, name=name, opacity=0.5,
+                       **refined_placement(_last2(msi.scale), _last2(msi.translate), project.factor),
+                       metadata={"role": "segments", "method": method})
+        self.viewer.layers.append(layer)
+        sizes = np.bincount(labels.ravel())[1:]
+        self.status.value = f"{len(sizes)} segments of the {method_label(method)} stack; pixels per segment: " + \
+            ", ".join(str(int(v)) for v in sizes) + "."
+        return layer
+
+    def _on_error(self, exc: BaseException) -> None:
+        from napari.utils.notifications import show_error
+
+        message = str(exc)
+        self.last_error = message
+        self.status.value = f"Error: {message}"
+        logger.error("Compare widget: %s", message, exc_info=None if isinstance(exc, SmsdlError) else exc)
+        show_error(message)

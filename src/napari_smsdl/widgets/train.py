@@ -1,0 +1,612 @@
+"""The **Train** dock widget: super-resolve the MSI with SMSDL-Net and the baselines, on a worker.
+
+An adapter only: inputs come from the H&E and MSI layers (and the registration the Register widget
+accepted, stored on the MSI layer), the work is :func:`napari_smsdl.project.reconstruct_project`
+(which calls :func:`napari_smsdl.pipeline.reconstruct`), and the result, a
+:class:`~napari_smsdl.project.Project`, is stored on the MSI layer's
+``metadata["smsdl_project"]`` for the Compare and Export widgets.
+
+The job runs on a napari ``thread_worker``; the core's ``progress`` and ``on_loss`` callbacks are
+relayed to the main thread by Qt signals and drive one progress bar per stage in napari's activity
+dock and a live loss curve. Cancel sets a flag that the core polls (``should_stop``): it raises
+:class:`~napari_smsdl.errors.Cancelled` within a few seconds and the widget is usable again.
+Set ``SMSDL_NOTHREADS=1`` to run synchronously (debugging).
+
+Every action is a method with explicit arguments, so scripts and tests bypass the dialogs::
+
+    w = TrainWidget(viewer)
+    w.set_layers(he="sample H&E", msi="sample MSI (40 µm)")
+    w.set_settings(Settings.preset("fast", factor=4))
+    w.start()          # returns the worker; wait until not w.busy
+    w.project          # the result (also on the MSI layer's metadata)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, Select, SpinBox
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
+
+from ..comparison import channel_label, he_level_for_guide, placement_transform, transform_to_level
+from ..errors import Cancelled, InputError, SmsdlError
+from ..pipeline import Settings
+from ..project import LAYER_METADATA_KEY, Project, input_records, reconstruct_project
+
+if TYPE_CHECKING:
+    import napari
+
+logger = logging.getLogger(__name__)
+
+#: Where the Register widget leaves an accepted registration (see widgets/register.py).
+REGISTRATION_KEY = "smsdl_registration"
+COMPARE_PREFIX = "compare: "
+
+TOOLTIPS = {
+    "he_layer": "The H&E (RGB image layer) that guides the super-resolution.",
+    "msi_layer": "The measured MSI (an image stack: channels × rows × cols), in µm.",
+    "channels": "Channels (m/z) to super-resolve (Ctrl/Shift-click to select several).",
+    "use_registration": "Use the registration accepted in the Register widget; otherwise the layers' "
+    "placement in the viewer (what you see overlaid) maps the MSI onto the H&E.",
+    "factor": "Super-resolution factor F: each MSI pixel becomes F × F pixels.",
+    "preset": "fast: small networks, few steps (demos, a quick look); default: the full settings.",
+    "seed": "Seed of every random part; the same seed gives the same result on the same machine.",
+    "feature_source": "H&E features: ViTs trained self-supervised on this H&E, or a local checkpoint.",
+    "checkpoint": "Local ViT weights ({level: state_dict} or one state dict) used instead of training.",
+    "ssl_steps": "Self-supervised (masked image modelling) steps per ViT branch.",
+    "embed_dim": "ViT width (token features per branch); must be a multiple of the heads (2 or 4).",
+    "depth": "ViT depth (transformer blocks per branch).",
+    "reg_steps": "Regression steps per restart (the forward-model loss on the MSI).",
+    "restarts": "Independent regression restarts; their median is the result.",
+    "hidden": "Hidden units of the regression network.",
+    "smsdl": "SMSDL-Net: H&E features + regression (the method of this plugin).",
+    "bicubic": "Bicubic upsampling (BI), the baseline every method must beat.",
+    "cnn": "A DeepFERE-style CNN trained on this image pair (a learned baseline; slower).",
+    "cnn_iterations": "CNN training iterations (0: the preset's).",
+    "start": "Run feature extraction, SMSDL training and the baselines in the background.",
+    "cancel": "Stop the running job within a few seconds.",
+}
+
+
+class FeatureSource(str, enum.Enum):
+    """Where the H&E features' ViT weights come from."""
+
+    SELF_SUPERVISED = "self-supervised on this H&E"
+    CHECKPOINT = "local checkpoint"
+
+
+class Preset(str, enum.Enum):
+    FAST = "fast"
+    DEFAULT = "default"
+
+
+def _use_threads() -> bool:
+    return os.environ.get("SMSDL_NOTHREADS", "").lower() not in ("1", "true", "yes")
+
+
+def _last2(values: Sequence[float]) -> np.ndarray:
+    return np.asarray(values, float)[-2:]
+
+
+def default_cache_dir() -> Path:
+    """The per-user feature cache (``$XDG_CACHE_HOME/napari-smsdl/features``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "napari-smsdl" / "features"
+
+
+def preload_torch() -> None:
+    """Import torch, timm and the training modules before the worker starts.
+
+    Importing timm pulls in torchvision → torch._dynamo → triton. Triton's bundled LLVM clashes with
+    the LLVM that Mesa's software OpenGL (llvmpipe: xvfb, VMs, remote desktops) has already loaded
+    for napari's canvas, and the process dies with a segmentation fault inside ``import triton``.
+    Nothing here needs triton (no ``torch.compile``), so unless triton is already imported or
+    ``SMSDL_ALLOW_TRITON=1`` is set, it is marked as unavailable (``sys.modules["triton"] = None``,
+    which torch reads as "not installed") before timm is imported. The imports also happen in the
+    main thread, not in the worker.
+    """
+    import sys
+
+    if "triton" not in sys.modules and os.environ.get("SMSDL_ALLOW_TRITON", "") != "1":
+        logger.info("napari-smsdl: triton disabled in this napari session (not needed; it crashes next to Mesa's OpenGL)")
+        sys.modules["triton"] = None  # type: ignore[assignment]
+    import timm.models.vision_transformer  # noqa: F401
+    import torch  # noqa: F401
+
+    from .. import baselines, features, regression  # noqa: F401
+    from ..baselines import deepfere  # noqa: F401
+
+
+class _Relay(QObject):
+    """Carries the core's callbacks from the worker thread to the widget (queued signals)."""
+
+    progressed = Signal(str, int, int)
+    loss = Signal(int, float)
+
+
+class LossPlot(QWidget):
+    """A small matplotlib plot of the training loss, fed point by point while training runs."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(4, 1.8), layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(150)
+        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        self.axes = self.figure.add_subplot()
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.canvas)
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self._line = None
+        self.clear("no training yet")
+
+    def clear(self, message: str = "") -> None:
+        self.steps, self.losses, self._line = [], [], None
+        ax = self.axes
+        ax.clear()
+        ax.set_axis_off()
+        if message:
+            ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="grey")
+        self.canvas.draw_idle()
+
+    def _setup_axes(self) -> None:
+        ax = self.axes
+        ax.clear()
+        ax.set_axis_on()
+        ax.set_yscale("log")
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+
+    def add_point(self, step: int, loss: float) -> None:
+        """Append one (step, loss) of the SMSDL regression and redraw."""
+        if self._line is None:
+            self._setup_axes()
+            (self._line,) = self.axes.plot([], [], color="tab:red", lw=1.2, label="SMSDL (live)")
+        self.steps.append(int(step))
+        self.losses.append(max(float(loss), 1e-12))
+        self._line.set_data(self.steps, self.losses)
+        self.axes.relim()
+        self.axes.autoscale_view()
+        self.canvas.draw_idle()
+
+    def show_histories(self, histories: dict) -> None:
+        """The full loss curves of the finished methods (SMSDL regression, CNN)."""
+        curves = {m: h for m, h in histories.items() if len(h)}
+        if not curves:
+            return
+        self._setup_axes()
+        colours = {"smsdl": "tab:red", "cnn": "tab:blue"}
+        for method, values in curves.items():
+            values = np.maximum(np.asarray(values, float), 1e-12)
+            self.axes.plot(np.arange(len(values)), values, lw=1.0, color=colours.get(method),
+                           label={"smsdl": "SMSDL", "cnn": "CNN"}.get(method, method))
+        self.axes.legend(fontsize=7, frameon=False)
+        self._line = None
+        self.canvas.draw_idle()
+
+
+class TrainWidget(QWidget):
+    """Dock widget: choose layers, channels and settings, Start, watch progress and loss, Cancel.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+
+    Attributes
+    ----------
+    project : Project or None
+        The last finished reconstruction (also on the MSI layer's ``metadata["smsdl_project"]``).
+    busy : bool
+        True while a job runs.
+    last_error : str or None
+        Message of the last failure (``"cancelled"`` after Cancel).
+    cancel_seconds : float or None
+        Seconds from the last Cancel to the job's end.
+    cache_dir : Path
+        Feature cache (default: the per-user cache, :func:`default_cache_dir`).
+    """
+
+    #: Emitted in the main thread with the :class:`Project` when a job succeeds.
+    trained = Signal(object)
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.project: Project | None = None
+        self.busy = False
+        self.last_error: str | None = None
+        self.cancel_seconds: float | None = None
+        self.cache_dir: Path = default_cache_dir()
+        self._worker = None
+        self._stop = threading.Event()
+        self._cancel_at: float | None = None
+        self._started_at = 0.0
+        self._bars: dict = {}
+        self._relay = _Relay()
+        self._relay.progressed.connect(self._on_progress)
+        self._relay.loss.connect(self._on_loss)
+        tip = TOOLTIPS
+
+        self.he_layer = ComboBox(label="H&E layer", choices=self._rgb_layers, tooltip=tip["he_layer"])
+        self.msi_layer = ComboBox(label="MSI layer", choices=self._msi_layers, tooltip=tip["msi_layer"])
+        self.channels = Select(choices=[], label="channels", tooltip=tip["channels"])
+        self.channels.native.setMinimumHeight(80)
+        self.use_registration = CheckBox(value=True, text="use accepted registration", tooltip=tip["use_registration"])
+        self.factor = SpinBox(value=4, min=2, max=16, label="factor F", tooltip=tip["factor"])
+        self.preset = ComboBox(choices=[(p.value, p) for p in Preset], value=Preset.FAST, label="preset",
+                               tooltip=tip["preset"])
+        self.seed = SpinBox(value=0, min=0, max=2**31 - 1, label="seed", tooltip=tip["seed"])
+        self.feature_source = ComboBox(choices=[(f.value, f) for f in FeatureSource], value=FeatureSource.SELF_SUPERVISED,
+                                       label="features", tooltip=tip["feature_source"])
+        self.checkpoint = FileEdit(mode="r", filter="Weights (*.pt *.pth *.safetensors);;All files (*)",
+                                   label="checkpoint", tooltip=tip["checkpoint"])
+        self.ssl_steps = SpinBox(value=0, min=0, max=100_000, label="SSL steps", tooltip=tip["ssl_steps"])
+        self.embed_dim = SpinBox(value=48, min=8, max=1024, step=4, label="ViT width", tooltip=tip["embed_dim"])
+        self.depth = SpinBox(value=2, min=1, max=24, label="ViT depth", tooltip=tip["depth"])
+        self.reg_steps = SpinBox(value=200, min=1, max=100_000, label="regression steps", tooltip=tip["reg_steps"])
+        self.restarts = SpinBox(value=2, min=1, max=20, label="restarts", tooltip=tip["restarts"])
+        self.hidden = SpinBox(value=96, min=4, max=4096, label="hidden units", tooltip=tip["hidden"])
+        self.use_smsdl = CheckBox(value=True, text="SMSDL", tooltip=tip["smsdl"])
+        self.use_bicubic = CheckBox(value=True, text="BI (bicubic)", tooltip=tip["bicubic"])
+        self.use_cnn = CheckBox(value=True, text="CNN", tooltip=tip["cnn"])
+        self.cnn_iterations = SpinBox(value=0, min=0, max=100_000, label="CNN iterations", tooltip=tip["cnn_iterations"])
+        self.start_button = PushButton(text="Start", tooltip=tip["start"])
+        self.cancel_button = PushButton(text="Cancel", tooltip=tip["cancel"])
+        self.plot = LossPlot()
+        self.status = Label(value="Choose the H&E and MSI layers, then Start.")
+        self.status.native.setWordWrap(True)
+        self.status.native.setContentsMargins(9, 0, 9, 6)
+
+        inputs = Container(widgets=[self.he_layer, self.msi_layer, self.channels, self.use_registration])
+        general = Container(widgets=[self.factor, self.preset, self.seed])
+        features = Container(widgets=[self.feature_source, self.checkpoint, self.ssl_steps, self.embed_dim, self.depth])
+        regression = Container(widgets=[self.reg_steps, self.restarts, self.hidden])
+        methods_row = Container(widgets=[self.use_smsdl, self.use_bicubic, self.use_cnn], layout="horizontal", labels=False)
+        baselines = Container(widgets=[methods_row, self.cnn_iterations])
+        run_row = Container(widgets=[self.start_button, self.cancel_button], layout="horizontal", labels=False)
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        for part in (inputs, general, features, regression, baselines, run_row):
+            layout.addWidget(part.native)
+        layout.addWidget(self.plot)
+        layout.addWidget(self.status.native)
+        layout.addStretch(1)
+
+        self.msi_layer.changed.connect(self._on_msi_layer)
+        self.he_layer.changed.connect(lambda *_: self._sync_enabled())
+        self.preset.changed.connect(self._on_preset)
+        self.feature_source.changed.connect(lambda *_: self._sync_enabled())
+        for box in (self.use_smsdl, self.use_cnn, self.use_bicubic):
+            box.changed.connect(lambda *_: self._sync_enabled())
+        self.start_button.changed.connect(lambda: self.start())
+        self.cancel_button.changed.connect(lambda: self.cancel())
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._reset_choices)
+        self._base = Settings.preset("fast")
+        self.set_settings(self._base)
+        self._reset_choices()
+        self._on_msi_layer(self.msi_layer.value)
+
+    # ------------------------------------------------------------------ layer choice
+    def _image_layers(self) -> list:
+        from napari.layers import Image
+
+        return [lay for lay in self.viewer.layers if isinstance(lay, Image) and not lay.name.startswith(COMPARE_PREFIX)
+                and not lay.name.startswith("registration: ")]
+
+    def _rgb_layers(self, *_: Any) -> list:
+        return [(lay.name, lay) for lay in self._image_layers() if lay.rgb]
+
+    def _msi_layers(self, *_: Any) -> list:
+        layers = [lay for lay in self._image_layers() if not lay.rgb]
+        # the measured MSI first: a ground truth or reference stack is not what one trains on
+        layers.sort(key=lambda lay: lay.metadata.get("kind") == "ground_truth" or lay.metadata.get("role") == "reference")
+        return [(lay.name, lay) for lay in layers]
+
+    def _reset_choices(self, *_: Any) -> None:
+        old = self.msi_layer.value
+        self.he_layer.reset_choices()
+        self.msi_layer.reset_choices()
+        if self.msi_layer.value is not old:
+            self._on_msi_layer(self.msi_layer.value)
+        self._sync_enabled()
+
+    def set_layers(self, he: Any = None, msi: Any = None) -> None:
+        """Choose the H&E and MSI layers (by layer or name)."""
+        if he is not None:
+            self.he_layer.value = self.viewer.layers[he] if isinstance(he, str) else he
+        if msi is not None:
+            self.msi_layer.value = self.viewer.layers[msi] if isinstance(msi, str) else msi
+        self._sync_enabled()
+
+    def _on_msi_layer(self, layer) -> None:
+        if layer is None:
+            self.channels.choices = []
+            self._sync_enabled()
+            return
+        data = layer.data[0] if layer.multiscale else layer.data
+        n = data.shape[0] if np.ndim(data) == 3 else 1
+        names = list(layer.metadata.get("channel_names") or [f"channel {k}" for k in range(n)])[:n]
+        mz = layer.metadata.get("mz")
+        self.channels.choices = [(channel_label(k, names, mz), k) for k in range(n)]
+        self.channels.value = list(range(n))
+        factor = layer.metadata.get("factor")
+        if isinstance(factor, int) and 2 <= factor <= 16:
+            self.factor.value = factor
+        self._sync_enabled()
+
+    # ------------------------------------------------------------------ settings
+    def set_settings(self, settings: Settings) -> None:
+        """Fill the fields from ``settings`` (fields without a control are kept as given)."""
+        self._base = settings
+        self.factor.value = int(settings.factor)
+        self.seed.value = int(settings.seed)
+        f, r = settings.features, settings.regression
+        self.feature_source.value = FeatureSource.CHECKPOINT if f.checkpoint else FeatureSource.SELF_SUPERVISED
+        if f.checkpoint:
+            self.checkpoint.value = Path(f.checkpoint)
+        self.ssl_steps.value = int(f.ssl_steps)
+        self.embed_dim.value = int(f.embed_dim)
+        self.depth.value = int(f.depth)
+        self.reg_steps.value = int(r.steps)
+        self.restarts.value = int(r.restarts)
+        self.hidden.value = int(r.hidden)
+        self.cnn_iterations.value = int(settings.cnn_iterations or 0)
+        self._sync_enabled()
+
+    def _on_preset(self, preset: Preset) -> None:
+        self.set_settings(Settings.preset(Preset(preset).value, factor=int(self.factor.value), seed=int(self.seed.value),
+                                          device=self._base.device))
+
+    def settings(self) -> Settings:
+        """The :class:`~napari_smsdl.pipeline.Settings` the fields describe."""
+        base = self._base
+        seed = int(self.seed.value)
+        checkpoint = None
+        if self.feature_source.value is FeatureSource.CHECKPOINT:
+            text = str(self.checkpoint.value or "").strip()
+            if text in ("", "."):
+                raise InputError("choose a checkpoint file, or use self-supervised features")
+            if not Path(text).is_file():
+                raise InputError("checkpoint file not found", text)
+            checkpoint = text
+        embed_dim = int(self.embed_dim.value)
+        heads = base.features.num_heads
+        if embed_dim % heads:
+            heads = next(h for h in (4, 2, 1) if embed_dim % h == 0)
+        features = dataclasses.replace(base.features, ssl_steps=int(self.ssl_steps.value), embed_dim=embed_dim,
+                                       num_heads=heads, depth=int(self.depth.value), checkpoint=checkpoint, seed=seed)
+        regression = dataclasses.replace(base.regression, steps=int(self.reg_steps.value),
+                                         restarts=int(self.restarts.value), hidden=int(self.hidden.value), seed=seed)
+        return dataclasses.replace(base, factor=int(self.factor.value), seed=seed, features=features,
+                                   regression=regression, cnn_iterations=int(self.cnn_iterations.value) or None)
+
+    def methods(self) -> list[str]:
+        chosen = [("smsdl", self.use_smsdl), ("bicubic", self.use_bicubic), ("cnn", self.use_cnn)]
+        return [name for name, box in chosen if box.value]
+
+    # ------------------------------------------------------------------ inputs
+    def _inputs(self, settings: Settings) -> dict:
+        """Plain arguments for :func:`reconstruct_project` gathered from the layers (no maths)."""
+        he, msi = self.he_layer.value, self.msi_layer.value
+        if he is None or msi is None:
+            raise InputError("choose the H&E and MSI layers first")
+        if not he.rgb:
+            raise InputError(f"layer {he.name!r} is not an RGB image; choose the H&E")
+        data = np.asarray(msi.data[0] if msi.multiscale else msi.data, dtype=np.float32)
+        if data.ndim == 2:
+            data = data[None]
+        if data.ndim != 3:
+            raise InputError(f"layer {msi.name!r} has shape {data.shape}; expected (channels, rows, cols)")
+        chosen = sorted(int(c) for c in self.channels.value)
+        if not chosen:
+            raise InputError("no channel selected: select the m/z channels to super-resolve")
+        names_all = list(msi.metadata.get("channel_names") or [f"channel {k}" for k in range(len(data))])
+        mz_all = msi.metadata.get("mz")
+        msi_px = float(_last2(msi.scale)[1])
+        registration = msi.metadata.get(REGISTRATION_KEY) if self.use_registration.value else None
+        he_px0 = float(registration["he_pixel_size_um"]) if registration else float(_last2(he.scale)[1])
+        if registration:
+            msi_px = float(registration.get("msi_pixel_size_um") or msi_px)
+        levels = list(he.data) if he.multiscale else [he.data]
+        level = he_level_for_guide([lv.shape[0] for lv in levels], he_px0, msi_px / settings.factor, settings.max_cell_px)
+        scale = levels[level].shape[0] / levels[0].shape[0]
+        he_rgb = np.asarray(levels[level])
+        if registration:
+            transform = registration["transform"]
+        else:
+            transform = placement_transform(
+                msi_scale_rc=_last2(msi.scale), msi_translate_rc=_last2(msi.translate), msi_pixel_size_um=msi_px,
+                he_scale_rc=_last2(he.scale), he_translate_rc=_last2(he.translate), he_pixel_size_um=he_px0,
+            )
+        transform = transform_to_level(transform, level0_pixel_size_um=he_px0, scale=scale)
+        report = registration.get("report") if registration else None
+        landmarks = None
+        if registration is not None:
+            from ..registration import LandmarkPairs
+
+            rows = (report or {}).get("residuals") or []
+            if rows:
+                landmarks = LandmarkPairs(np.array([[r["he_row"], r["he_col"]] for r in rows]),
+                                          np.array([[r["msi_row"], r["msi_col"]] for r in rows]))
+        return {
+            "lr_msi": data[chosen],
+            "he_rgb": he_rgb,
+            "channel_names": [names_all[k] for k in chosen],
+            "mz": None if not mz_all else [mz_all[k] for k in chosen],
+            "msi_pixel_size_um": msi_px,
+            "he_pixel_size_um": he_px0 / scale,
+            "transform": transform,
+            "landmarks": landmarks,
+            "registration_report": report,
+            "inputs": input_records(he_path=he.metadata.get("source_path"), msi_path=msi.metadata.get("source_path")),
+        }
+
+    # ------------------------------------------------------------------ run
+    def start(self, settings: Settings | None = None, *, methods: Sequence[str] | None = None,
+              cache_dir: str | os.PathLike | None = None):
+        """Start a reconstruction (worker returned; None when synchronous or refused).
+
+        ``settings`` (filled into the fields) and ``methods`` override the widget's choices;
+        ``cache_dir`` sets :attr:`cache_dir`. :attr:`busy` is False again once the job is done.
+        """
+        if self.busy:
+            self._on_error(InputError("a training job is already running"))
+            return None
+        if settings is not None:
+            self.set_settings(settings)
+        if methods is not None:
+            for name, box in (("smsdl", self.use_smsdl), ("bicubic", self.use_bicubic), ("cnn", self.use_cnn)):
+                box.value = name in methods
+        if cache_dir is not None:
+            self.cache_dir = Path(cache_dir)
+        try:
+            chosen = self.settings()
+            kwargs = self._inputs(chosen)
+            methods = self.methods()
+            if not methods:
+                raise InputError("no method chosen: tick SMSDL and/or a baseline")
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            self._on_error(exc)
+            return None
+        try:
+            preload_torch()
+        except Exception as exc:  # noqa: BLE001 - a broken install is shown, not raised
+            self._on_error(exc)
+            return None
+        run_dir = Path(tempfile.mkdtemp(prefix="napari-smsdl-run-"))
+        kwargs.update(
+            settings=chosen, methods=methods, cache_dir=self.cache_dir, weights_path=run_dir / "vit_weights.pt",
+            progress=self._relay.progressed.emit, should_stop=self._stop.is_set, on_loss=self._relay.loss.emit,
+        )
+        self._stop.clear()
+        self.last_error = None
+        self._cancel_at = None
+        self.cancel_seconds = None
+        self.plot.clear("waiting for the first SMSDL steps …")
+        self._started_at = time.perf_counter()
+        self._set_busy(True, f"Training {', '.join(methods)} at F = {chosen.factor} …")
+        if not _use_threads():
+            try:
+                project = reconstruct_project(**kwargs)
+            except Exception as exc:  # noqa: BLE001
+                self._on_error(exc)
+            else:
+                self._on_done(project)
+            finally:
+                self._on_finished()
+            return None
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(reconstruct_project, **kwargs, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(self._on_done)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the running job to stop (the core raises Cancelled at its next check)."""
+        if self.busy:
+            self._stop.set()
+            self._cancel_at = time.perf_counter()
+            self.status.value = "Cancelling …"
+
+    def _on_progress(self, stage: str, done: int, total: int) -> None:
+        from napari.utils import progress
+
+        bar = self._bars.get(stage)
+        if bar is None:
+            for old in self._bars.values():  # stages run one after the other
+                old.close()
+            self._bars = {}
+            bar = self._bars[stage] = progress(total=max(int(total), 1), desc=f"SMSDL: {stage}")
+        bar.total = max(int(total), 1)
+        bar.n = min(int(done), bar.total)
+        bar.refresh()
+        self.status.value = f"{stage}: {done}/{total}"
+
+    def _on_loss(self, step: int, loss: float) -> None:
+        self.plot.add_point(step, loss)
+
+    def _close_bars(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars = {}
+
+    def _set_busy(self, busy: bool, message: str | None = None) -> None:
+        self.busy = busy
+        if message:
+            self.status.value = message
+        self._sync_enabled()
+
+    def _on_finished(self) -> None:
+        self._close_bars()
+        if self._cancel_at is not None:
+            self.cancel_seconds = time.perf_counter() - self._cancel_at
+        self._worker = None
+        self._set_busy(False)
+
+    def _sync_enabled(self) -> None:
+        ready = self.he_layer.value is not None and self.msi_layer.value is not None
+        self.start_button.enabled = ready and not self.busy
+        self.cancel_button.enabled = self.busy
+        msi = self.msi_layer.value
+        has_reg = msi is not None and REGISTRATION_KEY in msi.metadata
+        self.use_registration.enabled = has_reg
+        self.use_registration.text = "use accepted registration" if has_reg else "use accepted registration (none)"
+        checkpoint = self.feature_source.value is FeatureSource.CHECKPOINT
+        smsdl = bool(self.use_smsdl.value)
+        self.checkpoint.enabled = smsdl and checkpoint
+        for w in (self.ssl_steps, self.embed_dim, self.depth):
+            w.enabled = smsdl and not checkpoint
+        self.feature_source.enabled = smsdl
+        for w in (self.reg_steps, self.restarts, self.hidden):
+            w.enabled = smsdl
+        self.cnn_iterations.enabled = bool(self.use_cnn.value)
+
+    def _on_error(self, exc: BaseException) -> None:
+        from napari.utils.notifications import show_error, show_info
+
+        if isinstance(exc, Cancelled):
+            self.last_error = "cancelled"
+            self.status.value = "Cancelled; nothing was changed. Start again when ready."
+            self.plot.clear("cancelled")
+            show_info("Training cancelled")
+            return
+        message = str(exc)
+        self.last_error = message
+        self.status.value = f"Error: {message}"
+        logger.error("Train widget: %s", message, exc_info=None if isinstance(exc, SmsdlError) else exc)
+        show_error(f"Training failed: {message}" if self.busy else message)  # busy: it broke during the run
+
+    def _on_done(self, project: Project) -> None:
+        self.project = project
+        seconds = time.perf_counter() - self._started_at
+        msi = self.msi_layer.value
+        if msi is not None:
+            msi.metadata = {**msi.metadata, LAYER_METADATA_KEY: project}  # emits metadata: Compare follows
+        self.plot.show_histories(project.loss_history)
+        done = ", ".join(f"{m} {project.seconds.get(m, 0):.1f} s" for m in project.sr)
+        self.status.value = (f"Done in {seconds:.0f} s ({done}); SR pixel {project.sr_pixel_size_um:g} µm. "
+                             "Open Compare to look at the results.")
+        self.trained.emit(project)

@@ -1,0 +1,232 @@
+"""The napari workflow end to end, driven through the widgets on the built-in sample.
+
+Train (fast preset, shrunk further so the suite stays short) → Compare (layers in µm, linked limits,
+grid, differences, metrics against the sample's ground truth, pixel values, segments) → Export (read
+back) → project saved, viewer closed, project reopened with identical layers; cancel mid-training.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_smsdl.features import FeatureParams
+from napari_smsdl.pipeline import Settings
+from napari_smsdl.project import LAYER_METADATA_KEY
+from napari_smsdl.regression import RegressionParams
+from napari_smsdl.widgets.compare import GUIDE_NAME, PREFIX, CompareWidget
+from napari_smsdl.widgets.export import ExportWidget
+from napari_smsdl.widgets.train import FeatureSource, TrainWidget
+
+pytestmark = pytest.mark.gui
+
+TINY = dataclasses.replace(
+    Settings.preset("fast", factor=4),
+    features=FeatureParams(embed_dim=32, depth=1, num_heads=2, ssl_steps=5, ssl_batch=4, shifts=1),
+    regression=RegressionParams(hidden=32, steps=30, restarts=1, pca_dims=8),
+    cnn_iterations=3,
+)
+MSI = "sample MSI (40 µm)"
+TRUTH = "sample ground truth (10 µm)"
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture
+def sample_viewer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-smsdl", "smsdl_sample")
+    return viewer
+
+
+def _wait(qtbot, widget, timeout=TIMEOUT_MS):
+    qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
+
+
+def _compare_data(viewer) -> dict:
+    return {lay.name: np.asarray(lay.data) for lay in viewer.layers
+            if lay.name.startswith(PREFIX) and lay.metadata.get("role") in ("comparison", "guide")}
+
+
+def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_viewer, qtbot, tmp_path):
+    from napari_smsdl.metrics import score_stack
+    from napari_smsdl.msi import open_imzml
+    from napari_smsdl.sample import make_sample
+
+    viewer = sample_viewer
+    train, compare, export = TrainWidget(viewer), CompareWidget(viewer), ExportWidget(viewer)
+    for w in (train, compare, export):
+        qtbot.addWidget(w)
+    assert train.he_layer.value.name == "sample H&E" and train.msi_layer.value.name == MSI
+    assert train.channels.value == [0, 1, 2, 3, 4] and train.factor.value == 4  # from the sample's metadata
+    assert compare.truth.value is viewer.layers[TRUTH]  # the sample's ground truth is found by its metadata
+
+    # ---- Train: two channels, all three methods, on a worker
+    train.channels.value = [0, 4]
+    worker = train.start(TINY, cache_dir=tmp_path / "cache")
+    assert worker is not None and train.busy
+    assert not train.start_button.enabled and train.cancel_button.enabled
+    _wait(qtbot, train)
+    assert train.last_error is None, train.last_error
+    project = train.project
+    assert set(project.sr) == {"smsdl", "bicubic", "cnn"}
+    assert all(s.shape == (2, 128, 128) for s in project.sr.values())
+    assert project.mz == pytest.approx((734.5694, 885.5499)) and project.sr_pixel_size_um == 10.0
+    assert len(train.plot.steps) >= 3  # the live loss curve got points while training ran
+    assert train.start_button.enabled and not train.cancel_button.enabled
+
+    # ---- Compare followed by itself and scored against the sample's ground truth
+    shown = compare.project
+    assert shown is not None and shown.sr is project.sr and shown.metrics is not None
+    sample = make_sample()
+    expected = score_stack(sample.ground_truth[[0, 4]], project.sr["smsdl"], sample.mask_hr)
+    assert shown.metrics["smsdl"]["ssim"]["per_channel"] == pytest.approx(expected["ssim"]["per_channel"])
+    assert compare.metrics_table.rowCount() == 3 * (2 + 1)  # 3 methods × (2 channels + mean)
+    assert viewer.layers[MSI].metadata[LAYER_METADATA_KEY] is shown  # what Export will save
+    row = compare.rows[0]
+    assert [lay.name for lay in row] == [f"{PREFIX}{m} · m/z 734.5694" for m in ("LR", "ground truth", "SMSDL", "BI", "CNN")]
+    smsdl = viewer.layers[f"{PREFIX}SMSDL · m/z 734.5694"]
+    np.testing.assert_allclose(smsdl.scale[-2:], (10.0, 10.0))
+    np.testing.assert_allclose(smsdl.translate[-2:], (5.0, 5.0))  # SR pixel corners on the MSI's (40 µm, at 20 µm)
+    np.testing.assert_array_equal(smsdl.data, project.sr["smsdl"][0])
+    np.testing.assert_allclose(viewer.layers[f"{PREFIX}LR · m/z 734.5694"].scale[-2:], (40.0, 40.0))
+    guide = viewer.layers[GUIDE_NAME]
+    k = guide.data.shape[0] / 128
+    np.testing.assert_allclose(guide.scale[-2:], (10.0 / k, 10.0 / k))
+    assert {lay.colormap.name for lay in row} == {"magma"}
+    assert len({tuple(lay.contrast_limits) for lay in row}) == 1
+    row[3].contrast_limits = (0.0, 123.0)  # linked: every method of the channel follows
+    assert all(tuple(lay.contrast_limits) == (0.0, 123.0) for lay in row)
+    assert tuple(compare.rows[1][0].contrast_limits) != (0.0, 123.0)  # another channel is independent
+
+    # ---- grid view: one channel per row, one column per image, nothing else shown
+    compare.set_grid(True)
+    assert viewer.canvas.grid.enabled and tuple(viewer.canvas.grid.shape) == (2, 5)
+    assert {lay.name for lay in viewer.layers if lay.visible} == {lay.name for r in compare.rows.values() for lay in r}
+    compare.set_grid(False)
+    assert not viewer.canvas.grid.enabled and guide.visible
+
+    # ---- difference maps against the ground truth
+    compare.reference.value = "truth"
+    compare.differences.value = True
+    diff = viewer.layers[f"{PREFIX}SMSDL − ground truth · m/z 885.5499"]
+    np.testing.assert_allclose(diff.data, project.sr["smsdl"][1] - shown.truth[1], atol=1e-4)
+    lo, hi = diff.contrast_limits
+    assert lo == pytest.approx(-hi) and diff.colormap.name == "RdBu_r"
+
+    # ---- clicking a pixel: values of every method and the LR pixel it came from
+    assert compare._on_click in viewer.mouse_drag_callbacks
+    compare._on_click(viewer, SimpleNamespace(type="mouse_press", position=(500.0, 600.0)))
+    picked = compare.picked
+    assert picked["hit"].sr_rc == (50, 60) and picked["hit"].lr_rc == (12, 15)
+    assert picked["values"]["lr"][1] == pytest.approx(project.lr_msi[1, 12, 15])
+    assert picked["values"]["cnn"][0] == pytest.approx(project.sr["cnn"][0, 50, 60])
+    assert picked["values"]["truth"][1] == pytest.approx(sample.ground_truth[4, 50, 60])
+    assert compare.pixel_table.rowCount() == 2 and "MSI pixel (row 12, col 15)" in compare.pixel_label.value
+
+    # ---- segments of the SMSDL stack
+    labels = compare.segment(3, method="smsdl")
+    assert labels.data.max() == 3 and labels.data.shape == (128, 128)
+    assert labels.data[~sample.mask_hr].max() == 0
+    np.testing.assert_allclose(labels.scale[-2:], (10.0, 10.0))
+
+    # ---- Export, read back
+    export.export(tmp_path / "out")
+    _wait(qtbot, export)
+    assert export.last_error is None, export.last_error
+    out = tmp_path / "out"
+    with tifffile.TiffFile(out / "sr_smsdl.ome.tif") as tif:
+        np.testing.assert_array_equal(tif.asarray(), project.sr["smsdl"])
+        assert 'PhysicalSizeX="10.0"' in tif.ome_metadata
+    ds = open_imzml(out / "sr_cnn.imzML")
+    assert ds.pixel_size_um == pytest.approx(10.0) and ds.shape == (128, 128)
+    np.testing.assert_allclose(ds.ion_images(list(project.mz), "5ppm").data, project.sr["cnn"], rtol=1e-6)
+    with (out / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 * 3
+    first = next(r for r in rows if r["method"] == "smsdl")
+    assert float(first["ssim"]) == pytest.approx(expected["ssim"]["per_channel"][0])
+    assert (out / "figure.png").stat().st_size > 10_000
+
+    # ---- project: save, close the viewer, reopen in a new one with identical layers
+    before = _compare_data(viewer)
+    export.save_project(tmp_path / "project")
+    _wait(qtbot, export)
+    assert export.last_error is None, export.last_error
+    assert viewer.layers[MSI].metadata[LAYER_METADATA_KEY].path == tmp_path / "project"
+    viewer.close()
+
+    viewer2 = make_napari_viewer()
+    compare2, export2 = CompareWidget(viewer2), ExportWidget(viewer2)
+    qtbot.addWidget(compare2)
+    qtbot.addWidget(export2)
+    export2.open_project(tmp_path / "project")
+    _wait(qtbot, export2)
+    assert export2.last_error is None, export2.last_error
+    reopened = export2.opened
+    for method in project.sr:
+        np.testing.assert_array_equal(reopened.sr[method], project.sr[method])
+    assert reopened.metrics["cnn"]["rmse"]["per_channel"] == pytest.approx(shown.metrics["cnn"]["rmse"]["per_channel"])
+    assert reopened.settings == project.settings
+    after = _compare_data(viewer2)
+    assert set(after) == set(before)
+    for name, data in before.items():
+        if name == GUIDE_NAME:  # stored as 8-bit RGB
+            np.testing.assert_allclose(after[name] / 255.0, data, atol=1 / 255)
+        else:
+            np.testing.assert_array_equal(after[name], data)
+    assert compare2.project is not None and compare2.metrics_table.rowCount() == 9  # Compare followed the reopen
+    msi2 = viewer2.layers["project (MSI)"]
+    np.testing.assert_allclose(msi2.scale[-2:], (40.0, 40.0))
+    np.testing.assert_array_equal(msi2.data, project.lr_msi, strict=False)
+
+
+def test_cancel_mid_training_leaves_the_session_usable(sample_viewer, qtbot, tmp_path):
+    viewer = sample_viewer
+    train = TrainWidget(viewer)
+    qtbot.addWidget(train)
+    stages = []
+    train._relay.progressed.connect(lambda stage, done, total: stages.append(stage))
+    endless = dataclasses.replace(TINY, features=dataclasses.replace(TINY.features, ssl_steps=100_000))
+    train.start(endless, methods=["smsdl", "bicubic"], cache_dir=tmp_path / "cache")
+    qtbot.waitUntil(lambda: len(stages) >= 3, timeout=TIMEOUT_MS)
+    assert any(s.startswith("self-supervised training") for s in stages)
+    assert train._bars  # a progress bar of the running stage is in napari's activity dock
+    train.cancel()
+    _wait(qtbot, train, timeout=15_000)
+    assert train.last_error == "cancelled" and train.cancel_seconds < 5.0
+    assert train.project is None and LAYER_METADATA_KEY not in viewer.layers[MSI].metadata
+    assert not train._bars and train.start_button.enabled and not train.cancel_button.enabled
+    # the session is still usable: the next job runs to the end
+    train.start(TINY, methods=["bicubic"])
+    _wait(qtbot, train)
+    assert train.last_error is None and set(train.project.sr) == {"bicubic"}
+
+
+def test_errors_are_shown_with_their_cause(sample_viewer, qtbot, tmp_path):
+    from napari.utils.notifications import notification_manager
+
+    messages = []
+    notification_manager.notification_ready.connect(lambda n: messages.append(str(n.message)))
+    train, compare = TrainWidget(sample_viewer), CompareWidget(sample_viewer)
+    qtbot.addWidget(train)
+    qtbot.addWidget(compare)
+    garbage = tmp_path / "weights.pt"
+    garbage.write_bytes(b"not a torch file")
+    settings = dataclasses.replace(TINY, features=dataclasses.replace(TINY.features, checkpoint=str(garbage)))
+    assert train.start(settings, methods=["smsdl"], cache_dir=tmp_path / "cache") is not None
+    _wait(qtbot, train)  # fails in the worker, when the checkpoint is read
+    assert train.last_error.startswith(f"{garbage}: cannot read checkpoint")
+    assert any(m.startswith(f"Training failed: {garbage}: cannot read checkpoint") for m in messages)
+    assert train.start_button.enabled and not train.busy
+    garbage.unlink()  # checked before any work starts
+    assert train.start() is None and train.last_error == f"{garbage}: checkpoint file not found"
+    train.feature_source.value = FeatureSource.SELF_SUPERVISED
+    train.channels.value = []
+    assert train.start() is None and "no channel selected" in train.last_error
+    compare.show_results()
+    assert "nothing to compare yet" in compare.last_error
