@@ -103,3 +103,18 @@ def test_metrics_rows_and_labels(project):
     assert rows[0][3] == project.metrics["smsdl"]["ssim"]["per_channel"][1]
     assert channel_label(1, project.channel_names, project.mz) == "m/z 800.2000"
     assert channel_label(0, project.channel_names) == "a"
+
+
+def test_guide_level_and_level_transform():
+    import SimpleITK as sitk
+
+    from napari_smsdl.comparison import he_level_for_guide, transform_to_level
+
+    rows = [8000, 4000, 2000, 1000]  # level pixel sizes 0.5, 1, 2, 4 µm
+    assert he_level_for_guide(rows, 0.5, sr_pixel_size_um=10.0, max_cell_px=4) == 2  # 2 µm <= 10/4
+    assert he_level_for_guide(rows, 0.5, sr_pixel_size_um=2.0, max_cell_px=8) == 0
+    t0 = sitk.TranslationTransform(2, (100.0, 50.0))
+    t2 = transform_to_level(t0, level0_pixel_size_um=0.5, scale=0.25)
+    # level-0 point at physical 100 µm is level-2 pixel (200 + 0.5) * 0.25 - 0.5 = 49.625 → 99.25 µm at 2 µm/px
+    np.testing.assert_allclose(t2.TransformPoint((0.0, 0.0)), (99.25, 49.25))
+    assert transform_to_level(t0, level0_pixel_size_um=0.5, scale=1.0) is t0
