@@ -204,3 +204,46 @@ def test_real_reconstruction_round_trip(tmp_path):
     assert back.sr_pixel_size_um == 10.0 and back.sr["bicubic"].shape == (5, 128, 128)
     assert back.metrics["bicubic"]["ssim"]["mean"] == pytest.approx(p.metrics["bicubic"]["ssim"]["mean"])
     assert back.transform is None and back.landmarks is None and back.weights_path is None
+
+
+def test_cli_reconstruct_saves_and_reopens_a_project(tmp_path, capsys):
+    """`smsdl reconstruct --project DIR` saves the run; `--project DIR -o OUT` alone reopens it."""
+    import tifffile
+
+    from napari_smsdl.cli import main
+    from napari_smsdl.sample import write_sample
+
+    sample = tmp_path / "sample"
+    write_sample(sample)
+    out, folder = tmp_path / "run", tmp_path / "project"
+    quick = ["--fast", "--ssl-steps", "2", "--regression-steps", "10", "--cnn-iterations", "2"]
+    argv = ["reconstruct", "--he", str(sample / "he.png"), "--msi", str(sample / "msi.imzML"), "--mz", "760.5851",
+            "--mz", "885.5499", "--factor", "2", "--he-pixel-size", "2.5", "--baselines", "bicubic", *quick,
+            "-o", str(out), "--project", str(folder)]
+    assert main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["project"] == str(folder) and run["factor"] == 2  # the usual outputs, plus where the project is
+    p = load_project(folder)
+    assert p.factor == 2 and p.mz == pytest.approx((760.5851, 885.5499)) and set(p.sr) == {"smsdl", "bicubic"}
+    assert p.input_status() == {"he": "unchanged", "msi": "unchanged", "msi_ibd": "unchanged"}
+    assert p.weights_path is not None and p.weights_path.stat().st_size > 1000  # the trained ViTs
+    assert list(p.cache_dir.glob("features-*.npz"))
+    np.testing.assert_array_equal(p.sr["smsdl"], tifffile.imread(out / "sr_smsdl.ome.tif"))
+
+    again = tmp_path / "again"
+    assert main(["reconstruct", "--project", str(folder), "-o", str(again)]) == 0
+    assert "reopened" in capsys.readouterr().out
+    for method in ("smsdl", "bicubic"):
+        np.testing.assert_array_equal(tifffile.imread(again / f"sr_{method}.ome.tif"),
+                                      tifffile.imread(out / f"sr_{method}.ome.tif"))
+    rerun = json.loads((again / "run.json").read_text())
+    assert rerun["reopened"] is True and rerun["sr_pixel_size_um"] == run["sr_pixel_size_um"] == 20.0
+    assert (again / "figure.png").exists()
+
+    # a partial request is an argparse error naming what is missing; a folder without project a one-liner
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reconstruct", "--he", str(sample / "he.png"), "--project", str(folder), "-o", str(again)])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --msi, --factor" in capsys.readouterr().err
+    assert main(["reconstruct", "--project", str(tmp_path / "empty"), "-o", str(again)]) == 2
+    assert "project folder not found" in capsys.readouterr().err
