@@ -3,6 +3,11 @@
 Each sub-command lives in :mod:`napari_smsdl.commands` as a module with ``add_parser(subparsers)``
 (which sets ``func=run`` on its parser) and ``run(args) -> int``. This module only dispatches and
 turns expected errors into one line on stderr and a non-zero exit status.
+
+Under ``torchrun --nproc_per_node=N -m napari_smsdl COMMAND ...`` the process group is joined
+before the command runs and left after it (:mod:`napari_smsdl.distributed`); a command declares
+that it supports several processes with ``parser.set_defaults(torchrun=True)`` (``benchmark``
+does), the others refuse to run with N > 1. Only rank 0 logs at INFO level.
 """
 
 from __future__ import annotations
@@ -40,11 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import distributed
+
+    env = distributed.env_from_environment()
+    prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if args.debug else (logging.INFO if env.is_main else logging.WARNING),
+        format=f"{prefix}%(levelname)s %(name)s: %(message)s",
     )
+    if env.world_size > 1 and not getattr(args, "torchrun", False):
+        if env.is_main:
+            print(f"smsdl {args.command}: error: this command does not run in several processes "
+                  "(torchrun --nproc_per_node > 1); run it without torchrun", file=sys.stderr)
+        return 2
     try:
+        if distributed.launched_by_torchrun() and getattr(args, "torchrun", False):
+            with distributed.distributed_session(getattr(args, "device", "auto")):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("smsdl: interrupted", file=sys.stderr)
@@ -60,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{exc.filename}: {exc.strerror or exc}"
         else:
             message = f"{type(exc).__name__}: {exc}"
-        print(f"smsdl {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
+        print(f"{prefix}smsdl {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
 

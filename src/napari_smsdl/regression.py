@@ -91,6 +91,12 @@ def train_regression(
 ) -> RegressionResult:
     """Train the shared network on the forward-model loss and predict every channel on the SR grid.
 
+    Under ``torchrun`` (a process group of N > 1 processes is initialised, see
+    :mod:`napari_smsdl.distributed`) every rank must call this with the same arguments: the
+    training MSI pixels are sharded across ranks, each rank draws ``batch_pixels / N`` of its own
+    pixels per step, DistributedDataParallel averages the gradients, and rank 0's final weights are
+    broadcast so every rank returns the same ``sr``. In a single process nothing changes.
+
     Parameters
     ----------
     features : (D, rows·F, cols·F) float
@@ -111,24 +117,86 @@ def train_regression(
     n_ch, rows, cols = lr_msi.shape
     if features.shape[1:] != (rows * factor, cols * factor):
         raise InputError(f"features {features.shape[1:]} do not match the SR grid {(rows * factor, cols * factor)}")
+    mask_lr, scale, target = _targets(lr_msi, mask_lr)
+    x_np = _design_matrix(_standardise(features, params.pca_dims), bicubic, scale, params)  # (N_sr, D')
+
+    dev = get_device(device)
+    x = torch.from_numpy(x_np).to(dev)
+    nets, history = _fit(
+        x, target, mask_lr, factor, params, dev, progress=progress, should_stop=should_stop, on_loss=on_loss,
+        distributed=_ddp_active(),
+    )
+    predictions = []
+    for net in nets:
+        with torch.no_grad():
+            pred = torch.nn.functional.softplus(net(x)).T.reshape(n_ch, rows * factor, cols * factor)
+        predictions.append(pred.cpu().numpy())
+    sr = np.median(np.stack(predictions), axis=0) * scale[:, None, None]
+    if params.conserve_mean:
+        sr = conserve_block_means(sr, lr_msi, factor, mask_lr)
+    total_steps = params.steps * params.restarts
+    if progress is not None:
+        progress("SMSDL regression", total_steps, total_steps)
+    return RegressionResult(sr.astype(np.float32), history, time.perf_counter() - start, str(dev))
+
+
+def _ddp_active() -> bool:
+    """True when a torch.distributed process group of more than one process is initialised."""
+    from .distributed import is_distributed
+
+    return is_distributed()
+
+
+def _targets(lr_msi: np.ndarray, mask_lr: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(training mask (rows, cols) bool, per-channel scale (C,), scaled target (C, rows, cols)).
+
+    Every channel is divided by its 99th percentile over the mask so all weigh the same in the loss.
+    """
+    n_ch = lr_msi.shape[0]
     acquired = np.isfinite(lr_msi).all(axis=0)
     if mask_lr is None:
         mask_lr = acquired & (np.nan_to_num(lr_msi) != 0).any(axis=0)
     mask_lr = np.asarray(mask_lr, bool) & acquired
     if mask_lr.sum() < 4:
         raise InputError(f"only {int(mask_lr.sum())} tissue pixels to train on; check the MSI mask")
-    # per-channel scale so every channel weighs the same in the loss
     scale = np.array([np.percentile(lr_msi[c][mask_lr], 99) or 1.0 for c in range(n_ch)], np.float32)
     scale[scale <= 0] = 1.0
     target = np.nan_to_num(lr_msi) / scale[:, None, None]
+    return mask_lr, scale, target
 
-    inputs = [_standardise(features, params.pca_dims)]
+
+def _design_matrix(features_std: np.ndarray, bicubic, scale: np.ndarray, params: RegressionParams) -> np.ndarray:
+    """Network input (N_sr, D'): standardised features (D'', N_sr), then the scaled bicubic channels."""
+    inputs = [features_std]
     if params.use_bicubic_input and bicubic is not None:
-        inputs.append((np.nan_to_num(bicubic) / scale[:, None, None]).reshape(n_ch, -1).astype(np.float32))
-    x_np = np.concatenate(inputs).T  # (N_sr, D')
+        inputs.append((np.nan_to_num(bicubic) / scale[:, None, None]).reshape(len(scale), -1).astype(np.float32))
+    return np.concatenate(inputs).T
 
-    dev = get_device(device)
-    x = torch.from_numpy(x_np).to(dev)
+
+def _fit(
+    x,
+    target: np.ndarray,
+    mask_lr: np.ndarray,
+    factor: int,
+    params: RegressionParams,
+    dev,
+    *,
+    progress=None,
+    should_stop=None,
+    on_loss=None,
+    distributed: bool = False,
+    stage: str = "SMSDL regression",
+) -> tuple[list, list]:
+    """Train ``params.restarts`` networks on the forward-model loss; return (networks, first loss history).
+
+    ``x`` is the (N_sr, D') input tensor on ``dev``; ``target`` (C, rows, cols) the scaled MSI.
+    With ``distributed`` (a process group of N > 1 is active) the training pixels are sharded
+    round robin across ranks, gradients are averaged by DistributedDataParallel, the loss history
+    is the mean over ranks and rank 0's final weights are copied to every rank.
+    """
+    import torch
+
+    n_ch, rows, cols = target.shape
     # SR cells of every training MSI pixel: (n_pixels, F*F) flat indices into the SR grid
     pix_r, pix_c = np.nonzero(mask_lr)
     sub_r, sub_c = np.divmod(np.arange(factor * factor), factor)
@@ -141,22 +209,47 @@ def train_regression(
     train_idx = torch.from_numpy(order[n_val:]).to(dev)
     n_pix = len(train_idx)
     batch = min(params.batch_pixels, n_pix)
-    predictions, history = [], []
+    rank, world = 0, 1
+    if distributed:
+        from .distributed import get_rank, get_world_size
+
+        rank, world = get_rank(), get_world_size()
+        if n_pix // world < 1:
+            log.warning("only %d training pixels for %d ranks: every rank trains on all of them", n_pix, world)
+            distributed, rank, world = False, 0, 1
+        else:
+            train_idx = train_idx[rank::world]  # round-robin shard of the (seeded, shuffled) pixels
+            n_pix = len(train_idx)
+            # same global batch as one process: world x (batch / world), capped by the smallest shard
+            batch = max(1, min(-(-batch // world), len(order[n_val:]) // world))
+    nets, history = [], []
     total_steps = params.steps * params.restarts
     for restart in range(params.restarts):
         torch.manual_seed(params.seed + 1000 * restart)
         net = _mlp(x.shape[1], params.hidden, params.layers, n_ch).to(dev)
-        opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+        model = net
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
+            model = DistributedDataParallel(net, device_ids=ids)  # broadcasts rank 0's initial weights
+        opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.steps)
         losses = []
-        gen = torch.Generator(device="cpu").manual_seed(params.seed + 1000 * restart)
+        gen = torch.Generator(device="cpu").manual_seed(params.seed + 1000 * restart + 7919 * rank)
         best = (float("inf"), -1, None)
         for step in range(params.steps):
-            if should_stop is not None and step % 20 == 0 and should_stop():
+            if distributed:
+                if step % 20 == 0:
+                    from .distributed import any_rank
+
+                    if any_rank(should_stop is not None and bool(should_stop())):
+                        raise Cancelled("SMSDL training cancelled")
+            elif should_stop is not None and step % 20 == 0 and should_stop():
                 raise Cancelled("SMSDL training cancelled")
             pick = train_idx[torch.randperm(n_pix, generator=gen)[:batch].to(dev)]
             idx = cells_t[pick]  # (B, F*F)
-            pred = torch.nn.functional.softplus(net(x[idx.reshape(-1)])).reshape(batch, factor * factor, n_ch)
+            pred = torch.nn.functional.softplus(model(x[idx.reshape(-1)])).reshape(batch, factor * factor, n_ch)
             loss = ((pred.mean(1) - y_pix[pick]) ** 2).mean()
             opt.zero_grad()
             loss.backward()
@@ -171,24 +264,23 @@ def train_regression(
                 if vloss < best[0]:
                     best = (vloss, step, copy.deepcopy(net.state_dict()))
             if progress is not None and step % 10 == 0:
-                progress("SMSDL regression", restart * params.steps + step + 1, total_steps)
+                progress(stage, restart * params.steps + step + 1, total_steps)
             if on_loss is not None and restart == 0 and step % 10 == 0:
                 on_loss(step, losses[-1])
         if best[2] is not None:
             net.load_state_dict(best[2])
             log.info("SMSDL restart %d: best held-out loss %.3g at step %d", restart, best[0], best[1])
-        with torch.no_grad():
-            pred = torch.nn.functional.softplus(net(x)).T.reshape(n_ch, rows * factor, cols * factor)
-        predictions.append(pred.cpu().numpy())
+        if distributed:
+            from .distributed import all_reduce_mean, broadcast_module
+
+            broadcast_module(net, src=0)  # identical weights on every rank, whatever each rank chose
+            losses = [float(v) for v in all_reduce_mean(losses)]
+        nets.append(net.eval())
         if restart == 0:
             history = losses
-        log.info("SMSDL restart %d: final forward-model loss %.3g", restart, losses[-1])
-    sr = np.median(np.stack(predictions), axis=0) * scale[:, None, None]
-    if params.conserve_mean:
-        sr = conserve_block_means(sr, lr_msi, factor, mask_lr)
-    if progress is not None:
-        progress("SMSDL regression", total_steps, total_steps)
-    return RegressionResult(sr.astype(np.float32), history, time.perf_counter() - start, str(dev))
+        if losses:
+            log.info("SMSDL restart %d: final forward-model loss %.3g", restart, losses[-1])
+    return nets, history
 
 
 def conserve_block_means(sr: np.ndarray, lr_msi: np.ndarray, factor: int, mask_lr: np.ndarray) -> np.ndarray:

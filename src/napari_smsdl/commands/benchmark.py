@@ -3,6 +3,12 @@
 Contract: ``smsdl benchmark --he HE_IMAGE --msi GROUND_TRUTH --factor F [--fast]
 [--transform FILE.tfm] [--seed N] -o OUTDIR`` writes ``metrics.json`` (method → metric →
 {"mean", "per_channel"}, plus "seconds"), the SR stacks as OME-TIFF and ``figure.png``.
+
+Under ``torchrun --nproc_per_node=N -m napari_smsdl benchmark ...`` (same arguments, same outputs)
+every rank runs the SMSDL part of the pipeline: each computes the same features (deterministic for
+a seed; only rank 0 reads and writes the feature cache) and the regression trains with
+DistributedDataParallel on its shard of the MSI pixels. Rank 0 alone also runs the baselines,
+scores, writes every file and prints.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ def add_parser(subparsers) -> None:
     add_msi_channel_args(parser)
     parser.add_argument("--methods", default="smsdl,bicubic,cnn", help="comma-separated subset of smsdl,bicubic,cnn")
     parser.add_argument("-o", "--output", required=True, help="output folder")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, torchrun=True)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -41,14 +47,17 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def run(args) -> int:
+    from ..distributed import get_world_size, is_main_process
     from ..errors import InputError
     from ..export import write_tiff_stack
     from ..figures import comparison_figure
     from ..pipeline import run_benchmark
 
     start = time.perf_counter()
+    main = is_main_process()
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     msi = load_msi(args.msi, args)
     he, he_px = load_he(args.he, pixel_size_um=args.he_pixel_size)
     truth = msi.data
@@ -67,6 +76,11 @@ def run(args) -> int:
         he_px = truth_px * truth.shape[1] / he.shape[0]
     settings = settings_from_args(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cache_dir = args.cache_dir or out / "cache"
+    if not main:  # other ranks only take part in the distributed SMSDL training
+        methods, cache_dir = [m for m in methods if m == "smsdl"], None
+        if not methods:
+            return 0
 
     def progress(stage, done, total):
         if done == total or done == 1:
@@ -74,8 +88,10 @@ def run(args) -> int:
 
     result = run_benchmark(
         truth, he, factor=args.factor, truth_pixel_size_um=truth_px, he_pixel_size_um=he_px, settings=settings,
-        transform=transform, methods=methods, cache_dir=args.cache_dir or out / "cache", progress=progress,
+        transform=transform, methods=methods, cache_dir=cache_dir, progress=progress,
     )
+    if not main:
+        return 0
     sr_px = truth_px
     for name, stack in result.reconstruction.sr.items():
         write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=msi.channel_names, pixel_size_um=sr_px)
@@ -93,6 +109,7 @@ def run(args) -> int:
         "factor": args.factor, "preset": "fast" if args.fast else "default", "seed": args.seed,
         "channels": list(msi.channel_names), "truth_shape": list(result.truth.shape), "lr_shape": list(result.lr.shape),
         "transform": args.transform, "he_pixel_size_um": he_px, "truth_pixel_size_um": truth_px,
+        "world_size": get_world_size(),
     }
     write_json_atomic(out / "metrics.json", metrics)
     for name in result.reconstruction.sr:
