@@ -183,3 +183,43 @@ def test_coordinates_beyond_declared_grid(imzml_file, tmp_path):
     path.write_text(text)
     with pytest.raises(ImzMLError, match="out of range"):
         open_imzml(path)
+
+
+@pytest.mark.parametrize("layout", ["strided", "variable", "unaligned", "out_of_order"])
+def test_gather_paths_agree(layout):
+    from napari_smsdl.msi import _gather
+
+    rng = np.random.default_rng(0)
+    lengths = np.full(5, 4) if layout == "strided" else rng.integers(0, 7, 5)
+    values = [rng.normal(size=n) for n in lengths]
+    gap = 3 if layout == "unaligned" else 8
+    buf, offsets = bytearray(), []
+    for v in values:
+        buf += b"\0" * (gap if layout == "unaligned" else 8)
+        offsets.append(len(buf))
+        buf += v.astype(np.float64).tobytes()
+    offsets = np.array(offsets)
+    if layout == "out_of_order":
+        order = np.array([2, 0, 4, 1, 3])
+        offsets, lengths, values = offsets[order], lengths[order], [values[i] for i in order]
+    got = _gather(bytes(buf), offsets, lengths, np.float64)
+    np.testing.assert_array_equal(got, np.concatenate(values))
+
+
+def test_overlapping_windows_are_each_summed(imzml_file):
+    path, _, _ = imzml_file
+    ds = open_imzml(path)
+    wide, narrow = ds.ion_images([500.0], "1da").data[0], ds.ion_images([500.2], "0.5da").data[0]
+    both = ds.ion_images([500.0, 500.2], "1da").data
+    np.testing.assert_allclose(both[0], wide, equal_nan=True)
+    assert np.nanmax(np.abs(both[1] - ds.ion_images([500.2], "1da").data[0])) == 0
+    assert narrow.shape == wide.shape
+
+
+def test_peaks_outside_all_windows_never_count(tmp_path):
+    """Peaks below the lowest and above the highest window must not leak in through the lookup table."""
+    spectra = [(0, 0, np.array([100.0, 500.0, 900.0]), np.array([7.0, 1.0, 9.0], np.float32)),
+               (0, 1, np.array([499.0, 501.0]), np.array([3.0, 4.0], np.float32))]
+    ds = open_imzml(write_imzml(tmp_path / "edges.imzML", spectra, mode="processed"))
+    image = ds.ion_images([500.0, 501.0], "0.001da").data
+    np.testing.assert_array_equal(image[:, 0, :], [[1.0, 0.0], [0.0, 4.0]])

@@ -13,6 +13,7 @@ Pixels without a spectrum are NaN in every image.
 from __future__ import annotations
 
 import enum
+import mmap
 import os
 import re
 import uuid as uuid_mod
@@ -191,6 +192,8 @@ class ImzMLDataset:
             )
         n = self.n_spectra
         begin = 0
+        # Each chunk is its own read-only memory map: no copy out of the page cache, and the map is
+        # released as soon as the caller drops the chunk, so resident memory stays near CHUNK_BYTES.
         with open(self.ibd_path, "rb") as fh:
             while begin < n:
                 # grow the chunk while the file span it covers stays under CHUNK_BYTES
@@ -199,18 +202,21 @@ class ImzMLDataset:
                 end = begin + max(1, int(np.searchsorted(span, CHUNK_BYTES, side="right")))
                 lo = int(starts_b[begin:end].min())
                 hi = int(ends_b[begin:end].max())
-                fh.seek(lo)
-                buf = fh.read(hi - lo)
+                base = lo - lo % mmap.ALLOCATIONGRANULARITY
+                buf = np.frombuffer(mmap.mmap(fh.fileno(), hi - base, access=mmap.ACCESS_READ, offset=base), np.uint8)
+                lo = base
                 idx = np.arange(begin, end)
                 if self.mode == "continuous":
                     ints = _gather(buf, self.intensity_offsets[idx] - lo, self.intensity_lengths[idx], self.intensity_dtype)
                     yield _Chunk(idx, None, ints.reshape(len(idx), -1), np.array([]))
                 else:
                     lengths = self.mz_lengths[idx]
-                    mz = _gather(buf, self.mz_offsets[idx] - lo, lengths, self.mz_dtype)
-                    ints = _gather(buf, self.intensity_offsets[idx] - lo, lengths, self.intensity_dtype)
+                    mz = _gather(buf, self.mz_offsets[idx] - lo, lengths, self.mz_dtype, keep_2d=True)
+                    ints = _gather(buf, self.intensity_offsets[idx] - lo, lengths, self.intensity_dtype, keep_2d=True)
+                    if mz.ndim != ints.ndim:
+                        mz, ints = mz.reshape(-1), ints.reshape(-1)
                     starts = np.concatenate([[0], np.cumsum(lengths)])
-                    yield _Chunk(idx, mz.astype(np.float64), ints, starts)
+                    yield _Chunk(idx, mz, ints, starts)
                 begin = end
 
     # ------------------------------------------------------------------ per-spectrum stats
@@ -223,6 +229,8 @@ class ImzMLDataset:
         mz_min, mz_max = np.full(n, np.inf), np.full(n, -np.inf)
         counts = self.intensity_lengths.astype(np.float64)
         for chunk in self._chunks():
+            if chunk.mz is not None and chunk.mz.ndim == 2:
+                chunk = _Chunk(chunk.indices, chunk.mz.reshape(-1), chunk.intensity.reshape(-1), chunk.starts)
             ints = chunk.intensity.astype(np.float64)
             if chunk.mz is None:
                 tic[chunk.indices] = ints.sum(axis=1)
@@ -277,6 +285,19 @@ class ImzMLDataset:
         if not len(windows):
             return out
         axis = self.shared_mz
+        layers = _window_layers(lo_mz, hi_mz)
+        # lookup table of ~2**20 bins over the windows' span: True where a bin touches a window
+        # (two empty guard bins at each end: out-of-range m/z, clipped there, never count)
+        t_lo, t_hi = float(lo_mz.min()), float(hi_mz.max())
+        t_scale = (2**20 - 8) / max(t_hi - t_lo, 1e-9)
+        t_lo -= 2.0 / t_scale
+        table = np.zeros(2**20, bool)
+        first_bin = np.floor((lo_mz - t_lo) * t_scale).astype(np.int64)
+        last_bin = np.floor((hi_mz - t_lo) * t_scale).astype(np.int64)
+        marks = np.zeros(2**20 + 1, np.int32)
+        np.add.at(marks, np.clip(first_bin, 0, 2**20 - 1), 1)
+        np.add.at(marks, np.clip(last_bin + 1, 0, 2**20), -1)
+        table[:] = np.cumsum(marks[:-1]) > 0
         if axis is not None:
             first = np.searchsorted(axis, lo_mz, side="left")
             last = np.searchsorted(axis, hi_mz, side="right")
@@ -286,20 +307,35 @@ class ImzMLDataset:
                 np.cumsum(chunk.intensity, axis=1, out=csum[:, 1:])
                 out[chunk.indices] = csum[:, last] - csum[:, first]
                 continue
-            # One global search over all spectra of the chunk: since each spectrum's m/z is sorted,
-            # mz + k * span (k = spectrum position in the chunk) is sorted over the concatenation.
+            # A coarse lookup table over m/z marks the bins that touch any window, so one cheap pass
+            # finds the few candidate peaks; only those are searched exactly against the sorted
+            # window edges of each non-overlapping layer (searchsorted(side="right") is odd exactly
+            # inside [low, high]) and summed per spectrum with one bincount.
             n = len(chunk.indices)
-            if not len(chunk.mz):
+            if not chunk.mz.size:
                 continue
-            base = min(float(chunk.mz.min()), float(lo_mz.min()))
-            span = max(float(chunk.mz.max()), float(hi_mz.max())) - base + 1.0
-            owner = np.repeat(np.arange(n), np.diff(chunk.starts))
-            keys = (chunk.mz - base) + owner * span
-            offs = (np.arange(n) * span)[:, None]
-            first = np.searchsorted(keys, (lo_mz - base)[None, :] + offs, side="left")
-            last = np.searchsorted(keys, (hi_mz - base)[None, :] + offs, side="right")
-            csum = np.concatenate([[0.0], np.cumsum(chunk.intensity, dtype=np.float64)])
-            out[chunk.indices] = csum[last] - csum[first]
+            cand = np.flatnonzero(table[np.clip(((chunk.mz - t_lo) * t_scale).astype(np.int64), 0, len(table) - 1)].ravel())
+            if not len(cand):
+                continue
+            mz_c = chunk.mz.reshape(-1)[cand] if chunk.mz.ndim == 1 else chunk.mz[np.divmod(cand, chunk.mz.shape[1])]
+            if chunk.mz.ndim == 2:
+                owner_c = cand // chunk.mz.shape[1]
+                int_c = chunk.intensity[owner_c, cand % chunk.mz.shape[1]]
+            else:
+                owner_c = np.searchsorted(chunk.starts, cand, side="right") - 1
+                int_c = chunk.intensity[cand]
+            int_c = int_c.astype(np.float64)
+            for layer in layers:
+                edges = np.empty(2 * len(layer))
+                edges[0::2] = lo_mz[layer]
+                edges[1::2] = np.nextafter(hi_mz[layer], np.inf)
+                slot = np.searchsorted(edges, mz_c.astype(np.float64), side="right")
+                inside = (slot & 1).astype(bool)
+                if not inside.any():
+                    continue
+                window = layer[slot[inside] // 2]
+                sums = np.bincount(owner_c[inside] * len(windows) + window, weights=int_c[inside], minlength=n * len(windows))
+                out[chunk.indices] += sums.reshape(n, len(windows))
         return out
 
     def ion_images(
@@ -352,6 +388,7 @@ class ImzMLDataset:
             weight = np.zeros(n_bins)
             weighted_mz = np.zeros(n_bins)
             for chunk in self._chunks():
+                chunk = _Chunk(chunk.indices, chunk.mz.reshape(-1), chunk.intensity.reshape(-1), chunk.starts)
                 bins = np.floor((np.log(chunk.mz) - np.log(low)) / step).astype(np.int64)
                 ints = chunk.intensity.astype(np.float64)
                 weight += np.bincount(bins, ints, minlength=n_bins)
@@ -380,34 +417,71 @@ class ImzMLDataset:
 
 
 # ---------------------------------------------------------------------- low-level helpers
-def _gather(buf: bytes, offsets: np.ndarray, lengths: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _gather(buf, offsets: np.ndarray, lengths: np.ndarray, dtype: np.dtype, *, keep_2d: bool = False) -> np.ndarray:
     """Concatenate ``lengths[i]`` values of ``dtype`` starting at byte ``offsets[i]`` of ``buf``.
 
-    Offsets need not be aligned to the item size (mixed float64/float32 files are not): values are
-    viewed through one ``frombuffer`` per byte residue, so there is no per-spectrum Python loop.
+    No per-spectrum Python loop. Two paths:
+
+    * equal lengths at a constant byte stride (most writers, continuous files): a zero-copy strided
+      view, returned as (n, length) with ``keep_2d``, else flattened with one copy;
+    * otherwise, per byte residue of the offsets (mixed float64/float32 files are not aligned),
+      a run mask over the buffer marks the wanted elements and one boolean selection takes them.
     """
     dtype = np.dtype(dtype)
     isz = dtype.itemsize
     offsets = np.asarray(offsets, np.int64)
     lengths = np.asarray(lengths, np.int64)
     total = int(lengths.sum())
-    out = np.empty(total, dtype)
     if total == 0:
-        return out
+        return np.empty(0, dtype)
+    n = len(offsets)
+    if n == 1 or ((lengths == lengths[0]).all() and (np.diff(offsets) == offsets[1] - offsets[0]).all()
+                  and offsets[1] - offsets[0] >= lengths[0] * isz):
+        stride = int(offsets[1] - offsets[0]) if n > 1 else int(lengths[0] * isz)
+        view = np.ndarray((n, int(lengths[0])), dtype=dtype, buffer=buf, offset=int(offsets[0]), strides=(stride, isz))
+        return view if keep_2d else view.reshape(-1)  # one copy when the stride leaves gaps, none when it does not
+    residues = offsets % isz
+    in_file_order = (np.diff(offsets) >= lengths[:-1] * isz).all()
+    if not in_file_order or (residues != residues[0]).any():
+        return _gather_by_index(buf, offsets, lengths, dtype)  # rare layouts: explicit indices
+    r = int(residues[0])
+    view = np.frombuffer(buf, dtype=dtype, offset=r, count=(len(buf) - r) // isz)
+    start = (offsets - r) // isz
+    marks = np.zeros(len(view) + 1, np.int8)
+    np.add.at(marks, start, 1)
+    np.add.at(marks, start + lengths, -1)
+    return view[np.cumsum(marks[:-1], dtype=np.int8).astype(bool)]
+
+
+def _gather_by_index(buf: bytes, offsets: np.ndarray, lengths: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """General gather through explicit element indices (any alignment, any order)."""
+    isz = dtype.itemsize
+    out = np.empty(int(lengths.sum()), dtype)
     out_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     residues = offsets % isz
     for r in np.unique(residues):
         sel = residues == r
         view = np.frombuffer(buf, dtype=dtype, offset=int(r), count=(len(buf) - int(r)) // isz)
         lens = lengths[sel]
-        n_sel = int(lens.sum())
-        if n_sel == 0:
-            continue
-        ramp = np.arange(n_sel) - np.repeat(np.cumsum(lens) - lens, lens)
-        src = np.repeat((offsets[sel] - r) // isz, lens) + ramp
-        dst = np.repeat(out_starts[sel], lens) + ramp
-        out[dst] = view[src]
+        ramp = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        out[np.repeat(out_starts[sel], lens) + ramp] = view[np.repeat((offsets[sel] - r) // isz, lens) + ramp]
     return out
+
+
+def _window_layers(lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
+    """Split windows into groups whose windows do not overlap (greedy, by lower bound)."""
+    layers: list[list[int]] = []
+    ends: list[float] = []
+    for w in np.argsort(lo, kind="stable"):
+        for k, end in enumerate(ends):
+            if lo[w] > end:
+                layers[k].append(int(w))
+                ends[k] = hi[w]
+                break
+        else:
+            layers.append([int(w)])
+            ends.append(hi[w])
+    return [np.array(layer) for layer in layers]
 
 
 def _find_ibd(path: Path) -> Path:
