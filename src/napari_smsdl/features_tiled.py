@@ -1,0 +1,646 @@
+"""Whole-slide multi-level ViT features in bounded memory, written to a chunked zarr store.
+
+:func:`napari_smsdl.features.extract_features` needs the registered H&E resampled onto the whole
+super-resolution (SR) grid in memory (the *guide*); for a whole slide that is gigabytes. This module
+computes the same features tile by tile:
+
+1. **Pyramid level.** The guide has pixel size ``g = SR pixel / k`` (k from
+   :func:`napari_smsdl.pipeline.choose_cell_px`); the H&E is read at the coarsest pyramid level
+   whose pixel is still at most ``g`` (:meth:`HistologyImage.best_level`), one region at a time.
+2. **Colour statistics** of the guide (mean and standard deviation per channel, which
+   normalise the ViT input) from guide tiles on a regular lattice (all tiles when there are at most
+   ``TilingParams.stats_tiles``).
+3. **Self-supervised training** (SimMIM, unchanged from :mod:`napari_smsdl.features`) per ViT level
+   on the whole level image when it is small, else on one region of it centred on the tissue.
+4. **Tokens.** Each level image is cut into work tiles of whole ViT windows (16 × 16 tokens); a tile's
+   level image is computed from a guide region with a halo wide enough for the anti-aliasing filter
+   and the interpolation, so its windows see exactly what they see in the in-memory image. Token
+   grids go to temporary zarr arrays.
+5. **Sampling.** Output tiles of the SR grid sample the token grids at cell centres (bilinear, with a
+   one-token halo), average the shifted passes, append the cell's mean colour and are written to
+   the ``features`` array, (n_features, rows, cols) float32, chunked by output tile.
+
+With the same weights, the result equals the in-memory features (up to float rounding) for affine
+transforms when the in-memory guide is made from the same pyramid level. Levels whose ViT window
+covers more than ``TilingParams.tile_guide_px`` guide pixels (wide tissue context at large F·k) are
+instead resampled straight from the H&E onto their own grid — approximately the same image, without
+ever building the huge guide region. Peak memory depends on the tile sizes, not on the slide size.
+
+Under torchrun (:mod:`napari_smsdl.distributed`) the tiles of every pass are shared round robin
+between ranks (each writes its own zarr chunks), the statistics are summed over ranks, the three
+ViT levels are trained on ranks 0, 1, 2 (mod N) and their weights broadcast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import distributed as dd
+from .errors import Cancelled, InputError
+from .features import (
+    LEVELS,
+    TOKEN_PX,
+    WINDOW_TOKENS,
+    FeatureParams,
+    _dense_tokens,
+    _load_checkpoint,
+    _simmim_train,
+    make_vit,
+)
+from .histology import HistologyImage, open_histology
+from .torch_setup import get_device
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+WINDOW_PX = TOKEN_PX * WINDOW_TOKENS  # level-image pixels per ViT window side
+STORE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    """Tile sizes (they set peak memory and nothing else).
+
+    Attributes
+    ----------
+    tile_cells : int
+        Output tile side in SR cells (also the zarr chunk of ``features``).
+    tile_guide_px : int
+        Work tiles of a ViT level span at most this many guide pixels per side (at least one
+        window). A level whose single window spans more is resampled straight from the H&E.
+    max_train_px : int
+        Side, in level-image pixels, of the region each ViT level is trained on when its level
+        image is larger.
+    stats_tiles : int
+        Guide tiles (``tile_guide_px`` square) sampled for the colour statistics.
+    keep_intermediate : bool
+        Keep the token grids and the colour array in the store (for inspection).
+    """
+
+    tile_cells: int = 256
+    tile_guide_px: int = 1024
+    max_train_px: int = 1024
+    stats_tiles: int = 64
+    keep_intermediate: bool = False
+
+
+@dataclass(frozen=True)
+class TiledFeatures:
+    """A feature store: ``features`` (n_features, rows, cols) float32 in the zarr group at ``path``."""
+
+    path: Path
+    names: tuple[str, ...]
+    shape: tuple[int, int, int]
+    he_level: int
+    cell_px: int
+    ssl_losses: dict
+    seconds: float
+    from_cache: bool = False
+
+    def open(self):
+        """The zarr array (read only), sliceable like numpy: ``open()[:, r0:r1, c0:c1]``."""
+        import zarr
+
+        return zarr.open_array(str(self.path), path="features", mode="r")
+
+    def read(self, region_rc: tuple[slice, slice] | None = None) -> np.ndarray:
+        """Features of a region of the SR grid (all of it by default) as a numpy array."""
+        arr = self.open()
+        return np.asarray(arr[(slice(None), *region_rc)] if region_rc is not None else arr[:])
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """A pixel grid in MSI physical space: ``px`` µm, centre of pixel (0, 0) at ``origin_rc`` µm."""
+
+    shape: tuple[int, int]
+    px: float
+    origin_rc: tuple[float, float]
+
+
+class _Slide:
+    """The H&E, its transform into MSI space, and region resampling onto grids of MSI space."""
+
+    def __init__(self, image: HistologyImage, transform, msi_shape, msi_pixel_size_um: float):
+        from .registration import same_field_of_view_transform
+
+        if image.pixel_size_um is None:
+            raise InputError("the H&E pixel size is unknown: pass he_pixel_size_um", image.path)
+        self.image = image
+        self.p0 = float(image.pixel_size_um)
+        if transform is None:
+            transform = same_field_of_view_transform(msi_shape, msi_pixel_size_um, image.shape, self.p0)
+        self.transform = transform
+
+    def level_px(self, level: int) -> float:
+        return float(self.image.level_pixel_size_um(level))
+
+    def level_offset(self, level: int) -> float:
+        """Level-0 µm of the centre of pixel (0, 0) of a pyramid level (block means shift it)."""
+        return (self.level_px(level) - self.p0) / 2.0
+
+    def resample(self, grid: _Grid, rows: tuple[int, int], cols: tuple[int, int], level: int) -> np.ndarray:
+        """The H&E (pyramid ``level``) resampled onto ``grid[rows, cols]``: (r, c, 3) float32 in [0, 1].
+
+        Reads only the H&E region the grid region maps to, with a halo for the anti-aliasing
+        filter, aligned to its block-mean blocks, so the result equals resampling the whole level
+        (:func:`napari_smsdl.registration.resample_moving_to_grid`) onto the whole grid.
+        """
+        import SimpleITK as sitk
+
+        from .registration import resample_moving_to_grid
+        from .registration._coords import GridSpec
+        from .registration._resample import _local_scale
+
+        (a, b), (c, d) = rows, cols
+        shape = (b - a, d - c)
+        origin = (grid.origin_rc[0] + a * grid.px, grid.origin_rc[1] + c * grid.px)
+        p_l, off = self.level_px(level), self.level_offset(level)
+        ratio = _local_scale(self.transform, GridSpec(shape, grid.px, origin)) * grid.px / p_l
+        kb = int(ratio // 2)
+        kb = kb if kb >= 2 else 1
+        sigma = max(0.0, (ratio / kb - 1.0) / 2.0)
+        halo = kb * (int(4 * sigma + 0.5) + 2) + 3
+        # where the region's outline lands in the pyramid level (9 x 9 lattice of grid points)
+        rr = np.linspace(a - 1, b, 9)
+        cc = np.linspace(c - 1, d, 9)
+        pts = [
+            self.transform.TransformPoint((grid.origin_rc[1] + j * grid.px, grid.origin_rc[0] + i * grid.px))
+            for i in rr for j in cc
+        ]
+        xy = (np.asarray(pts) - off) / p_l
+        n_rows, n_cols = (int(s) for s in self.image.levels[level].shape[:2])
+        r0 = max(0, (math.floor(xy[:, 1].min()) - halo) // kb * kb)
+        c0 = max(0, (math.floor(xy[:, 0].min()) - halo) // kb * kb)
+        r1 = min(n_rows, -(-(math.ceil(xy[:, 1].max()) + halo + 1) // kb) * kb)
+        c1 = min(n_cols, -(-(math.ceil(xy[:, 0].max()) + halo + 1) // kb) * kb)
+        if r0 >= r1 or c0 >= c1:  # entirely off the slide: glass is white
+            return np.ones(shape + (3,), np.float32)
+        region = self.image.read(level, (slice(r0, r1), slice(c0, c1))).astype(np.float32) / 255.0
+        local = sitk.CompositeTransform(2)
+        local.AddTransform(sitk.TranslationTransform(2, (-(c0 * p_l + off), -(r0 * p_l + off))))
+        local.AddTransform(self.transform)  # applied first: MSI µm -> H&E µm, then into the region
+        out = resample_moving_to_grid(
+            region, p_l, local, grid_shape_rc=shape, grid_pixel_size_um=grid.px, grid_origin_um=origin, antialias=True
+        )
+        return np.clip(np.asarray(out, np.float32), 0, 1)
+
+
+@dataclass(frozen=True)
+class _Level:
+    """One ViT level: its level image (global size, scale from the guide) and how tiles are made."""
+
+    name: str
+    cells_per_token: float
+    scale: float  # level image px per guide px (skimage ``rescale`` factor)
+    shape: tuple[int, int]  # global level image (rows, cols)
+    rho: tuple[float, float]  # guide px per level px per axis (= input / output shape)
+    exact: bool  # level tiles from guide regions (exact) or straight from the H&E
+    tile_windows: int
+
+
+class _Extractor:
+    def __init__(self, slide: _Slide, msi_shape, msi_pixel_size_um, factor, params, tiling, max_cell_px, dev):
+        from .pipeline import choose_cell_px
+
+        self.slide, self.params, self.tiling, self.dev = slide, params, tiling, dev
+        self.factor = int(factor)
+        self.sr_shape = (int(msi_shape[0]) * self.factor, int(msi_shape[1]) * self.factor)
+        sr_px = msi_pixel_size_um / self.factor
+        self.k = choose_cell_px(slide.p0, sr_px, max_cell_px)
+        g = sr_px / self.k
+        origin = -msi_pixel_size_um / 2 + g / 2
+        self.guide = _Grid((self.sr_shape[0] * self.k, self.sr_shape[1] * self.k), g, (origin, origin))
+        self.he_level = slide.image.best_level(g)
+        self.levels = {name: self._level(name) for name in LEVELS}
+        self.mean = self.std = None
+
+    def _level(self, name: str) -> _Level:
+        cpt = {"cellular": 1.0, "regional": float(self.factor),
+               "tissue": float(self.factor * self.params.tissue_tokens_msi_px)}[name]
+        scale = TOKEN_PX / (cpt * self.k)
+        rows, cols = self.guide.shape
+        if abs(scale - 1.0) < 1e-6:
+            shape, rho = (rows, cols), (1.0, 1.0)
+        else:
+            shape = (max(1, round(rows * scale)), max(1, round(cols * scale)))
+            rho = (rows / shape[0], cols / shape[1])
+        window_guide_px = WINDOW_PX * max(rho)
+        exact = window_guide_px <= self.tiling.tile_guide_px
+        n = max(1, int(self.tiling.tile_guide_px // window_guide_px)) if exact else max(1, self.tiling.tile_guide_px // WINDOW_PX)
+        return _Level(name, cpt, scale, shape, rho, exact, n)
+
+    # ---------------------------------------------------------------- level images
+
+    def guide_region(self, rows, cols) -> np.ndarray:
+        return self.slide.resample(self.guide, rows, cols, self.he_level)
+
+    def level_region(self, lv: _Level, rows, cols, keep_guide: dict | None = None) -> np.ndarray:
+        """Normalised level image ``[rows, cols]`` (level px, unshifted): (r, c, 3) float32.
+
+        With ``keep_guide`` (a dict), the guide region used (unnormalised) and its guide-pixel
+        spans are stored in it under ``"guide"`` and ``"spans"`` (exact path only).
+        """
+        from scipy.ndimage import gaussian_filter, map_coordinates
+
+        (a, b), (c, d) = rows, cols
+        if not lv.exact:
+            px = self.guide.px * lv.rho[0]
+            grid = _Grid(lv.shape, px, tuple(o + (0.5 * r - 0.5) * self.guide.px for o, r in zip(self.guide.origin_rc, lv.rho)))
+            image = self.slide.resample(grid, rows, cols, self.slide.image.best_level(px))
+            return ((image - self.mean) / self.std).astype(np.float32)
+        if abs(lv.scale - 1.0) < 1e-6:
+            guide = self.guide_region(rows, cols)
+            if keep_guide is not None:
+                keep_guide.update(guide=guide, spans=(rows, cols))
+            return ((guide - self.mean) / self.std).astype(np.float32)
+        sigma = [max(0.0, (r - 1) / 2) if lv.scale < 1 else 0.0 for r in lv.rho]
+        rad = [int(4 * s + 0.5) if s > 0 else 0 for s in sigma]
+        spans = []
+        for (lo, hi), r, h, n in zip(((a, b), (c, d)), lv.rho, rad, self.guide.shape):
+            u_lo, u_hi = (lo + 0.5) * r - 0.5, (hi - 0.5) * r - 0.5
+            spans.append((max(0, math.floor(u_lo) - h - 2), min(n, math.ceil(u_hi) + h + 3)))
+        guide = self.guide_region(spans[0], spans[1])
+        if keep_guide is not None:
+            keep_guide.update(guide=guide, spans=tuple(spans))
+        normed = ((guide - self.mean) / self.std).astype(np.float32)
+        if lv.scale < 1 and max(sigma) > 0:
+            normed = gaussian_filter(normed, (sigma[0], sigma[1], 0.0), mode="mirror")
+        ur = (np.arange(a, b) + 0.5) * lv.rho[0] - 0.5 - spans[0][0]
+        uc = (np.arange(c, d) + 0.5) * lv.rho[1] - 0.5 - spans[1][0]
+        coords = np.meshgrid(ur, uc, indexing="ij")
+        out = np.empty((b - a, d - c, 3), np.float32)
+        for ch in range(3):
+            out[..., ch] = map_coordinates(normed[..., ch], coords, order=1, mode="mirror")
+        return out
+
+    def shifted_region(self, lv: _Level, shift: int, rows, cols, keep_guide: dict | None = None) -> np.ndarray:
+        """Rows/cols of the level image shifted by ``shift`` px (reflect-padded at the top/left)."""
+        (a, b), (c, d) = rows, cols
+        ra, ca = max(0, a - shift), max(0, c - shift)
+        image = self.level_region(lv, (ra, b - shift), (ca, d - shift), keep_guide)
+        pad_r, pad_c = ra - (a - shift), ca - (c - shift)
+        if pad_r or pad_c:
+            image = np.pad(image, ((pad_r, 0), (pad_c, 0), (0, 0)), mode="reflect")
+        return image
+
+    # ---------------------------------------------------------------- passes
+
+    def colour_stats(self, progress, should_stop) -> None:
+        """Mean and std per channel of the guide from a lattice of guide tiles (all if few)."""
+        t = self.tiling.tile_guide_px
+        tiles = [(r, c) for r in range(0, self.guide.shape[0], t) for c in range(0, self.guide.shape[1], t)]
+        if len(tiles) > self.tiling.stats_tiles:
+            pick = np.unique(np.linspace(0, len(tiles) - 1, self.tiling.stats_tiles).round().astype(int))
+            tiles = [tiles[i] for i in pick]
+        acc = np.zeros(7)  # n, sum (3), sum of squares about 0.5 (3)
+        for i, (r, c) in enumerate(dd.shard(tiles)):
+            _check(should_stop)
+            g = self.guide_region((r, min(r + t, self.guide.shape[0])), (c, min(c + t, self.guide.shape[1])))
+            flat = g.reshape(-1, 3).astype(np.float64) - 0.5
+            acc += np.concatenate([[len(flat)], flat.sum(0), (flat**2).sum(0)])
+            if progress is not None:
+                progress("colour statistics", i + 1, -(-len(tiles) // dd.get_world_size()))
+        acc = dd.all_reduce_sum(acc)
+        n = acc[0]
+        mean = acc[1:4] / n
+        var = np.maximum(acc[4:7] / n - mean**2, 0.0)
+        self.mean = (mean + 0.5).astype(np.float32)
+        self.std = (np.sqrt(var) + 1e-3).astype(np.float32)
+
+    def train_region(self, lv: _Level) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The level-image region to train on: all of it when small, else around the tissue centroid."""
+        side = self.tiling.max_train_px
+        if lv.exact:
+            side = min(side, max(WINDOW_PX, int(2 * self.tiling.tile_guide_px / max(lv.rho))))
+        rows, cols = lv.shape
+        if rows <= side and cols <= side:
+            return (0, rows), (0, cols)
+        cy, cx = self.tissue_centroid()  # fraction of the grid
+        r0 = int(np.clip(round(cy * rows - side / 2), 0, max(0, rows - side)))
+        c0 = int(np.clip(round(cx * cols - side / 2), 0, max(0, cols - side)))
+        return (r0, min(rows, r0 + side)), (c0, min(cols, c0 + side))
+
+    def tissue_centroid(self) -> tuple[float, float]:
+        """Darkness-weighted centroid of the H&E over the SR grid, as fractions of the grid (rows, cols)."""
+        if getattr(self, "_centroid", None) is None:
+            rows, cols = self.sr_shape[0] // self.factor, self.sr_shape[1] // self.factor
+            step = max(1, int(math.ceil(max(rows, cols) / 256)))  # at most 256 x 256 samples
+            grid = _Grid((-(-rows // step), -(-cols // step)), self.guide.px * self.k * self.factor * step,
+                         tuple(o - self.guide.px / 2 + self.guide.px * self.k * self.factor * step / 2
+                               for o in self.guide.origin_rc))
+            level = self.slide.image.best_level(grid.px)
+            # blocks of about tile_guide_px H&E pixels: bounded reads, whatever the pyramid's depth
+            step_px = max(1, int(self.tiling.tile_guide_px * self.slide.level_px(level) / grid.px))
+            dark = np.zeros(grid.shape, np.float32)
+            for r in range(0, grid.shape[0], step_px):
+                for c in range(0, grid.shape[1], step_px):
+                    rows_, cols_ = (r, min(r + step_px, grid.shape[0])), (c, min(c + step_px, grid.shape[1]))
+                    block = self.slide.resample(grid, rows_, cols_, level)
+                    dark[slice(*rows_), slice(*cols_)] = np.clip(1.0 - block.mean(-1) - 0.1, 0, None)
+            total = dark.sum()
+            if total <= 0:
+                self._centroid = (0.5, 0.5)
+            else:
+                rr, cc = np.mgrid[: dark.shape[0], : dark.shape[1]]
+                self._centroid = (float(((rr + 0.5) * dark).sum() / total / dark.shape[0]),
+                                  float(((cc + 0.5) * dark).sum() / total / dark.shape[1]))
+        return self._centroid
+
+    def level_tiles(self, lv: _Level, shift: int) -> list[tuple[int, int, int, int]]:
+        """Work tiles of the shifted level image: (r0, r1, c0, c1) in level px, whole windows."""
+        rows, cols = lv.shape[0] + shift, lv.shape[1] + shift
+        step = lv.tile_windows * WINDOW_PX
+        return [(r, min(r + step, rows), c, min(c + step, cols)) for r in range(0, rows, step) for c in range(0, cols, step)]
+
+
+def _check(should_stop) -> None:
+    if should_stop is not None and should_stop():
+        raise Cancelled("feature extraction cancelled")
+
+
+def _store_key(slide: _Slide, msi_shape, msi_pixel_size_um, factor, params: FeatureParams, tiling, max_cell_px) -> dict:
+    st = os.stat(slide.image.path)
+    t = slide.transform
+    return {
+        "v": STORE_VERSION,
+        "he": [str(Path(slide.image.path).resolve()), st.st_size, st.st_mtime_ns, slide.p0],
+        "transform": [t.GetName(), list(t.GetParameters()), list(t.GetFixedParameters())] if hasattr(t, "GetParameters") else str(t),
+        "msi": [list(msi_shape), msi_pixel_size_um],
+        "F": factor,
+        "max_cell_px": max_cell_px,
+        "params": params.cache_key(),
+        "tiling": {k: v for k, v in dataclasses.asdict(tiling).items() if k != "keep_intermediate"},
+    }
+
+
+def extract_features_tiled(
+    histology: HistologyImage | str | os.PathLike,
+    *,
+    msi_shape: tuple[int, int],
+    msi_pixel_size_um: float,
+    factor: int,
+    out: str | os.PathLike,
+    transform=None,
+    he_pixel_size_um: float | None = None,
+    params: FeatureParams = FeatureParams(),
+    tiling: TilingParams = TilingParams(),
+    max_cell_px: int = 8,
+    device: str = "auto",
+    save_weights: str | os.PathLike | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TiledFeatures:
+    """Multi-level ViT features of every SR cell of a whole slide, tile by tile, into a zarr store.
+
+    Parameters
+    ----------
+    histology : HistologyImage or path
+        The H&E, opened lazily (:func:`napari_smsdl.histology.open_histology`); a pyramidal TIFF is
+        read at the level chosen from the SR pixel size, one region at a time.
+    msi_shape : (rows, cols)
+        The MSI grid; the SR grid is (rows·F, cols·F).
+    msi_pixel_size_um : float
+        MSI pixel size in µm.
+    factor : int
+        F, SR cells per MSI pixel side.
+    out : path
+        The zarr group to write (a folder). An existing store made from the same slide, transform
+        and settings is reused (``from_cache=True``).
+    transform : SimpleITK.Transform, optional
+        MSI physical µm → H&E level-0 physical µm (``smsdl register``'s transform); None means the
+        H&E covers exactly the MSI field of view.
+    he_pixel_size_um : float, optional
+        Level-0 H&E pixel size when the file does not say.
+    params, max_cell_px, device, save_weights, progress, should_stop
+        As :func:`napari_smsdl.features.extract_features` and
+        :class:`napari_smsdl.pipeline.Settings`.
+    tiling : TilingParams
+        Tile sizes; they bound peak memory.
+
+    Returns
+    -------
+    TiledFeatures
+        The store's ``features`` array is (n_features, rows·F, cols·F) float32, chunked
+        (n_features, tile_cells, tile_cells); names as the in-memory features.
+    """
+    import torch
+    import zarr
+
+    start = time.perf_counter()
+    image = histology if isinstance(histology, HistologyImage) else open_histology(histology, pixel_size_um=he_pixel_size_um)
+    if image.pixel_size_um is None and he_pixel_size_um is not None:
+        image = dataclasses.replace(image, pixel_size_um=float(he_pixel_size_um))
+    if not 1 <= int(factor) <= 32:
+        raise InputError(f"factor must be an integer from 1 to 32, got {factor}")
+    slide = _Slide(image, transform, msi_shape, msi_pixel_size_um)
+    dev = get_device(device)
+    ex = _Extractor(slide, msi_shape, msi_pixel_size_um, factor, params, tiling, max_cell_px, dev)
+    out = Path(out)
+    key = _store_key(slide, msi_shape, msi_pixel_size_um, factor, params, tiling, max_cell_px)
+    key_json = json.dumps(key, sort_keys=True)
+    names = tuple(f"{lv}_{d}" for lv in LEVELS for d in range(params.embed_dim)) + ("mean_red", "mean_green", "mean_blue")
+    rows, cols = ex.sr_shape
+
+    cached = None
+    if dd.is_main_process():
+        cached = _open_complete(out, key_json)
+    cached = dd.broadcast_object(cached)
+    if cached is not None:
+        return TiledFeatures(out, tuple(cached["names"]), (len(names), rows, cols), cached["he_level"], cached["cell_px"],
+                             cached["ssl_losses"], 0.0, from_cache=True)
+
+    shifts = [round(TOKEN_PX * s / params.shifts) for s in range(params.shifts)]
+    t_cells = tiling.tile_cells
+    if dd.is_main_process():
+        if out.exists():
+            shutil.rmtree(out)
+        root = zarr.open_group(str(out), mode="w")
+        root.attrs.update({"complete": False, "key": key_json})
+        root.create_array("features", shape=(len(names), rows, cols), chunks=(len(names), t_cells, t_cells),
+                          dtype="float32", compressors=None, fill_value=0.0)
+        c_tile = ex.levels["cellular"].tile_windows * WINDOW_TOKENS
+        c_cells = max(1, int(round(c_tile / 1)))  # cellular tokens = cells
+        root.create_array("colour", shape=(3, rows, cols), chunks=(3, c_cells, c_cells), dtype="float32",
+                          compressors=None, fill_value=0.0)
+        for name, lv in ex.levels.items():
+            for shift in shifts:
+                h = -(-(lv.shape[0] + shift) // TOKEN_PX)
+                w = -(-(lv.shape[1] + shift) // TOKEN_PX)
+                n = lv.tile_windows * WINDOW_TOKENS
+                root.create_array(f"tokens_{name}_{shift}", shape=(h, w, params.embed_dim), chunks=(n, n, params.embed_dim),
+                                  dtype="float32", compressors=None, fill_value=0.0)
+    dd.barrier()
+    root = zarr.open_group(str(out), mode="r+")
+    log.info("tiled features: SR grid %s, %d guide px per cell, H&E pyramid level %d, %s", ex.sr_shape, ex.k,
+             ex.he_level, {n: ("exact" if lv.exact else "direct", lv.shape) for n, lv in ex.levels.items()})
+
+    ex.colour_stats(progress, should_stop)
+
+    # ViTs: same initialisation as the in-memory path, then trained (or loaded)
+    torch.manual_seed(params.seed)
+    vits = {level: make_vit(params).to(dev) for level in LEVELS}
+    for vit in vits.values():
+        vit.eval()
+    ssl_losses = {}
+    if params.checkpoint:
+        _load_checkpoint(vits, params.checkpoint)
+    elif params.ssl_steps > 0:
+        world, rank = dd.get_world_size(), dd.get_rank()
+        for i, level in enumerate(LEVELS):
+            lv = ex.levels[level]
+            if i % world == rank:
+                region = ex.train_region(lv)
+                train_image = ex.level_region(lv, *region)
+                losses = _simmim_train(vits[level], train_image, params, level, dev, progress, should_stop)
+                ssl_losses[level] = [losses[0], float(np.mean(losses[-10:]))]
+                del train_image
+            else:  # keep the global RNG in step with the ranks that train (the SimMIM head draws from it)
+                torch.nn.Linear(params.embed_dim, TOKEN_PX * TOKEN_PX * 3)
+        if world > 1:
+            for i, level in enumerate(LEVELS):
+                dd.broadcast_module(vits[level], src=i % world)
+            merged = {}
+            for part in _all_gather_objects(ssl_losses):
+                merged.update(part)
+            ssl_losses = {level: merged[level] for level in LEVELS if level in merged}
+    for vit in vits.values():
+        vit.eval()
+
+    # tokens per level and shift; the cellular pass at shift 0 also stores the cells' mean colour
+    colour_arr = root["colour"]
+    for level in LEVELS:
+        lv = ex.levels[level]
+        for shift in shifts:
+            arr = root[f"tokens_{level}_{shift}"]
+            tiles = ex.level_tiles(lv, shift)
+            mine = dd.shard(tiles)
+            for i, (r0, r1, c0, c1) in enumerate(mine):
+                _check(should_stop)
+                kept: dict = {}
+                region = ex.shifted_region(lv, shift, (r0, r1), (c0, c1), kept)
+                tokens = _dense_tokens(vits[level], region, 0, dev)
+                t0r, t0c = r0 // TOKEN_PX, c0 // TOKEN_PX
+                arr[t0r : t0r + tokens.shape[0], t0c : t0c + tokens.shape[1], :] = tokens
+                if level == "cellular" and shift == 0:
+                    _write_colour(ex, colour_arr, r0 // TOKEN_PX, min(r1 // TOKEN_PX, rows), c0 // TOKEN_PX,
+                                  min(c1 // TOKEN_PX, cols), kept)
+                del kept, region
+                if progress is not None:
+                    progress(f"tokens ({level})", i + 1, len(mine))
+    dd.barrier()
+
+    # sample every output tile at the SR cell centres
+    out_arr = root["features"]
+    tok = {(level, s): root[f"tokens_{level}_{s}"] for level in LEVELS for s in shifts}
+    tiles = [(r, min(r + t_cells, rows), c, min(c + t_cells, cols)) for r in range(0, rows, t_cells) for c in range(0, cols, t_cells)]
+    mine = dd.shard(tiles)
+    for i, (r0, r1, c0, c1) in enumerate(mine):
+        _check(should_stop)
+        blocks = []
+        for level in LEVELS:
+            lv = ex.levels[level]
+            acc = None
+            for shift in shifts:
+                sampled = _sample_region(tok[(level, shift)], (r0, r1), (c0, c1), lv.cells_per_token, shift)
+                acc = sampled if acc is None else acc + sampled
+            blocks.append(acc / len(shifts))
+        blocks.append(np.asarray(colour_arr[:, r0:r1, c0:c1]))
+        out_arr[:, r0:r1, c0:c1] = np.concatenate(blocks).astype(np.float32)
+        if progress is not None:
+            progress("sampling features", i + 1, len(mine))
+    dd.barrier()
+
+    seconds = time.perf_counter() - start
+    if dd.is_main_process():
+        if save_weights:
+            tmp = Path(save_weights).with_name(Path(save_weights).name + ".tmp")
+            torch.save({level: vit.state_dict() for level, vit in vits.items()}, tmp)
+            os.replace(tmp, save_weights)
+        if not tiling.keep_intermediate:
+            for name in list(root.array_keys()):
+                if name != "features":
+                    del root[name]
+        root.attrs.update({
+            "complete": True, "names": list(names), "he_level": ex.he_level, "cell_px": ex.k,
+            "ssl_losses": ssl_losses, "seconds": seconds, "mean": ex.mean.tolist(), "std": ex.std.tolist(),
+            "axes": "feature, row, col (SR grid)", "world_size": dd.get_world_size(),
+        })
+    dd.barrier()
+    return TiledFeatures(out, names, (len(names), rows, cols), ex.he_level, ex.k, ssl_losses, seconds)
+
+
+def _open_complete(out: Path, key_json: str) -> dict | None:
+    """The attributes of a finished store made with the same key, else None."""
+    import zarr
+
+    if not (out / "zarr.json").exists():
+        return None
+    try:
+        attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+    except Exception:  # noqa: BLE001 - a broken store is simply rebuilt
+        return None
+    if attrs.get("complete") and attrs.get("key") == key_json:
+        return attrs
+    return None
+
+
+def _all_gather_objects(obj) -> list:
+    if not dd.is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    parts = [None] * dd.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def _write_colour(ex: _Extractor, arr, r0: int, r1: int, c0: int, c1: int, kept: dict | None = None) -> None:
+    """Mean guide colour of SR cells [r0, r1) x [c0, c1) into the colour array (3, rows, cols).
+
+    Uses the guide region ``kept`` by the cellular token pass when it covers the cells.
+    """
+    if r0 >= r1 or c0 >= c1:
+        return
+    k = ex.k
+    g_rows, g_cols = (r0 * k, r1 * k), (c0 * k, c1 * k)
+    if kept and kept["spans"][0][0] <= g_rows[0] and kept["spans"][0][1] >= g_rows[1] and \
+            kept["spans"][1][0] <= g_cols[0] and kept["spans"][1][1] >= g_cols[1]:
+        (s_r, _), (s_c, _) = kept["spans"]
+        guide = kept["guide"][g_rows[0] - s_r : g_rows[1] - s_r, g_cols[0] - s_c : g_cols[1] - s_c]
+    else:
+        guide = ex.guide_region(g_rows, g_cols)
+    colour = guide.reshape(r1 - r0, k, c1 - c0, k, 3).mean(axis=(1, 3)).transpose(2, 0, 1)
+    arr[:, r0:r1, c0:c1] = colour.astype(np.float32)
+
+
+def _sample_region(tokens_arr, rows, cols, cells_per_token: float, shift_px: int) -> np.ndarray:
+    """Bilinear samples of a token grid at the centres of SR cells ``rows × cols``: (D, r, c).
+
+    The same coordinates as :func:`napari_smsdl.features._sample_tokens_at_cells`, read from a
+    token window with a one-token halo (clamped at the grid's edges like ``mode="nearest"``).
+    """
+    from scipy.ndimage import map_coordinates
+
+    h, w = tokens_arr.shape[:2]
+    r = ((np.arange(*rows) + 0.5) / cells_per_token * TOKEN_PX + shift_px) / TOKEN_PX - 0.5
+    c = ((np.arange(*cols) + 0.5) / cells_per_token * TOKEN_PX + shift_px) / TOKEN_PX - 0.5
+    t_r0 = int(np.clip(math.floor(r.min()), 0, h - 1))
+    t_r1 = int(np.clip(math.floor(r.max()) + 2, t_r0 + 1, h))
+    t_c0 = int(np.clip(math.floor(c.min()), 0, w - 1))
+    t_c1 = int(np.clip(math.floor(c.max()) + 2, t_c0 + 1, w))
+    window = np.asarray(tokens_arr[t_r0:t_r1, t_c0:t_c1, :])
+    rr, cc = np.meshgrid(r - t_r0, c - t_c0, indexing="ij")
+    # coordinates below 0 clamp to token 0 only when the window starts at the grid's first token
+    return np.stack([map_coordinates(window[..., d], [rr, cc], order=1, mode="nearest") for d in range(window.shape[-1])])
