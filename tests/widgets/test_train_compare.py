@@ -1,6 +1,6 @@
 """The napari workflow end to end, driven through the widgets on the built-in sample.
 
-Train (fast preset, shrunk further so the suite stays short) → Compare (layers in µm, linked limits,
+Train (fast preset, shrunk further, on a 16 × 16 crop of the sample so the suite stays short) → Compare (layers in µm, linked limits,
 grid, differences, metrics against the sample's ground truth, pixel values, segments) → Export (read
 back) → project saved, viewer closed, project reopened with identical layers; cancel mid-training.
 """
@@ -34,12 +34,34 @@ TINY = dataclasses.replace(
 MSI = "sample MSI (40 µm)"
 TRUTH = "sample ground truth (10 µm)"
 TIMEOUT_MS = 120_000
+R0, C0, N = 16, 8, 16  # the crop of the sample, in MSI pixels (40 µm): 16 × 16, two never acquired
+
+
+def crop_sample_layers():
+    """The sample's layers (as File ▸ Open Sample gives them) cropped to N × N MSI pixels, in place."""
+    from napari_smsdl._sample_data import smsdl_sample
+
+    layers = []
+    for data, kwargs, kind in smsdl_sample():
+        size = float(kwargs["scale"][-1])
+        per_msi = 40.0 / size
+        rows = slice(int(R0 * per_msi), int((R0 + N) * per_msi))
+        cols = slice(int(C0 * per_msi), int((C0 + N) * per_msi))
+        data = data[rows, cols] if kwargs.get("rgb") else data[..., rows, cols]
+        translate = list(kwargs["translate"])
+        translate[-2] += R0 * 40.0
+        translate[-1] += C0 * 40.0
+        layers.append((data, dict(kwargs, translate=tuple(translate)), kind))
+    return layers
 
 
 @pytest.fixture
 def sample_viewer(make_napari_viewer):
+    from napari.layers import Layer
+
     viewer = make_napari_viewer()
-    viewer.open_sample("napari-smsdl", "smsdl_sample")
+    for data, kwargs, kind in crop_sample_layers():
+        viewer.add_layer(Layer.create(data, kwargs, kind))
     return viewer
 
 
@@ -74,7 +96,7 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
     assert train.last_error is None, train.last_error
     project = train.project
     assert set(project.sr) == {"smsdl", "bicubic", "cnn"}
-    assert all(s.shape == (2, 128, 128) for s in project.sr.values())
+    assert all(s.shape == (2, 4 * N, 4 * N) for s in project.sr.values())
     assert project.mz == pytest.approx((734.5694, 885.5499)) and project.sr_pixel_size_um == 10.0
     assert len(train.plot.steps) >= 3  # the live loss curve got points while training ran
     assert train.start_button.enabled and not train.cancel_button.enabled
@@ -83,7 +105,9 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
     shown = compare.project
     assert shown is not None and shown.sr is project.sr and shown.metrics is not None
     sample = make_sample()
-    expected = score_stack(sample.ground_truth[[0, 4]], project.sr["smsdl"], sample.mask_hr)
+    crop_hr = (slice(4 * R0, 4 * (R0 + N)), slice(4 * C0, 4 * (C0 + N)))
+    truth, mask_hr = sample.ground_truth[:, crop_hr[0], crop_hr[1]], sample.mask_hr[crop_hr]
+    expected = score_stack(truth[[0, 4]], project.sr["smsdl"], mask_hr)
     assert shown.metrics["smsdl"]["ssim"]["per_channel"] == pytest.approx(expected["ssim"]["per_channel"])
     assert compare.metrics_table.rowCount() == 3 * (2 + 1)  # 3 methods × (2 channels + mean)
     assert viewer.layers[MSI].metadata[LAYER_METADATA_KEY] is shown  # what Export will save
@@ -91,11 +115,12 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
     assert [lay.name for lay in row] == [f"{PREFIX}{m} · m/z 734.5694" for m in ("LR", "ground truth", "SMSDL", "BI", "CNN")]
     smsdl = viewer.layers[f"{PREFIX}SMSDL · m/z 734.5694"]
     np.testing.assert_allclose(smsdl.scale[-2:], (10.0, 10.0))
-    np.testing.assert_allclose(smsdl.translate[-2:], (5.0, 5.0))  # SR pixel corners on the MSI's (40 µm, at 20 µm)
+    # SR pixel corners on the MSI's: the MSI (40 µm) starts at (640, 320) µm, its pixel centres 20 µm in
+    np.testing.assert_allclose(smsdl.translate[-2:], (R0 * 40.0 + 5.0, C0 * 40.0 + 5.0))
     np.testing.assert_array_equal(smsdl.data, project.sr["smsdl"][0])
     np.testing.assert_allclose(viewer.layers[f"{PREFIX}LR · m/z 734.5694"].scale[-2:], (40.0, 40.0))
     guide = viewer.layers[GUIDE_NAME]
-    k = guide.data.shape[0] / 128
+    k = guide.data.shape[0] / (4 * N)
     np.testing.assert_allclose(guide.scale[-2:], (10.0 / k, 10.0 / k))
     assert {lay.colormap.name for lay in row} == {"magma"}
     assert len({tuple(lay.contrast_limits) for lay in row}) == 1
@@ -104,9 +129,15 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
     assert tuple(compare.rows[1][0].contrast_limits) != (0.0, 123.0)  # another channel is independent
 
     # ---- grid view: one channel per row, one column per image, nothing else shown
-    compare.set_grid(True)
+    compare.set_grid(True, rows="channels")
     assert viewer.canvas.grid.enabled and tuple(viewer.canvas.grid.shape) == (2, 5)
     assert {lay.name for lay in viewer.layers if lay.visible} == {lay.name for r in compare.rows.values() for lay in r}
+    visible = [lay.name for lay in viewer.layers if lay.visible]  # grid cells follow this order
+    assert visible[:5] == [lay.name for lay in compare.rows[0]]
+    compare.set_grid(True, rows="methods")
+    assert tuple(viewer.canvas.grid.shape) == (5, 2)
+    visible = [lay.name for lay in viewer.layers if lay.visible]
+    assert visible[:2] == [compare.rows[0][0].name, compare.rows[1][0].name]  # LR of both channels first
     compare.set_grid(False)
     assert not viewer.canvas.grid.enabled and guide.visible
 
@@ -120,18 +151,18 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
 
     # ---- clicking a pixel: values of every method and the LR pixel it came from
     assert compare._on_click in viewer.mouse_drag_callbacks
-    compare._on_click(viewer, SimpleNamespace(type="mouse_press", position=(500.0, 600.0)))
-    picked = compare.picked
-    assert picked["hit"].sr_rc == (50, 60) and picked["hit"].lr_rc == (12, 15)
-    assert picked["values"]["lr"][1] == pytest.approx(project.lr_msi[1, 12, 15])
-    assert picked["values"]["cnn"][0] == pytest.approx(project.sr["cnn"][0, 50, 60])
-    assert picked["values"]["truth"][1] == pytest.approx(sample.ground_truth[4, 50, 60])
-    assert compare.pixel_table.rowCount() == 2 and "MSI pixel (row 12, col 15)" in compare.pixel_label.value
+    compare._on_click(viewer, SimpleNamespace(type="mouse_press", position=(840.0, 500.0)))
+    picked = compare.picked  # 200 µm below and 180 µm right of the crop's corner
+    assert picked["hit"].sr_rc == (20, 18) and picked["hit"].lr_rc == (5, 4)
+    assert picked["values"]["lr"][1] == pytest.approx(project.lr_msi[1, 5, 4])
+    assert picked["values"]["cnn"][0] == pytest.approx(project.sr["cnn"][0, 20, 18])
+    assert picked["values"]["truth"][1] == pytest.approx(sample.ground_truth[4, 4 * R0 + 20, 4 * C0 + 18])
+    assert compare.pixel_table.rowCount() == 2 and "MSI pixel (row 5, col 4)" in compare.pixel_label.value
 
     # ---- segments of the SMSDL stack
     labels = compare.segment(3, method="smsdl")
-    assert labels.data.max() == 3 and labels.data.shape == (128, 128)
-    assert labels.data[~sample.mask_hr].max() == 0
+    assert labels.data.max() == 3 and labels.data.shape == (4 * N, 4 * N)
+    assert labels.data[~mask_hr].max() == 0
     np.testing.assert_allclose(labels.scale[-2:], (10.0, 10.0))
 
     # ---- Export, read back
@@ -143,7 +174,7 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
         np.testing.assert_array_equal(tif.asarray(), project.sr["smsdl"])
         assert 'PhysicalSizeX="10.0"' in tif.ome_metadata
     ds = open_imzml(out / "sr_cnn.imzML")
-    assert ds.pixel_size_um == pytest.approx(10.0) and ds.shape == (128, 128)
+    assert ds.pixel_size_um == pytest.approx(10.0) and ds.shape == (4 * N, 4 * N)
     np.testing.assert_allclose(ds.ion_images(list(project.mz), "5ppm").data, project.sr["cnn"], rtol=1e-6)
     with (out / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))

@@ -120,11 +120,26 @@ def add_comparison_layers(
     channels: Sequence[int] | None = None,
     differences: str | None = None,
     grid: bool = False,
+    grid_by: str = "auto",
 ) -> dict[int, list]:
     """Add the comparison layers of ``project`` placed on ``msi_layer`` (old ones are replaced).
 
     Returns ``{channel: [layers of that row]}`` (LR, truth, methods, then differences).
     """
+    with _batched(viewer):
+        return _add_comparison_layers(viewer, project, msi_layer, channels=channels, differences=differences,
+                                      grid=grid, grid_by=grid_by)
+
+
+def _batched(viewer):
+    """One scene-graph update (and one of napari's garbage collections) for many layer changes."""
+    import contextlib
+
+    batched = getattr(viewer.layers, "batched_update", None)
+    return batched() if batched is not None else contextlib.nullcontext()
+
+
+def _add_comparison_layers(viewer, project, msi_layer, *, channels, differences, grid, grid_by) -> dict[int, list]:
     from napari.layers import Image
 
     remove_comparison_layers(viewer)
@@ -175,7 +190,7 @@ def add_comparison_layers(
         rows[c] = row
         _link_limits([lay for lay in row if lay.metadata["role"] == "comparison"])
         _link_limits([lay for lay in row if lay.metadata["role"] == "difference"])
-    arrange(viewer, rows, grid=grid)
+    arrange(viewer, rows, grid=grid, grid_by=grid_by)
     return rows
 
 
@@ -186,8 +201,9 @@ def ordered_methods(methods) -> list[str]:
 
 
 def remove_comparison_layers(viewer) -> None:
-    for layer in [lay for lay in viewer.layers if lay.name.startswith(PREFIX)]:
-        viewer.layers.remove(layer)
+    with _batched(viewer):
+        for layer in [lay for lay in viewer.layers if lay.name.startswith(PREFIX)]:
+            viewer.layers.remove(layer)
 
 
 def _link_limits(layers: list) -> None:
@@ -210,15 +226,44 @@ def _link_limits(layers: list) -> None:
         layer.events.contrast_limits.connect(lambda event, lay=layer: follow(event, lay))
 
 
-def arrange(viewer, rows: dict[int, list], *, grid: bool) -> None:
-    """Overlay (H&E, with the first channel's SMSDL on top) or grid view (one channel per row)."""
+def grid_rows(viewer, n_channels: int, n_columns: int, image_shape_rc: Sequence[int] = (1, 1)) -> str:
+    """``"channels"`` (one channel per grid row) unless one method per row shows the images larger."""
+    height, width = (np.asarray(viewer.canvas.size, float) if hasattr(viewer, "canvas") else np.array([600.0, 800.0]))
+    aspect = float(image_shape_rc[0]) / float(image_shape_rc[1])
+
+    def image_px(n_rows: int, n_cols: int) -> float:  # displayed image height in a cell
+        return min(height / n_rows, width / n_cols * aspect)
+
+    return "methods" if image_px(n_columns, n_channels) > 1.2 * image_px(n_channels, n_columns) else "channels"
+
+
+def arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str = "auto") -> None:
+    """Overlay (H&E, with the first channel's SMSDL on top) or grid view.
+
+    In grid view ``grid_by="channels"`` puts one channel per row (one method per column),
+    ``"methods"`` one method per row; ``"auto"`` picks what shows the images larger on this canvas.
+    """
     canvas_grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
     shown = {id(lay) for row in rows.values() for lay in row}
     n_cols = max((len(row) for row in rows.values()), default=1)
     if grid:
+        first = next(iter(rows.values()), [])
+        shape_rc = np.shape(first[-1].data)[-2:] if first else (1, 1)
+        by = grid_rows(viewer, len(rows), n_cols, shape_rc) if grid_by == "auto" else grid_by
+        if by not in ("channels", "methods"):
+            raise ValueError(f"grid_by must be 'auto', 'channels' or 'methods', got {grid_by!r}")
+        ordered = [lay for row in rows.values() for lay in row]
+        if by == "methods":
+            ordered = [row[j] for j in range(n_cols) for row in rows.values() if j < len(row)]
+        # grid cells follow the layer order (hidden layers take no cell): one reorder of the whole list
+        chosen = {id(lay) for lay in ordered}
+        order = [i for i, lay in enumerate(viewer.layers) if id(lay) not in chosen]
+        order += [viewer.layers.index(lay) for lay in ordered]
+        viewer.layers.move_multiple(order, 0)
         for layer in viewer.layers:
             layer.visible = id(layer) in shown
-        canvas_grid.shape = (len(rows), n_cols) if rows else (-1, -1)
+        shape = (len(rows), n_cols) if by == "channels" else (n_cols, len(rows))
+        canvas_grid.shape = shape if rows else (-1, -1)
         canvas_grid.enabled = True
     else:
         canvas_grid.enabled = False
@@ -283,6 +328,7 @@ class CompareWidget(QWidget):
         self.metrics_table.setHorizontalHeaderLabels(METRIC_HEADERS)
         self._setup_table(self.metrics_table)
         self.pixel_table = QTableWidget(0, 1)
+        self.pixel_table.setHorizontalHeaderLabels(["channel"])
         self._setup_table(self.pixel_table)
 
         choose = Container(widgets=[self.source, self.channels, self.truth, self.show_button])
@@ -301,9 +347,10 @@ class CompareWidget(QWidget):
 
         self.source.changed.connect(self._on_source)
         self.show_button.changed.connect(lambda: self.show_results())
-        self.grid.changed.connect(lambda value: self.set_grid(bool(value)))
+        self._grid_by = "auto"
+        self.grid.changed.connect(lambda value: self.set_grid(bool(value), rows=self._grid_by))
         self.differences.changed.connect(lambda *_: self._refresh_if_shown())
-        self.reference.changed.connect(lambda *_: self._refresh_if_shown())
+        self.reference.changed.connect(lambda *_: self.differences.value and self._refresh_if_shown())
         self.segment_button.changed.connect(lambda: self.segment())
         self.viewer.layers.events.inserted.connect(self._on_inserted)
         self.viewer.layers.events.removed.connect(self._reset_choices)
@@ -348,7 +395,7 @@ class CompareWidget(QWidget):
 
     def _method_choices(self, *_: Any) -> list:
         project = self.project or self._source_project()
-        return [(method_label(m), m) for m in (project.sr if project is not None else [])]
+        return [(method_label(m), m) for m in ordered_methods(project.sr if project is not None else [])]
 
     def _source_project(self) -> Project | None:
         layer = self.source.value
@@ -460,7 +507,7 @@ class CompareWidget(QWidget):
         if reference is not None and reference not in ("truth", *project.sr):
             reference = None
         self.rows = add_comparison_layers(self.viewer, project, msi_layer, channels=chosen, differences=reference,
-                                          grid=bool(self.grid.value))
+                                          grid=bool(self.grid.value), grid_by=self._grid_by)
         self._fill_metrics(project, chosen)
         self.segment_method.reset_choices()
         n = sum(len(r) for r in self.rows.values())
@@ -473,12 +520,17 @@ class CompareWidget(QWidget):
         if self.rows:
             self.show_results(self.project)
 
-    def set_grid(self, enabled: bool) -> None:
-        """Grid view (one channel per row) or overlay on the H&E."""
+    def set_grid(self, enabled: bool, *, rows: str = "auto") -> None:
+        """Grid view or overlay on the H&E.
+
+        ``rows``: ``"channels"`` (one channel per grid row), ``"methods"`` (one method per row) or
+        ``"auto"`` (whichever shows the images larger on the canvas).
+        """
+        self._grid_by = rows
         if bool(self.grid.value) != enabled:
             self.grid.value = enabled  # calls back here through the checkbox
             return
-        arrange(self.viewer, self.rows, grid=enabled)
+        arrange(self.viewer, self.rows, grid=enabled, grid_by=rows)
 
     def _fill_metrics(self, project: Project, channels: Sequence[int]) -> None:
         table = self.metrics_table
