@@ -1,0 +1,203 @@
+"""Benchmark of the two baselines (bicubic, DeepFERE-style CNN) against ground truth.
+
+Datasets
+--------
+* ``mouse-cerebellum`` (real, ``../shared/data/mouse-cerebellum``): ground truth = the UMAP image
+  (3, 40, 36), tissue = any channel > 0; LR = block average over tissue pixels by F = 2 → (3, 20, 18)
+  and F = 4 → (3, 10, 9); guide = HE.png resized to the 40×36 SR grid (anti-aliased).
+* ``synthetic-ihc`` (built from ``skimage.data.immunohistochemistry()``): the RGB image resized to
+  128×128 is the guide; five ground-truth channels in different intensity units are made from its
+  stain densities (hematoxylin, DAB, their geometric mean, hematoxylin × a left–right gradient) plus
+  one smooth field the guide does not show, inside an elliptical tissue mask; F = 4 → LR 32×32
+  (the size of the built-in sample).
+
+Each method is scored with :func:`napari_smsdl.metrics.score_stack`. The CNN is run with its
+stabilised default settings and, for reference, with the published training
+(``DeepFereConfig.published``) at the same iteration budget.
+
+Usage::
+
+    python benchmarks/bench_cnn_baseline.py [--fast] [--seeds 0 1 2] [--no-published]
+
+Writes ``benchmarks/results/cnn_baseline.json`` and ``docs/benchmarks/cnn_baseline.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from napari_smsdl.baselines import bicubic_upsample, block_average
+from napari_smsdl.metrics import METRICS, score_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT / ".." / "shared" / "data" / "mouse-cerebellum"
+
+
+def real_dataset(factor: int) -> dict:
+    """Mouse cerebellum UMAP image + H&E, degraded by ``factor``."""
+    from skimage import io
+    from skimage.transform import resize
+
+    truth = np.loadtxt(SHARED / "mouse_brain_umap.txt").reshape(40, 36, 3).transpose(2, 0, 1)
+    mask = (truth > 0).any(axis=0)
+    he = io.imread(SHARED / "HE.png")[..., :3].astype(np.float64) / 255.0
+    guide = resize(he, truth.shape[1:], anti_aliasing=True).astype(np.float32)
+    lr, mask_lr = block_average(truth, factor, mask)
+    return dict(name=f"mouse-cerebellum F={factor}", truth=truth, mask=mask, lr=lr,
+                mask_lr=mask_lr, guide=guide, factor=factor)
+
+
+def synthetic_dataset(factor: int = 4, size: int = 128) -> dict:
+    """Five-channel synthetic MSI built from the stain densities of the IHC sample image."""
+    from scipy.ndimage import gaussian_filter
+    from skimage import data
+    from skimage.color import rgb2hed
+    from skimage.transform import resize
+
+    rgb = data.immunohistochemistry().astype(np.float64) / 255.0
+    guide = resize(rgb, (size, size), anti_aliasing=True)
+    hed = rgb2hed(guide)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        lo, hi = np.percentile(x, [1, 99])
+        return np.clip((x - lo) / (hi - lo), 0, 1)
+
+    hema = unit(hed[..., 0])
+    dab = unit(hed[..., 2])
+    rr, cc = np.mgrid[0:size, 0:size] / (size - 1)
+    ramp = 0.3 + 0.7 * cc
+    rng = np.random.default_rng(7)
+    field = gaussian_filter(rng.standard_normal((size, size)), 12)
+    field = (field - field.min()) / (field.max() - field.min())
+    chans = [hema, dab, np.sqrt(hema * dab), hema * ramp, 0.2 + field]
+    units = [1000.0, 200.0, 50.0, 10.0, 1.0]
+    truth = np.stack([gaussian_filter(ch, 0.7) * u for ch, u in zip(chans, units)])
+    mask = ((rr - 0.5) / 0.47) ** 2 + ((cc - 0.5) / 0.49) ** 2 <= 1.0
+    truth[:, ~mask] = 0.0
+    lr, mask_lr = block_average(truth, factor, mask)
+    return dict(name=f"synthetic-ihc F={factor}", truth=truth, mask=mask, lr=lr,
+                mask_lr=mask_lr, guide=guide.astype(np.float32), factor=factor)
+
+
+def datasets() -> list[dict]:
+    out = []
+    if (SHARED / "mouse_brain_umap.txt").exists():
+        out += [real_dataset(2), real_dataset(4)]
+    else:
+        print(f"skipping the real data: {SHARED} not found")
+    out.append(synthetic_dataset(4))
+    return out
+
+
+def _summ(scores: dict) -> dict:
+    return {k: {"mean": v["mean"], "per_channel": v["per_channel"]} for k, v in scores.items()}
+
+
+def run(fast: bool, seeds: list[int], published: bool) -> dict:
+    from napari_smsdl.baselines.deepfere import DeepFereConfig, Preset, train_deepfere
+
+    preset = Preset.FAST if fast else Preset.DEFAULT
+    cfg = DeepFereConfig.preset(preset)
+    results: dict = {
+        "preset": preset.value,
+        "iterations": cfg.iterations,
+        "warmup_iterations": cfg.warmup_iterations,
+        "seeds": seeds,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "datasets": {},
+    }
+    for ds in datasets():
+        print(f"== {ds['name']}: LR {ds['lr'].shape}, SR {ds['truth'].shape}", flush=True)
+        entry: dict = {"lr_shape": list(ds["lr"].shape), "sr_shape": list(ds["truth"].shape), "methods": {}}
+        t = time.perf_counter()
+        bi = bicubic_upsample(ds["lr"], ds["factor"], mask_lr=ds["mask_lr"])
+        entry["methods"]["bicubic"] = {"seconds": time.perf_counter() - t,
+                                       **_summ(score_stack(ds["truth"], bi, ds["mask"]))}
+        variants = [("cnn", cfg)]
+        if published:
+            variants.append(("cnn_published", DeepFereConfig.published(
+                iterations=cfg.iterations, warmup_iterations=cfg.warmup_iterations)))
+        for name, vcfg in variants:
+            runs = []
+            for seed in seeds:
+                res = train_deepfere(ds["lr"], ds["guide"], ds["factor"], mask_lr=ds["mask_lr"],
+                                     seed=seed, config=vcfg)
+                sc = score_stack(ds["truth"], res.sr, ds["mask"])
+                sr_t = res.sr[:, ds["mask"]]
+                runs.append({"seed": seed, "seconds": res.seconds, "scores": _summ(sc),
+                             "final_lr_loss": res.lr_loss_history[-1] if res.lr_loss_history else None,
+                             "best_iteration": res.best_iteration,
+                             "min_channel_std_on_tissue": float(sr_t.std(axis=1).min()),
+                             "device": res.device})
+                print(f"   {name} seed {seed}: {res.seconds:.1f}s  " + "  ".join(
+                    f"{k}={sc[k]['mean']:.4f}" for k in METRICS), flush=True)
+            agg = {k: {"mean": float(np.mean([r["scores"][k]["mean"] for r in runs])),
+                       "std_over_seeds": float(np.std([r["scores"][k]["mean"] for r in runs])),
+                       "per_channel": list(np.mean([r["scores"][k]["per_channel"] for r in runs], axis=0))}
+                   for k in METRICS}
+            entry["methods"][name] = {"seconds": float(np.mean([r["seconds"] for r in runs])), **agg,
+                                      "runs": runs}
+        b = entry["methods"]["bicubic"]
+        print("   bicubic:        " + "  ".join(f"{k}={b[k]['mean']:.4f}" for k in METRICS), flush=True)
+        results["datasets"][ds["name"]] = entry
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    lines = [
+        "# Baselines: bicubic vs DeepFERE-style CNN",
+        "",
+        f"Generated by `benchmarks/bench_cnn_baseline.py` (preset `{results['preset']}`: "
+        f"{results['warmup_iterations']} warm-up + {results['iterations']} joint iterations; "
+        f"CNN numbers are means over seeds {results['seeds']}; machine: 2 shared CPU cores). "
+        "Metrics on tissue pixels after min–max normalisation with the truth's range "
+        "(see `napari_smsdl.metrics`). `cnn` = stabilised training (default), "
+        "`cnn_published` = the published training at the same budget. Best per column in bold.",
+        "",
+    ]
+    for name, entry in results["datasets"].items():
+        lines += [f"## {name}", "", f"LR {tuple(entry['lr_shape'])} → SR {tuple(entry['sr_shape'])}", "",
+                  "| method | RMSE ↓ | SSIM ↑ | R² ↑ | PSNR (dB) ↑ | Pearson r ↑ | seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        methods = entry["methods"]
+        best = {}
+        for k in METRICS:
+            vals = [m[k]["mean"] for m in methods.values()]
+            best[k] = min(vals) if k == "rmse" else max(vals)
+        for mname, m in methods.items():
+            cells = []
+            for k in METRICS:
+                v = m[k]["mean"]
+                s = f"{v:.4f}" if k != "psnr" else f"{v:.2f}"
+                if "std_over_seeds" in m[k]:
+                    s += f" ± {m[k]['std_over_seeds']:.4f}" if k != "psnr" else f" ± {m[k]['std_over_seeds']:.2f}"
+                cells.append(f"**{s}**" if v == best[k] else s)
+            lines.append(f"| {mname} | " + " | ".join(cells) + f" | {m['seconds']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fast", action="store_true", help="fast preset")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--no-published", action="store_true", help="skip the published-training run")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cnn_baseline.json")
+    ap.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks" / "cnn_baseline.md")
+    args = ap.parse_args()
+    results = run(args.fast, args.seeds, not args.no_published)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    args.md.parent.mkdir(parents=True, exist_ok=True)
+    args.md.write_text(to_markdown(results))
+    print(f"wrote {args.out} and {args.md}")
+
+
+if __name__ == "__main__":
+    main()
