@@ -476,11 +476,15 @@ class RegisterWidget(QWidget):
 
     def _on_progress(self, item: tuple[str, int, int]) -> None:
         stage, done, total = item
-        if self._pbar is not None:
-            self._pbar.total = total
-            self._pbar.n = done
-            self._pbar.set_description(f"Registering: {stage}")
-            self._pbar.refresh()
+        if not self.busy:  # a progress event queued before the result/cancel arrived late: ignore it
+            return
+        pbar = self._pbar  # set_description may process events that close the bar (cancel, done)
+        if pbar is not None and not self._stop.is_set():
+            pbar.total = total
+            pbar.n = done
+            pbar.set_description(f"Registering: {stage}")
+            if self._pbar is pbar:
+                pbar.refresh()
         self.status.value = f"Registering: {stage} ({done}/{total})"
 
     def _set_busy(self, busy: bool, message: str | None = None) -> None:
