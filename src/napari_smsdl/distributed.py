@@ -183,12 +183,18 @@ def destroy_distributed() -> None:
 
 @contextlib.contextmanager
 def distributed_session(device: str = "auto") -> Iterator[DistEnv]:
-    """``with distributed_session(device) as env:`` — init on entry (under torchrun), destroy on exit."""
+    """``with distributed_session(device) as env:`` — join on entry (under torchrun), leave on exit.
+
+    Nested use is safe: a session entered while a process group already exists (made by an outer
+    session or by the caller) uses it and leaves it alone on exit.
+    """
+    created = launched_by_torchrun() and not is_initialized()
     env = init_distributed(device)
     try:
         yield env
     finally:
-        destroy_distributed()
+        if created:
+            destroy_distributed()
 
 
 def local_device(device: str = "auto") -> str:
