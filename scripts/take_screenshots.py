@@ -22,7 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-WINDOW = (1500, 950)
+WINDOW = (1600, 960)
+
+
+def shrink(path: Path) -> None:
+    """256-colour PNG (a window screenshot drops from ~700 kB to ~250 kB; fine for docs)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    small.save(path, optimize=True)
 
 
 def main(argv=None) -> int:
@@ -62,6 +71,10 @@ def main(argv=None) -> int:
             time.sleep(0.05)
         pump(0.5)
 
+    def show_tab(name: str) -> None:
+        docks[name].raise_()
+        pump(0.3)
+
     def grab(widget, name: str) -> None:
         path = out / f"{name}.png"
         pump(0.2)
@@ -73,6 +86,7 @@ def main(argv=None) -> int:
         path = out / f"{name}.png"
         pump(0.5)
         viewer.screenshot(str(path), canvas_only=False, flash=False)
+        shrink(path)
         written.append(path)
         print(f"  {path}")
 
@@ -81,6 +95,7 @@ def main(argv=None) -> int:
     docks, widgets = {}, {}
     for name in WIDGETS:
         docks[name], widgets[name] = viewer.window.add_plugin_dock_widget("napari-smsdl", name, tabify=True)
+    pump(1.0)
     load, register, train = widgets["Load"], widgets["Register"], widgets["Train"]
     compare, export = widgets["Compare"], widgets["Export & project"]
 
@@ -88,12 +103,13 @@ def main(argv=None) -> int:
     print("Load")
     files = Path(tempfile.mkdtemp(prefix="smsdl-shots-"))
     write_sample(files / "sample")
-    docks["Load"].raise_()
+    show_tab("Load")
     load.n_peaks.value = 5
     load.load(files / "sample" / "he.png", files / "sample" / "msi.imzML", he_pixel_size_um=2.5)
     wait(load)
     load.add_layers()
     wait(load)
+    viewer.layers["msi (MSI)"].opacity = 0.75  # the H&E shows through
     viewer.reset_view()
     grab(load, "load-widget")
     window("load-window")
@@ -102,7 +118,7 @@ def main(argv=None) -> int:
     # ---- 2. The sample layers (H&E, measured MSI, ground truth) and Register with six landmark pairs
     print("Register")
     viewer.open_sample("napari-smsdl", "smsdl_sample")
-    docks["Register"].raise_()
+    show_tab("Register")
     register.set_layers(he="sample H&E", msi="sample MSI (40 µm)")
     msi_rc = np.array([[3, 4], [5, 27], [16, 16], [27, 5], [28, 28], [12, 22]], float)
     pairs = LandmarkPairs((msi_rc + 0.5) * 16 - 0.5, msi_rc)  # 16 H&E pixels per MSI pixel, same field of view
@@ -122,7 +138,7 @@ def main(argv=None) -> int:
 
     # ---- 3. Train: fast preset; a view while it runs, and the finished widget
     print("Train (fast preset)")
-    docks["Train"].raise_()
+    show_tab("Train")
     train.set_layers(he="sample H&E", msi="sample MSI (40 µm)")
     train.set_settings(Settings.preset("fast", factor=4))
     train.start()
@@ -138,15 +154,17 @@ def main(argv=None) -> int:
 
     # ---- 4. Compare: grid, differences, a picked pixel, segments
     print("Compare")
-    docks["Compare"].raise_()
+    show_tab("Compare")
     compare.show_results(channels=[1, 2, 4], truth="sample ground truth (10 µm)")
     compare.set_grid(True)
     window("compare-grid")
     grab(compare, "compare-widget")
     compare.reference.value = "truth"
     compare.differences.value = True
+    compare.show_results(channels=[4])  # one channel: LR, truth, 3 methods, 3 differences in a 3 × 3 grid
     window("compare-differences")
     compare.differences.value = False
+    compare.show_results(channels=[1, 2, 4])
     compare.set_grid(False)
     compare.inspect_pixel((560.0, 420.0))
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
@@ -160,7 +178,7 @@ def main(argv=None) -> int:
 
     # ---- 5. Export & project
     print("Export & project")
-    docks["Export & project"].raise_()
+    show_tab("Export & project")
     results = files / "results"
     export.export(results)
     wait(export)

@@ -156,6 +156,7 @@ def _add_comparison_layers(viewer, project, msi_layer, *, channels, differences,
         added.append(guide)
     mask = tissue_mask_sr(project)
     diffs = difference_stacks(project, differences) if differences else {}
+    diffs = {m: np.where(mask[None], d, np.nan).astype(np.float32) for m, d in diffs.items()}  # tissue only
     rows: dict[int, list] = {}
     for c in chans:
         label = channel_label(c, project.channel_names, project.mz)
@@ -263,6 +264,8 @@ def arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str = "auto")
         for layer in viewer.layers:
             layer.visible = id(layer) in shown
         shape = (len(rows), n_cols) if by == "channels" else (n_cols, len(rows))
+        if len(rows) <= 1 and grid_by == "auto":
+            shape = (-1, -1)  # one channel: napari's near-square grid shows the images largest
         canvas_grid.shape = shape if rows else (-1, -1)
         canvas_grid.enabled = True
     else:
