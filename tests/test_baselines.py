@@ -91,10 +91,12 @@ def test_bicubic_background_does_not_bleed_and_negatives_clipped():
     lr[0, :, 3:] = 0.0  # background zeros on the right half
     mask = np.zeros((6, 6), bool)
     mask[:, :3] = True
-    sr = bicubic_upsample(lr, 4, mask_lr=mask)
+    sr = bicubic_upsample(lr, 4, mask_lr=mask, background=0.0)
     # tissue stays exactly 10 right up to its edge (the zeros do not pull it down)
     np.testing.assert_allclose(sr[0, :, :12], 10.0, rtol=1e-6)
-    assert (sr[0, :, 12:] == 0).all()  # background written as 0
+    assert (sr[0, :, 12:] == 0).all()  # background written as asked
+    # default: the nearest-tissue extrapolation is kept outside the LR tissue
+    np.testing.assert_allclose(bicubic_upsample(lr, 4, mask_lr=mask), 10.0, rtol=1e-6)
     # without the mask the zeros bleed in (and cubic overshoot is clipped at 0)
     sr_nomask = bicubic_upsample(lr, 4)
     assert sr_nomask[0, :, 11].max() < 9.9
@@ -102,7 +104,7 @@ def test_bicubic_background_does_not_bleed_and_negatives_clipped():
     # NaN outside tissue is treated as background by default
     lr_nan = lr.copy()
     lr_nan[0, :, 3:] = np.nan
-    np.testing.assert_allclose(bicubic_upsample(lr_nan, 4), sr)
+    np.testing.assert_allclose(bicubic_upsample(lr_nan, 4, background=0.0), sr)
 
 
 def test_bicubic_keeps_extrapolation_when_asked():
@@ -244,8 +246,12 @@ def test_cnn_odd_sizes_mask_nan_progress_and_cancel():
                          config=replace(FAST, iterations=99, warmup_iterations=2),
                          progress=lambda s, i, n: calls.append((s, i, n)), device="cpu")
     assert res.sr.shape == (2, 21, 15)
-    assert (res.sr[:, :3, :3] == 0).all()  # background
-    assert np.isfinite(res.sr).all()
+    assert np.isfinite(res.sr).all() and (res.sr >= 0).all()
+    # the missing LR pixel's block is filled from its neighbours, not left at 0
+    assert (res.sr[:, :3, :3] > 0.3 * np.nanmean(lr, axis=(1, 2))[:, None, None]).all()
+    zeroed = train_deepfere(lr, guide, 3, mask_lr=mask_lr, iterations=2, background=0.0,
+                            config=replace(FAST, warmup_iterations=1), device="cpu")
+    assert (zeroed.sr[:, :3, :3] == 0).all()
     assert calls and calls[-1] == ("cnn", 8, 8)
     with pytest.raises(Cancelled):
         train_deepfere(lr, guide, 3, mask_lr=mask_lr, config=FAST, should_stop=lambda: True, device="cpu")

@@ -45,7 +45,7 @@ def bicubic_upsample(
     factor: int,
     *,
     mask_lr: np.ndarray | None = None,
-    background: float | None = 0.0,
+    background: float | None = None,
 ) -> np.ndarray:
     """Bicubic (Keys a = −0.5) upsampling of an LR MSI stack by an integer factor.
 
@@ -53,7 +53,7 @@ def bicubic_upsample(
     [j·F, (j+1)·F), and the interpolant passes through the LR value at the block centre.
     Non-tissue LR pixels are first filled with the value of their nearest tissue pixel, so the
     background (0 or NaN) does not bleed into the tissue edge; negative results (cubic overshoot)
-    are clipped to 0.
+    are clipped to 0. Non-tissue SR pixels keep that extrapolation unless ``background`` is given.
 
     Parameters
     ----------
@@ -64,8 +64,11 @@ def bicubic_upsample(
     mask_lr : ndarray of bool, shape (h, w), optional
         Tissue pixels of the LR grid; default: pixels finite in every channel.
     background : float or None
-        Value written to SR pixels whose LR pixel is not tissue (default 0); ``None`` keeps the
-        nearest-tissue extrapolation.
+        Value written to SR pixels whose LR pixel is not tissue; ``None`` (default) keeps the
+        nearest-tissue extrapolation. Keep the default when scoring: with the benchmark's
+        majority rule for LR tissue, and with never-acquired pixels inside the tissue, some SR
+        tissue pixels lie under non-tissue LR pixels (619 of 13794 on the built-in sample, where
+        writing 0 there drops R² from 0.70 to 0.56).
 
     Returns
     -------

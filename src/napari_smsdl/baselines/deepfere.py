@@ -178,7 +178,7 @@ class DeepFereResult:
     Attributes
     ----------
     sr : ndarray of float32, shape (C, H, W)
-        Super-resolved stack in the intensity unit of the LR input; 0 outside tissue.
+        Super-resolved stack in the intensity unit of the LR input.
     loss_history : tuple of float
         Total loss per iteration (warm-up first, then joint).
     lr_loss_history : tuple of float
@@ -383,9 +383,10 @@ def structure_correlation_loss(
 
 
 def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The project's device policy (CUDA when available; on CPU, torch threads = half the cores)."""
+    from ..torch_setup import get_device
+
+    return get_device(device)
 
 
 def _pad_to_multiple(
@@ -417,6 +418,7 @@ def train_deepfere(
     should_stop: StopFn | None = None,
     config: DeepFereConfig | None = None,
     preset: Preset | str | None = None,
+    background: float | None = None,
 ) -> DeepFereResult:
     """Train the DeepFERE-style CNN on one image pair and return its SR stack.
 
@@ -435,7 +437,8 @@ def train_deepfere(
     seed : int
         Seeds torch (weights, window positions); results repeat on the same device.
     device : str
-        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ...
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ... On CPU the thread
+        count follows :func:`napari_smsdl.torch_setup.configure_threads` (``SMSDL_NUM_THREADS``).
     progress : callable(stage, done, total), optional
         Called as ``progress("cnn", i, total)`` every few iterations.
     should_stop : callable() -> bool, optional
@@ -444,12 +447,15 @@ def train_deepfere(
         Training settings (default: the stabilised :class:`DeepFereConfig`).
     preset : Preset or str, optional
         ``"fast"`` (~20 s on the 128×128 sample) or ``"default"`` (~2 min), used when no config.
+    background : float or None
+        Value written to SR pixels whose LR pixel is not tissue; ``None`` (default) keeps the
+        network's output there (it starts from the nearest-tissue-filled bicubic image), which is
+        what a benchmark needs when SR tissue extends past the LR tissue mask.
 
     Returns
     -------
     DeepFereResult
-        ``sr`` (C, h·F, w·F) float32 in the unit of ``lr``, 0 outside the (nearest-upsampled)
-        tissue mask.
+        ``sr`` (C, h·F, w·F) float32 in the unit of ``lr``, non-negative.
     """
     f = _check_factor(factor)
     cfg = config if config is not None else (DeepFereConfig.preset(preset) if preset else DeepFereConfig())
@@ -623,8 +629,9 @@ def train_deepfere(
 
     sr = chosen[0].cpu().numpy().astype(np.float64) * scale[:, None, None]
     mapping_np = y_last[0].cpu().numpy().astype(np.float64) * scale[:, None, None]
-    sr[:, ~m_sr] = 0.0
-    mapping_np[:, ~m_sr] = 0.0
+    if background is not None:
+        sr[:, ~m_sr] = background
+        mapping_np[:, ~m_sr] = background
     return DeepFereResult(
         sr=sr.astype(np.float32),
         loss_history=tuple(losses),
