@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     camera.zoom = camera.zoom * 2.5
     window("compare-pixel")
     grab(compare, "compare-pixel-widget")
+    for layer in viewer.layers:  # segments over the registered H&E only
+        layer.visible = layer.name == "compare: H&E (registered, SR grid)"
     compare.segment(4, method="smsdl")
     viewer.reset_view()
     window("compare-segments")
