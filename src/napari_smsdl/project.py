@@ -605,7 +605,7 @@ def load_project(directory: str | os.PathLike, *, verify: bool = True) -> Projec
             return None
         try:
             return tifffile.imread(snap / rel)
-        except Exception as exc:  # noqa: BLE001 - tifffile raises several types
+        except Exception as exc:
             raise InputError(f"unreadable TIFF ({exc})", snap / rel) from exc
 
     params = read_json(PARAMETERS)
@@ -628,8 +628,8 @@ def load_project(directory: str | os.PathLike, *, verify: bool = True) -> Projec
     mask_hr = mask_lr = None
     if MASKS in files:
         with np.load(snap / MASKS, allow_pickle=False) as npz:
-            mask_hr = npz["mask_hr"] if "mask_hr" in npz else None
-            mask_lr = npz["mask_lr"] if "mask_lr" in npz else None
+            mask_hr = npz.get("mask_hr")
+            mask_lr = npz.get("mask_lr")
     transform = None
     if TRANSFORM in files:
         from .registration import load_transform

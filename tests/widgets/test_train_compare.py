@@ -223,17 +223,17 @@ def test_cancel_mid_training_leaves_the_session_usable(sample_viewer, qtbot, tmp
     train = TrainWidget(viewer)
     qtbot.addWidget(train)
     stages = []
-    train._relay.progressed.connect(lambda stage, done, total: stages.append(stage))
+    train.progressed.connect(lambda stage, done, total: stages.append(stage))
     endless = dataclasses.replace(TINY, features=dataclasses.replace(TINY.features, ssl_steps=100_000))
     train.start(endless, methods=["smsdl", "bicubic"], cache_dir=tmp_path / "cache")
     qtbot.waitUntil(lambda: len(stages) >= 3, timeout=TIMEOUT_MS)
     assert any(s.startswith("self-supervised training") for s in stages)
-    assert train._bars  # a progress bar of the running stage is in napari's activity dock
+    assert train.progress_bars  # a progress bar of the running stage is in napari's activity dock
     train.cancel()
     _wait(qtbot, train, timeout=15_000)
     assert train.last_error == "cancelled" and train.cancel_seconds < 5.0
     assert train.project is None and LAYER_METADATA_KEY not in viewer.layers[MSI].metadata
-    assert not train._bars and train.start_button.enabled and not train.cancel_button.enabled
+    assert not train.progress_bars and train.start_button.enabled and not train.cancel_button.enabled
     # the session is still usable: the next job runs to the end
     train.start(TINY, methods=["bicubic"])
     _wait(qtbot, train)

@@ -53,7 +53,7 @@ def display_available(env: Mapping[str, str] | None = None, *, probe: bool = Tru
         return True
     code = "from qtpy.QtWidgets import QApplication; QApplication([])"
     try:
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return proc.returncode == 0

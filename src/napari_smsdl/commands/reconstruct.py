@@ -19,7 +19,14 @@ import resource
 import time
 from pathlib import Path
 
-from ._common import add_method_args, add_msi_channel_args, load_he, load_msi, load_transform_arg, settings_from_args
+from ._common import (
+    add_method_args,
+    add_msi_channel_args,
+    load_he,
+    load_msi,
+    load_transform_arg,
+    settings_from_args,
+)
 from .benchmark import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -43,7 +50,7 @@ def add_parser(subparsers) -> None:
     )
     # --he, --msi and --factor stay required unless --project reopens a saved project (checked in run,
     # with the same argparse error as before)
-    for action in parser._actions:  # noqa: SLF001 - argparse has no public way to relax `required`
+    for action in parser._actions:
         if action.dest in REOPEN_OPTIONAL:
             action.required = False
     parser.set_defaults(func=run, _parser=parser)

@@ -35,11 +35,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, Select, SpinBox
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    PushButton,
+    Select,
+    SpinBox,
+)
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
-from ..comparison import channel_label, he_level_for_guide, placement_transform, transform_to_level
+from ..comparison import (
+    channel_label,
+    he_level_for_guide,
+    placement_transform,
+    transform_to_level,
+)
 from ..errors import Cancelled, InputError, SmsdlError
 from ..pipeline import Settings
 from ..project import LAYER_METADATA_KEY, Project, input_records, reconstruct_project
@@ -221,10 +235,14 @@ class TrainWidget(QWidget):
         Seconds from the last Cancel to the job's end.
     cache_dir : Path
         Feature cache (default: the per-user cache, :func:`default_cache_dir`).
+    progress_bars : dict
+        Stage → the napari ``progress`` bar of the running stage (in the activity dock).
     """
 
     #: Emitted in the main thread with the :class:`Project` when a job succeeds.
     trained = Signal(object)
+    #: Emitted in the main thread with (stage, done, total) as the job reports progress.
+    progressed = Signal(str, int, int)
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
@@ -238,7 +256,7 @@ class TrainWidget(QWidget):
         self._stop = threading.Event()
         self._cancel_at: float | None = None
         self._started_at = 0.0
-        self._bars: dict = {}
+        self.progress_bars: dict = {}
         self._relay = _Relay()
         self._relay.progressed.connect(self._on_progress)
         self._relay.loss.connect(self._on_loss)
@@ -534,24 +552,25 @@ class TrainWidget(QWidget):
     def _on_progress(self, stage: str, done: int, total: int) -> None:
         from napari.utils import progress
 
-        bar = self._bars.get(stage)
+        bar = self.progress_bars.get(stage)
         if bar is None:
-            for old in self._bars.values():  # stages run one after the other
+            for old in self.progress_bars.values():  # stages run one after the other
                 old.close()
-            self._bars = {}
-            bar = self._bars[stage] = progress(total=max(int(total), 1), desc=f"SMSDL: {stage}")
+            self.progress_bars = {}
+            bar = self.progress_bars[stage] = progress(total=max(int(total), 1), desc=f"SMSDL: {stage}")
         bar.total = max(int(total), 1)
         bar.n = min(int(done), bar.total)
         bar.refresh()
         self.status.value = f"{stage}: {done}/{total}"
+        self.progressed.emit(stage, int(done), int(total))
 
     def _on_loss(self, step: int, loss: float) -> None:
         self.plot.add_point(step, loss)
 
     def _close_bars(self) -> None:
-        for bar in self._bars.values():
+        for bar in self.progress_bars.values():
             bar.close()
-        self._bars = {}
+        self.progress_bars = {}
 
     def _set_busy(self, busy: bool, message: str | None = None) -> None:
         self.busy = busy
