@@ -263,3 +263,35 @@ def test_errors_are_shown_with_their_cause(sample_viewer, qtbot, tmp_path):
     assert train.start() is None and "no channel selected" in train.last_error
     compare.show_results()
     assert "nothing to compare yet" in compare.last_error
+
+
+def test_train_uses_the_accepted_registration(sample_viewer, qtbot):
+    """What the Register widget leaves on the MSI layer is the transform Train reconstructs with."""
+    import SimpleITK as sitk
+
+    viewer = sample_viewer
+    shift = sitk.TranslationTransform(2, (4.0, -2.0))  # MSI µm → H&E µm, as Register stores it
+    report = {"final": "landmark affine", "residuals": [
+        {"he_row": 10.0, "he_col": 12.0, "msi_row": 0.5, "msi_col": 0.6},
+        {"he_row": 100.0, "he_col": 20.0, "msi_row": 6.0, "msi_col": 1.1},
+        {"he_row": 40.0, "he_col": 200.0, "msi_row": 2.5, "msi_col": 12.4},
+    ]}
+    msi = viewer.layers[MSI]
+    msi.metadata = {**msi.metadata, "smsdl_registration": {
+        "transform": shift, "report": report, "he_layer": "sample H&E", "he_pixel_size_um": 2.5, "msi_pixel_size_um": 40.0,
+    }}
+    train = TrainWidget(viewer)
+    qtbot.addWidget(train)
+    assert train.use_registration.enabled and train.use_registration.value
+    train.start(TINY, methods=["bicubic"])
+    _wait(qtbot, train)
+    project = train.project
+    assert project.transform is shift and project.registration_report["final"] == "landmark affine"
+    np.testing.assert_allclose(project.landmarks.he_rc[1], (100.0, 20.0))
+    # a registration made for another H&E layer is refused, with the reason
+    msi.metadata = {**msi.metadata, "smsdl_registration": {**msi.metadata["smsdl_registration"], "he_layer": "other"}}
+    assert train.start() is None and "registration maps the MSI onto H&E layer 'other'" in train.last_error
+    train.use_registration.value = False  # the layers' placement in the viewer is used instead
+    train.start(methods=["bicubic"])
+    _wait(qtbot, train)
+    assert train.last_error is None and train.project.transform is not shift

@@ -441,6 +441,9 @@ class TrainWidget(QWidget):
         mz_all = msi.metadata.get("mz")
         msi_px = float(_last2(msi.scale)[1])
         registration = msi.metadata.get(REGISTRATION_KEY) if self.use_registration.value else None
+        if registration and registration.get("he_layer") not in (None, he.name):
+            raise InputError(f"the accepted registration maps the MSI onto H&E layer {registration['he_layer']!r}, "
+                             f"not {he.name!r}: choose that layer, or untick 'use accepted registration'")
         he_px0 = float(registration["he_pixel_size_um"]) if registration else float(_last2(he.scale)[1])
         if registration:
             msi_px = float(registration.get("msi_pixel_size_um") or msi_px)
