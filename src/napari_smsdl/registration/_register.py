@@ -438,8 +438,17 @@ def iter_register(
         else:
             stages.append({"name": "affine refinement", "ran": False, "kept": False, "reason": "not asked for"})
 
+        bspline_failure = None
         if params.bspline:
-            bs, info = run_bspline(fixed, moving, cur_affine, params, p, should_stop=should_stop)
+            try:
+                bs, info = run_bspline(fixed, moving, cur_affine, params, p, should_stop=should_stop)
+            except RegistrationError as exc:  # e.g. an MSI grid too small for a mesh: keep the affine
+                bspline_failure = str(exc)
+        if params.bspline and bspline_failure is not None:
+            stages.append({"name": "B-spline", "ran": True, "kept": False,
+                           "reason": f"failed, the affine is kept: {bspline_failure}"})
+            messages.append(f"B-spline failed and was dropped: {bspline_failure}")
+        elif params.bspline:
             yield prog.step("B-spline")
             fold_tx = []
             for fa in cur_fold_affines:
