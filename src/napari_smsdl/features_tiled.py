@@ -89,9 +89,9 @@ class TilingParams:
     """
 
     tile_cells: int = 256
-    tile_guide_px: int = 1024
+    tile_guide_px: int = 512
     max_train_px: int = 1024
-    stats_tiles: int = 64
+    stats_tiles: int = 32
     keep_intermediate: bool = False
 
 
@@ -132,8 +132,10 @@ class _Grid:
 class _Slide:
     """The H&E, its transform into MSI space, and region resampling onto grids of MSI space."""
 
-    def __init__(self, image: HistologyImage, transform, msi_shape, msi_pixel_size_um: float):
+    def __init__(self, image: HistologyImage, transform, msi_shape, msi_pixel_size_um: float, max_read_px: int = 1536):
         from .registration import same_field_of_view_transform
+
+        self.max_read_px = int(max_read_px)  # H&E region side read at once (larger grid regions are split)
 
         if image.pixel_size_um is None:
             raise InputError("the H&E pixel size is unknown: pass he_pixel_size_um", image.path)
@@ -155,7 +157,10 @@ class _Slide:
 
         Reads only the H&E region the grid region maps to, with a halo for the anti-aliasing
         filter, aligned to its block-mean blocks, so the result equals resampling the whole level
-        (:func:`napari_smsdl.registration.resample_moving_to_grid`) onto the whole grid.
+        (:func:`napari_smsdl.registration.resample_moving_to_grid`) onto the whole grid. A grid
+        region whose H&E region is wider than ``max_read_px`` is split into blocks (each with its
+        own halo), so one call never reads more than about ``max_read_px²`` H&E pixels, whatever
+        the pyramid's depth.
         """
         import SimpleITK as sitk
 
@@ -187,14 +192,26 @@ class _Slide:
         c1 = min(n_cols, -(-(math.ceil(xy[:, 0].max()) + halo + 1) // kb) * kb)
         if r0 >= r1 or c0 >= c1:  # entirely off the slide: glass is white
             return np.ones(shape + (3,), np.float32)
-        region = self.image.read(level, (slice(r0, r1), slice(c0, c1))).astype(np.float32) / 255.0
+        n_r = -(-(r1 - r0) // self.max_read_px) if b - a > 1 else 1
+        n_c = -(-(c1 - c0) // self.max_read_px) if d - c > 1 else 1
+        if n_r > 1 or n_c > 1:
+            r_edges = np.linspace(a, b, min(n_r, b - a) + 1).round().astype(int)
+            c_edges = np.linspace(c, d, min(n_c, d - c) + 1).round().astype(int)
+            return np.concatenate([
+                np.concatenate([self.resample(grid, (int(ra), int(rb)), (int(ca), int(cb)), level)
+                                for ca, cb in zip(c_edges[:-1], c_edges[1:])], axis=1)
+                for ra, rb in zip(r_edges[:-1], r_edges[1:])
+            ], axis=0)
+        region = self.image.read(level, (slice(r0, r1), slice(c0, c1)))  # uint8: resampled in 0-255, then scaled
         local = sitk.CompositeTransform(2)
         local.AddTransform(sitk.TranslationTransform(2, (-(c0 * p_l + off), -(r0 * p_l + off))))
         local.AddTransform(self.transform)  # applied first: MSI µm -> H&E µm, then into the region
         out = resample_moving_to_grid(
             region, p_l, local, grid_shape_rc=shape, grid_pixel_size_um=grid.px, grid_origin_um=origin, antialias=True
         )
-        return np.clip(np.asarray(out, np.float32), 0, 1)
+        out = np.asarray(out, np.float32)
+        out *= np.float32(1 / 255.0)
+        return np.clip(out, 0, 1, out=out)
 
 
 @dataclass(frozen=True)
@@ -252,7 +269,7 @@ class _Extractor:
         With ``keep_guide`` (a dict), the guide region used (unnormalised) and its guide-pixel
         spans are stored in it under ``"guide"`` and ``"spans"`` (exact path only).
         """
-        from scipy.ndimage import gaussian_filter, map_coordinates
+        from scipy.ndimage import gaussian_filter
 
         (a, b), (c, d) = rows, cols
         if not lv.exact:
@@ -279,11 +296,8 @@ class _Extractor:
             normed = gaussian_filter(normed, (sigma[0], sigma[1], 0.0), mode="mirror")
         ur = (np.arange(a, b) + 0.5) * lv.rho[0] - 0.5 - spans[0][0]
         uc = (np.arange(c, d) + 0.5) * lv.rho[1] - 0.5 - spans[1][0]
-        coords = np.meshgrid(ur, uc, indexing="ij")
-        out = np.empty((b - a, d - c, 3), np.float32)
-        for ch in range(3):
-            out[..., ch] = map_coordinates(normed[..., ch], coords, order=1, mode="mirror")
-        return out
+        # skimage's rescale (scipy zoom, grid mode, linear, "mirror" edges), done separably
+        return _bilinear(normed, _linear_taps(ur, normed.shape[0], "mirror"), _linear_taps(uc, normed.shape[1], "mirror"))
 
     def shifted_region(self, lv: _Level, shift: int, rows, cols, keep_guide: dict | None = None) -> np.ndarray:
         """Rows/cols of the level image shifted by ``shift`` px (reflect-padded at the top/left)."""
@@ -625,14 +639,46 @@ def _write_colour(ex: _Extractor, arr, r0: int, r1: int, c0: int, c1: int, kept:
     arr[:, r0:r1, c0:c1] = colour.astype(np.float32)
 
 
+def _linear_taps(u: np.ndarray, n: int, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation at coordinates ``u`` on ``n`` samples: (i0, i1, w0, w1).
+
+    Out-of-range neighbours follow scipy.ndimage's ``"nearest"`` (clamp) or ``"mirror"``
+    (reflect about the edge sample) modes.
+    """
+    i0 = np.floor(u).astype(np.int64)
+    w1 = (u - i0).astype(np.float64)
+    i1 = i0 + 1
+
+    def fix(i):
+        if n == 1:
+            return np.zeros_like(i)
+        if mode == "nearest":
+            return np.clip(i, 0, n - 1)
+        period = 2 * (n - 1)  # mirror: ... 2 1 | 0 1 2 ... n-1 | n-2 ...
+        i = np.abs(i) % period
+        return np.where(i > n - 1, period - i, i)
+
+    return fix(i0), fix(i1), 1.0 - w1, w1
+
+
+def _bilinear(data: np.ndarray, rows, cols) -> np.ndarray:
+    """Separable linear interpolation of ``data`` (R, C, ...) at row taps × column taps: float32."""
+    r0, r1, wr0, wr1 = rows
+    c0, c1, wc0, wc1 = cols
+    extra = (None,) * (data.ndim - 2)
+    wr0, wr1 = wr0.astype(np.float32)[(slice(None), None, *extra)], wr1.astype(np.float32)[(slice(None), None, *extra)]
+    wc0, wc1 = wc0.astype(np.float32)[(None, slice(None), *extra)], wc1.astype(np.float32)[(None, slice(None), *extra)]
+    half = data[r0] * wr0 + data[r1] * wr1  # (n_rows, C, ...)
+    return (half[:, c0] * wc0 + half[:, c1] * wc1).astype(np.float32, copy=False)
+
+
 def _sample_region(tokens_arr, rows, cols, cells_per_token: float, shift_px: int) -> np.ndarray:
     """Bilinear samples of a token grid at the centres of SR cells ``rows × cols``: (D, r, c).
 
-    The same coordinates as :func:`napari_smsdl.features._sample_tokens_at_cells`, read from a
-    token window with a one-token halo (clamped at the grid's edges like ``mode="nearest"``).
+    The same coordinates and edge rule (``"nearest"``) as
+    :func:`napari_smsdl.features._sample_tokens_at_cells`, read from a token window with a
+    one-token halo and interpolated separably.
     """
-    from scipy.ndimage import map_coordinates
-
     h, w = tokens_arr.shape[:2]
     r = ((np.arange(*rows) + 0.5) / cells_per_token * TOKEN_PX + shift_px) / TOKEN_PX - 0.5
     c = ((np.arange(*cols) + 0.5) / cells_per_token * TOKEN_PX + shift_px) / TOKEN_PX - 0.5
@@ -640,7 +686,9 @@ def _sample_region(tokens_arr, rows, cols, cells_per_token: float, shift_px: int
     t_r1 = int(np.clip(math.floor(r.max()) + 2, t_r0 + 1, h))
     t_c0 = int(np.clip(math.floor(c.min()), 0, w - 1))
     t_c1 = int(np.clip(math.floor(c.max()) + 2, t_c0 + 1, w))
-    window = np.asarray(tokens_arr[t_r0:t_r1, t_c0:t_c1, :])
-    rr, cc = np.meshgrid(r - t_r0, c - t_c0, indexing="ij")
-    # coordinates below 0 clamp to token 0 only when the window starts at the grid's first token
-    return np.stack([map_coordinates(window[..., d], [rr, cc], order=1, mode="nearest") for d in range(window.shape[-1])])
+    window = np.asarray(tokens_arr[t_r0:t_r1, t_c0:t_c1, :], np.float32)
+    # coordinates below the window clamp to its first token only when it is the grid's first token
+    # (t_r0 = 0); elsewhere the halo keeps every neighbour inside the window
+    out = _bilinear(window, _linear_taps(r - t_r0, window.shape[0], "nearest"),
+                    _linear_taps(c - t_c0, window.shape[1], "nearest"))
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
