@@ -17,4 +17,4 @@ if [[ ! -x "$BIN/python" ]]; then
     echo "run-demo.sh: no Python at $BIN/python (run 'make demo', which creates the venv)" >&2
     exit 2
 fi
-exec "$BIN/python" -m napari_smsdl.commands.demo "${ARGS[@]}"
+exec "$BIN/python" -m napari_smsdl demo "${ARGS[@]}"

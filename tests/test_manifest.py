@@ -11,6 +11,6 @@ def test_manifest_contributions_import():
     contrib = manifest.contributions
     assert {"*.imzML", "*.imzml"} <= set(contrib.readers[0].filename_patterns)
     assert [s.key for s in contrib.sample_data] == ["smsdl_sample"]
-    assert {"Load", "Register"} <= {w.display_name for w in contrib.widgets}
+    assert {"Load", "Register", "Train", "Compare", "Export & project"} <= {w.display_name for w in contrib.widgets}
     ids = {c.id for c in contrib.commands}
     assert all(c.id.startswith("napari-smsdl.") for c in contrib.commands) and len(ids) == len(contrib.commands)

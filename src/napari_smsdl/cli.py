@@ -18,7 +18,7 @@ import logging
 import sys
 
 # Sub-command modules, in the order ``smsdl --help`` lists them.
-COMMANDS = ("info", "ion", "sample", "register", "reconstruct", "benchmark")
+COMMANDS = ("info", "ion", "sample", "register", "reconstruct", "benchmark", "demo")
 
 log = logging.getLogger("napari_smsdl")
 

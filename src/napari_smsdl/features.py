@@ -66,6 +66,8 @@ class FeatureParams:
     def cache_key(self) -> dict:
         d = dataclasses.asdict(self)
         if self.checkpoint:
+            if not Path(self.checkpoint).is_file():
+                raise InputError("checkpoint file not found", self.checkpoint)
             d["checkpoint_sha"] = _sha256_file(self.checkpoint)
         return d
 
