@@ -155,14 +155,14 @@ def test_peak_memory_does_not_grow_with_the_slide(tmp_path):
     assert largest[1] <= largest[0] * 1.2  # ...the H&E regions read do not (tile size + halo)
     assert peaks[1] < 1.3 * peaks[0], peaks  # ...and neither does the numpy peak
     # SimMIM trains on a bounded crop (max_train_px) of the large level images, not on all of them
+    image = open_histology(tmp_path / "s1024.ome.tif")
+    counting = tuple(_CountingLevel(level) for level in image.levels)
     image = HistologyImage(image.path, counting, image.pixel_size_um)
-    for c in counting:
-        c.largest = 0
-    trained = extract_features_tiled(image, msi_shape=(64, 64), msi_pixel_size_um=80.0, factor=2, out=tmp_path / "ssl",
+    trained = extract_features_tiled(image, msi_shape=(32, 32), msi_pixel_size_um=80.0, factor=2, out=tmp_path / "ssl",
                                      params=dataclasses.replace(params, ssl_steps=2, ssl_batch=2), tiling=tiling,
                                      max_cell_px=4, device="cpu")
     assert set(trained.ssl_losses) == set(LEVELS)
-    assert max(c.largest for c in counting) <= (tiling.max_train_px + 16) ** 2 < 512 * 512
+    assert max(c.largest for c in counting) <= (tiling.max_train_px + 16) ** 2 < 512 * 512  # level 0: 1024²
 
 
 def test_tissue_level_from_the_h_and_e_directly_is_close(slide, exact, tmp_path):
@@ -172,3 +172,27 @@ def test_tissue_level_from_the_h_and_e_directly_is_close(slide, exact, tmp_path)
     np.testing.assert_allclose(direct[: 2 * D], exact_data[: 2 * D], atol=1e-5)  # cellular, regional: exact path
     a, b = exact_data[2 * D : 3 * D].ravel(), direct[2 * D : 3 * D].ravel()
     assert not np.array_equal(a, b) and np.corrcoef(a, b)[0, 1] > 0.99
+
+
+def test_registration_transform_reads_the_right_regions(slide, tmp_path):
+    """A rotated, shifted affine (MSI µm -> level-0 H&E µm): the tiles' guide equals the whole-image guide."""
+    import SimpleITK as sitk
+
+    image = open_histology(slide)
+    rot = sitk.Euler2DTransform((800.0, 800.0), np.deg2rad(7.0), (-60.0, 45.0))
+    scale = sitk.ScaleTransform(2, (0.8, 0.8))  # the 1600 µm MSI field onto the 1280 µm slide
+    transform = sitk.CompositeTransform(2)
+    transform.AddTransform(rot)
+    transform.AddTransform(scale)  # applied first
+    params = FeatureParams(embed_dim=4, depth=1, num_heads=1, ssl_steps=0, shifts=1, tissue_tokens_msi_px=2)
+    got = _tiled(slide, tmp_path / "r.zarr", params=params, transform=transform).read()[-3:]
+    level = 1
+    p_l = image.level_pixel_size_um(level)
+    to_level = sitk.CompositeTransform(2)  # level-1 pixel (0, 0) sits at (p_l - p_0) / 2 in level-0 µm
+    to_level.AddTransform(sitk.TranslationTransform(2, (-(p_l - 1.25) / 2,) * 2))
+    to_level.AddTransform(transform)
+    g, k = prepare_guide(image.read(level), he_pixel_size_um=p_l, msi_shape=MSI_SHAPE, msi_pixel_size_um=MSI_PX,
+                         factor=F, transform=to_level, max_cell_px=MAX_CELL_PX)
+    ref = g.reshape(SR, k, SR, k, 3).mean(axis=(1, 3)).transpose(2, 0, 1)
+    assert (ref > 0.99).mean() > 0.02  # part of the field falls off the slide (white glass)
+    np.testing.assert_allclose(got, ref, atol=1e-5)

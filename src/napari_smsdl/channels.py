@@ -137,7 +137,7 @@ def reconstruct_channels(
     channel_names: Sequence[str] | None = None,
     chunk_channels: int = 64,
     params: RegressionParams = RegressionParams(),
-    block_rows: int = 256,
+    block_rows: int | None = None,
     device: str = "auto",
     progress: Callable[[str, int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -163,8 +163,8 @@ def reconstruct_channels(
         Channels trained together (one network per chunk, shared trunk within it).
     params : RegressionParams
         As :func:`napari_smsdl.regression.train_regression`.
-    block_rows : int
-        SR rows predicted and written at a time.
+    block_rows : int, optional
+        SR rows predicted and written at a time (default: about 32 768 SR cells per block).
 
     Returns
     -------
@@ -189,6 +189,8 @@ def reconstruct_channels(
     mask_lr = _mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
     if mask_lr.shape != (rows, cols):
         raise InputError(f"mask {mask_lr.shape} does not match the MSI grid {(rows, cols)}")
+    if block_rows is None:
+        block_rows = 32768 // sr_cols
     block_rows = max(factor, block_rows // factor * factor)  # whole MSI pixels per block
 
     out = Path(out)

@@ -24,7 +24,7 @@ With the same weights, the result equals the in-memory features (up to float rou
 transforms when the in-memory guide is made from the same pyramid level. Levels whose ViT window
 covers more than ``TilingParams.tile_guide_px`` guide pixels (wide tissue context at large F·k) are
 instead resampled straight from the H&E onto their own grid — approximately the same image, without
-ever building the huge guide region. Peak memory depends on the tile sizes, not on the slide size.
+ever building the huge guide region. Peak memory depends on the tile sizes (:class:`TilingParams`), not on the slide size.
 
 Under torchrun (:mod:`napari_smsdl.distributed`) the tiles of every pass are shared round robin
 between ranks (each writes its own zarr chunks), the statistics are summed over ranks, the three
@@ -81,9 +81,13 @@ class TilingParams:
         window). A level whose single window spans more is resampled straight from the H&E.
     max_train_px : int
         Side, in level-image pixels, of the region each ViT level is trained on when its level
-        image is larger.
+        image is larger (for levels made from guide regions, also at most ``2 × tile_guide_px``
+        guide pixels).
     stats_tiles : int
         Guide tiles (``tile_guide_px`` square) sampled for the colour statistics.
+    max_read_px : int
+        Side of the largest H&E region read at once; larger requests are split (this bounds
+        memory even when the pyramid has too few levels for a coarse ViT level).
     keep_intermediate : bool
         Keep the token grids and the colour array in the store (for inspection).
     """
@@ -92,6 +96,7 @@ class TilingParams:
     tile_guide_px: int = 512
     max_train_px: int = 1024
     stats_tiles: int = 32
+    max_read_px: int = 1536
     keep_intermediate: bool = False
 
 
@@ -386,17 +391,27 @@ def _check(should_stop) -> None:
 
 def _store_key(slide: _Slide, msi_shape, msi_pixel_size_um, factor, params: FeatureParams, tiling, max_cell_px) -> dict:
     st = os.stat(slide.image.path)
-    t = slide.transform
     return {
         "v": STORE_VERSION,
         "he": [str(Path(slide.image.path).resolve()), st.st_size, st.st_mtime_ns, slide.p0],
-        "transform": [t.GetName(), list(t.GetParameters()), list(t.GetFixedParameters())] if hasattr(t, "GetParameters") else str(t),
+        "transform": _transform_signature(slide.transform),
         "msi": [list(msi_shape), msi_pixel_size_um],
         "F": factor,
         "max_cell_px": max_cell_px,
         "params": params.cache_key(),
         "tiling": {k: v for k, v in dataclasses.asdict(tiling).items() if k != "keep_intermediate"},
     }
+
+
+def _transform_signature(transform) -> list:
+    """Name and parameters of a SimpleITK transform, composites expanded (for the store's key)."""
+    import SimpleITK as sitk
+
+    if transform.GetName() == "CompositeTransform":
+        composite = sitk.CompositeTransform(transform)
+        return [_transform_signature(composite.GetNthTransform(i)) for i in range(composite.GetNumberOfTransforms())]
+    return [transform.GetName(), [float(v) for v in transform.GetParameters()],
+            [float(v) for v in transform.GetFixedParameters()]]
 
 
 def extract_features_tiled(
@@ -458,7 +473,7 @@ def extract_features_tiled(
         image = dataclasses.replace(image, pixel_size_um=float(he_pixel_size_um))
     if not 1 <= int(factor) <= 32:
         raise InputError(f"factor must be an integer from 1 to 32, got {factor}")
-    slide = _Slide(image, transform, msi_shape, msi_pixel_size_um)
+    slide = _Slide(image, transform, msi_shape, msi_pixel_size_um, tiling.max_read_px)
     dev = get_device(device)
     ex = _Extractor(slide, msi_shape, msi_pixel_size_um, factor, params, tiling, max_cell_px, dev)
     out = Path(out)

@@ -6,6 +6,11 @@ intensities of all chosen channels. It never sees a high-resolution target: its 
 mean of its predictions over the F × F cells of each MSI pixel with the measured MSI pixel, over
 acquired tissue pixels only. A few restarts with fixed seeds are combined by their median, and an
 optional final rescale makes each MSI pixel's mean exactly the measured value.
+
+Under torchrun (a torch.distributed process group of N > 1 processes) the training pixels are
+sharded across ranks and DistributedDataParallel averages the gradients; every rank ends with
+rank 0's weights (see :func:`train_regression`). :mod:`napari_smsdl.channels` reuses the pieces
+(:func:`_targets`, :func:`_design_matrix`, :func:`_fit`) to train chunks of many channels.
 """
 
 from __future__ import annotations
