@@ -25,7 +25,6 @@ Every action is a method with explicit arguments::
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,13 +54,14 @@ from ..comparison import (
     shared_limits,
     tissue_mask_sr,
 )
-from ..errors import InputError, SmsdlError
+from ..errors import InputError
 from ..project import LAYER_METADATA_KEY, Project
+from ._jobs import ErrorDisplay
+from ._layers import _last2
 
 if TYPE_CHECKING:
     import napari
 
-logger = logging.getLogger(__name__)
 
 PREFIX = "compare: "
 GUIDE_NAME = PREFIX + "H&E (registered, SR grid)"
@@ -86,10 +86,6 @@ TOOLTIPS = {
 
 METRIC_COLUMNS = ("rmse", "ssim", "r2", "psnr")
 METRIC_HEADERS = ("method", "channel", "RMSE", "SSIM", "R²", "PSNR (dB)")
-
-
-def _last2(values: Sequence[float]) -> np.ndarray:
-    return np.asarray(values, float)[-2:]
 
 
 def _fmt(value: float) -> str:
@@ -291,7 +287,7 @@ def arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str = "auto")
     viewer.reset_view()
 
 
-class CompareWidget(QWidget):
+class CompareWidget(ErrorDisplay, QWidget):
     """Dock widget: comparison layers, grid view, differences, metrics, pixel values, segments.
 
     Attributes
@@ -304,6 +300,8 @@ class CompareWidget(QWidget):
         The last :meth:`inspect_pixel` result.
     last_error : str or None
     """
+
+    _widget_name = "Compare"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
@@ -660,12 +658,3 @@ class CompareWidget(QWidget):
         self.status.value = f"{len(sizes)} segments of the {method_label(method)} stack; pixels per segment: " + \
             ", ".join(str(int(v)) for v in sizes) + "."
         return layer
-
-    def _on_error(self, exc: BaseException) -> None:
-        from napari.utils.notifications import show_error
-
-        message = str(exc)
-        self.last_error = message
-        self.status.value = f"Error: {message}"
-        logger.error("Compare widget: %s", message, exc_info=None if isinstance(exc, SmsdlError) else exc)
-        show_error(message)

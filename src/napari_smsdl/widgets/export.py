@@ -18,9 +18,8 @@ Every action is a method with explicit arguments::
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +30,12 @@ from .._reader import LayerDataTuple, he_layer, ion_stack_layer
 from ..errors import InputError, SmsdlError
 from ..export import EXPORT_FORMATS, export_results
 from ..project import LAYER_METADATA_KEY, Project, load_project, save_project
+from ._jobs import JobRunner
 from .compare import PREFIX, add_comparison_layers
 
 if TYPE_CHECKING:
     import napari
 
-logger = logging.getLogger(__name__)
 
 TOOLTIPS = {
     "source": "The MSI layer whose reconstruction is exported or saved.",
@@ -50,10 +49,6 @@ TOOLTIPS = {
     "save": "Save inputs (paths + hashes), registration, parameters, weights, feature cache and results.",
     "open": "Reopen a project: its layers come back exactly as saved.",
 }
-
-
-def _use_threads() -> bool:
-    return os.environ.get("SMSDL_NOTHREADS", "").lower() not in ("1", "true", "yes")
 
 
 def _path_or_none(value: Any) -> Path | None:
@@ -99,7 +94,7 @@ def project_layers(project: Project, *, name: str | None = None) -> tuple[list[L
     return layers, notes
 
 
-class ExportWidget(QWidget):
+class ExportWidget(JobRunner, QWidget):
     """Dock widget: export results, save the session as a project folder, reopen one.
 
     Attributes
@@ -111,6 +106,8 @@ class ExportWidget(QWidget):
     busy : bool
     last_error : str or None
     """
+
+    _widget_name = "Export"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
@@ -245,47 +242,6 @@ class ExportWidget(QWidget):
             if folder is not None:
                 self.project_folder.value = folder
         return folder
-
-    def _run(self, func: Callable, *args, on_returned: Callable, message: str, **kwargs):
-        if self.busy:
-            self._on_error(InputError("still busy with the previous job; try again when it is done"))
-            return None
-        self._set_busy(True, message + " …")
-        if not _use_threads():
-            try:
-                result = func(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - shown to the user, like the worker path
-                self._on_error(exc)
-            else:
-                on_returned(result)
-            finally:
-                self._set_busy(False)
-            return None
-        from napari.qt.threading import create_worker
-
-        worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True,
-                               _progress={"total": 0, "desc": message}, **kwargs)
-        worker.returned.connect(on_returned)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(lambda: self._set_busy(False))
-        self._worker = worker
-        worker.start()
-        return worker
-
-    def _set_busy(self, busy: bool, message: str | None = None) -> None:
-        self.busy = busy
-        if message:
-            self.status.value = message
-        self._sync_enabled()
-
-    def _on_error(self, exc: BaseException) -> None:
-        from napari.utils.notifications import show_error
-
-        message = str(exc)
-        self.last_error = message
-        self.status.value = f"Error: {message}"
-        logger.error("Export widget: %s", message, exc_info=None if isinstance(exc, SmsdlError) else exc)
-        show_error(message)
 
     def _on_exported(self, written: dict) -> None:
         self.written = dict(written)

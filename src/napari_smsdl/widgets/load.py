@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,18 +38,19 @@ from magicgui.widgets import (
     Select,
     SpinBox,
 )
-from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from .._reader import DEFAULT_N_PEAKS, DEFAULT_TOLERANCE, LayerDataTuple, he_layer, ion_stack_layer
 from ..errors import InputError
 from ..histology import HistologyImage, open_histology
 from ..ion_stack import IonStack, read_ion_stack
 from ..msi import ImzMLDataset, Normalization, Spectrum, make_windows, open_imzml
+from ._jobs import JobRunner
+from ._plots import PlotCanvas
 
 if TYPE_CHECKING:
     import napari
 
-logger = logging.getLogger(__name__)
 
 _HE_FILTER = "Images (*.png *.jpg *.jpeg *.tif *.tiff *.svs *.ndpi *.scn *.btf);;All files (*)"
 _MSI_FILTER = "MSI (*.imzML *.imzml *.tif *.tiff *.npy *.csv *.txt *.tsv);;All files (*)"
@@ -76,10 +76,6 @@ class ChannelSource(str, enum.Enum):
 
     PEAKS = "picked peaks"
     TYPED = "typed m/z"
-
-
-def _use_threads() -> bool:
-    return os.environ.get("SMSDL_NOTHREADS", "").lower() not in ("1", "true", "yes")
 
 
 def parse_mz_list(text: str) -> list[float]:
@@ -141,29 +137,15 @@ def open_files(
     return OpenedFiles(he, msi, spectrum, np.asarray(peaks, float), msi_path)
 
 
-class SpectrumPlot(QWidget):
+class SpectrumPlot(PlotCanvas):
     """A small matplotlib plot of the mean spectrum with the picked peaks marked."""
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(4, 1.8), layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(150)
-        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
-        self.axes = self.figure.add_subplot()
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas)
         self.show_message("no spectrum")
 
     def show_message(self, text: str) -> None:
-        self.axes.clear()
-        self.axes.set_axis_off()
-        self.axes.text(0.5, 0.5, text, ha="center", va="center", transform=self.axes.transAxes, color="grey")
-        self.canvas.draw_idle()
+        self._show_text(text)
 
     def show_spectrum(self, spectrum: Spectrum, peaks_mz: Sequence[float], selected_mz: Sequence[float] = ()) -> None:
         ax = self.axes
@@ -181,7 +163,7 @@ class SpectrumPlot(QWidget):
         self.canvas.draw_idle()
 
 
-class LoadWidget(QWidget):
+class LoadWidget(JobRunner, QWidget):
     """Dock widget: pick H&E and MSI files, set pixel sizes, choose m/z channels, add layers.
 
     Parameters
@@ -198,6 +180,9 @@ class LoadWidget(QWidget):
     last_error : str or None
         Message of the last failed job.
     """
+
+    _widget_name = "Load"
+    _quiet_errors = (InputError,)
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
@@ -392,34 +377,6 @@ class LoadWidget(QWidget):
             return {"mz": mz, "tol": tol, "norm": Normalization(self.norm.value)}
         return {}
 
-    def _run(self, func: Callable, *args, on_returned: Callable, message: str, **kwargs):
-        if self.busy:
-            self._on_error(InputError("still busy with the previous job; try again when it is done"))
-            return None
-        self._set_busy(True, message + " …")
-        if not _use_threads():
-            try:
-                result = func(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - shown to the user, like the worker path
-                self._on_error(exc)
-            else:
-                on_returned(result)
-            finally:
-                self._set_busy(False)
-            return None
-        from napari.qt.threading import create_worker
-
-        # errors are shown by _on_error; napari would otherwise re-raise them in the main thread
-        worker = create_worker(
-            func, *args, _start_thread=False, _ignore_errors=True, _progress={"total": 0, "desc": message}, **kwargs
-        )
-        worker.returned.connect(on_returned)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(lambda: self._set_busy(False))
-        self._worker = worker
-        worker.start()
-        return worker
-
     def _set_busy(self, busy: bool, message: str | None = None) -> None:
         self.busy = busy
         self.open_button.enabled = not busy
@@ -427,15 +384,6 @@ class LoadWidget(QWidget):
         if message:
             self.status.value = message
             self.last_error = None if busy else self.last_error
-
-    def _on_error(self, exc: BaseException) -> None:
-        from napari.utils.notifications import show_error
-
-        message = str(exc)
-        self.last_error = message
-        self.status.value = f"Error: {message}"
-        logger.error("Load widget: %s", message, exc_info=exc if not isinstance(exc, InputError) else None)
-        show_error(message)
 
     def _on_opened(self, result: OpenedFiles, *, keep_he_size: bool, keep_msi_size: bool) -> None:
         self.opened = result

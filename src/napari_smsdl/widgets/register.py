@@ -23,10 +23,8 @@ Every action is a method with explicit arguments, so scripts and tests bypass th
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +34,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
-from ..errors import Cancelled, InputError, SmsdlError
+from ..errors import InputError
 from ..registration import (
     FixedFeature,
     LandmarkPairs,
@@ -49,11 +47,12 @@ from ..registration import (
     write_landmarks_csv,
 )
 from ..registration._levels import choose_he_level, landmarks_to_level, result_to_level0
+from ._jobs import JobRunner, use_threads
+from ._layers import HeMsiLayers, _last2
 
 if TYPE_CHECKING:
     import napari
 
-logger = logging.getLogger(__name__)
 
 HE_POINTS = "H&E landmarks"
 MSI_POINTS = "MSI landmarks"
@@ -89,15 +88,7 @@ TOOLTIPS = {
 TABLE_COLUMNS = ("#", "H&E row", "H&E col", "MSI row", "MSI col", "held-out (MSI px)", "fit (MSI px)", "outlier")
 
 
-def _use_threads() -> bool:
-    return os.environ.get("SMSDL_NOTHREADS", "").lower() not in ("1", "true", "yes")
-
-
-def _last2(values: Sequence[float]) -> np.ndarray:
-    return np.asarray(values, float)[-2:]
-
-
-class RegisterWidget(QWidget):
+class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
     """Dock widget: pick H&E and MSI layers, click landmark pairs, register, inspect, accept or revert.
 
     Parameters
@@ -115,6 +106,10 @@ class RegisterWidget(QWidget):
     last_error : str or None
         Message of the last failure (``"cancelled"`` after Cancel).
     """
+
+    _widget_name = "Register"
+    _cancelled_status = "Cancelled."
+    _cancelled_notice = "Registration cancelled"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
@@ -258,14 +253,6 @@ class RegisterWidget(QWidget):
             self.he_layer.value = rgb[0]
         if other and (self.msi_layer.value is None or self.msi_layer.value.rgb):
             self.msi_layer.value = other[0]
-        self._sync_enabled()
-
-    def set_layers(self, he: Any = None, msi: Any = None) -> None:
-        """Choose the H&E and MSI layers (by layer or name); their scales fill the pixel sizes."""
-        if he is not None:
-            self.he_layer.value = self.viewer.layers[he] if isinstance(he, str) else he
-        if msi is not None:
-            self.msi_layer.value = self.viewer.layers[msi] if isinstance(msi, str) else msi
         self._sync_enabled()
 
     def _on_he_layer(self, layer) -> None:
@@ -441,7 +428,7 @@ class RegisterWidget(QWidget):
         def on_returned(result: RegistrationResult) -> None:
             self._show_result(result_to_level0(result, **level0))
 
-        if not _use_threads():
+        if not use_threads():
             steps = iter_register(**kwargs, should_stop=self._stop.is_set)
             try:
                 while True:
@@ -453,20 +440,13 @@ class RegisterWidget(QWidget):
             finally:
                 self._set_busy(False)
             return None
-        from napari.qt.threading import create_worker
         from napari.utils import progress
 
-        worker = create_worker(
-            iter_register, **kwargs, should_stop=self._stop.is_set, _start_thread=False, _ignore_errors=True
-        )
         self._pbar = progress(total=0, desc="Registering")
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(on_returned)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(lambda: self._set_busy(False))
-        self._worker = worker
-        worker.start()
-        return worker
+        return self._start_worker(
+            iter_register, **kwargs, should_stop=self._stop.is_set, on_yielded=self._on_progress,
+            on_returned=on_returned, on_finished=lambda: self._set_busy(False),
+        )
 
     def cancel(self) -> None:
         """Ask the running registration to stop (it raises Cancelled at the next optimiser iteration)."""
@@ -488,13 +468,10 @@ class RegisterWidget(QWidget):
         self.status.value = f"Registering: {stage} ({done}/{total})"
 
     def _set_busy(self, busy: bool, message: str | None = None) -> None:
-        self.busy = busy
         if not busy and self._pbar is not None:
             self._pbar.close()
             self._pbar = None
-        if message:
-            self.status.value = message
-        self._sync_enabled()
+        super()._set_busy(busy, message)
 
     def _sync_enabled(self) -> None:
         ready = self.he_layer.value is not None and self.msi_layer.value is not None
@@ -509,20 +486,6 @@ class RegisterWidget(QWidget):
         stack = msi is not None and np.ndim(msi.data[0] if msi.multiscale else msi.data) == 3
         self.msi_feature.enabled = stack
         self.msi_channel.enabled = stack
-
-    def _on_error(self, exc: BaseException) -> None:
-        from napari.utils.notifications import show_error, show_info
-
-        if isinstance(exc, Cancelled):
-            self.last_error = "cancelled"
-            self.status.value = "Cancelled."
-            show_info("Registration cancelled")
-            return
-        message = str(exc)
-        self.last_error = message
-        self.status.value = f"Error: {message}"
-        logger.error("Register widget: %s", message, exc_info=None if isinstance(exc, SmsdlError) else exc)
-        show_error(message)
 
     # ------------------------------------------------------------------ outputs
     def _msi_frame(self) -> tuple[np.ndarray, np.ndarray, float]:

@@ -46,7 +46,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..comparison import (
     channel_label,
@@ -54,9 +54,12 @@ from ..comparison import (
     placement_transform,
     transform_to_level,
 )
-from ..errors import Cancelled, InputError, SmsdlError
+from ..errors import InputError
 from ..pipeline import Settings
 from ..project import LAYER_METADATA_KEY, Project, input_records, reconstruct_project
+from ._jobs import JobRunner
+from ._layers import HeMsiLayers, _last2
+from ._plots import PlotCanvas
 
 if TYPE_CHECKING:
     import napari
@@ -105,14 +108,6 @@ class Preset(str, enum.Enum):
     DEFAULT = "default"
 
 
-def _use_threads() -> bool:
-    return os.environ.get("SMSDL_NOTHREADS", "").lower() not in ("1", "true", "yes")
-
-
-def _last2(values: Sequence[float]) -> np.ndarray:
-    return np.asarray(values, float)[-2:]
-
-
 def default_cache_dir() -> Path:
     """The per-user feature cache (``$XDG_CACHE_HOME/napari-smsdl/features``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -149,22 +144,11 @@ class _Relay(QObject):
     loss = Signal(int, float)
 
 
-class LossPlot(QWidget):
+class LossPlot(PlotCanvas):
     """A small matplotlib plot of the training loss, fed point by point while training runs."""
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(4, 1.8), layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(150)
-        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
-        self.axes = self.figure.add_subplot()
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas)
         self.steps: list[int] = []
         self.losses: list[float] = []
         self._line = None
@@ -172,12 +156,7 @@ class LossPlot(QWidget):
 
     def clear(self, message: str = "") -> None:
         self.steps, self.losses, self._line = [], [], None
-        ax = self.axes
-        ax.clear()
-        ax.set_axis_off()
-        if message:
-            ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="grey")
-        self.canvas.draw_idle()
+        self._show_text(message)
 
     def _setup_axes(self) -> None:
         ax = self.axes
@@ -216,7 +195,7 @@ class LossPlot(QWidget):
         self.canvas.draw_idle()
 
 
-class TrainWidget(QWidget):
+class TrainWidget(JobRunner, HeMsiLayers, QWidget):
     """Dock widget: choose layers, channels and settings, Start, watch progress and loss, Cancel.
 
     Parameters
@@ -238,6 +217,10 @@ class TrainWidget(QWidget):
     progress_bars : dict
         Stage → the napari ``progress`` bar of the running stage (in the activity dock).
     """
+
+    _widget_name = "Train"
+    _cancelled_status = "Cancelled; nothing was changed. Start again when ready."
+    _cancelled_notice = "Training cancelled"
 
     #: Emitted in the main thread with the :class:`Project` when a job succeeds.
     trained = Signal(object)
@@ -345,14 +328,6 @@ class TrainWidget(QWidget):
         self.msi_layer.reset_choices()
         if self.msi_layer.value is not old:
             self._on_msi_layer(self.msi_layer.value)
-        self._sync_enabled()
-
-    def set_layers(self, he: Any = None, msi: Any = None) -> None:
-        """Choose the H&E and MSI layers (by layer or name)."""
-        if he is not None:
-            self.he_layer.value = self.viewer.layers[he] if isinstance(he, str) else he
-        if msi is not None:
-            self.msi_layer.value = self.viewer.layers[msi] if isinstance(msi, str) else msi
         self._sync_enabled()
 
     def _on_msi_layer(self, layer) -> None:
@@ -525,25 +500,7 @@ class TrainWidget(QWidget):
         self.plot.clear("waiting for the first SMSDL steps …")
         self._started_at = time.perf_counter()
         self._set_busy(True, f"Training {', '.join(methods)} at F = {chosen.factor} …")
-        if not _use_threads():
-            try:
-                project = reconstruct_project(**kwargs)
-            except Exception as exc:  # noqa: BLE001
-                self._on_error(exc)
-            else:
-                self._on_done(project)
-            finally:
-                self._on_finished()
-            return None
-        from napari.qt.threading import create_worker
-
-        worker = create_worker(reconstruct_project, **kwargs, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(self._on_done)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        worker.start()
-        return worker
+        return self._start_job(reconstruct_project, **kwargs, on_returned=self._on_done, on_finished=self._on_finished)
 
     def cancel(self) -> None:
         """Ask the running job to stop (the core raises Cancelled at its next check)."""
@@ -575,12 +532,6 @@ class TrainWidget(QWidget):
             bar.close()
         self.progress_bars = {}
 
-    def _set_busy(self, busy: bool, message: str | None = None) -> None:
-        self.busy = busy
-        if message:
-            self.status.value = message
-        self._sync_enabled()
-
     def _on_finished(self) -> None:
         self._close_bars()
         if self._cancel_at is not None:
@@ -606,20 +557,11 @@ class TrainWidget(QWidget):
             w.enabled = smsdl
         self.cnn_iterations.enabled = bool(self.use_cnn.value)
 
-    def _on_error(self, exc: BaseException) -> None:
-        from napari.utils.notifications import show_error, show_info
+    def _on_cancelled(self) -> None:
+        self.plot.clear("cancelled")
 
-        if isinstance(exc, Cancelled):
-            self.last_error = "cancelled"
-            self.status.value = "Cancelled; nothing was changed. Start again when ready."
-            self.plot.clear("cancelled")
-            show_info("Training cancelled")
-            return
-        message = str(exc)
-        self.last_error = message
-        self.status.value = f"Error: {message}"
-        logger.error("Train widget: %s", message, exc_info=None if isinstance(exc, SmsdlError) else exc)
-        show_error(f"Training failed: {message}" if self.busy else message)  # busy: it broke during the run
+    def _error_notice(self, message: str) -> str:
+        return f"Training failed: {message}" if self.busy else message  # busy: it broke during the run
 
     def _on_done(self, project: Project) -> None:
         self.project = project
