@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import sha256_file
 from .errors import Cancelled, InputError
 from .torch_setup import get_device
 
@@ -68,7 +69,7 @@ class FeatureParams:
         if self.checkpoint:
             if not Path(self.checkpoint).is_file():
                 raise InputError("checkpoint file not found", self.checkpoint)
-            d["checkpoint_sha"] = _sha256_file(self.checkpoint)
+            d["checkpoint_sha"] = sha256_file(self.checkpoint)
         return d
 
 
@@ -86,12 +87,6 @@ class FeatureMaps:
     from_cache: bool = False
 
 
-def _sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_vit(params: FeatureParams):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ._files import jsonable, sha256_file  # noqa: F401 - sha256_file is part of this module's API
 
 from .errors import InputError
 from .pipeline import Reconstruction, Settings
@@ -78,13 +79,6 @@ def sr_file(method: str) -> str:
     return f"results/sr_{method}.ome.tif"
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -323,23 +317,6 @@ class Project:
 
 
 # ---------------------------------------------------------------------------- saving
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def _read_manifest(directory: Path) -> dict | None:
@@ -401,9 +378,9 @@ def _write_snapshot(stage: Path, project: Project) -> None:
     if masks:
         np.savez_compressed(stage / MASKS, **masks)
     if project.metrics is not None:
-        (stage / METRICS_JSON).write_text(json.dumps(_jsonable(project.metrics), indent=2), encoding="utf-8")
+        (stage / METRICS_JSON).write_text(json.dumps(jsonable(project.metrics), indent=2), encoding="utf-8")
         write_metrics_csv(stage / METRICS_CSV, project.metrics, channel_names=names)
-    (stage / LOSS_HISTORY).write_text(json.dumps(_jsonable(project.loss_history)), encoding="utf-8")
+    (stage / LOSS_HISTORY).write_text(json.dumps(jsonable(project.loss_history)), encoding="utf-8")
     if project.transform is not None:
         import SimpleITK as sitk
 
@@ -413,7 +390,7 @@ def _write_snapshot(stage: Path, project: Project) -> None:
 
         write_landmarks_csv(project.landmarks, stage / LANDMARKS)
     if project.registration_report is not None:
-        (stage / REGISTRATION_REPORT).write_text(json.dumps(_jsonable(project.registration_report), indent=2))
+        (stage / REGISTRATION_REPORT).write_text(json.dumps(jsonable(project.registration_report), indent=2))
     if project.weights_path is not None:
         if not Path(project.weights_path).is_file():
             raise InputError("trained weights file not found", project.weights_path)
@@ -430,7 +407,7 @@ def _write_snapshot(stage: Path, project: Project) -> None:
         "lr_shape": list(project.lr_msi.shape),
         "seconds": project.seconds,
     }
-    (stage / PARAMETERS).write_text(json.dumps(_jsonable(parameters), indent=2), encoding="utf-8")
+    (stage / PARAMETERS).write_text(json.dumps(jsonable(parameters), indent=2), encoding="utf-8")
     for sub in ("inputs", "registration", "weights", "results"):
         if not any((stage / sub).iterdir()):
             (stage / sub).rmdir()
@@ -517,7 +494,7 @@ def save_project(directory: str | os.PathLike, project: Project) -> Project:
     }
     tmp = directory / f".{PROJECT_FILE}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(_jsonable(manifest), indent=2))
+        fh.write(json.dumps(jsonable(manifest), indent=2))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, directory / PROJECT_FILE)

@@ -13,14 +13,14 @@ scores, writes every file and prints.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import resource
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .._files import write_json_atomic
 
 from ._common import add_method_args, add_msi_channel_args, load_he, load_msi, load_transform_arg, settings_from_args
 
@@ -40,10 +40,6 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run, torchrun=True)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def run(args) -> int:

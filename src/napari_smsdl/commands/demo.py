@@ -68,7 +68,7 @@ def run_headless(outdir: str | os.PathLike, *, settings=None, methods=("smsdl", 
     from ..export import write_metrics_csv, write_tiff_stack
     from ..figures import comparison_figure
     from ..pipeline import Settings, run_benchmark
-    from ..project import _jsonable
+    from .._files import jsonable
     from ..sample import make_sample
     from .benchmark import write_json_atomic
 
@@ -103,7 +103,7 @@ def run_headless(outdir: str | os.PathLike, *, settings=None, methods=("smsdl", 
         "msi_pixel_size_um": sample.msi_pixel_size_um, "he_pixel_size_um": sample.he_pixel_size_um,
         "reconstruction": result.reconstruction.settings.to_dict(),
     }
-    write_json_atomic(out / "metrics.json", _jsonable(metrics))
+    write_json_atomic(out / "metrics.json", jsonable(metrics))
     for name in result.reconstruction.sr:
         m = result.metrics[name]
         print(f"{name:>8}: RMSE {m['rmse']['mean']:.4f}  SSIM {m['ssim']['mean']:.4f}  R2 {m['r2']['mean']:.4f}  "

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import numpy as np
+
+from .._files import jsonable as _jsonable
 
 from ..errors import InputError
 from ._landmarks import write_landmarks_csv
@@ -22,22 +23,6 @@ PARAMS_FILE = "params.json"
 LANDMARKS_FILE = "landmarks.csv"
 
 
-def _jsonable(obj):
-    """Plain JSON types; NaN/inf become null."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
 
 
 def save_registration(result, outdir: str | os.PathLike, *, images: bool = False) -> dict[str, Path]:
