@@ -79,3 +79,25 @@ def test_benchmark_bad_input_is_one_line(small_pair, tmp_path, case):
     assert len(proc.stderr.strip().splitlines()) == 1
     assert ("truth.npy" in proc.stderr and "too small" in proc.stderr) if case == "truth too small" else (
         "none.png" in proc.stderr and "not found" in proc.stderr)
+
+
+def test_reconstruct_tiled_whole_slide_path(tmp_path):
+    """--tiled reads a pyramidal OME-TIFF lazily and computes the features tile by tile."""
+    from napari_smsdl.histology import write_pyramidal_tiff
+    from napari_smsdl.sample import write_sample
+
+    sample = tmp_path / "sample"
+    write_sample(sample)
+    from skimage import io as skio
+
+    slide = write_pyramidal_tiff(tmp_path / "he.ome.tif", skio.imread(sample / "he.png"), pixel_size_um=2.5, n_levels=2)
+    out = tmp_path / "sr"
+    argv = ["reconstruct", "--he", str(slide), "--msi", str(sample / "msi.imzML"), "--mz", "760.5851", "--mz", "885.5499",
+            "--factor", "2", "--tiled", "--baselines", "bicubic,cnn", *QUICK, "-o", str(out)]
+    assert main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["he_tiled"] is True and run["he_pixel_size_um"] == 2.5
+    for method in ("smsdl", "bicubic", "cnn"):
+        stack = tifffile.imread(out / f"sr_{method}.ome.tif")
+        assert stack.shape == (2, 64, 64) and np.isfinite(stack).all()
+    assert list((out / "cache").glob("features-tiled-*.zarr"))

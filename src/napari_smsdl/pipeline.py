@@ -171,12 +171,18 @@ def reconstruct(
     stage = progress or (lambda *_: None)
     sr, seconds, history = {}, {}, {}
 
+    from .histology import HistologyImage
+
+    tiled = isinstance(he_rgb, HistologyImage)  # a lazy (whole-slide) H&E: features tile by tile
     t0 = time.perf_counter()
-    stage("resampling H&E onto the SR grid", 0, 1)
-    guide, k = prepare_guide(
-        he_rgb, he_pixel_size_um=he_pixel_size_um, msi_shape=lr.shape[1:], msi_pixel_size_um=msi_pixel_size_um,
-        factor=factor, transform=transform, max_cell_px=settings.max_cell_px,
-    )
+    if tiled:
+        guide, k = None, 1
+    else:
+        stage("resampling H&E onto the SR grid", 0, 1)
+        guide, k = prepare_guide(
+            he_rgb, he_pixel_size_um=he_pixel_size_um, msi_shape=lr.shape[1:], msi_pixel_size_um=msi_pixel_size_um,
+            factor=factor, transform=transform, max_cell_px=settings.max_cell_px,
+        )
     guide_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     bicubic = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=mask_lr)
@@ -185,12 +191,20 @@ def reconstruct(
         sr[Method.BICUBIC.value] = bicubic.astype(np.float32)
         seconds[Method.BICUBIC.value] = bicubic_seconds
     features = None
+    if tiled and (Method.SMSDL in methods or Method.CNN in methods):
+        t0 = time.perf_counter()
+        features = _tiled_features(he_rgb, lr.shape[1:], msi_pixel_size_um, he_pixel_size_um, transform, settings,
+                                   cache_dir, save_weights, progress, should_stop)
+        # the CNN's guide and the displayed guide: each SR cell's mean colour (the last 3 features)
+        guide = np.clip(features.data[-3:].transpose(1, 2, 0), 0, 1)
+        guide_seconds += time.perf_counter() - t0
     if Method.SMSDL in methods:
         t0 = time.perf_counter()
-        features = extract_features(
-            guide, sr_shape=sr_shape, factor=factor, params=settings.features, cache_dir=cache_dir,
-            device=settings.device, save_weights=save_weights, progress=progress, should_stop=should_stop,
-        )
+        if features is None:
+            features = extract_features(
+                guide, sr_shape=sr_shape, factor=factor, params=settings.features, cache_dir=cache_dir,
+                device=settings.device, save_weights=save_weights, progress=progress, should_stop=should_stop,
+            )
         result = train_regression(
             features.data, lr, factor, mask_lr=mask_lr, bicubic=bicubic, params=settings.regression,
             device=settings.device, progress=progress, should_stop=should_stop, on_loss=on_loss,
@@ -212,6 +226,29 @@ def reconstruct(
         history[Method.CNN.value] = list(getattr(cnn, "loss_history", []))
         seconds[Method.CNN.value] = time.perf_counter() - t0 + guide_seconds
     return Reconstruction(sr, seconds, guide, features, history, settings)
+
+
+def _tiled_features(histology, msi_shape, msi_pixel_size_um, he_pixel_size_um, transform, settings, cache_dir,
+                    save_weights, progress, should_stop) -> FeatureMaps:
+    """Whole-slide features through :func:`napari_smsdl.features_tiled.extract_features_tiled`.
+
+    The zarr store lives in ``cache_dir`` (a temporary folder without one); its own key (slide
+    content, grid, parameters) decides whether it is reused.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from .features_tiled import extract_features_tiled
+
+    folder = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="smsdl-tiled-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    store = extract_features_tiled(
+        histology, msi_shape=tuple(msi_shape), msi_pixel_size_um=msi_pixel_size_um, factor=settings.factor,
+        out=folder / f"features-tiled-{Path(histology.path).stem}.zarr", transform=transform,
+        he_pixel_size_um=he_pixel_size_um, params=settings.features, max_cell_px=settings.max_cell_px,
+        device=settings.device, save_weights=save_weights, progress=progress, should_stop=should_stop,
+    )
+    return FeatureMaps(store.read(), store.names, store.ssl_losses, store.seconds, store.from_cache)
 
 
 @dataclass(frozen=True)

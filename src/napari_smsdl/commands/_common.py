@@ -51,12 +51,20 @@ def load_msi(path: str, args) -> MsiInput:
     return MsiInput(data, stack.channel_names, stack.pixel_size_um)
 
 
-def load_he(path: str, *, pixel_size_um: float | None):
+#: H&E images larger than this (pixels at full resolution) are processed tile by tile.
+TILED_ABOVE_PIXELS = 64e6
+
+
+def load_he(path: str, *, pixel_size_um: float | None, tiled: bool | None = False):
+    """The H&E in memory, or (``tiled=True``, or ``None`` and a whole slide) the lazy image itself."""
     from ..histology import open_histology
 
     image = open_histology(path, pixel_size_um=pixel_size_um)
-    level = 0
-    return image.read(level), image.pixel_size_um
+    if tiled is None:
+        tiled = image.shape[0] * image.shape[1] > TILED_ABOVE_PIXELS
+    if tiled:
+        return image, image.pixel_size_um
+    return image.read(0), image.pixel_size_um
 
 
 def add_method_args(parser) -> None:

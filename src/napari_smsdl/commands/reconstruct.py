@@ -19,6 +19,8 @@ import resource
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ._common import (
     add_method_args,
     add_msi_channel_args,
@@ -42,6 +44,9 @@ def add_parser(subparsers) -> None:
     add_method_args(parser)
     add_msi_channel_args(parser)
     parser.add_argument("--baselines", default="", help="also run: comma-separated subset of bicubic,cnn")
+    parser.add_argument("--tiled", action="store_true",
+                        help="compute H&E features tile by tile from the (pyramidal) file, in bounded memory; "
+                             "automatic for H&E images above 64 megapixels")
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument(
         "--project", default=None, metavar="DIR",
@@ -77,7 +82,7 @@ def run(args) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     msi = load_msi(args.msi, args)
-    he, he_px = load_he(args.he, pixel_size_um=args.he_pixel_size)
+    he, he_px = load_he(args.he, pixel_size_um=args.he_pixel_size, tiled=True if args.tiled else None)
     msi_px = args.msi_pixel_size or msi.pixel_size_um
     transform = load_transform_arg(args.transform)
     if msi_px is None:
@@ -106,6 +111,7 @@ def run(args) -> int:
         "outputs": files, "seconds": {**result.seconds, "total": time.perf_counter() - start},
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "settings": result.settings.to_dict(),
+        "he_tiled": not isinstance(he, np.ndarray),
     }
     if args.project:
         saved = save_run_as_project(args, result, msi, msi_px=msi_px, he_px=he_px, transform=transform, out=out)
