@@ -261,6 +261,18 @@ def register(
             progress(stage, done, total)
 
 
+def _stage_record(name: str, kept: bool, reason: str, held_out_errors_um, info) -> dict:
+    """The report entry of a stage that ran: kept or not, why, held-out errors, optimiser facts."""
+    return {
+        "name": name,
+        "ran": True,
+        "kept": kept,
+        "reason": reason,
+        "loo_error_um": None if held_out_errors_um is None else error_stats(held_out_errors_um),
+        **info.to_dict(),
+    }
+
+
 def iter_register(
     fixed_msi: np.ndarray,
     moving_he_rgb: np.ndarray,
@@ -423,52 +435,31 @@ def iter_register(
                 yield prog.step("affine refinement (held-out folds)")
             errs = held_out_errors(fold_refined) if folds else np.zeros(0)
             keep, reason = guard("affine refinement", errs, prev_errs)
-            stages.append(
-                {
-                    "name": "affine refinement",
-                    "ran": True,
-                    "kept": keep,
-                    "reason": reason,
-                    "loo_error_um": error_stats(errs) if folds else None,
-                    **info.to_dict(),
-                }
-            )
+            stages.append(_stage_record("affine refinement", keep, reason, errs if folds else None, info))
             if keep:
                 cur_affine, cur_fold_affines, prev_errs = refined, fold_refined, errs
         else:
             stages.append({"name": "affine refinement", "ran": False, "kept": False, "reason": "not asked for"})
 
-        bspline_failure = None
         if params.bspline:
             try:
                 bs, info = run_bspline(fixed, moving, cur_affine, params, p, should_stop=should_stop)
+                yield prog.step("B-spline")
+                fold_tx = []
+                for fa in cur_fold_affines:
+                    b = None if fa is None else run_bspline(fixed, moving, fa, params, p, should_stop=should_stop)[0]
+                    fold_tx.append(None if fa is None else compose(fa, b))
+                    yield prog.step("B-spline (held-out folds)")
             except RegistrationError as exc:  # e.g. an MSI grid too small for a mesh: keep the affine
-                bspline_failure = str(exc)
-        if params.bspline and bspline_failure is not None:
-            stages.append({"name": "B-spline", "ran": True, "kept": False,
-                           "reason": f"failed, the affine is kept: {bspline_failure}"})
-            messages.append(f"B-spline failed and was dropped: {bspline_failure}")
-        elif params.bspline:
-            yield prog.step("B-spline")
-            fold_tx = []
-            for fa in cur_fold_affines:
-                b = None if fa is None else run_bspline(fixed, moving, fa, params, p, should_stop=should_stop)[0]
-                fold_tx.append(None if fa is None else compose(fa, b))
-                yield prog.step("B-spline (held-out folds)")
-            errs = held_out_errors(fold_tx) if folds else np.zeros(0)
-            keep, reason = guard("B-spline", errs, prev_errs)
-            stages.append(
-                {
-                    "name": "B-spline",
-                    "ran": True,
-                    "kept": keep,
-                    "reason": reason,
-                    "loo_error_um": error_stats(errs) if folds else None,
-                    **info.to_dict(),
-                }
-            )
-            if keep:
-                bspline, prev_errs = bs, errs
+                stages.append({"name": "B-spline", "ran": True, "kept": False,
+                               "reason": f"failed, the affine is kept: {exc}"})
+                messages.append(f"B-spline failed and was dropped: {exc}")
+            else:
+                errs = held_out_errors(fold_tx) if folds else np.zeros(0)
+                keep, reason = guard("B-spline", errs, prev_errs)
+                stages.append(_stage_record("B-spline", keep, reason, errs if folds else None, info))
+                if keep:
+                    bspline, prev_errs = bs, errs
         else:
             stages.append({"name": "B-spline", "ran": False, "kept": False, "reason": "not asked for"})
 
