@@ -332,16 +332,12 @@ def extract_features(
             ssl_losses[level] = [losses[0], float(np.mean(losses[-10:]))]
         acc = None
         shifts = [round(TOKEN_PX * s / params.shifts) for s in range(params.shifts)]
-        for i, shift in enumerate(shifts):
-            for j, shift_c in enumerate(shifts):
-                if should_stop is not None and should_stop():
-                    raise Cancelled("feature extraction cancelled")
-                # an isotropic shift per pass on the diagonal keeps cost linear in `shifts`
-                if i != j:
-                    continue
-                tokens = _dense_tokens(vits[level], image, shift, dev)
-                sampled = _sample_tokens_at_cells(tokens, sr_shape, cells_per_token, shift)
-                acc = sampled if acc is None else acc + sampled
+        for shift in shifts:  # one isotropic shift per pass keeps the cost linear in `shifts`
+            if should_stop is not None and should_stop():
+                raise Cancelled("feature extraction cancelled")
+            tokens = _dense_tokens(vits[level], image, shift, dev)
+            sampled = _sample_tokens_at_cells(tokens, sr_shape, cells_per_token, shift)
+            acc = sampled if acc is None else acc + sampled
         feats = acc / len(shifts)
         blocks.append(feats)
         names += [f"{level}_{d}" for d in range(feats.shape[0])]

@@ -197,8 +197,9 @@ class ImzMLDataset:
         with open(self.ibd_path, "rb") as fh:
             while begin < n:
                 # grow the chunk while the file span it covers stays under CHUNK_BYTES
-                lo = starts_b[begin]
-                span = np.maximum.accumulate(ends_b[begin:]) - np.minimum.accumulate(starts_b[begin:])
+                # (look ahead a bounded number of spectra so finding all chunks stays linear in n)
+                ahead = slice(begin, min(n, begin + 65536))
+                span = np.maximum.accumulate(ends_b[ahead]) - np.minimum.accumulate(starts_b[ahead])
                 end = begin + max(1, int(np.searchsorted(span, CHUNK_BYTES, side="right")))
                 lo = int(starts_b[begin:end].min())
                 hi = int(ends_b[begin:end].max())
