@@ -10,7 +10,7 @@ import pytest
 from napari_smsdl.errors import Cancelled
 from napari_smsdl.features import FeatureParams, extract_features
 from napari_smsdl.pipeline import Settings, degrade, reconstruct
-from napari_smsdl.regression import RegressionParams, block_mean, train_regression
+from napari_smsdl.regression import RegressionParams, block_mean, effective_pca_dims, train_regression
 
 TINY_FEATURES = FeatureParams(embed_dim=32, depth=1, num_heads=2, ssl_steps=8, ssl_batch=4, shifts=1)
 TINY_REGRESSION = RegressionParams(hidden=64, steps=150, restarts=1, pca_dims=16)
@@ -79,6 +79,15 @@ def test_forward_model_consistency(crop, features):
     exact = train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=dataclasses.replace(TINY_REGRESSION, conserve_mean=True))
     np.testing.assert_allclose(block_mean(exact.sr, 4)[:, mask_lr], lr[:, mask_lr], rtol=1e-4)
     assert (result.sr >= 0).all()
+
+
+def test_pca_dimensions_are_capped_by_the_training_pixels():
+    params = RegressionParams(pca_dims=48, pixels_per_dim=4)
+    assert effective_pca_dims(params, 1000) == 48  # plenty of constraints: the preset's dimensions
+    assert effective_pca_dims(params, 80) == 20  # mouse F = 4: one dimension per 4 MSI pixels
+    assert effective_pca_dims(params, 10) == 8  # never below 8
+    assert effective_pca_dims(dataclasses.replace(params, pixels_per_dim=0), 80) == 48  # cap off
+    assert effective_pca_dims(dataclasses.replace(params, pca_dims=0), 80) == 20  # no PCA asked, cap applies
 
 
 def test_smsdl_beats_bicubic_where_he_carries_the_signal(crop, features):

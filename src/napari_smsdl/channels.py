@@ -38,6 +38,7 @@ from .regression import (
     _standardise,
     _targets,
     conserve_block_means,
+    effective_pca_dims,
 )
 from .torch_setup import get_device
 
@@ -203,7 +204,8 @@ def reconstruct_channels(
     dd.barrier()
     sr_arr = zarr.open_array(str(out), path="sr", mode="r+")
 
-    x_feat = standardise_features(features, params.pca_dims, block_rows)
+    # one PCA for all chunks, capped by the pixels of the common tissue mask (see effective_pca_dims)
+    x_feat = standardise_features(features, effective_pca_dims(params, int(mask_lr.sum())), block_rows)
     dev = get_device(device)
     chunks = [(c0, min(c0 + chunk_channels, n_ch)) for c0 in range(0, n_ch, chunk_channels)]
     mine = dd.shard(chunks)

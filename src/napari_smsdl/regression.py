@@ -41,6 +41,9 @@ class RegressionParams:
     holdout: float = 0.0  # fraction of MSI pixels held out; the best held-out state is kept
     batch_pixels: int = 256  # MSI pixels per step (each brings its F × F SR cells)
     pca_dims: int = 48  # features are reduced by PCA first (0 keeps them all)
+    # ... and to at most one dimension per this many training MSI pixels (0: no cap). Each MSI
+    # pixel is one constraint; with few of them (mouse F = 4: 80 pixels) 48 dimensions overfit.
+    pixels_per_dim: int = 4
     lr: float = 2e-3
     weight_decay: float = 1e-4
     restarts: int = 3
@@ -68,6 +71,17 @@ def block_mean(stack, factor: int):
     """Mean over F × F blocks of the last two axes (numpy or torch)."""
     *lead, rows, cols = stack.shape
     return stack.reshape(*lead, rows // factor, factor, cols // factor, factor).mean(axis=(-3, -1))
+
+
+def effective_pca_dims(params: RegressionParams, n_train_pixels: int) -> int:
+    """PCA dimensions actually used: ``params.pca_dims``, capped at one per ``pixels_per_dim`` pixels.
+
+    The cap never goes below 8 dimensions; 0 (no PCA) stays 0 unless the cap applies.
+    """
+    if params.pixels_per_dim <= 0:
+        return params.pca_dims
+    cap = max(8, int(n_train_pixels) // params.pixels_per_dim)
+    return cap if params.pca_dims <= 0 else min(params.pca_dims, cap)
 
 
 def _standardise(features: np.ndarray, pca_dims: int = 0) -> np.ndarray:
@@ -123,7 +137,10 @@ def train_regression(
     if features.shape[1:] != (rows * factor, cols * factor):
         raise InputError(f"features {features.shape[1:]} do not match the SR grid {(rows * factor, cols * factor)}")
     mask_lr, scale, target = _targets(lr_msi, mask_lr)
-    x_np = _design_matrix(_standardise(features, params.pca_dims), bicubic, scale, params)  # (N_sr, D')
+    dims = effective_pca_dims(params, int(mask_lr.sum()))
+    if dims != params.pca_dims:
+        log.info("%d training pixels: features reduced to %d PCA dimensions (not %d)", mask_lr.sum(), dims, params.pca_dims)
+    x_np = _design_matrix(_standardise(features, dims), bicubic, scale, params)  # (N_sr, D')
 
     dev = get_device(device)
     x = torch.from_numpy(x_np).to(dev)
