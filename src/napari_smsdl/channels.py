@@ -172,7 +172,6 @@ def reconstruct_channels(
     ChannelStack
     """
     import torch
-    import zarr
 
     from .baselines import bicubic_upsample
 
@@ -195,14 +194,7 @@ def reconstruct_channels(
     block_rows = max(factor, block_rows // factor * factor)  # whole MSI pixels per block
 
     out = Path(out)
-    if dd.is_main_process():
-        root = zarr.open_group(str(out), mode="w")
-        root.create_array("sr", shape=(n_ch, sr_rows, sr_cols), chunks=(min(chunk_channels, n_ch), block_rows, sr_cols),
-                          dtype="float32", compressors=None, fill_value=0.0)
-        root.attrs.update({"complete": False, "channel_names": list(names), "factor": factor,
-                           "axes": "channel, row, col (SR grid)"})
-    dd.barrier()
-    sr_arr = zarr.open_array(str(out), path="sr", mode="r+")
+    sr_arr = _create_sr_store(out, (n_ch, sr_rows, sr_cols), min(chunk_channels, n_ch), block_rows, names, factor)
 
     # one PCA for all chunks, capped by the pixels of the common tissue mask (see effective_pca_dims)
     x_feat = standardise_features(features, effective_pca_dims(params, int(mask_lr.sum())), block_rows)
@@ -235,9 +227,222 @@ def reconstruct_channels(
         if progress is not None:
             progress("SMSDL channel chunks", i + 1, len(mine))
         log.info("channels %d-%d of %d written", c0 + 1, c1, n_ch)
+    return _finish_sr_store(out, (n_ch, sr_rows, sr_cols), names, chunk_channels, start)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole many-channel run: features once, then SMSDL (and bicubic) chunk by chunk
+
+#: ``smsdl reconstruct`` takes the chunked path for an MSI with more channels than this.
+CHUNKED_ABOVE_CHANNELS = 64
+#: Default channels per chunk of the chunked path.
+DEFAULT_CHUNK_CHANNELS = 64
+
+
+@dataclass(frozen=True)
+class ManyChannelRun:
+    """What :func:`reconstruct_many_channels` wrote: an SR stack on disk per method, and timings.
+
+    ``sr`` maps ``"smsdl"`` (and ``"bicubic"`` when asked) to its :class:`ChannelStack`;
+    ``seconds`` has ``"features"`` (guide + features), ``"smsdl"`` (features + regression, as in
+    :class:`napari_smsdl.pipeline.Reconstruction`) and ``"bicubic"``.
+    """
+
+    sr: dict
+    seconds: dict
+    settings: object
+    features_from_cache: bool
+    tiled: bool
+
+
+def bicubic_channels(
+    lr_msi,
+    factor: int,
+    out: str | os.PathLike,
+    *,
+    mask_lr: np.ndarray | None = None,
+    channel_names: Sequence[str] | None = None,
+    chunk_channels: int = DEFAULT_CHUNK_CHANNELS,
+    should_stop: Callable[[], bool] | None = None,
+) -> ChannelStack:
+    """Bicubic baseline of every channel, ``chunk_channels`` at a time, into the zarr group ``out``.
+
+    Same numbers as :func:`napari_smsdl.baselines.bicubic_upsample` on the whole stack (it works
+    channel by channel); the ``sr`` array is laid out as :func:`reconstruct_channels` lays out its
+    own. Under torchrun the chunks are shared round robin between ranks, like the SMSDL chunks:
+    every rank must call it.
+    """
+    from .baselines import bicubic_upsample
+
+    start = time.perf_counter()
+    n_ch, rows, cols = (int(s) for s in lr_msi.shape)
+    names = tuple(channel_names) if channel_names is not None else tuple(f"channel {i}" for i in range(n_ch))
+    mask_lr = _mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
+    chunks = [(c0, min(c0 + chunk_channels, n_ch)) for c0 in range(0, n_ch, chunk_channels)]
+    sr_arr = _create_sr_store(out, (n_ch, rows * factor, cols * factor), min(chunk_channels, n_ch),
+                              rows * factor, names, factor)
+    for c0, c1 in dd.shard(chunks):
+        if should_stop is not None and should_stop():
+            raise Cancelled("bicubic channel upsampling cancelled")
+        lr = np.nan_to_num(np.asarray(lr_msi[c0:c1], np.float32))
+        sr_arr[c0:c1] = bicubic_upsample(lr, factor, mask_lr=mask_lr).astype(np.float32)
+    return _finish_sr_store(out, (n_ch, rows * factor, cols * factor), names, chunk_channels, start)
+
+
+def _create_sr_store(out, shape, chunk_channels: int, block_rows: int, names, factor: int):
+    """Rank 0 creates the zarr group ``out`` with an empty ``sr`` array; every rank opens it."""
+    import zarr
+
+    if dd.is_main_process():
+        root = zarr.open_group(str(out), mode="w")
+        root.create_array("sr", shape=shape, chunks=(chunk_channels, block_rows, shape[2]), dtype="float32",
+                          compressors=None, fill_value=0.0)
+        root.attrs.update({"complete": False, "channel_names": list(names), "factor": factor,
+                           "axes": "channel, row, col (SR grid)"})
+    dd.barrier()
+    return zarr.open_array(str(out), path="sr", mode="r+")
+
+
+def _finish_sr_store(out, shape, names, chunk_channels: int, start: float) -> ChannelStack:
+    import zarr
+
     dd.barrier()
     seconds = time.perf_counter() - start
     if dd.is_main_process():
         zarr.open_group(str(out), mode="r+").attrs.update({"complete": True, "seconds": seconds})
     dd.barrier()
-    return ChannelStack(out, (n_ch, sr_rows, sr_cols), names, chunk_channels, seconds)
+    return ChannelStack(Path(out), tuple(shape), tuple(names), chunk_channels, seconds)
+
+
+def reconstruct_many_channels(
+    lr_msi,
+    he_rgb,
+    *,
+    he_pixel_size_um: float,
+    msi_pixel_size_um: float,
+    out: str | os.PathLike,
+    settings=None,
+    methods: Sequence[str] = ("smsdl",),
+    transform=None,
+    mask_lr: np.ndarray | None = None,
+    channel_names: Sequence[str] | None = None,
+    chunk_channels: int = DEFAULT_CHUNK_CHANNELS,
+    cache_dir: str | os.PathLike | None = None,
+    save_weights: str | os.PathLike | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> ManyChannelRun:
+    """:func:`napari_smsdl.pipeline.reconstruct` for thousands of channels: SR stacks streamed to zarr.
+
+    The H&E features are computed once — in memory (:func:`napari_smsdl.pipeline.prepare_guide`
+    then :func:`napari_smsdl.features.extract_features`) for an H&E array, tile by tile into a zarr
+    store in ``cache_dir`` (:func:`napari_smsdl.features_tiled.extract_features_tiled`) for a lazy
+    :class:`napari_smsdl.histology.HistologyImage` — and every chunk of channels is then trained and
+    predicted by :func:`reconstruct_channels` into ``out/sr_smsdl.zarr`` (bicubic, on request, into
+    ``out/sr_bicubic.zarr`` by :func:`bicubic_channels`).
+
+    Parameters
+    ----------
+    lr_msi : (C, rows, cols) array-like
+        The MSI (NaN = no spectrum): numpy, memmap or zarr; read ``chunk_channels`` at a time.
+    he_rgb : (H, W, 3) array or HistologyImage
+        The H&E, as for :func:`napari_smsdl.pipeline.reconstruct`.
+    he_pixel_size_um, msi_pixel_size_um : float
+        Pixel sizes in µm.
+    out : path
+        Folder for the zarr stores.
+    settings : napari_smsdl.pipeline.Settings
+        Factor, feature and regression parameters, device (default ``Settings()``).
+    methods : sequence of str
+        ``"smsdl"`` and/or ``"bicubic"``. The CNN baseline trains one network on every channel at
+        once and is refused here (:class:`napari_smsdl.errors.InputError`).
+    transform, mask_lr, cache_dir, save_weights, progress, should_stop
+        As :func:`napari_smsdl.pipeline.reconstruct`.
+    channel_names : sequence of str, optional
+        Stored in the stores' attributes.
+    chunk_channels : int
+        Channels per chunk (one regression network per chunk).
+
+    Notes
+    -----
+    Under torchrun every rank must call this with the same arguments. In-memory features are
+    computed by rank 0 alone (it alone reads and writes the feature cache and ``save_weights``)
+    and broadcast; tiled features and the chunks of channels are shared between the ranks; all
+    ranks must see ``out`` and ``cache_dir`` on a common file system.
+    """
+    from .features import extract_features
+    from .histology import HistologyImage
+    from .pipeline import Method, Settings, prepare_guide
+
+    settings = settings or Settings()
+    methods = [Method(m) for m in methods]
+    if Method.CNN in methods:
+        raise InputError(
+            "the CNN baseline trains one network on all channels at once and is not run on the chunked "
+            f"many-channel path ({int(lr_msi.shape[0])} channels); choose at most {CHUNKED_ABOVE_CHANNELS} channels for it"
+        )
+    n_ch, rows, cols = (int(s) for s in lr_msi.shape)
+    factor = int(settings.factor)
+    if not 2 <= factor <= 16:
+        raise InputError(f"factor must be an integer from 2 to 16, got {factor}")
+    if chunk_channels < 1:
+        raise InputError(f"chunk_channels must be at least 1, got {chunk_channels}")
+    out = Path(out)
+    if dd.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+    names = tuple(channel_names) if channel_names is not None else tuple(f"channel {i}" for i in range(n_ch))
+    mask_lr = _mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
+    sr, seconds = {}, {}
+    from_cache, tiled = False, isinstance(he_rgb, HistologyImage)
+    if Method.BICUBIC in methods:
+        t0 = time.perf_counter()
+        sr[Method.BICUBIC.value] = bicubic_channels(lr_msi, factor, out / "sr_bicubic.zarr", mask_lr=mask_lr,
+                                                    channel_names=names, chunk_channels=chunk_channels,
+                                                    should_stop=should_stop)
+        seconds[Method.BICUBIC.value] = time.perf_counter() - t0
+    if Method.SMSDL in methods:
+        t0 = time.perf_counter()
+        if tiled:
+            from .features_tiled import extract_features_tiled
+
+            folder = dd.broadcast_object(str(cache_dir) if cache_dir else _temporary_folder())
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            store = extract_features_tiled(
+                he_rgb, msi_shape=(rows, cols), msi_pixel_size_um=msi_pixel_size_um, factor=factor,
+                out=Path(folder) / f"features-tiled-{Path(he_rgb.path).stem}.zarr", transform=transform,
+                he_pixel_size_um=he_pixel_size_um, params=settings.features, max_cell_px=settings.max_cell_px,
+                device=settings.device, save_weights=save_weights, progress=progress, should_stop=should_stop,
+            )
+            features, from_cache = store.open(), store.from_cache  # streamed, never whole in memory
+        else:
+            data = None
+            if dd.is_main_process():
+                guide, _ = prepare_guide(
+                    he_rgb, he_pixel_size_um=he_pixel_size_um, msi_shape=(rows, cols),
+                    msi_pixel_size_um=msi_pixel_size_um, factor=factor, transform=transform,
+                    max_cell_px=settings.max_cell_px,
+                )
+                maps = extract_features(
+                    guide, sr_shape=(rows * factor, cols * factor), factor=factor, params=settings.features,
+                    cache_dir=cache_dir, device=settings.device, save_weights=save_weights, progress=progress,
+                    should_stop=should_stop,
+                )
+                data, from_cache = maps.data, maps.from_cache
+                del guide
+            features = dd.broadcast_array(data)  # the other ranks wait here while rank 0 computes
+            from_cache = bool(dd.broadcast_object(from_cache))
+        seconds["features"] = time.perf_counter() - t0
+        stack = reconstruct_channels(
+            features, lr_msi, factor, out / "sr_smsdl.zarr", mask_lr=mask_lr, channel_names=names,
+            chunk_channels=chunk_channels, params=settings.regression, device=settings.device, progress=progress,
+            should_stop=should_stop,
+        )
+        sr[Method.SMSDL.value] = stack
+        seconds[Method.SMSDL.value] = time.perf_counter() - t0
+    return ManyChannelRun(sr, seconds, settings, from_cache, tiled)
+
+
+def _temporary_folder() -> str | None:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="smsdl-tiled-") if dd.is_main_process() else None

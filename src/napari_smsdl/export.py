@@ -17,7 +17,7 @@ import numpy as np
 
 def write_tiff_stack(
     path: str | os.PathLike,
-    stack: np.ndarray,
+    stack,
     *,
     channel_names: Sequence[str] | None = None,
     pixel_size_um: float | None = None,
@@ -26,14 +26,27 @@ def write_tiff_stack(
 
     The OME metadata carry the channel names and, when known, the physical pixel size in µm, so
     the stack opens at the right scale in napari, Fiji or QuPath.
+
+    ``stack`` is a numpy array, or any (channels, rows, cols) array-like with ``shape`` and
+    ``__getitem__`` (a zarr array, a memmap, :meth:`napari_smsdl.channels.ChannelStack.open`): that
+    is streamed to the file one channel (TIFF page) at a time and never held whole. It is read a few
+    channels at a time — one chunk along the channel axis of a chunked array, so every chunk is read
+    once, but at most ``PAGE_READ_BYTES`` (256 MB) and at least one channel. Both give the same file
+    (pixels and OME metadata). A stack over 4 GB is written as BigTIFF.
     """
     import tifffile
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stack = np.asarray(stack, dtype=np.float32)
-    if stack.ndim == 2:
-        stack = stack[None]
+    lazy = (not isinstance(stack, np.ndarray) and hasattr(stack, "shape") and hasattr(stack, "__getitem__")
+            and len(stack.shape) == 3)  # a lazy single image is read whole
+    if lazy:
+        shape = tuple(int(s) for s in stack.shape)
+    else:
+        stack = np.asarray(stack, dtype=np.float32)
+        if stack.ndim == 2:
+            stack = stack[None]
+        shape = stack.shape
     metadata: dict = {"axes": "CYX"}
     if channel_names is not None:
         metadata["Channel"] = {"Name": [str(n) for n in channel_names]}
@@ -41,9 +54,34 @@ def write_tiff_stack(
         metadata.update(PhysicalSizeX=float(pixel_size_um), PhysicalSizeY=float(pixel_size_um),
                         PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tifffile.imwrite(tmp, stack, ome=True, metadata=metadata, photometric="minisblack")
+    try:
+        if lazy:  # tifffile cannot size an iterator: choose BigTIFF as it does for arrays
+            bigtiff = int(np.prod(shape)) * 4 > 2**32 - 2**25
+            tifffile.imwrite(tmp, data=_pages(stack, shape), shape=shape, dtype=np.float32, bigtiff=bigtiff, ome=True,
+                             metadata=metadata, photometric="minisblack")
+        else:
+            tifffile.imwrite(tmp, stack, ome=True, metadata=metadata, photometric="minisblack")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
+
+
+#: Bytes of channels read at a time when a lazy stack is written page by page.
+PAGE_READ_BYTES = 256 * 2**20
+
+
+def _pages(stack, shape: tuple[int, int, int]):
+    """(rows, cols) float32 pages of a lazy (channels, rows, cols) stack, a few channels per read."""
+    page_bytes = max(1, shape[1] * shape[2] * 4)
+    chunks = getattr(stack, "chunks", None)
+    along = int(chunks[0]) if chunks else 1
+    group = max(1, min(along, PAGE_READ_BYTES // page_bytes))
+    for c0 in range(0, shape[0], group):
+        block = np.asarray(stack[c0 : min(c0 + group, shape[0])], dtype=np.float32)
+        for page in block:
+            yield np.ascontiguousarray(page)
 
 
 def write_sr_imzml(

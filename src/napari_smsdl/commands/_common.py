@@ -12,12 +12,18 @@ from ..errors import InputError
 
 @dataclass(frozen=True)
 class MsiInput:
-    """An MSI stack (C, rows, cols) with NaN where not acquired, its names and pixel size."""
+    """An MSI stack (C, rows, cols) with NaN where not acquired, its names and pixel size.
+
+    ``data`` is a numpy array, or — when :func:`load_msi` streamed it (``lazy``) — a zarr array or
+    a read-only ``.npy`` memmap, read channel chunk by channel chunk.
+    """
 
     data: np.ndarray
     channel_names: tuple[str, ...]
     pixel_size_um: float | None
     mz: tuple[float, ...] | None = None
+    lazy: bool = False
+    store: str | None = None
 
 
 def add_msi_channel_args(parser) -> None:
@@ -28,18 +34,44 @@ def add_msi_channel_args(parser) -> None:
     parser.add_argument("--shape", default=None, help="ROWSxCOLS, for a CSV/TXT table of pixels × channels")
 
 
-def load_msi(path: str, args) -> MsiInput:
-    """Read an imzML (ion images of --mz or the strongest peaks) or an ion stack (.npy/.tif/.csv/.txt)."""
+#: Memory for the ion images of one pass over an imzML when they are streamed to zarr (bytes).
+MSI_PASS_BYTES = 1 << 30
+
+
+def load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Path | None = None,
+             chunk_channels: int = 64) -> MsiInput:
+    """Read an imzML (ion images of --mz or the strongest peaks) or an ion stack (.npy/.tif/.csv/.txt).
+
+    With ``lazy_above`` and more channels than that, the stack is not built in memory: an imzML's
+    ion images are computed a group of channels per pass over the file (as many as fit in
+    ``MSI_PASS_BYTES``; the same numbers as one pass) and written to the zarr array ``store``
+    (C, rows, cols) float32, chunked ``chunk_channels`` channels; a 3-D ``.npy`` is opened as a
+    read-only memmap. Other formats are read whole. Under torchrun rank 0 writes the store and the
+    other ranks open it.
+    """
     p = Path(path)
     if p.suffix.lower() == ".imzml":
-        from ..msi import open_imzml
+        from ..msi import make_windows, open_imzml
 
         ds = open_imzml(p, pixel_size_um=getattr(args, "msi_pixel_size", None))
         mz = list(args.mz) or [float(m) for m in ds.pick_peaks(args.peaks)]
+        if lazy_above is not None and len(mz) > lazy_above and store is not None:
+            windows = make_windows(mz, args.tol)
+            data = _stream_ion_images(ds, windows, args.norm, Path(store), chunk_channels)
+            return MsiInput(data, tuple(w.label for w in windows), ds.pixel_size_um, tuple(mz), lazy=True,
+                            store=str(store))
         images = ds.ion_images(mz, args.tol, norm=args.norm)
         return MsiInput(images.data, tuple(images.channel_names), ds.pixel_size_um, tuple(mz))
     from ..ion_stack import read_ion_stack
 
+    if lazy_above is not None and p.suffix.lower() == ".npy" and p.is_file():
+        try:
+            mm = np.load(p, mmap_mode="r", allow_pickle=False)
+        except Exception:  # noqa: BLE001 - read_ion_stack below reports a corrupt file
+            mm = None
+        if mm is not None and mm.ndim == 3 and mm.shape[0] > lazy_above and min(mm.shape[1:]) >= 2:
+            names = _sidecar_names(p, mm.shape[0])
+            return MsiInput(mm, names, None, lazy=True)
     shape = None
     if getattr(args, "shape", None):
         try:
@@ -49,6 +81,37 @@ def load_msi(path: str, args) -> MsiInput:
     stack = read_ion_stack(p, shape_rc=shape)
     data = stack.data.copy()
     return MsiInput(data, stack.channel_names, stack.pixel_size_um)
+
+
+def _sidecar_names(path: Path, n_channels: int) -> tuple[str, ...]:
+    """Channel names from ``<file>.json`` ``{"channel_names": [...]}`` (as read_ion_stack), else "channel i"."""
+    import json
+
+    sidecar = path.with_suffix(path.suffix + ".json")
+    if sidecar.exists():
+        names = json.loads(sidecar.read_text()).get("channel_names")
+        if names is not None and len(names) == n_channels:
+            return tuple(str(n) for n in names)
+    return tuple(f"channel {i}" for i in range(n_channels))
+
+
+def _stream_ion_images(ds, windows, norm: str, store: Path, chunk_channels: int):
+    """Ion images of ``windows`` into the zarr array ``store``, a group of channels per pass over ``ds``."""
+    import zarr
+
+    from .. import distributed as dd
+
+    rows, cols = ds.shape
+    if dd.is_main_process():
+        # window sums (float64, twice with a normalisation) and the float32 images per channel
+        per_channel = ds.n_spectra * 16 + rows * cols * 4
+        group = max(chunk_channels, MSI_PASS_BYTES // max(per_channel, 1) // chunk_channels * chunk_channels)
+        arr = zarr.create_array(str(store), shape=(len(windows), rows, cols), chunks=(chunk_channels, rows, cols),
+                                dtype="float32", compressors=None, fill_value=float("nan"), overwrite=True)
+        for c0 in range(0, len(windows), group):
+            arr[c0 : c0 + group] = ds.ion_images(windows[c0 : c0 + group], norm=norm).data
+    dd.barrier()
+    return zarr.open_array(str(store), mode="r")
 
 
 #: H&E images larger than this (pixels at full resolution) are processed tile by tile.

@@ -1,9 +1,27 @@
 """``smsdl reconstruct``: the real use: super-resolve an MSI with the H&E, no ground truth.
 
 ``smsdl reconstruct --he HE --msi MSI.imzML --factor F [--mz M ...|--peaks N] [--transform T.tfm]
-[--baselines bicubic,cnn] [--fast] -o OUTDIR`` writes ``sr_smsdl.ome.tif`` (channel names = m/z,
-physical pixel size = MSI pixel size / F), the requested baselines, ``figure.png`` and
-``run.json`` (settings, timings, inputs).
+[--baselines bicubic,cnn] [--fast] [--chunk-channels N] -o OUTDIR`` writes ``sr_smsdl.ome.tif``
+(channel names = m/z, physical pixel size = MSI pixel size / F), the requested baselines,
+``figure.png`` and ``run.json`` (settings, timings, inputs).
+
+**Many channels.** An MSI with more than 64 channels (or any MSI with ``--chunk-channels N``) goes
+through :func:`napari_smsdl.channels.reconstruct_many_channels`: the H&E features are computed once,
+the SMSDL regression is trained N channels at a time (default 64) and its SR stack streamed to
+``OUTDIR/sr_smsdl.zarr``; ``sr_smsdl.ome.tif`` is then written page by page from that store. An
+imzML's ion images are streamed to ``OUTDIR/msi_lr.zarr`` (a group of channels per pass over the
+file), a 3-D ``.npy`` stack is memory-mapped. Bicubic is streamed the same way
+(``sr_bicubic.zarr``); the CNN baseline (one network over all channels) and ``--project`` (a project
+holds its stacks in memory) are refused there. ``--chunk-channels 0`` keeps the in-memory path
+whatever the number of channels. The figure shows the first channels.
+
+**torchrun.** ``torchrun --nproc_per_node=N -m napari_smsdl reconstruct ...`` takes the same
+arguments and writes the same files. In-memory path: every rank computes the features (rank 0 alone
+with the feature cache) and the regression trains with DistributedDataParallel on shards of the MSI
+pixels (:func:`napari_smsdl.regression.train_regression`); chunked path: rank 0 computes the
+features and broadcasts them (tiled features are shared between ranks), and the chunks of channels
+are dealt between the ranks. Rank 0 alone runs the CNN, writes the OME-TIFFs, figure, ``run.json``
+and project, and prints.
 
 ``--project DIR`` also saves the run as a project folder (see :mod:`napari_smsdl.project`: inputs
 with their SHA-256, transform and landmarks, parameters, ViT weights, feature cache, SR stacks),
@@ -21,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._files import write_json_atomic
 from ._common import (
     add_method_args,
     add_msi_channel_args,
@@ -29,15 +48,18 @@ from ._common import (
     load_transform_arg,
     settings_from_args,
 )
-from .benchmark import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 #: Arguments that a reopening ``--project DIR`` makes unnecessary.
 REOPEN_OPTIONAL = ("he", "msi", "factor")
+#: Channels shown in the figure of a chunked (many-channel) run.
+FIGURE_CHANNELS = 6
 
 
 def add_parser(subparsers) -> None:
+    from ..channels import CHUNKED_ABOVE_CHANNELS, DEFAULT_CHUNK_CHANNELS
+
     parser = subparsers.add_parser("reconstruct", help="super-resolve an MSI guided by its H&E (SMSDL-Net)")
     parser.add_argument("--he", required=True, help="H&E image (PNG/JPEG/TIFF/OME-TIFF/SVS)")
     parser.add_argument("--msi", required=True, help="MSI: imzML, or an ion-image stack (.npy/.tif/.csv/.txt)")
@@ -47,6 +69,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tiled", action="store_true",
                         help="compute H&E features tile by tile from the (pyramidal) file, in bounded memory; "
                              "automatic for H&E images above 64 megapixels")
+    parser.add_argument(
+        "--chunk-channels", type=int, default=None, metavar="N",
+        help=f"train SMSDL N channels at a time and stream the SR stack to OUTDIR/sr_smsdl.zarr (many channels); "
+        f"automatic with N={DEFAULT_CHUNK_CHANNELS} above {CHUNKED_ABOVE_CHANNELS} channels, 0 = always in memory",
+    )
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument(
         "--project", default=None, metavar="DIR",
@@ -58,20 +85,27 @@ def add_parser(subparsers) -> None:
     for action in parser._actions:
         if action.dest in REOPEN_OPTIONAL:
             action.required = False
-    parser.set_defaults(func=run, _parser=parser)
+    parser.set_defaults(func=run, _parser=parser, torchrun=True)
+
+
+def _log_progress(stage: str, done: int, total: int) -> None:
+    if done == total or done == 1:
+        log.info("%s: %d/%d", stage, done, total)
 
 
 def run(args) -> int:
+    from .. import distributed as dd
+    from ..channels import CHUNKED_ABOVE_CHANNELS, DEFAULT_CHUNK_CHANNELS
     from ..errors import InputError
     from ..export import write_tiff_stack
     from ..figures import comparison_figure
-    from ..pipeline import reconstruct
+    from ..pipeline import Method, reconstruct
 
     start = time.perf_counter()
     missing = [f"--{name}" for name in REOPEN_OPTIONAL if getattr(args, name, None) is None]
     if missing:
         if args.project and len(missing) == len(REOPEN_OPTIONAL):
-            return reopen(args, start)
+            return reopen(args, start) if dd.is_main_process() else 0
         parser = getattr(args, "_parser", None)
         message = f"the following arguments are required: {', '.join(missing)}"
         if args.project:
@@ -79,9 +113,31 @@ def run(args) -> int:
         if parser is not None:
             parser.error(message)  # exits with status 2 and the usage, as argparse does
         raise InputError(message)
+    main = dd.is_main_process()
+    methods = ["smsdl"] + [m.strip() for m in args.baselines.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in {x.value for x in Method}]
+    if unknown:
+        raise InputError(f"unknown baseline(s) {', '.join(unknown)}: choose from bicubic, cnn")
+    chunk = getattr(args, "chunk_channels", None)
+    if chunk is not None and chunk < 0:
+        raise InputError(f"--chunk-channels must be 0 (in memory) or a positive number of channels, got {chunk}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    msi = load_msi(args.msi, args)
+    lazy_above = None if chunk == 0 else (0 if chunk else CHUNKED_ABOVE_CHANNELS)
+    msi = load_msi(args.msi, args, lazy_above=lazy_above, store=out / "msi_lr.zarr",
+                   chunk_channels=chunk or DEFAULT_CHUNK_CHANNELS)
+    n_channels = int(msi.data.shape[0])
+    chunked = bool(chunk) or (chunk is None and n_channels > CHUNKED_ABOVE_CHANNELS)
+    if chunked:
+        why = f"{n_channels} channels" + (f" in chunks of {chunk}" if chunk else f" (more than {CHUNKED_ABOVE_CHANNELS})")
+        if "cnn" in methods:
+            raise InputError(f"--baselines cnn is not run on many channels ({why}): the CNN trains one network on "
+                             "every channel at once; pick fewer channels (--mz/--peaks) or use --chunk-channels 0",
+                             args.msi)
+        if args.project:
+            raise InputError(f"--project cannot save a chunked many-channel run ({why}): a project holds its SR "
+                             f"stacks in memory; the SR stack is streamed to {out / 'sr_smsdl.zarr'} and "
+                             f"{out / 'sr_smsdl.ome.tif'} instead", args.msi)
     he, he_px = load_he(args.he, pixel_size_um=args.he_pixel_size, tiled=True if args.tiled else None)
     msi_px = args.msi_pixel_size or msi.pixel_size_um
     transform = load_transform_arg(args.transform)
@@ -92,26 +148,61 @@ def run(args) -> int:
     if he_px is None:
         if transform is not None:
             raise InputError("--he-pixel-size is needed with --transform: the H&E has no pixel size", args.he)
-        he_px = msi_px * msi.data.shape[1] / he.shape[0]  # same field of view
-    methods = ["smsdl"] + [m.strip() for m in args.baselines.split(",") if m.strip()]
+        he_px = msi_px * msi.data.shape[-2] / he.shape[0]  # same field of view
     settings = settings_from_args(args)
-    result = reconstruct(
-        msi.data, he, he_pixel_size_um=he_px, msi_pixel_size_um=msi_px, settings=settings, methods=methods,
-        transform=transform, cache_dir=args.cache_dir or out / "cache", save_weights=out / "vit_weights.pt",
-    )
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    weights = out / "vit_weights.pt"
+    tiled = not isinstance(he, np.ndarray)
     sr_px = msi_px / args.factor
-    files = {}
-    for name, stack in result.sr.items():
-        files[name] = str(write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=msi.channel_names, pixel_size_um=sr_px))
-    comparison_figure(out / "figure.png", result.sr, channel_names=msi.channel_names)
-    run_info = {
+    info = {
         "inputs": {"he": str(args.he), "msi": str(args.msi), "transform": args.transform},
         "channels": list(msi.channel_names), "mz": list(msi.mz) if msi.mz else None,
         "factor": args.factor, "msi_pixel_size_um": msi_px, "sr_pixel_size_um": sr_px, "he_pixel_size_um": he_px,
-        "outputs": files, "seconds": {**result.seconds, "total": time.perf_counter() - start},
+    }
+    if chunked:
+        from ..channels import reconstruct_many_channels
+
+        many = reconstruct_many_channels(
+            msi.data, he, he_pixel_size_um=he_px, msi_pixel_size_um=msi_px, out=out, settings=settings,
+            methods=methods, transform=transform, channel_names=msi.channel_names,
+            chunk_channels=chunk or DEFAULT_CHUNK_CHANNELS, cache_dir=cache_dir, save_weights=weights,
+            progress=_log_progress,
+        )
+        if not main:  # the other ranks only took part in the features and the channel chunks
+            return 0
+        files = {}
+        for name, stack in many.sr.items():
+            files[name] = str(write_tiff_stack(out / f"sr_{name}.ome.tif", stack.open(),
+                                               channel_names=msi.channel_names, pixel_size_um=sr_px))
+        shown = {name: stack.read(slice(0, FIGURE_CHANNELS)) for name, stack in many.sr.items()}
+        comparison_figure(out / "figure.png", shown, channel_names=msi.channel_names[:FIGURE_CHANNELS],
+                          max_channels=FIGURE_CHANNELS)
+        seconds, used = dict(many.seconds), many.settings
+        extra = {"chunk_channels": chunk or DEFAULT_CHUNK_CHANNELS,
+                 "zarr": {name: str(stack.path) for name, stack in many.sr.items()}, "msi_store": msi.store}
+    else:
+        if not main:  # the other ranks only take part in the distributed SMSDL training
+            methods, weights = ["smsdl"], None
+            if not tiled:  # tiled features share one store between the ranks; in memory, rank 0 caches
+                cache_dir = None
+        result = reconstruct(
+            msi.data, he, he_pixel_size_um=he_px, msi_pixel_size_um=msi_px, settings=settings, methods=methods,
+            transform=transform, cache_dir=cache_dir, save_weights=weights,
+            progress=_log_progress,
+        )
+        if not main:
+            return 0
+        files = {}
+        for name, stack in result.sr.items():
+            files[name] = str(write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=msi.channel_names,
+                                               pixel_size_um=sr_px))
+        comparison_figure(out / "figure.png", result.sr, channel_names=msi.channel_names)
+        seconds, used = dict(result.seconds), result.settings
+        extra = {"chunk_channels": None}
+    run_info = {
+        **info, "outputs": files, "seconds": {**seconds, "total": time.perf_counter() - start},
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "settings": result.settings.to_dict(),
-        "he_tiled": not isinstance(he, np.ndarray),
+        "settings": used.to_dict(), "he_tiled": tiled, **extra, "world_size": dd.get_world_size(),
     }
     if args.project:
         saved = save_run_as_project(args, result, msi, msi_px=msi_px, he_px=he_px, transform=transform, out=out)
