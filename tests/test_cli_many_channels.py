@@ -103,25 +103,35 @@ def test_chunked_reconstruct_streams_to_zarr_and_equals_the_api(many, tmp_path):
     np.testing.assert_allclose(api.sr["smsdl"].read(), sr, rtol=1e-5, atol=1e-6 * float(sr.max()))
 
 
-def test_chunked_path_refuses_cnn_and_project_and_forced_chunks_work_for_few_channels(many, sample_dir, tmp_path,
-                                                                                       capsys):
-    for extra, words in ((["--baselines", "cnn"], "--baselines cnn is not run on many channels"),
+def test_chunked_path_refusals_and_forced_chunks_with_a_whole_slide(many, sample_dir, tmp_path, capsys):
+    for extra, words in ((["--baselines", "cnn"], "--baselines cnn is not run on the chunked many-channel path"),
                          (["--project", str(tmp_path / "p")], "--project cannot save a chunked")):
         assert main(_argv(many, tmp_path / "refused", *extra)) == 2
         err = capsys.readouterr().err
-        assert words in err and "80 channels" in err and len(err.strip().splitlines()) == 1
+        assert words in err and "80 channels, more than 64" in err and len(err.strip().splitlines()) == 1
+        assert main(_argv(many, tmp_path / "early", *extra, "--chunk-channels", "8")) == 2
+        assert "(--chunk-channels 8)" in capsys.readouterr().err
     assert not (tmp_path / "p").exists() and not (tmp_path / "refused" / "sr_smsdl.zarr").exists()
+    assert not (tmp_path / "early").exists()  # refused before anything was read or written
 
-    # --chunk-channels forces the chunked path below the threshold: imzML ion images streamed to zarr
+    # --chunk-channels forces the chunked path below the threshold; here with a whole-slide H&E
+    # (tiled features read from their zarr store) and the imzML's ion images streamed to zarr
+    from skimage import io as skio
+
+    from napari_smsdl.histology import write_pyramidal_tiff
+
+    slide = write_pyramidal_tiff(tmp_path / "he.ome.tif", skio.imread(sample_dir / "he.png"), pixel_size_um=2.5,
+                                 n_levels=2)
     out = tmp_path / "forced"
-    argv = ["reconstruct", "--he", str(sample_dir / "he.png"), "--msi", str(sample_dir / "msi.imzML"), "--mz",
-            "760.5851", "--mz", "885.5499", "--mz", "734.5694", "--factor", "2", "--he-pixel-size", "2.5",
-            "--chunk-channels", "2", *QUICK, "-o", str(out)]
+    argv = ["reconstruct", "--he", str(slide), "--msi", str(sample_dir / "msi.imzML"), "--mz", "760.5851", "--mz",
+            "885.5499", "--mz", "734.5694", "--factor", "2", "--tiled", "--chunk-channels", "2", *QUICK, "-o", str(out)]
     assert main(argv) == 0
     run = json.loads((out / "run.json").read_text())
-    assert run["chunk_channels"] == 2 and run["msi_store"] == str(out / "msi_lr.zarr")
+    assert run["chunk_channels"] == 2 and run["msi_store"] == str(out / "msi_lr.zarr") and run["he_tiled"] is True
+    assert list((out / "cache").glob("features-tiled-*.zarr"))
     with tifffile.TiffFile(out / "sr_smsdl.ome.tif") as tif:
-        assert tif.asarray().shape == (3, 64, 64) and 'Name="m/z 885.5499"' in tif.ome_metadata
+        sr = tif.asarray()
+        assert sr.shape == (3, 64, 64) and np.isfinite(sr).all() and 'Name="m/z 885.5499"' in tif.ome_metadata
 
 
 @pytest.mark.parametrize("norm", ["none", "tic"])
