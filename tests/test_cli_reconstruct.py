@@ -64,6 +64,8 @@ def test_reconstruct_writes_sr_stack_with_mz_names(tmp_path):
     assert (out / "sr_bicubic.ome.tif").exists() and (out / "figure.png").exists()
     run = json.loads((out / "run.json").read_text())
     assert run["sr_pixel_size_um"] == 20.0 and run["msi_pixel_size_um"] == 40.0
+    # two channels: the in-memory path (nothing streamed to zarr), one process
+    assert run["chunk_channels"] is None and run["world_size"] == 1 and not list(out.glob("*.zarr"))
 
 
 @pytest.mark.parametrize("case", ["truth too small", "missing H&E"])
