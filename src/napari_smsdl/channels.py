@@ -16,6 +16,11 @@ holding all channels gives ``train_regression``'s result (up to float rounding o
 prediction). Under torchrun the chunks are shared round robin between ranks (each rank trains its
 own chunks in full — for many channels that is the better use of several GPUs than splitting one
 small network's batches) and every rank writes only its own chunks.
+
+:func:`reconstruct_many_channels` is the whole run that ``smsdl reconstruct`` uses above
+``CHUNKED_ABOVE_CHANNELS`` channels: the H&E features once (in memory or tiled), then
+:func:`reconstruct_channels` and, on request, the bicubic baseline chunk by chunk
+(:func:`bicubic_channels`), each into its own zarr store.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,6 +47,9 @@ from .regression import (
     effective_pca_dims,
 )
 from .torch_setup import get_device
+
+if TYPE_CHECKING:
+    from .pipeline import Settings
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +259,7 @@ class ManyChannelRun:
 
     sr: dict
     seconds: dict
-    settings: object
+    settings: Settings
     features_from_cache: bool
     tiled: bool
 
@@ -321,7 +330,7 @@ def reconstruct_many_channels(
     he_pixel_size_um: float,
     msi_pixel_size_um: float,
     out: str | os.PathLike,
-    settings=None,
+    settings: Settings | None = None,
     methods: Sequence[str] = ("smsdl",),
     transform=None,
     mask_lr: np.ndarray | None = None,
