@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared" / "data" / "mouse-cerebellum"
+# the mouse data beside the checkout (../shared); SMSDL_SHARED_DATA points elsewhere (e.g. on a GPU machine)
+SHARED = Path(os.environ.get("SMSDL_SHARED_DATA", HERE.parent.parent / "shared" / "data" / "mouse-cerebellum"))
 
 
 def datasets(only: set[str]):
@@ -43,6 +45,16 @@ def datasets(only: set[str]):
                 yield f"mouse{factor}", factor, truth, he, 1.0, he_px
 
 
+def _device_description() -> str:
+    import torch
+
+    from napari_smsdl.torch_setup import configure_threads
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"CPU, {configure_threads()} torch thread(s) of {os.cpu_count()} cores, torch {torch.__version__}"
+
+
 def main() -> None:
     from napari_smsdl.pipeline import Settings, run_benchmark
 
@@ -51,7 +63,10 @@ def main() -> None:
     parser.add_argument("--only", default="sample,mouse2,mouse4")
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default=None,
+                        help="results file stem (default reconstruction_<preset>; e.g. reconstruction_gpu on a GPU machine)")
     args = parser.parse_args()
+    name_stem = args.name or f"reconstruction_{args.preset}"
     only = set(args.only.split(","))
     results = {}
     for name, factor, truth, he, truth_px, he_px in datasets(only):
@@ -70,8 +85,9 @@ def main() -> None:
         print(name, "SSIM", line, f"{entry['wall_seconds']:.0f} s", flush=True)
     results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     results["preset"] = args.preset
+    results["device"] = _device_description()
     (HERE / "results").mkdir(exist_ok=True)
-    out = HERE / "results" / f"reconstruction_{args.preset}.json"
+    out = HERE / "results" / f"{name_stem}.json"
     out.write_text(json.dumps(results, indent=2))
     lines = ["| data | F | method | RMSE ↓ | SSIM ↑ | R² ↑ | PSNR ↑ | Pearson ↑ | seconds |", "|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results.items():
@@ -85,8 +101,9 @@ def main() -> None:
                 f"| {name} | {entry['factor']} | {method} | {m['rmse']['mean']:.4f} | {m['ssim']['mean']:.4f} | "
                 f"{m['r2']['mean']:.4f} | {m['psnr']['mean']:.2f} | {m['pearson']['mean']:.4f} | {m['seconds']:.1f} |"
             )
-    lines.append(f"\nPreset `{args.preset}`, seed {args.seed}; peak memory {results['peak_memory_mb']:.0f} MB (whole run).")
-    md = HERE.parent / "docs" / "benchmarks" / f"reconstruction_{args.preset}.md"
+    lines.append(f"\nPreset `{args.preset}`, seed {args.seed}; peak memory {results['peak_memory_mb']:.0f} MB (whole run); "
+                 f"{results['device']}.")
+    md = HERE.parent / "docs" / "benchmarks" / f"{name_stem}.md"
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -74,8 +74,12 @@ def _tissue_field(size_px: int, seed: int = 1) -> np.ndarray:
     return field - 2.0 * np.clip(np.hypot(yy, xx) - 0.8, 0, None)  # glass around the section
 
 
-def write_slide(path: Path, size: int, levels: int = 3) -> Path:
-    """Write the size x size synthetic slide (JPEG tiles, OME pyramid) tile by tile."""
+def write_slide(path: Path, size: int, levels: int = 3, compression: str = "jpeg") -> Path:
+    """Write the size x size synthetic slide (JPEG tiles, OME pyramid) tile by tile.
+
+    ``compression="zlib"`` needs no imagecodecs (for machines without it); the pixels are the same
+    before JPEG's loss, so the timings compare.
+    """
     import tifffile
 
     atlas = _atlas()
@@ -83,7 +87,9 @@ def write_slide(path: Path, size: int, levels: int = 3) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     meta = {"axes": "YXS", "PhysicalSizeX": HE_PX_UM, "PhysicalSizeY": HE_PX_UM,
             "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
-    opts = dict(tile=(TILE, TILE), photometric="rgb", compression="jpeg", compressionargs={"level": 90})
+    opts = dict(tile=(TILE, TILE), photometric="rgb", compression=compression)
+    if compression == "jpeg":
+        opts["compressionargs"] = {"level": 90}
     with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
         for level in range(levels):
             shape = (-(-size // 2**level), -(-size // 2**level))
@@ -144,7 +150,7 @@ def child(args) -> None:
     from napari_smsdl.features_tiled import TilingParams, extract_features_tiled
     from napari_smsdl.histology import open_histology
 
-    with dd.distributed_session("cpu") as env:
+    with dd.distributed_session(args.device) as env:
         baseline = _rss_mb()
         image = open_histology(args.slide)
         size_um = image.shape[0] * HE_PX_UM
@@ -160,7 +166,7 @@ def child(args) -> None:
         params = dataclasses.replace(FAST_FEATURES, ssl_steps=args.ssl_steps)
         t0 = time.perf_counter()
         result = extract_features_tiled(image, msi_shape=msi, msi_pixel_size_um=MSI_PX_UM, factor=FACTOR, out=args.store,
-                                        params=params, tiling=TilingParams(), device="cpu", progress=progress)
+                                        params=params, tiling=TilingParams(), device=args.device, progress=progress)
         seconds = time.perf_counter() - t0
         progress("end", 0, 0)
         sample = result.open()[:, : min(64, result.shape[1]), : min(64, result.shape[2])]
@@ -197,7 +203,7 @@ def child_in_memory(args) -> None:
                              msi_pixel_size_um=MSI_PX_UM, factor=FACTOR)
     del he
     params = dataclasses.replace(FAST_FEATURES, ssl_steps=args.ssl_steps)
-    fm = extract_features(guide, sr_shape=(msi[0] * FACTOR, msi[1] * FACTOR), factor=FACTOR, params=params, device="cpu")
+    fm = extract_features(guide, sr_shape=(msi[0] * FACTOR, msi[1] * FACTOR), factor=FACTOR, params=params, device=args.device)
     report = {"rank": 0, "world_size": 1, "seconds": time.perf_counter() - t0, "peak_rss_mb": _rss_mb(),
               "rss_after_imports_mb": baseline, "he_shape": list(image.shape), "he_level": level, "cell_px": k,
               "msi_shape": list(msi), "sr_shape": list(fm.data.shape[1:]), "n_features": fm.data.shape[0],
@@ -232,7 +238,7 @@ def child_channels(args) -> None:
     lr = np.load(path, mmap_mode="r")
     t0 = time.perf_counter()
     stack = reconstruct_channels(features, lr, factor, args.store, mask_lr=np.ones((rows, cols), bool),
-                                 chunk_channels=args.chunk_channels, params=FAST_REGRESSION, device="cpu")
+                                 chunk_channels=args.chunk_channels, params=FAST_REGRESSION, device=args.device)
     seconds = time.perf_counter() - t0
     check = stack.open()[n_ch - 1]
     report = {"channels": n_ch, "msi_shape": [rows, cols], "sr_shape": list(stack.shape[1:]), "factor": factor,
@@ -240,14 +246,14 @@ def child_channels(args) -> None:
               "seconds_per_channel": round(seconds / n_ch, 4), "peak_rss_mb": round(_rss_mb(), 0),
               "rss_after_imports_mb": round(baseline, 0), "sr_stack_mb": round(4 * n_ch * stack.shape[1] * stack.shape[2] / 1e6, 0),
               "msi_stack_mb": round(4 * n_ch * rows * cols / 1e6, 0), "finite": bool(np.isfinite(check).all()),
-              "regression": "fast preset (hidden 96, 200 steps, 3 restarts, PCA 32)"}
+              "regression": "fast preset (hidden 96, 200 steps, 3 restarts, PCA 32)", "device": args.device}
     Path(args.report).with_suffix(".rank0.json").write_text(json.dumps(report))
 
 
 # ------------------------------------------------------------------------------------------ driver
 
 
-def run_one(slide: Path, work: Path, size: int, procs: int, ssl_steps: int, in_memory: bool) -> dict:
+def run_one(slide: Path, work: Path, size: int, procs: int, ssl_steps: int, in_memory: bool, device: str = "cpu") -> dict:
     store = work / f"features-{size}-{procs}.zarr"
     report = work / f"report-{size}-{procs}-{'mem' if in_memory else 'tiled'}"
     for old in work.glob(report.name + ".rank*.json"):
@@ -255,7 +261,7 @@ def run_one(slide: Path, work: Path, size: int, procs: int, ssl_steps: int, in_m
     env = {**os.environ, "SMSDL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     mode = "--child-in-memory" if in_memory else "--child"
     script = [str(Path(__file__).resolve()), mode, "--slide", str(slide), "--store", str(store), "--report", str(report),
-              "--ssl-steps", str(ssl_steps)]
+              "--ssl-steps", str(ssl_steps), "--device", device]
     if procs > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *script]
     else:
@@ -279,7 +285,7 @@ def run_one(slide: Path, work: Path, size: int, procs: int, ssl_steps: int, in_m
         "he_level_read": first["he_level"], "he_shape": first["he_shape"], "msi_shape": first["msi_shape"],
         "sr_shape": first["sr_shape"], "guide_px_per_cell": first["cell_px"], "guide_megapixels": round(guide_mp, 1),
         "n_features": first["n_features"], "ssl_steps": ssl_steps, "stages_s": first.get("stages_s", {}),
-        "features_finite": first.get("finite", True),
+        "features_finite": first.get("finite", True), "device": device,
     }
 
 
@@ -289,7 +295,8 @@ def run_channels(args) -> None:
     store = work / f"channels-{args.channels}.zarr"
     report = work / f"report-channels-{args.channels}"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-channels", "--channels", str(args.channels),
-           "--chunk-channels", str(args.chunk_channels), "--store", str(store), "--report", str(report)]
+           "--chunk-channels", str(args.chunk_channels), "--store", str(store), "--report", str(report),
+           "--device", args.device]
     env = {**os.environ, "SMSDL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -368,6 +375,9 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=0,
                         help="instead: reconstruct this many MSI channels (100 x 100 px, F = 4) in chunks, streamed to zarr")
     parser.add_argument("--chunk-channels", type=int, default=64, help="channels per chunk with --channels (default 64)")
+    parser.add_argument("--slide-compression", default="jpeg", choices=["jpeg", "zlib"],
+                        help="tile compression of the generated slide (zlib needs no imagecodecs)")
+    parser.add_argument("--device", default="cpu", help="torch device for the ViTs/regression: cpu (default), cuda")
     parser.add_argument("--child-channels", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-in-memory", action="store_true", help=argparse.SUPPRESS)
@@ -390,11 +400,11 @@ def main() -> None:
     gen_seconds = None
     if not slide.exists():
         t0 = time.perf_counter()
-        write_slide(slide, args.size)
+        write_slide(slide, args.size, compression=args.slide_compression)
         gen_seconds = time.perf_counter() - t0
         print(f"wrote {slide} ({slide.stat().st_size / 1e6:.0f} MB) in {gen_seconds:.0f} s, "
               f"generator peak RSS {_rss_mb():.0f} MB")
-    run = run_one(slide, work, args.size, args.procs, args.ssl_steps, args.in_memory)
+    run = run_one(slide, work, args.size, args.procs, args.ssl_steps, args.in_memory, args.device)
     run["slide_mb"] = round(slide.stat().st_size / 1e6, 0)
     if gen_seconds is not None:
         run["generation_seconds"] = round(gen_seconds, 1)
