@@ -261,6 +261,7 @@ class BenchmarkResult:
     mask_hr: np.ndarray
     lr: np.ndarray
     mask_lr: np.ndarray
+    registration: dict | None = None  # the refinement decision when no transform was given
 
 
 def degrade(truth: np.ndarray, mask_hr: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
@@ -290,6 +291,7 @@ def run_benchmark(
     transform=None,
     methods: Sequence[Method | str] = (Method.SMSDL, Method.BICUBIC, Method.CNN),
     cache_dir=None,
+    refine: bool = True,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> BenchmarkResult:
@@ -299,6 +301,11 @@ def run_benchmark(
     multiple of F. ``transform`` maps truth-grid physical space to H&E physical space (None: the
     H&E covers the same field of view). The truth grid's pixel size is ``truth_pixel_size_um``, so
     the degraded MSI has pixel size ``F × truth_pixel_size_um``.
+
+    Without a transform and with ``refine``, the same-field-of-view start is refined on mutual
+    information between the degraded MSI and the H&E, and the refinement is kept only when it clearly
+    helps (:func:`napari_smsdl.registration.refine_same_field_of_view`; the decision is in
+    ``BenchmarkResult.registration``). Only the LR input is used for it, never the ground truth.
     """
     from .metrics import score_stack
 
@@ -318,7 +325,19 @@ def run_benchmark(
         truth, mask_hr = truth[:, :rows, :cols], mask_hr[:rows, :cols]
     lr, mask_lr = degrade(truth, mask_hr, factor)
     msi_px = truth_pixel_size_um * factor
-    if transform is not None:
+    decision = None
+    if transform is None and refine:
+        from .registration import refine_same_field_of_view
+
+        stage = progress or (lambda *_: None)
+        stage("refining the same-field-of-view registration", 0, 1)
+        refined = refine_same_field_of_view(
+            np.where(mask_lr[None], lr, np.nan), he, fixed_pixel_size_um=msi_px, moving_pixel_size_um=he_pixel_size_um,
+        )
+        decision = refined.to_dict()
+        log.info("registration: %s", refined.reason)
+        lr_transform = refined.transform if refined.accepted else None  # already on the LR grid
+    elif transform is not None:
         # the transform was given for the truth grid (pixel size s, origin at its pixel (0, 0) centre);
         # the LR grid's pixel (0, 0) centre is at ((F-1)/2)·s in that space
         import SimpleITK as sitk
@@ -327,14 +346,16 @@ def run_benchmark(
         composite = sitk.CompositeTransform(2)
         composite.AddTransform(transform)
         composite.AddTransform(shift)  # applied first
-        transform = composite
+        lr_transform = composite
+    else:
+        lr_transform = None
     recon = reconstruct(
         lr, he, he_pixel_size_um=he_pixel_size_um, msi_pixel_size_um=msi_px, settings=settings, methods=methods,
-        transform=transform, mask_lr=mask_lr, cache_dir=cache_dir, progress=progress, should_stop=should_stop,
+        transform=lr_transform, mask_lr=mask_lr, cache_dir=cache_dir, progress=progress, should_stop=should_stop,
     )
     truth_clean = np.where(mask_hr[None], np.nan_to_num(truth), 0.0)
     metrics = {}
     for name, stack in recon.sr.items():
         scores = score_stack(truth_clean, stack, mask_hr)
         metrics[name] = {**scores, "seconds": float(recon.seconds[name])}
-    return BenchmarkResult(metrics, recon, truth_clean, mask_hr, lr, mask_lr)
+    return BenchmarkResult(metrics, recon, truth_clean, mask_hr, lr, mask_lr, decision)

@@ -4,6 +4,10 @@ Contract: ``smsdl benchmark --he HE_IMAGE --msi GROUND_TRUTH --factor F [--fast]
 [--transform FILE.tfm] [--seed N] -o OUTDIR`` writes ``metrics.json`` (method → metric →
 {"mean", "per_channel"}, plus "seconds"), the SR stacks as OME-TIFF and ``figure.png``.
 
+Without ``--transform`` the H&E is taken to cover the MSI's field of view, and that start is
+refined on mutual information when that clearly helps (``--no-refine`` turns it off); the decision
+and its reason are in ``metrics.json`` under ``settings.registration``.
+
 Under ``torchrun --nproc_per_node=N -m napari_smsdl benchmark ...`` (same arguments, same outputs)
 every rank runs the SMSDL part of the pipeline: each computes the same features (deterministic for
 a seed; only rank 0 reads and writes the feature cache) and the regression trains with
@@ -36,6 +40,11 @@ def add_parser(subparsers) -> None:
     add_method_args(parser)
     add_msi_channel_args(parser)
     parser.add_argument("--methods", default="smsdl,bicubic,cnn", help="comma-separated subset of smsdl,bicubic,cnn")
+    parser.add_argument(
+        "--no-refine", action="store_true",
+        help="without --transform, use the same-field-of-view start as it is (default: refine it on mutual "
+        "information and keep the refinement only when it clearly helps; the decision is in metrics.json)",
+    )
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.set_defaults(func=run, torchrun=True)
 
@@ -84,7 +93,7 @@ def run(args) -> int:
 
     result = run_benchmark(
         truth, he, factor=args.factor, truth_pixel_size_um=truth_px, he_pixel_size_um=he_px, settings=settings,
-        transform=transform, methods=methods, cache_dir=cache_dir, progress=progress,
+        transform=transform, methods=methods, cache_dir=cache_dir, refine=not args.no_refine, progress=progress,
     )
     if not main:
         return 0
@@ -106,6 +115,8 @@ def run(args) -> int:
         "channels": list(msi.channel_names), "truth_shape": list(result.truth.shape), "lr_shape": list(result.lr.shape),
         "transform": args.transform, "he_pixel_size_um": he_px, "truth_pixel_size_um": truth_px,
         "world_size": get_world_size(),
+        "registration": result.registration or {"start": "--transform" if args.transform else "same field of view",
+                                                 "refinement": "not run"},
     }
     write_json_atomic(out / "metrics.json", metrics)
     for name in result.reconstruction.sr:

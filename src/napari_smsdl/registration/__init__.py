@@ -16,6 +16,7 @@ from ._features import fixed_feature_image, moving_feature_image
 from ._io import load_params, load_report, load_transform, save_registration
 from ._landmarks import CSV_HEADER, LandmarkPairs, fit_landmark_affine, read_landmarks_csv, write_landmarks_csv
 from ._params import FixedFeature, FovFit, MovingFeature, RegistrationParams
+from ._refine import RefinementDecision, refine_same_field_of_view
 from ._register import RegistrationResult, iter_register, register
 from ._resample import resample_moving_to_grid
 from ._stages import compose, same_field_of_view_transform
@@ -28,6 +29,7 @@ __all__ = [
     "LandmarkPairs",
     "MovingFeature",
     "RegistrationParams",
+    "RefinementDecision",
     "RegistrationResult",
     "affine_to_napari_matrix",
     "compose",
@@ -40,6 +42,7 @@ __all__ = [
     "moving_feature_image",
     "rc_to_xy_um",
     "read_landmarks_csv",
+    "refine_same_field_of_view",
     "register",
     "resample_moving_to_grid",
     "same_field_of_view_transform",
