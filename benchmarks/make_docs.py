@@ -31,7 +31,9 @@ by each method from the same LR image, the same registered H&E and the same SR g
 tissue pixels after min–max normalisation by the truth's range (`napari_smsdl.metrics`; SSIM is
 scikit-image's SSIM map with `data_range=1`, background set to 0 in both images, averaged over
 tissue pixels). Data: the built-in sample (F = 4) and the real mouse-cerebellum H&E + UMAP MSI
-from `../shared` (F = 2 and 4; 40 × 36 native pixels, so LR 20 × 18 and 10 × 9). The ablation row
+from `../shared` (F = 2 and 4; 40 × 36 native pixels, so LR 20 × 18 and 10 × 9). No transform is
+given: the H&E covers the MSI's field of view, and the MI refinement that `run_benchmark` tries was
+rejected in all three cases, so the start was used as it is ([method.md](method.md#1-registration-napari_smsdlregistration)). The ablation row
 runs SMSDL with the ViTs left at random initialisation (no self-supervised training), everything
 else equal.
 
