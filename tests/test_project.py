@@ -247,3 +247,66 @@ def test_cli_reconstruct_saves_and_reopens_a_project(tmp_path, capsys):
     assert "the following arguments are required: --msi, --factor" in capsys.readouterr().err
     assert main(["reconstruct", "--project", str(tmp_path / "empty"), "-o", str(again)]) == 2
     assert "project folder not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- many channels: lazy SR stacks
+def _lazy_project(tmp_path, n_channels=70):
+    """A project whose SR stacks are zarr arrays (as the many-channel path leaves them), no training."""
+    import zarr
+
+    rng = np.random.default_rng(5)
+    lr = rng.uniform(1, 100, (n_channels, 4, 3)).astype(np.float32)
+    sr = {}
+    for method in ("smsdl", "bicubic"):
+        arr = zarr.create_array(str(tmp_path / f"sr_{method}.zarr"), shape=(n_channels, 16, 12), chunks=(64, 16, 12),
+                                dtype="float32")
+        arr[:] = rng.uniform(0, 100, arr.shape).astype(np.float32)
+        sr[method] = zarr.open_array(str(tmp_path / f"sr_{method}.zarr"), mode="r")
+    return Project(lr_msi=lr, channel_names=tuple(f"channel {i}" for i in range(n_channels)), msi_pixel_size_um=40.0,
+                   he_pixel_size_um=2.5, settings=Settings.preset("fast", factor=4), sr=sr,
+                   seconds={"smsdl": 1.0, "bicubic": 0.1})
+
+
+def test_lazy_project_scores_chosen_channels_and_saves_and_reopens_lazily(tmp_path):
+    import zarr
+
+    from napari_smsdl.metrics import score_stack
+
+    project = _lazy_project(tmp_path)
+    assert project.lazy and not Project(project.lr_msi, project.channel_names, 40.0, 2.5, project.settings,
+                                        {"smsdl": np.zeros((70, 16, 12), np.float32)}).lazy
+    truth = np.random.default_rng(6).uniform(1, 100, (70, 16, 12)).astype(np.float32)
+    scored = project.with_truth(truth, channels=[3, 65])
+    expected = score_stack(truth[[3, 65]], np.asarray(project.sr["smsdl"][[3, 65]]), np.ones((16, 12), bool))
+    per = scored.metrics["smsdl"]["rmse"]["per_channel"]
+    assert len(per) == 70 and per[3] == pytest.approx(expected["rmse"]["per_channel"][0]) and math.isnan(per[0])
+    assert scored.metrics["smsdl"]["scored_channels"] == [3, 65] and scored.truth is truth
+    assert scored.metrics["smsdl"]["rmse"]["mean"] == pytest.approx(expected["rmse"]["mean"])
+
+    saved = save_project(tmp_path / "proj", scored)
+    params = json.loads(next((tmp_path / "proj").glob("save-*/parameters.json")).read_text())
+    assert params["lazy"] is True
+    assert isinstance(saved.sr["smsdl"], zarr.Array) and saved.lazy  # now read from the saved OME-TIFF
+    back = load_project(tmp_path / "proj")
+    assert back.lazy and isinstance(back.truth, zarr.Array) and back.sr["smsdl"].shape == (70, 16, 12)
+    assert back.sr["smsdl"].chunks[0] == 1  # one TIFF page per channel
+    for m in project.sr:
+        np.testing.assert_array_equal(np.asarray(back.sr[m][:]), np.asarray(project.sr[m][:]))
+    np.testing.assert_array_equal(np.asarray(back.truth[:]), truth)
+    assert back.metrics["smsdl"]["rmse"]["per_channel"][65] == pytest.approx(per[65])
+    # a second save over a lazily reopened project: reads the old snapshot, replaces it atomically
+    again = save_project(tmp_path / "proj", back)
+    assert sorted(p.name for p in (tmp_path / "proj").iterdir() if p.name.startswith("save-")) == ["save-0002"]
+    np.testing.assert_array_equal(np.asarray(load_project(tmp_path / "proj").sr["bicubic"][69]),
+                                  np.asarray(project.sr["bicubic"][69]))
+    np.testing.assert_array_equal(np.asarray(again.sr["smsdl"][7]), np.asarray(project.sr["smsdl"][7]))
+
+
+def test_cnn_is_refused_on_the_many_channel_path():
+    from napari_smsdl.channels import CHUNKED_ABOVE_CHANNELS
+
+    assert not proj.uses_chunked_path(CHUNKED_ABOVE_CHANNELS) and proj.uses_chunked_path(CHUNKED_ABOVE_CHANNELS + 1)
+    assert proj.uses_chunked_path(3, 2) and not proj.uses_chunked_path(500, 0)
+    proj.check_methods_for_channels(["smsdl", "cnn"], CHUNKED_ABOVE_CHANNELS)
+    with pytest.raises(InputError, match="CNN baseline is not run for 65 channels"):
+        proj.check_methods_for_channels(["smsdl", "cnn"], 65)

@@ -26,6 +26,14 @@ A crash at any point leaves either the previous manifest with its intact snapsho
 with its complete snapshot; leftovers of an interrupted save are removed by the next save.
 :func:`load_project` checks every file against the manifest's hashes.
 
+**Many channels.** Above ``channels.CHUNKED_ABOVE_CHANNELS`` channels :func:`reconstruct_project`
+takes the chunked path of :func:`napari_smsdl.channels.reconstruct_many_channels`: the SR stacks are
+streamed to zarr stores in a run folder and the project's ``sr`` values are those lazy (zarr)
+arrays (:attr:`Project.lazy`). Such a project is saved page by page (its OME-TIFFs are never held
+whole; ``parameters.json`` records ``"lazy": true``) and reopened lazily: its stacks are zarr views
+of the OME-TIFFs (``tifffile`` ``aszarr``). Scores against a ground truth are then computed for a
+few chosen channels (:meth:`Project.with_truth`), the others are NaN.
+
 Nothing here imports Qt; the widgets and ``smsdl reconstruct --project`` share it.
 """
 
@@ -77,6 +85,85 @@ LOSS_HISTORY = "results/loss_history.json"
 def sr_file(method: str) -> str:
     """Snapshot-relative path of a method's SR stack."""
     return f"results/sr_{method}.ome.tif"
+
+
+#: Channels scored by default against a ground truth when the SR stacks are lazy.
+LAZY_SCORED_CHANNELS = 8
+
+
+def is_lazy(stack) -> bool:
+    """True for an array-like that is not a numpy array (a zarr or dask array: read on demand)."""
+    return stack is not None and not isinstance(stack, np.ndarray)
+
+
+def read_channels(stack, channels: Sequence[int]) -> np.ndarray:
+    """The given channels of a (C, rows, cols) array-like as float32 numpy, read one at a time."""
+    chans = [int(c) for c in channels]
+    if not is_lazy(stack):
+        return np.asarray(stack, np.float32)[chans]
+    if not chans:
+        return np.zeros((0, *tuple(stack.shape)[1:]), np.float32)
+    return np.stack([np.asarray(stack[c], np.float32) for c in chans])
+
+
+def uses_chunked_path(n_channels: int, chunk_channels: int | None = None) -> bool:
+    """Whether :func:`reconstruct_project` streams the SR stacks to zarr (the many-channel path).
+
+    ``chunk_channels``: None = automatic (more than ``channels.CHUNKED_ABOVE_CHANNELS`` channels),
+    0 = never, N > 0 = always (N channels per chunk).
+    """
+    from .channels import CHUNKED_ABOVE_CHANNELS
+
+    if chunk_channels is not None:
+        return chunk_channels > 0
+    return int(n_channels) > CHUNKED_ABOVE_CHANNELS
+
+
+def check_methods_for_channels(methods: Sequence[str], n_channels: int, chunk_channels: int | None = None) -> None:
+    """Raise :class:`InputError` for a method the many-channel path does not run (the CNN baseline)."""
+    from .channels import CHUNKED_ABOVE_CHANNELS
+
+    methods = [str(getattr(m, "value", m)) for m in methods]
+    if "cnn" in methods and uses_chunked_path(n_channels, chunk_channels):
+        raise InputError(
+            f"the CNN baseline is not run for {int(n_channels)} channels: above {CHUNKED_ABOVE_CHANNELS} channels "
+            "SMSDL and BI are trained chunk by chunk and streamed to disk, while the CNN trains one network on "
+            f"every channel at once; untick CNN, or select at most {CHUNKED_ABOVE_CHANNELS} channels for it"
+        )
+
+
+class _Pages:
+    """A lazy (C, rows, cols) stack read one channel at a time (for ``write_tiff_stack``)."""
+
+    def __init__(self, stack):
+        self._stack = stack
+        self.shape = tuple(int(n) for n in stack.shape)
+        self.chunks = (1, *self.shape[1:])
+
+    def __getitem__(self, key):
+        return np.asarray(self._stack[key], np.float32)
+
+
+def _pageable(stack):
+    """``stack`` itself when ``write_tiff_stack`` can stream it (numpy, integer chunks), else :class:`_Pages`."""
+    chunks = getattr(stack, "chunks", None)
+    if not is_lazy(stack) or (chunks and all(isinstance(c, (int, np.integer)) for c in chunks)):
+        return stack
+    return _Pages(stack)
+
+
+def open_lazy_tiff(path: str | os.PathLike, n_channels: int):
+    """A (C, rows, cols) OME-TIFF as a read-only zarr array, read page by page (``tifffile`` ``aszarr``)."""
+    import tifffile
+    import zarr
+
+    try:
+        arr = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+    except Exception as exc:
+        raise InputError(f"unreadable TIFF ({exc})", path) from exc
+    if arr.ndim != 3 or int(arr.shape[0]) != int(n_channels):
+        raise InputError(f"stack of shape {tuple(arr.shape)} does not hold {n_channels} channels", path)
+    return arr
 
 
 
@@ -238,6 +325,11 @@ class Project:
     def methods(self) -> tuple[str, ...]:
         return tuple(self.sr)
 
+    @property
+    def lazy(self) -> bool:
+        """True when the SR stacks are read on demand (zarr) instead of held in memory (many channels)."""
+        return any(is_lazy(v) for v in self.sr.values())
+
     @classmethod
     def from_reconstruction(
         cls,
@@ -282,20 +374,26 @@ class Project:
             cache_dir=None if cache_dir is None else Path(cache_dir),
         )
 
-    def with_truth(self, truth: np.ndarray, mask_hr: np.ndarray | None = None) -> Project:
+    def with_truth(self, truth, mask_hr: np.ndarray | None = None, *,
+                   channels: Sequence[int] | None = None) -> Project:
         """This project with a ground truth on the SR grid and every method scored against it.
 
         ``mask_hr`` defaults to the pixels that are finite in every channel and non-zero in one.
+
+        With lazy SR stacks (:attr:`lazy`) the truth is kept as given (it may be lazy too) and only
+        ``channels`` are scored (default: the first ``LAZY_SCORED_CHANNELS``), read one by one; the
+        other channels' scores are NaN, the means are over the scored channels, and every method's
+        entry lists them under ``"scored_channels"``. ``mask_hr`` then defaults to the tissue of the
+        scored channels. In memory ``channels`` is ignored: every channel is scored.
         """
         from .metrics import score_stack
 
+        if self.lazy:
+            return self._with_lazy_truth(truth, mask_hr, channels)
         t = np.asarray(truth, np.float32)
         if t.ndim == 2:
             t = t[None]
-        expected = (len(self.channel_names), *self.lr_msi.shape[1:])
-        expected = (expected[0], expected[1] * self.factor, expected[2] * self.factor)
-        if t.shape != expected:
-            raise InputError(f"ground truth of shape {t.shape} does not match the SR stacks {expected}")
+        self._check_truth_shape(t.shape)
         if mask_hr is None:
             mask_hr = np.isfinite(t).all(0) & (np.nan_to_num(t) != 0).any(0)
         mask_hr = np.asarray(mask_hr, bool)
@@ -304,6 +402,85 @@ class Project:
         for name, stack in self.sr.items():
             metrics[name] = {**score_stack(clean, stack, mask_hr), "seconds": float(self.seconds.get(name, math.nan))}
         return dataclasses.replace(self, truth=clean, mask_hr=mask_hr, metrics=metrics)
+
+    def _check_truth_shape(self, shape) -> None:
+        expected = (len(self.channel_names), *self.lr_msi.shape[1:])
+        expected = (expected[0], expected[1] * self.factor, expected[2] * self.factor)
+        if tuple(shape) != expected:
+            raise InputError(f"ground truth of shape {tuple(shape)} does not match the SR stacks {expected}")
+
+    def _with_lazy_truth(self, truth, mask_hr, channels) -> Project:
+        from .metrics import score_stack
+
+        self._check_truth_shape(truth.shape)
+        n = len(self.channel_names)
+        chans = sorted({int(c) for c in (range(min(n, LAZY_SCORED_CHANNELS)) if channels is None else channels)})
+        if not chans or not all(0 <= c < n for c in chans):
+            raise InputError(f"channels to score must be among 0..{n - 1}, got {chans}")
+        t = read_channels(truth, chans)
+        if mask_hr is None:
+            mask_hr = np.isfinite(t).all(0) & (np.nan_to_num(t) != 0).any(0)
+        mask_hr = np.asarray(mask_hr, bool)
+        clean = np.where(mask_hr[None], np.nan_to_num(t), 0.0).astype(np.float32)
+        metrics = {}
+        for name, stack in self.sr.items():
+            scores = score_stack(clean, read_channels(stack, chans), mask_hr)
+            full = {}
+            for metric, entry in scores.items():
+                per = [math.nan] * n
+                for c, v in zip(chans, entry["per_channel"], strict=True):
+                    per[c] = float(v)
+                full[metric] = {"mean": float(entry["mean"]), "per_channel": per}
+            metrics[name] = {**full, "seconds": float(self.seconds.get(name, math.nan)), "scored_channels": chans}
+        return dataclasses.replace(self, truth=truth, mask_hr=mask_hr, metrics=metrics)
+
+    @classmethod
+    def from_many_channels(
+        cls,
+        run,
+        *,
+        lr_msi: np.ndarray,
+        channel_names: Sequence[str],
+        msi_pixel_size_um: float,
+        he_pixel_size_um: float,
+        methods: Sequence[str] = ("smsdl", "bicubic"),
+        mz: Sequence[float] | None = None,
+        mask_lr: np.ndarray | None = None,
+        transform=None,
+        landmarks=None,
+        registration_report: dict | None = None,
+        inputs: Sequence[InputRecord] = (),
+        weights_path: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> Project:
+        """A lazy project from :func:`napari_smsdl.channels.reconstruct_many_channels`' output.
+
+        ``sr`` holds the zarr arrays of ``run.sr`` (read on demand), in the order of ``methods``;
+        there is no loss history and no registered guide image (it would be F·k times the MSI).
+        """
+        lr = np.asarray(lr_msi, np.float32)
+        if lr.ndim == 2:
+            lr = lr[None]
+        if len(channel_names) != lr.shape[0]:
+            raise InputError(f"{len(channel_names)} channel names for {lr.shape[0]} channels")
+        order = [m for m in methods if m in run.sr] + [m for m in run.sr if m not in methods]
+        return cls(
+            lr_msi=lr,
+            channel_names=tuple(str(n) for n in channel_names),
+            msi_pixel_size_um=float(msi_pixel_size_um),
+            he_pixel_size_um=float(he_pixel_size_um),
+            settings=run.settings,
+            sr={str(m): run.sr[m].open() for m in order},
+            mz=None if mz is None else tuple(float(m) for m in mz),
+            seconds={str(k): float(v) for k, v in run.seconds.items()},
+            mask_lr=None if mask_lr is None else np.asarray(mask_lr, bool),
+            transform=transform,
+            landmarks=landmarks,
+            registration_report=registration_report,
+            inputs=tuple(inputs),
+            weights_path=None if weights_path is None else Path(weights_path),
+            cache_dir=None if cache_dir is None else Path(cache_dir),
+        )
 
     def input_status(self) -> dict[str, str]:
         """Role → :meth:`InputRecord.check` for every recorded input."""
@@ -366,14 +543,16 @@ def _write_snapshot(stage: Path, project: Project) -> None:
     for method, stack in project.sr.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", method):
             raise InputError(f"method name {method!r} cannot be a file name")
-        write_tiff_stack(stage / sr_file(method), stack, channel_names=names, pixel_size_um=project.sr_pixel_size_um)
+        write_tiff_stack(stage / sr_file(method), _pageable(stack), channel_names=names,
+                         pixel_size_um=project.sr_pixel_size_um)
     if project.guide_rgb is not None:
         guide = np.asarray(project.guide_rgb)
         if guide.dtype != np.uint8:
             guide = np.clip(np.round(np.nan_to_num(guide.astype(np.float32)) * 255.0), 0, 255).astype(np.uint8)
         tifffile.imwrite(stage / GUIDE, guide, photometric="rgb", compression="zlib")
     if project.truth is not None:
-        write_tiff_stack(stage / TRUTH, project.truth, channel_names=names, pixel_size_um=project.sr_pixel_size_um)
+        write_tiff_stack(stage / TRUTH, _pageable(project.truth), channel_names=names,
+                         pixel_size_um=project.sr_pixel_size_um)
     masks = {k: np.asarray(v, bool) for k, v in (("mask_hr", project.mask_hr), ("mask_lr", project.mask_lr)) if v is not None}
     if masks:
         np.savez_compressed(stage / MASKS, **masks)
@@ -406,6 +585,7 @@ def _write_snapshot(stage: Path, project: Project) -> None:
         "sr_pixel_size_um": project.sr_pixel_size_um,
         "lr_shape": list(project.lr_msi.shape),
         "seconds": project.seconds,
+        "lazy": project.lazy,
     }
     (stage / PARAMETERS).write_text(json.dumps(jsonable(parameters), indent=2), encoding="utf-8")
     for sub in ("inputs", "registration", "weights", "results"):
@@ -501,8 +681,15 @@ def save_project(directory: str | os.PathLike, project: Project) -> Project:
     _fsync_dir(directory)
     _remove_leftovers(directory, keep=snapshot)
     log.info("project saved to %s (%s, %d files)", directory, snapshot, len(files))
+    lazy = {}
+    if project.lazy:  # read on from the saved copy: the stores it came from may be an older snapshot, now removed
+        n = len(project.channel_names)
+        lazy["sr"] = {m: open_lazy_tiff(directory / snapshot / sr_file(m), n) for m in project.sr}
+        if project.truth is not None and TRUTH in files:
+            lazy["truth"] = open_lazy_tiff(directory / snapshot / TRUTH, n)
     return dataclasses.replace(
         project,
+        **lazy,
         path=directory,
         saved_at=saved_at,
         weights_path=directory / snapshot / WEIGHTS if WEIGHTS in files else None,
@@ -594,14 +781,21 @@ def load_project(directory: str | os.PathLike, *, verify: bool = True) -> Projec
         raise InputError(f"project snapshot has no {MSI_LR}", snap)
     lr = np.asarray(lr, np.float32).reshape(len(names), *np.shape(lr)[-2:])
     sr = {}
+    lazy = bool(params.get("lazy", False))  # many channels: the stacks stay on disk, read page by page
     for method in params["methods"]:
-        stack = read_tiff(sr_file(method))
-        if stack is None:
+        if sr_file(method) not in files:
             raise InputError(f"project snapshot has no {sr_file(method)}", snap)
+        if lazy:
+            sr[method] = open_lazy_tiff(snap / sr_file(method), len(names))
+            continue
+        stack = read_tiff(sr_file(method))
         sr[method] = np.asarray(stack, np.float32).reshape(len(names), *np.shape(stack)[-2:])
-    truth = read_tiff(TRUTH)
-    if truth is not None:
-        truth = np.asarray(truth, np.float32).reshape(len(names), *np.shape(truth)[-2:])
+    if lazy and TRUTH in files:
+        truth = open_lazy_tiff(snap / TRUTH, len(names))
+    else:
+        truth = read_tiff(TRUTH)
+        if truth is not None:
+            truth = np.asarray(truth, np.float32).reshape(len(names), *np.shape(truth)[-2:])
     mask_hr = mask_lr = None
     if MASKS in files:
         with np.load(snap / MASKS, allow_pickle=False) as npz:
@@ -680,8 +874,17 @@ def reconstruct_project(
     progress=None,
     should_stop=None,
     on_loss=None,
+    run_dir: str | os.PathLike | None = None,
+    chunk_channels: int | None = None,
 ) -> Project:
     """Run :func:`napari_smsdl.pipeline.reconstruct` and wrap its output and inputs as a :class:`Project`.
+
+    Many channels (:func:`uses_chunked_path`: more than ``channels.CHUNKED_ABOVE_CHANNELS``, or
+    ``chunk_channels`` > 0) go through :func:`napari_smsdl.channels.reconstruct_many_channels`
+    instead: SMSDL and BI chunk by chunk (``chunk_channels`` per chunk, default
+    ``channels.DEFAULT_CHUNK_CHANNELS``) into zarr stores in ``run_dir`` (a new temporary folder
+    when None), and the project's ``sr`` values are those lazy arrays; the CNN baseline is refused
+    there (:func:`check_methods_for_channels`) and ``on_loss`` is not called.
 
     ``lr_msi`` is (C, h, w) with NaN where not acquired; ``transform`` maps MSI physical µm to H&E
     physical µm (None: the H&E covers the MSI field of view). The trained ViT weights are written to
@@ -698,6 +901,28 @@ def reconstruct_project(
     save_weights = weights_path if (weights_path is not None and train_vit) else None
     if save_weights is not None:
         Path(save_weights).parent.mkdir(parents=True, exist_ok=True)
+    n_channels = int(np.shape(lr_msi)[0]) if np.ndim(lr_msi) == 3 else 1
+    if uses_chunked_path(n_channels, chunk_channels):
+        from .channels import DEFAULT_CHUNK_CHANNELS, reconstruct_many_channels
+
+        check_methods_for_channels(methods, n_channels, chunk_channels)
+        if run_dir is None:
+            import tempfile
+
+            run_dir = tempfile.mkdtemp(prefix="napari-smsdl-run-")
+        run = reconstruct_many_channels(
+            lr_msi, he_rgb, he_pixel_size_um=he_pixel_size_um, msi_pixel_size_um=msi_pixel_size_um, out=run_dir,
+            settings=settings, methods=methods, transform=transform, mask_lr=mask_lr, channel_names=channel_names,
+            chunk_channels=chunk_channels or DEFAULT_CHUNK_CHANNELS, cache_dir=cache_dir, save_weights=save_weights,
+            progress=progress, should_stop=should_stop,
+        )
+        weights = save_weights if save_weights is not None and Path(save_weights).is_file() else None
+        return Project.from_many_channels(
+            run, lr_msi=lr_msi, channel_names=channel_names, msi_pixel_size_um=msi_pixel_size_um,
+            he_pixel_size_um=he_pixel_size_um, methods=methods, mz=mz, mask_lr=mask_lr, transform=transform,
+            landmarks=landmarks, registration_report=registration_report, inputs=inputs, weights_path=weights,
+            cache_dir=cache_dir,
+        )
     recon = reconstruct(
         lr_msi, he_rgb, he_pixel_size_um=he_pixel_size_um, msi_pixel_size_um=msi_pixel_size_um, settings=settings,
         methods=methods, transform=transform, mask_lr=mask_lr, cache_dir=cache_dir, save_weights=save_weights,
