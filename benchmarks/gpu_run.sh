@@ -9,7 +9,7 @@
 #     bash benchmarks/gpu_run.sh            # every step
 #     bash benchmarks/gpu_run.sh 3 5        # only steps 3 and 5
 set -u
-STEPS=${*:-"1 2 3 4 5"}
+STEPS=${*:-"1 2 3 4 5 6"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -87,5 +87,24 @@ timeout 120 python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m 
     --he /tmp/he.png --msi /tmp/truth.npy --factor 4 --fast --device cpu -o /tmp/cpu2 > "$OUT/cpu2.log" 2>&1
 echo "2 ranks rc $?"
 grep -h "smsdl:\|cnn:\|bicubic:" "$OUT/cpu1.log" "$OUT/cpu2.log"
+fi
+if want 6; then
+step "6. smsdl reconstruct, 1024 channels (chunked path), GPU: plain and torchrun 1 rank"
+python3 benchmarks/make_many_channel_input.py --channels 1024 -o /tmp/mc > /dev/null
+for run in plain torchrun1; do
+    launcher="python3 -m napari_smsdl"
+    [ $run = torchrun1 ] && launcher="python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m napari_smsdl"
+    timeout 150 $launcher reconstruct --he /tmp/mc/he.png --msi /tmp/mc/msi.npy --factor 4 --fast \
+        --msi-pixel-size 40 --he-pixel-size 2.5 --baselines bicubic -o /tmp/mc/$run > "$OUT/many_$run.log" 2>&1
+    echo "$run rc $?"; cp /tmp/mc/$run/run.json "$OUT/many_channels_$run.json" 2>/dev/null
+done
+python3 -c "
+import json
+for run in ('plain', 'torchrun1'):
+    try:
+        d = json.load(open('$OUT/many_channels_' + run + '.json'))
+        print(run, {k: round(v, 1) for k, v in d['seconds'].items()}, 'peak MB', round(d['peak_memory_mb']))
+    except Exception as exc:
+        print(run, 'no run.json', exc)"
 fi
 step "done"
