@@ -1,6 +1,10 @@
 """Qt-free helpers behind the Train and Compare widgets: grid placement, pixel look-ups, differences,
 shared contrast limits, tissue segments.
 
+Lazy SR stacks (a many-channel :class:`~napari_smsdl.project.Project`, zarr arrays) are never read
+whole here: :func:`lazy_difference_stacks` builds dask arrays that napari reads one channel at a
+time, and :func:`channel_limits` reads the one channel it needs.
+
 World coordinates are napari's, in µm, (row, col) order. The reader's convention places a grid of
 pixel size ``s`` with ``scale = s`` and ``translate = s/2`` (top-left corner at 0 µm); here the
 MSI layer's actual ``scale``/``translate`` are taken as given, so everything follows the MSI
@@ -167,6 +171,44 @@ def difference_stacks(project, reference: str = "truth") -> dict[str, np.ndarray
     return {m: (s - ref).astype(np.float32) for m, s in project.sr.items() if m != reference}
 
 
+def lazy_difference_stacks(project, reference: str = "bicubic", mask: np.ndarray | None = None) -> dict:
+    """Method − reference as lazy (dask) stacks, NaN outside ``mask``; nothing is read until shown.
+
+    As :func:`difference_stacks` for a project whose stacks are zarr arrays: each (C, rows, cols)
+    result is computed one channel at a time when napari (or anything else) slices it.
+    """
+    import dask.array as da
+
+    if reference == "truth":
+        if project.truth is None:
+            raise InputError("no ground truth to take differences against; pick BI as the reference")
+        ref = project.truth
+    elif reference in project.sr:
+        ref = project.sr[reference]
+    else:
+        raise InputError(f"reference {reference!r} is not one of {['truth', *project.sr]}")
+
+    def lazy(stack):
+        return da.from_array(stack, chunks=(1, *tuple(stack.shape)[1:]), asarray=True).astype(np.float32)
+
+    out = {}
+    for method, stack in project.sr.items():
+        if method == reference:
+            continue
+        diff = lazy(stack) - lazy(ref)
+        if mask is not None:
+            diff = da.where(np.asarray(mask, bool)[None], diff, np.float32(np.nan))
+        out[method] = diff.astype(np.float32)
+    return out
+
+
+def channel_limits(stack, channel: int, *, mask: np.ndarray | None = None, symmetric: bool = False,
+                   percentile: float = 99.5) -> tuple[float, float]:
+    """:func:`shared_limits` of one channel of a (C, rows, cols) stack, reading only that channel."""
+    return shared_limits([np.asarray(stack[int(channel)], np.float32)], mask=mask, symmetric=symmetric,
+                         percentile=percentile)
+
+
 def shared_limits(images: Sequence[np.ndarray], *, mask: np.ndarray | None = None, symmetric: bool = False,
                   percentile: float = 99.5) -> tuple[float, float]:
     """Contrast limits shared by images shown side by side: robust range of the first image.
@@ -243,7 +285,8 @@ def cluster_segments(stack: np.ndarray, *, n_segments: int, mask: np.ndarray | N
 
 # ---------------------------------------------------------------------------- metrics table
 def metrics_rows(metrics: dict, channel_names: Sequence[str], channels: Sequence[int] | None = None,
-                 columns: Sequence[str] = ("rmse", "ssim", "r2", "psnr")) -> list[tuple]:
+                 columns: Sequence[str] = ("rmse", "ssim", "r2", "psnr"),
+                 mean_label: str = "mean (all channels)") -> list[tuple]:
     """Table rows ``(method label, channel label, *values)``: the chosen channels, then the mean."""
     chans = list(range(len(channel_names))) if channels is None else list(channels)
     rows = []
@@ -252,5 +295,5 @@ def metrics_rows(metrics: dict, channel_names: Sequence[str], channels: Sequence
             continue
         for c in chans:
             rows.append((method_label(method), str(channel_names[c]), *(float(scores[m]["per_channel"][c]) for m in columns)))
-        rows.append((method_label(method), "mean (all channels)", *(float(scores[m]["mean"]) for m in columns)))
+        rows.append((method_label(method), mean_label, *(float(scores[m]["mean"]) for m in columns)))
     return rows

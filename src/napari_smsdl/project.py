@@ -482,6 +482,34 @@ class Project:
             cache_dir=None if cache_dir is None else Path(cache_dir),
         )
 
+    def subset(self, channels: Sequence[int]) -> Project:
+        """An in-memory project of the given channels only (their stacks read channel by channel).
+
+        For a lazy project: a figure or a quick look at a few of thousands of channels. Metrics are
+        cut to the channels (their means are kept as they were).
+        """
+        chans = [int(c) for c in channels]
+
+        def cut_metrics(metrics):
+            if metrics is None:
+                return None
+            out = {}
+            for method, scores in metrics.items():
+                out[method] = {k: ({**v, "per_channel": [v["per_channel"][c] for c in chans]}
+                                   if isinstance(v, dict) and "per_channel" in v else v)
+                               for k, v in scores.items() if k != "scored_channels"}
+            return out
+
+        return dataclasses.replace(
+            self,
+            lr_msi=np.asarray(self.lr_msi, np.float32)[chans],
+            channel_names=tuple(self.channel_names[c] for c in chans),
+            mz=None if self.mz is None else tuple(self.mz[c] for c in chans),
+            sr={m: read_channels(v, chans) for m, v in self.sr.items()},
+            truth=None if self.truth is None else read_channels(self.truth, chans),
+            metrics=cut_metrics(self.metrics),
+        )
+
     def input_status(self) -> dict[str, str]:
         """Role → :meth:`InputRecord.check` for every recorded input."""
         return {rec.role: rec.check() for rec in self.inputs}
@@ -491,6 +519,39 @@ class Project:
             if rec.role == role and rec.path:
                 return Path(rec.path)
         return None
+
+
+# ---------------------------------------------------------------------------- exporting
+#: Channels drawn in the figure exported for a lazy (many-channel) project.
+LAZY_FIGURE_CHANNELS = 6
+
+
+def export_project(project: Project, outdir: str | os.PathLike, *, formats: Sequence[str]) -> dict[str, Path]:
+    """:func:`napari_smsdl.export.export_results`, also for a lazy (many-channel) project.
+
+    In memory this is ``export_results`` itself. With lazy SR stacks the OME-TIFFs are written page
+    by page, the metrics CSV lists every channel (NaN where not scored), the figure shows the first
+    ``LAZY_FIGURE_CHANNELS`` channels, and imzML (every SR pixel's spectrum, across all channels at
+    once) is refused with an :class:`InputError`.
+    """
+    from .export import export_results
+
+    if not project.lazy:
+        return export_results(project, outdir, formats=formats)
+    formats = tuple(formats)
+    if "imzml" in formats:
+        raise InputError(f"imzML export is not available for {len(project.channel_names)} channels streamed to disk "
+                         "(it needs every channel of every SR pixel at once); export OME-TIFF instead")
+    written: dict[str, Path] = {}
+    paged = dataclasses.replace(project, sr={m: _pageable(v) for m, v in project.sr.items()},
+                                truth=None if project.truth is None else _pageable(project.truth))
+    rest = tuple(f for f in formats if f != "png")
+    if rest:
+        written.update(export_results(paged, outdir, formats=rest))
+    if "png" in formats:
+        first = range(min(LAZY_FIGURE_CHANNELS, len(project.channel_names)))
+        written.update(export_results(project.subset(first), outdir, formats=("png",)))
+    return written
 
 
 # ---------------------------------------------------------------------------- saving

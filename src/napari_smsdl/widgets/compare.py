@@ -13,6 +13,13 @@ colormap with symmetric limits. Clicking the canvas lists, for the pixel under t
 value of every method and of the LR pixel it came from. k-means segments of an SR stack become a
 Labels layer.
 
+**Many channels.** A project whose SR stacks are lazy (zarr arrays: more than 64 channels, see
+:mod:`napari_smsdl.project`) is never loaded whole: each column becomes one (channels, rows, cols)
+layer backed by its lazy array, napari's channel slider moves through the channels, the contrast
+limits follow the channel shown (computed from that channel alone), difference maps are lazy (dask)
+stacks, and metrics, pixel values and segments use the selected channels (at most
+``LAZY_SCORED_CHANNELS`` of them). The status line says so.
+
 Every action is a method with explicit arguments::
 
     w = CompareWidget(viewer)
@@ -44,8 +51,10 @@ from qtpy.QtWidgets import QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 from ..comparison import (
     PixelHit,
     channel_label,
+    channel_limits,
     cluster_segments,
     difference_stacks,
+    lazy_difference_stacks,
     locate_pixel,
     method_label,
     metrics_rows,
@@ -55,7 +64,7 @@ from ..comparison import (
     tissue_mask_sr,
 )
 from ..errors import InputError
-from ..project import LAYER_METADATA_KEY, Project
+from ..project import LAYER_METADATA_KEY, LAZY_SCORED_CHANNELS, Project, read_channels
 from ._jobs import ErrorDisplay
 from ._layers import _last2
 
@@ -98,14 +107,23 @@ def truth_from_layer(layer, project: Project) -> np.ndarray:
     """The ground-truth stack of ``layer`` for the project's channels, on the SR grid (no Qt).
 
     Channels are matched by name (``metadata["channel_names"]``); without names the layer must
-    have exactly the project's channels.
+    have exactly the project's channels. For a lazy project the layer's data are not read: the
+    result is the layer's array itself, or a lazy (dask) selection of its channels.
     """
-    data = np.asarray(layer.data[0] if layer.multiscale else layer.data, np.float32)
+    data = layer.data[0] if layer.multiscale else layer.data
+    if np.ndim(data) == 2 or not project.lazy:
+        data = np.asarray(data, np.float32)
     if data.ndim == 2:
         data = data[None]
     names = list(layer.metadata.get("channel_names") or [])
     if all(n in names for n in project.channel_names):
-        data = data[[names.index(n) for n in project.channel_names]]
+        index = [names.index(n) for n in project.channel_names]
+        if not project.lazy:
+            data = data[index]
+        elif index != list(range(len(data))):  # many channels: picked lazily, one channel when shown
+            import dask.array as da
+
+            data = da.from_array(data, chunks=(1, *tuple(data.shape)[1:]), asarray=True)[index]
     elif len(data) != len(project.channel_names):
         raise InputError(f"ground truth layer {layer.name!r} has {len(data)} channels and none of the names "
                          f"{list(project.channel_names)}")
@@ -147,6 +165,9 @@ def _add_comparison_layers(viewer, project, msi_layer, *, channels, differences,
     from napari.layers import Image
 
     remove_comparison_layers(viewer)
+    if project.lazy:
+        return _add_lazy_layers(viewer, project, msi_layer, channels=channels, differences=differences, grid=grid,
+                                grid_by=grid_by)
     chans = list(range(len(project.channel_names))) if channels is None else [int(c) for c in channels]
     msi_scale, msi_translate = _last2(msi_layer.scale), _last2(msi_layer.translate)
     sr_place = refined_placement(msi_scale, msi_translate, project.factor)
@@ -197,6 +218,87 @@ def _add_comparison_layers(viewer, project, msi_layer, *, channels, differences,
         _link_limits([lay for lay in row if lay.metadata["role"] == "difference"])
     arrange(viewer, rows, grid=grid, grid_by=grid_by)
     return rows
+
+
+def _add_lazy_layers(viewer, project, msi_layer, *, channels, differences, grid, grid_by) -> dict[int, list]:
+    """One (C, rows, cols) layer per column, backed by the lazy stacks; limits follow the channel shown."""
+    from napari.layers import Image
+
+    n = len(project.channel_names)
+    first = int(channels[0]) if channels else 0
+    msi_scale, msi_translate = _last2(msi_layer.scale), _last2(msi_layer.translate)
+    sr_place = refined_placement(msi_scale, msi_translate, project.factor)
+    mask = tissue_mask_sr(project)
+
+    def stack_place(place: dict) -> dict:  # a leading channel axis: scale 1, translate 0 (channel index)
+        return {"scale": (1.0, *place["scale"]), "translate": (0.0, *place["translate"])}
+
+    columns = [("lr", project.lr_msi)]
+    if project.truth is not None:
+        columns.append(("truth", project.truth))
+    columns += [(m, project.sr[m]) for m in ordered_methods(project.sr)]
+    reference = project.truth if project.truth is not None else project.sr[ordered_methods(project.sr)[0]]
+    limits = channel_limits(reference, first, mask=mask)
+    axis_labels = ("channel (m/z)" if project.mz is not None else "channel", "y", "x")
+    row = []
+    for method, stack in columns:
+        place = {"scale": tuple(msi_scale), "translate": tuple(msi_translate)} if method == "lr" else sr_place
+        row.append(Image(
+            stack, name=f"{PREFIX}{method_label(method)} · {n} channels", colormap=COLORMAP, contrast_limits=limits,
+            axis_labels=axis_labels, **stack_place(place),
+            metadata={"role": "comparison", "method": method, "channel": None, "lazy": True,
+                      "channel_names": list(project.channel_names),
+                      "pixel_size_um": project.msi_pixel_size_um if method == "lr" else project.sr_pixel_size_um},
+        ))
+    diffs = lazy_difference_stacks(project, differences, mask) if differences else {}
+    d_limits = None
+    if diffs:
+        d_limits = channel_limits(next(iter(diffs.values())), first, mask=mask, symmetric=True)
+        ref_label = method_label(differences)
+        for method in ordered_methods(diffs):
+            row.append(Image(
+                diffs[method], name=f"{PREFIX}{method_label(method)} − {ref_label} · {n} channels",
+                colormap=DIFF_COLORMAP, contrast_limits=d_limits, axis_labels=axis_labels, **stack_place(sr_place),
+                metadata={"role": "difference", "method": method, "reference": differences, "channel": None,
+                          "lazy": True},
+            ))
+    for layer in row:
+        viewer.layers.append(layer)
+    comparison = [lay for lay in row if lay.metadata["role"] == "comparison"]
+    difference = [lay for lay in row if lay.metadata["role"] == "difference"]
+    _link_limits(comparison)
+    _link_limits(difference)
+    viewer.dims.set_point(0, float(first))
+    _follow_channel(viewer, comparison, difference, reference, diffs, mask)
+    rows = {first: row}
+    arrange(viewer, rows, grid=grid, grid_by=grid_by)
+    return rows
+
+
+def shown_channel(viewer) -> int:
+    """The channel napari's slider shows (the world position on the leading axis, rounded)."""
+    return int(round(float(viewer.dims.point[0]))) if viewer.dims.ndim >= 3 else 0
+
+
+def _follow_channel(viewer, comparison: list, difference: list, reference, diffs: dict, mask) -> None:
+    """Contrast limits of lazy stack layers computed from the channel shown, whenever the slider moves."""
+    state = {"channel": shown_channel(viewer)}
+    event = viewer.dims.events.current_step
+
+    def on_step(*_):
+        if not comparison or comparison[0] not in viewer.layers:
+            event.disconnect(on_step)  # the layers are gone: stop following
+            return
+        channel = shown_channel(viewer)
+        if channel == state["channel"] or not 0 <= channel < reference.shape[0]:
+            return
+        state["channel"] = channel
+        comparison[0].contrast_limits = channel_limits(reference, channel, mask=mask)  # linked: the row follows
+        if difference:
+            difference[0].contrast_limits = channel_limits(next(iter(diffs.values())), channel, mask=mask,
+                                                           symmetric=True)
+
+    event.connect(on_step)
 
 
 def ordered_methods(methods) -> list[str]:
@@ -447,9 +549,10 @@ class CompareWidget(ErrorDisplay, QWidget):
         if project is None:
             self.channels.choices = []
         else:
-            self.channels.choices = [(channel_label(k, project.channel_names, project.mz), k)
-                                     for k in range(len(project.channel_names))]
-            self.channels.value = list(range(len(project.channel_names)))
+            n = len(project.channel_names)
+            self.channels.choices = [(channel_label(k, project.channel_names, project.mz), k) for k in range(n)]
+            # lazy (many channels): the first few are scored; the slider shows any channel
+            self.channels.value = list(range(min(n, LAZY_SCORED_CHANNELS) if project.lazy else n))
         self._reset_truth()
         self.segment_method.reset_choices()
 
@@ -499,12 +602,15 @@ class CompareWidget(ErrorDisplay, QWidget):
         if truth != "auto":
             self._reset_truth()
             self.truth.value = self.viewer.layers[truth] if isinstance(truth, str) and truth != FROM_PROJECT else truth
-        chosen = sorted(int(c) for c in self.channels.value)
+        chosen = self._chosen(project)
         if not chosen:
             raise InputError("no channel selected")
         truth_value = self.truth.value
         if truth_value is not None and truth_value != FROM_PROJECT:
-            project = project.with_truth(truth_from_layer(truth_value, project))
+            project = project.with_truth(truth_from_layer(truth_value, project), channels=chosen)
+        elif truth_value == FROM_PROJECT and project.lazy and project.truth is not None \
+                and (project.metrics is None or self._scored(project) != chosen):
+            project = project.with_truth(project.truth, project.mask_hr, channels=chosen)
         elif truth_value is None and project.truth is not None:
             project = dataclasses.replace(project, truth=None, mask_hr=None, metrics=None)
         self.project = project
@@ -521,9 +627,28 @@ class CompareWidget(ErrorDisplay, QWidget):
         self.segment_method.reset_choices()
         n = sum(len(r) for r in self.rows.values())
         scored = "; scored against the ground truth" if project.metrics else ""
+        if project.lazy:
+            n_ch = len(project.channel_names)
+            self.status.value = (
+                f"{n} layers of all {n_ch} channels at {project.sr_pixel_size_um:g} µm (MSI "
+                f"{project.msi_pixel_size_um:g} µm / F = {project.factor}), read from disk one channel at a time: "
+                f"move the channel slider to browse them. Many channels: the stacks are not loaded whole; metrics, "
+                f"pixel values and segments use the {len(chosen)} selected channel(s) (at most "
+                f"{LAZY_SCORED_CHANNELS}){scored}.")
+            return self.rows
         self.status.value = (f"{n} layers for {len(chosen)} channel(s) at {project.sr_pixel_size_um:g} µm "
                              f"(MSI {project.msi_pixel_size_um:g} µm / F = {project.factor}){scored}.")
         return self.rows
+
+    def _chosen(self, project: Project) -> list[int]:
+        """The selected channels; for a lazy project at most ``LAZY_SCORED_CHANNELS`` of them."""
+        chosen = sorted(int(c) for c in self.channels.value)
+        return chosen[:LAZY_SCORED_CHANNELS] if project.lazy else chosen
+
+    @staticmethod
+    def _scored(project: Project) -> list[int] | None:
+        first = next(iter((project.metrics or {}).values()), None)
+        return None if not isinstance(first, dict) else first.get("scored_channels")
 
     def _refresh_if_shown(self) -> None:
         if self.rows:
@@ -548,7 +673,12 @@ class CompareWidget(ErrorDisplay, QWidget):
             return
         labels = [channel_label(k, project.channel_names, project.mz) for k in range(len(project.channel_names))]
         metrics = {m: project.metrics[m] for m in ordered_methods(project.metrics)}
-        rows = metrics_rows(metrics, labels, channels, columns=METRIC_COLUMNS)
+        mean_label = "mean (all channels)"
+        scored = self._scored(project)
+        if scored is not None:  # lazy: only some channels were scored
+            channels = [c for c in channels if c in scored]
+            mean_label = f"mean ({len(scored)} scored channels)"
+        rows = metrics_rows(metrics, labels, channels, columns=METRIC_COLUMNS, mean_label=mean_label)
         table.setRowCount(len(rows))
         for i, row in enumerate(rows):
             cells = (row[0], row[1], *(_fmt(v) for v in row[2:]))
@@ -581,7 +711,11 @@ class CompareWidget(ErrorDisplay, QWidget):
             self.pixel_table.setRowCount(0)
             self.picked = None
             return None
-        chans = sorted(int(c) for c in self.channels.value) or list(range(len(project.channel_names)))
+        chans = self._chosen(project) or list(range(len(project.channel_names)))
+        if project.lazy:  # the channel on show first, then the selected ones
+            shown = shown_channel(self.viewer)
+            chans = [shown] + [c for c in chans if c != shown] if 0 <= shown < len(project.channel_names) else chans
+            chans = chans[:LAZY_SCORED_CHANNELS]
         values = pixel_values(project, hit, chans)
         self.picked = {"hit": hit, "channels": chans, "values": values}
         self._fill_pixel_table(project, hit, chans, values)
@@ -642,7 +776,10 @@ class CompareWidget(ErrorDisplay, QWidget):
             if method is not None:
                 self.segment_method.value = method
             method = self.segment_method.value or next(iter(project.sr))
-            labels = cluster_segments(project.sr[method], n_segments=int(self.n_segments.value),
+            stack = project.sr[method]
+            if project.lazy:  # many channels: segment on the selected ones, never the whole stack
+                stack = read_channels(stack, self._chosen(project) or [shown_channel(self.viewer)])
+            labels = cluster_segments(stack, n_segments=int(self.n_segments.value),
                                       mask=tissue_mask_sr(project), seed=project.settings.seed)
         except Exception as exc:  # noqa: BLE001
             self._on_error(exc)

@@ -8,6 +8,11 @@ The reconstruction is the :class:`~napari_smsdl.project.Project` on the MSI laye
 the H&E (when its file is still there and unchanged), the measured MSI, the ground truth and the
 comparison layers again. Slow steps run in a ``thread_worker`` (``SMSDL_NOTHREADS=1``: synchronous).
 
+**Many channels.** A lazy project (SR stacks on disk, :attr:`Project.lazy`) is exported through
+:func:`napari_smsdl.project.export_project`: OME-TIFF page by page, the metrics CSV, a figure of the
+first channels; imzML is refused (and its box disabled). Saving writes its OME-TIFFs page by page and
+reopening keeps them on disk.
+
 Every action is a method with explicit arguments::
 
     w = ExportWidget(viewer)
@@ -28,8 +33,8 @@ from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget
 
 from .._reader import LayerDataTuple, he_layer, ion_stack_layer
 from ..errors import InputError, SmsdlError
-from ..export import EXPORT_FORMATS, export_results
-from ..project import LAYER_METADATA_KEY, Project, load_project, save_project
+from ..export import EXPORT_FORMATS
+from ..project import LAYER_METADATA_KEY, Project, export_project, load_project, read_channels, save_project
 from ._jobs import JobRunner
 from .compare import PREFIX, add_comparison_layers
 
@@ -41,7 +46,8 @@ TOOLTIPS = {
     "source": "The MSI layer whose reconstruction is exported or saved.",
     "folder": "Folder the exports are written to.",
     "ome": "SR stacks (and the ground truth) as float32 OME-TIFF: µm pixel size, m/z channel names.",
-    "imzml": "SR stacks as continuous imzML at the SR pixel size (one spectrum per SR pixel).",
+    "imzml": "SR stacks as continuous imzML at the SR pixel size (one spectrum per SR pixel); not for "
+    "many-channel runs whose stacks stay on disk.",
     "csv": "Metrics per method and channel (needs a ground truth chosen in Compare).",
     "png": "The comparison figure: LR, ground truth, methods and error maps per channel.",
     "export": "Write the chosen files into the folder.",
@@ -86,10 +92,19 @@ def project_layers(project: Project, *, name: str | None = None) -> tuple[list[L
         metadata=dict(common, kind="measured"),
     ))
     if project.truth is not None:
+        truth = project.truth
+        names, mz = list(project.channel_names), project.mz
+        if project.lazy:  # many channels: layer settings (contrast limits) from the first channels only
+            few = list(range(min(8, len(names))))
+            truth, names, mz = read_channels(truth, few), [names[c] for c in few], None if mz is None else mz[:len(few)]
         data, kwargs, kind = ion_stack_layer(
-            project.truth, list(project.channel_names), project.sr_pixel_size_um, name=f"{stem} ground truth",
-            mz=project.mz, metadata=dict(common, kind="ground_truth", role="reference"),
+            truth, names, project.sr_pixel_size_um, name=f"{stem} ground truth",
+            mz=mz, metadata=dict(common, kind="ground_truth", role="reference"),
         )
+        if project.lazy:  # the layer itself reads the stack on disk
+            data = project.truth
+            kwargs["metadata"] = dict(kwargs["metadata"], channel_names=list(project.channel_names),
+                                      mz=None if project.mz is None else list(project.mz))
         layers.append((data, dict(kwargs, visible=False), kind))
     return layers, notes
 
@@ -185,7 +200,7 @@ class ExportWidget(JobRunner, QWidget):
         self.export_button.enabled = has
         self.save_button.enabled = has
         self.open_button.enabled = not self.busy
-        self.imzml.enabled = project is None or project.mz is not None
+        self.imzml.enabled = project is None or (project.mz is not None and not project.lazy)
         self.csv.enabled = project is None or bool(project.metrics)
 
     # ------------------------------------------------------------------ actions
@@ -207,7 +222,7 @@ class ExportWidget(JobRunner, QWidget):
             ticked = [("ome-tiff", self.ome), ("imzml", self.imzml), ("csv", self.csv), ("png", self.png)]
             formats = [name for name, box in ticked if box.value and box.enabled]
         formats = [f for f in formats if f in EXPORT_FORMATS]
-        return self._run(export_results, project, folder, formats=tuple(formats), on_returned=self._on_exported,
+        return self._run(export_project, project, folder, formats=tuple(formats), on_returned=self._on_exported,
                          message=f"Exporting to {folder}")
 
     def save_project(self, directory: str | os.PathLike | None = None):

@@ -12,6 +12,12 @@ dock and a live loss curve. Cancel sets a flag that the core polls (``should_sto
 :class:`~napari_smsdl.errors.Cancelled` within a few seconds and the widget is usable again.
 Set ``SMSDL_NOTHREADS=1`` to run synchronously (debugging).
 
+**Many channels.** With more channels selected than ``channels.CHUNKED_ABOVE_CHANNELS`` the core
+takes the chunked path (see :func:`~napari_smsdl.project.reconstruct_project`): SMSDL and BI are
+trained chunk by chunk and their SR stacks streamed to zarr stores in the run folder
+(:attr:`TrainWidget.run_dir`); the project's stacks stay on disk (Compare shows them as lazy
+layers). The CNN baseline is refused there before anything starts, and there is no live loss curve.
+
 Every action is a method with explicit arguments, so scripts and tests bypass the dialogs::
 
     w = TrainWidget(viewer)
@@ -56,7 +62,14 @@ from ..comparison import (
 )
 from ..errors import InputError
 from ..pipeline import Settings
-from ..project import LAYER_METADATA_KEY, Project, input_records, reconstruct_project
+from ..project import (
+    LAYER_METADATA_KEY,
+    Project,
+    check_methods_for_channels,
+    input_records,
+    reconstruct_project,
+    uses_chunked_path,
+)
 from ._jobs import JobRunner
 from ._layers import HeMsiLayers, _last2
 from ._plots import PlotCanvas
@@ -216,6 +229,8 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         Feature cache (default: the per-user cache, :func:`default_cache_dir`).
     progress_bars : dict
         Stage → the napari ``progress`` bar of the running stage (in the activity dock).
+    run_dir : Path or None
+        Folder of the last run (ViT weights; the zarr SR stores of a many-channel run).
     """
 
     _widget_name = "Train"
@@ -240,6 +255,7 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         self._cancel_at: float | None = None
         self._started_at = 0.0
         self.progress_bars: dict = {}
+        self.run_dir: Path | None = None
         self._relay = _Relay()
         self._relay.progressed.connect(self._on_progress)
         self._relay.loss.connect(self._on_loss)
@@ -444,7 +460,8 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
                 landmarks = LandmarkPairs(np.array([[r["he_row"], r["he_col"]] for r in rows]),
                                           np.array([[r["msi_row"], r["msi_col"]] for r in rows]))
         return {
-            "lr_msi": data[chosen],
+            # many channels, all selected: no copy of the stack (the project only reads it)
+            "lr_msi": data if chosen == list(range(len(data))) and uses_chunked_path(len(data)) else data[chosen],
             "he_rgb": he_rgb,
             "channel_names": [names_all[k] for k in chosen],
             "mz": None if not mz_all else [mz_all[k] for k in chosen],
@@ -480,6 +497,8 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
             methods = self.methods()
             if not methods:
                 raise InputError("no method chosen: tick SMSDL and/or a baseline")
+            n_channels = len(kwargs["lr_msi"])
+            check_methods_for_channels(methods, n_channels)  # the CNN is refused on the many-channel path
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self._on_error(exc)
             return None
@@ -488,18 +507,24 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         except Exception as exc:  # noqa: BLE001 - a broken install is shown, not raised
             self._on_error(exc)
             return None
-        run_dir = Path(tempfile.mkdtemp(prefix="napari-smsdl-run-"))
+        run_dir = self.run_dir = Path(tempfile.mkdtemp(prefix="napari-smsdl-run-"))
         kwargs.update(
             settings=chosen, methods=methods, cache_dir=self.cache_dir, weights_path=run_dir / "vit_weights.pt",
             progress=self._relay.progressed.emit, should_stop=self._stop.is_set, on_loss=self._relay.loss.emit,
+            run_dir=run_dir,
         )
         self._stop.clear()
         self.last_error = None
         self._cancel_at = None
         self.cancel_seconds = None
-        self.plot.clear("waiting for the first SMSDL steps …")
         self._started_at = time.perf_counter()
-        self._set_busy(True, f"Training {', '.join(methods)} at F = {chosen.factor} …")
+        if uses_chunked_path(n_channels):
+            self.plot.clear(f"{n_channels} channels: trained chunk by chunk, no live loss curve")
+            self._set_busy(True, f"Training {', '.join(methods)} at F = {chosen.factor} on {n_channels} channels, "
+                                 f"chunk by chunk; the SR stacks are streamed to {run_dir} …")
+        else:
+            self.plot.clear("waiting for the first SMSDL steps …")
+            self._set_busy(True, f"Training {', '.join(methods)} at F = {chosen.factor} …")
         return self._start_job(reconstruct_project, **kwargs, on_returned=self._on_done, on_finished=self._on_finished)
 
     def cancel(self) -> None:
@@ -571,6 +596,8 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
             msi.metadata = {**msi.metadata, LAYER_METADATA_KEY: project}  # emits metadata: Compare follows
         self.plot.show_histories(project.loss_history)
         done = ", ".join(f"{m} {project.seconds.get(m, 0):.1f} s" for m in project.sr)
-        self.status.value = (f"Done in {seconds:.0f} s ({done}); SR pixel {project.sr_pixel_size_um:g} µm. "
+        where = (f" {len(project.channel_names)} channels: the SR stacks stay on disk in {self.run_dir} "
+                 "(read one channel at a time)." if project.lazy else "")
+        self.status.value = (f"Done in {seconds:.0f} s ({done}); SR pixel {project.sr_pixel_size_um:g} µm.{where} "
                              "Open Compare to look at the results.")
         self.trained.emit(project)
