@@ -166,3 +166,42 @@ def test_cancel_on_the_many_channel_path(many_viewer, qtbot, tmp_path):
     assert train.last_error == "cancelled" and train.project is None
     assert train.cancel_seconds is not None and train.cancel_seconds < 10
     assert train.start_button.enabled and "Cancelled" in train.status.value
+
+
+class _CountingStack:
+    """A lazy (C, rows, cols) array that records which channels were read."""
+
+    def __init__(self, data):
+        self._data, self.read = data, set()
+        self.shape, self.dtype, self.ndim = data.shape, data.dtype, data.ndim
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        first = key[0]
+        chans = range(*first.indices(self.shape[0])) if isinstance(first, slice) else np.atleast_1d(first).tolist()
+        self.read.update(int(c) for c in chans)
+        return self._data[key]
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("the whole lazy stack was read")
+
+
+def test_lazy_layers_read_only_the_channels_shown(make_napari_viewer):
+    from napari_smsdl.pipeline import Settings
+    from napari_smsdl.project import Project
+    from napari_smsdl.widgets.compare import add_comparison_layers
+
+    n = 300
+    rng = np.random.default_rng(0)
+    stacks = {m: _CountingStack(rng.uniform(0, 10, (n, 32, 24)).astype(np.float32)) for m in ("smsdl", "bicubic")}
+    project = Project(lr_msi=rng.uniform(1, 10, (n, 8, 6)).astype(np.float32),
+                      channel_names=tuple(f"c{k}" for k in range(n)), msi_pixel_size_um=40.0, he_pixel_size_um=2.5,
+                      settings=Settings.preset("fast", factor=4), sr=stacks)
+    viewer = make_napari_viewer()
+    msi = viewer.add_image(project.lr_msi, scale=(1, 40, 40), translate=(0, 20, 20), name="msi")
+    rows = add_comparison_layers(viewer, project, msi, channels=[5], differences="bicubic")
+    assert [lay.data.shape for lay in rows[5]][-1] == (n, 32, 24)
+    viewer.dims.set_point(0, 200.0)
+    np.asarray(viewer.layers[-1].data[200])  # the difference map of the channel shown
+    read = stacks["smsdl"].read | stacks["bicubic"].read
+    assert {5, 200} <= read and len(read) <= 4, sorted(read)
