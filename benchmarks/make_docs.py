@@ -128,10 +128,11 @@ The scores agree with the CPU run within 0.004 (same seeds, different kernels) a
 the same; the whole
 sample benchmark takes **{gpu_sample_s:.0f} s on the GPU against {sample_default_s:.0f} s** on the 2 CPU cores.
 
-| run | GPU (H200) | CPU (2 cores, section 5) |
+| run | GPU (H200) | CPU (2 cores) |
 |---|---|---|
 | whole-slide features, 20k × 20k H&E, tiled, 1 process | {gpu_wsi_s:.1f} s ({gpu_wsi_mp:.3f} s / H&E MP), peak RSS {gpu_wsi_rss:.0f} MB | {cpu_wsi_s:.1f} s ({cpu_wsi_mp:.3f} s / H&E MP), peak RSS {cpu_wsi_rss:.0f} MB |
-| 1024 channels, 100 × 100 MSI, F = 4, chunks of 64 | {gpu_ch_s:.1f} s ({gpu_ch_pc:.3f} s / channel) | {cpu_ch_s:.1f} s ({cpu_ch_pc:.3f} s / channel) |
+| 1024 channels, 100 × 100 MSI, F = 4, chunks of 64 (`reconstruct_channels`) | {gpu_ch_s:.1f} s ({gpu_ch_pc:.3f} s / channel) | {cpu_ch_s:.1f} s ({cpu_ch_pc:.3f} s / channel) |
+| `smsdl reconstruct --fast --baselines bicubic`, 1024 channels, 32 × 32 MSI, F = 4 (chunked path) | {gpu_cli_total:.1f} s (SMSDL {gpu_cli_smsdl:.1f} s), peak RSS {gpu_cli_rss:.0f} MB; under `torchrun`, 1 rank: {gpu_cli_tr:.1f} s | {cpu_cli_total:.1f} s (SMSDL {cpu_cli_smsdl:.1f} s), peak RSS {cpu_cli_rss:.0f} MB |
 
 On the GPU, SimMIM training of the three ViTs drops to {gpu_wsi_ssl:.1f} s of the {gpu_wsi_s:.1f} s
 ({cpu_wsi_ssl:.1f} s on the CPU); the token passes (reading and resampling tiles on the CPU, then ViT
@@ -181,6 +182,13 @@ def _gpu_figures(default: dict) -> dict:
         "tr_run_s": tr["torchrun_1_rank_nccl"]["smsdl"]["seconds"],
         "cpu1_s": cpu["plain"]["smsdl"]["seconds"], "cpu2_s": cpu["torchrun_2_ranks_gloo"]["smsdl"]["seconds"],
         "cpu_rmse": cpu["plain"]["smsdl"]["rmse"],
+        "gpu_cli_total": gpu["reconstruct_cli_1024_channels_cuda"]["plain"]["seconds"]["total"],
+        "gpu_cli_smsdl": gpu["reconstruct_cli_1024_channels_cuda"]["plain"]["seconds"]["smsdl"],
+        "gpu_cli_rss": gpu["reconstruct_cli_1024_channels_cuda"]["plain"]["peak_memory_mb"],
+        "gpu_cli_tr": gpu["reconstruct_cli_1024_channels_cuda"]["torchrun1"]["seconds"]["total"],
+        "cpu_cli_total": gpu["reconstruct_cli_1024_channels_cpu_dev_machine"]["seconds"]["total"],
+        "cpu_cli_smsdl": gpu["reconstruct_cli_1024_channels_cpu_dev_machine"]["seconds"]["smsdl"],
+        "cpu_cli_rss": gpu["reconstruct_cli_1024_channels_cpu_dev_machine"]["peak_memory_mb"],
     }
 
 
