@@ -200,7 +200,8 @@ def reconstruct_channels(
         raise InputError(f"mask {mask_lr.shape} does not match the MSI grid {(rows, cols)}")
     if block_rows is None:
         block_rows = 32768 // sr_cols
-    block_rows = max(factor, block_rows // factor * factor)  # whole MSI pixels per block
+    # whole MSI pixels per block, no more than the grid (a larger zarr chunk is padding on disk)
+    block_rows = min(max(factor, block_rows // factor * factor), sr_rows)
 
     out = Path(out)
     sr_arr = _create_sr_store(out, (n_ch, sr_rows, sr_cols), min(chunk_channels, n_ch), block_rows, names, factor)
