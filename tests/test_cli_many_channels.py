@@ -58,7 +58,7 @@ def test_chunked_reconstruct_streams_to_zarr_and_equals_the_api(many, tmp_path):
     from napari_smsdl.commands._common import settings_from_args
 
     out = tmp_path / "out"
-    argv = _argv(many, out, "--baselines", "bicubic")
+    argv = _argv(many, out, "--baselines", "bicubic", "--project", str(tmp_path / "project"))
     assert main(argv) == 0  # 80 channels: chunked automatically, chunks of 64
     run = json.loads((out / "run.json").read_text())
     for key in ("inputs", "channels", "mz", "factor", "msi_pixel_size_um", "sr_pixel_size_um", "he_pixel_size_um",
@@ -102,16 +102,23 @@ def test_chunked_reconstruct_streams_to_zarr_and_equals_the_api(many, tmp_path):
     assert api.features_from_cache and set(api.sr) == {"smsdl"}
     np.testing.assert_allclose(api.sr["smsdl"].read(), sr, rtol=1e-5, atol=1e-6 * float(sr.max()))
 
+    # --project saved a lazy project; reopening it writes the same stacks without computing
+    again = tmp_path / "again"
+    assert run["project"] == str(tmp_path / "project")
+    assert main(["reconstruct", "--project", str(tmp_path / "project"), "-o", str(again)]) == 0
+    for name in ("smsdl", "bicubic"):
+        np.testing.assert_array_equal(tifffile.imread(again / f"sr_{name}.ome.tif"),
+                                      tifffile.imread(out / f"sr_{name}.ome.tif"))
+    assert json.loads((again / "run.json").read_text())["channels"][79] == "ion 79"
 
-def test_chunked_path_refusals_and_forced_chunks_with_a_whole_slide(many, sample_dir, tmp_path, capsys):
-    for extra, words in ((["--baselines", "cnn"], "--baselines cnn is not run on the chunked many-channel path"),
-                         (["--project", str(tmp_path / "p")], "--project cannot save a chunked")):
-        assert main(_argv(many, tmp_path / "refused", *extra)) == 2
-        err = capsys.readouterr().err
-        assert words in err and "80 channels, more than 64" in err and len(err.strip().splitlines()) == 1
-        assert main(_argv(many, tmp_path / "early", *extra, "--chunk-channels", "8")) == 2
-        assert "(--chunk-channels 8)" in capsys.readouterr().err
-    assert not (tmp_path / "p").exists() and not (tmp_path / "refused" / "sr_smsdl.zarr").exists()
+
+def test_chunked_path_refuses_cnn_and_forced_chunks_with_a_whole_slide(many, sample_dir, tmp_path, capsys):
+    assert main(_argv(many, tmp_path / "refused", "--baselines", "bicubic,cnn")) == 2
+    err = capsys.readouterr().err
+    assert "--baselines cnn is not run on the chunked many-channel path (80 channels, more than 64)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "refused" / "sr_smsdl.zarr").exists()
+    assert main(_argv(many, tmp_path / "early", "--baselines", "cnn", "--chunk-channels", "8")) == 2
+    assert "(--chunk-channels 8)" in capsys.readouterr().err
     assert not (tmp_path / "early").exists()  # refused before anything was read or written
 
     # --chunk-channels forces the chunked path below the threshold; here with a whole-slide H&E

@@ -76,7 +76,8 @@ def _pages(stack, shape: tuple[int, int, int]):
     """(rows, cols) float32 pages of a lazy (channels, rows, cols) stack, a few channels per read."""
     page_bytes = max(1, shape[1] * shape[2] * 4)
     chunks = getattr(stack, "chunks", None)
-    along = int(chunks[0]) if chunks else 1
+    first = chunks[0] if chunks else 1  # an int (zarr), or the block sizes along the axis (dask)
+    along = int(max(first)) if isinstance(first, tuple) and first else int(first) if isinstance(first, (int, np.integer)) else 1
     group = max(1, min(along, PAGE_READ_BYTES // page_bytes))
     for c0 in range(0, shape[0], group):
         block = np.asarray(stack[c0 : min(c0 + group, shape[0])], dtype=np.float32)

@@ -11,9 +11,10 @@ the SMSDL regression is trained N channels at a time (default 64) and its SR sta
 ``OUTDIR/sr_smsdl.zarr``; ``sr_smsdl.ome.tif`` is then written page by page from that store. An
 imzML's ion images are streamed to ``OUTDIR/msi_lr.zarr`` (a group of channels per pass over the
 file), a 3-D ``.npy`` stack is memory-mapped. Bicubic is streamed the same way
-(``sr_bicubic.zarr``); the CNN baseline (one network over all channels) and ``--project`` (a project
-holds its stacks in memory) are refused there. ``--chunk-channels 0`` keeps the in-memory path
-whatever the number of channels. The figure shows the first channels.
+(``sr_bicubic.zarr``); the CNN baseline (one network over all channels) is refused there, and
+``--project`` saves a lazy project (SR stacks copied page by page, see :mod:`napari_smsdl.project`).
+``--chunk-channels 0`` keeps the in-memory path whatever the number of channels. The figure shows
+the first channels.
 
 **torchrun.** ``torchrun --nproc_per_node=N -m napari_smsdl reconstruct ...`` takes the same
 arguments and writes the same files. In-memory path: every rank computes the features (rank 0 alone
@@ -122,8 +123,8 @@ def run(args) -> int:
     if chunk is not None and chunk < 0:
         raise InputError(f"--chunk-channels must be 0 (in memory) or a positive number of channels, got {chunk}")
     out = Path(args.output)
-    if chunk:  # refuse what the chunked path cannot do before reading anything
-        _refuse_on_chunked_path(args, methods, f"--chunk-channels {chunk}", out)
+    if chunk:  # refuse the CNN before reading anything
+        _refuse_cnn_on_chunked_path(args, methods, f"--chunk-channels {chunk}")
     out.mkdir(parents=True, exist_ok=True)
     lazy_above = None if chunk == 0 else (0 if chunk else CHUNKED_ABOVE_CHANNELS)
     msi = load_msi(args.msi, args, lazy_above=lazy_above, store=out / "msi_lr.zarr",
@@ -131,7 +132,7 @@ def run(args) -> int:
     n_channels = int(msi.data.shape[0])
     chunked = bool(chunk) or (chunk is None and n_channels > CHUNKED_ABOVE_CHANNELS)
     if chunked and not chunk:
-        _refuse_on_chunked_path(args, methods, f"{n_channels} channels, more than {CHUNKED_ABOVE_CHANNELS}", out)
+        _refuse_cnn_on_chunked_path(args, methods, f"{n_channels} channels, more than {CHUNKED_ABOVE_CHANNELS}")
     he, he_px = load_he(args.he, pixel_size_um=args.he_pixel_size, tiled=True if args.tiled else None)
     msi_px = args.msi_pixel_size or msi.pixel_size_um
     transform = load_transform_arg(args.transform)
@@ -199,7 +200,8 @@ def run(args) -> int:
         "settings": used.to_dict(), "he_tiled": tiled, **extra, "world_size": dd.get_world_size(),
     }
     if args.project:
-        saved = save_run_as_project(args, result, msi, msi_px=msi_px, he_px=he_px, transform=transform, out=out)
+        saved = save_run_as_project(args, many if chunked else result, msi, msi_px=msi_px, he_px=he_px,
+                                    transform=transform, out=out)
         run_info["project"] = str(saved.path)
     write_json_atomic(out / "run.json", run_info)
     print(f"wrote {', '.join(files.values())} and {out / 'figure.png'}")
@@ -208,22 +210,24 @@ def run(args) -> int:
     return 0
 
 
-def _refuse_on_chunked_path(args, methods, why: str, out: Path) -> None:
-    """InputError for the CNN baseline and ``--project``, which the chunked many-channel path does not do."""
+def _refuse_cnn_on_chunked_path(args, methods, why: str) -> None:
+    """InputError for the CNN baseline, which the chunked many-channel path does not run."""
     from ..errors import InputError
 
     if "cnn" in methods:
         raise InputError(f"--baselines cnn is not run on the chunked many-channel path ({why}): the CNN trains one "
                          "network on every channel at once; pick at most 64 channels (--mz/--peaks) or give "
                          "--chunk-channels 0", args.msi)
-    if args.project:
-        raise InputError(f"--project cannot save a chunked many-channel run ({why}): a project holds its SR stacks "
-                         f"in memory; the SR stack is streamed to {out / 'sr_smsdl.zarr'} and "
-                         f"{out / 'sr_smsdl.ome.tif'} instead", args.msi)
 
 
 def save_run_as_project(args, result, msi, *, msi_px: float, he_px: float, transform, out: Path):
-    """Save a finished run (and its inputs, transform, landmarks, weights, cache) as a project."""
+    """Save a finished run (and its inputs, transform, landmarks, weights, cache) as a project.
+
+    ``result`` is a :class:`napari_smsdl.pipeline.Reconstruction` or, from the chunked path, a
+    :class:`napari_smsdl.channels.ManyChannelRun` (a lazy project: the SR stacks are copied page
+    by page; the LR stack is held in memory while saving).
+    """
+    from ..channels import ManyChannelRun
     from ..project import Project, input_records, save_project
 
     landmarks = report = None
@@ -239,12 +243,17 @@ def save_run_as_project(args, result, msi, *, msi_px: float, he_px: float, trans
 
             report = load_report(folder)
     weights = out / "vit_weights.pt"
-    project = Project.from_reconstruction(
-        result, lr_msi=msi.data, channel_names=msi.channel_names, msi_pixel_size_um=msi_px, he_pixel_size_um=he_px,
-        mz=msi.mz, transform=transform, landmarks=landmarks, registration_report=report,
+    common = dict(
+        channel_names=msi.channel_names, msi_pixel_size_um=msi_px, he_pixel_size_um=he_px, mz=msi.mz,
+        transform=transform, landmarks=landmarks, registration_report=report,
         inputs=input_records(he_path=args.he, msi_path=args.msi), weights_path=weights if weights.is_file() else None,
         cache_dir=Path(args.cache_dir) if args.cache_dir else out / "cache",
     )
+    if isinstance(result, ManyChannelRun):  # a lazy project: its SR stacks are the zarr stores, saved page by page
+        project = Project.from_many_channels(result, lr_msi=np.asarray(msi.data[:], np.float32), methods=list(result.sr),
+                                             **common)
+    else:
+        project = Project.from_reconstruction(result, lr_msi=msi.data, **common)
     return save_project(args.project, project)
 
 
