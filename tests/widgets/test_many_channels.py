@@ -189,7 +189,7 @@ class _CountingStack:
 def test_lazy_layers_read_only_the_channels_shown(make_napari_viewer):
     from napari_smsdl.pipeline import Settings
     from napari_smsdl.project import Project
-    from napari_smsdl.widgets.compare import add_comparison_layers
+    from napari_smsdl.widgets.compare import add_comparison_layers, arrange
 
     n = 300
     rng = np.random.default_rng(0)
@@ -201,6 +201,8 @@ def test_lazy_layers_read_only_the_channels_shown(make_napari_viewer):
     msi = viewer.add_image(project.lr_msi, scale=(1, 40, 40), translate=(0, 20, 20), name="msi")
     rows = add_comparison_layers(viewer, project, msi, channels=[5], differences="bicubic")
     assert [lay.data.shape for lay in rows[5]][-1] == (n, 32, 24)
+    arrange(viewer, rows, grid=True, grid_by="channels")  # grid view: one cell per stack layer
+    assert viewer.grid.enabled and tuple(viewer.grid.shape) == (1, 4)
     viewer.dims.set_point(0, 200.0)
     np.asarray(viewer.layers[-1].data[200])  # the difference map of the channel shown
     read = stacks["smsdl"].read | stacks["bicubic"].read
