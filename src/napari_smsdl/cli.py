@@ -7,7 +7,7 @@ turns expected errors into one line on stderr and a non-zero exit status.
 Under ``torchrun --nproc_per_node=N -m napari_smsdl COMMAND ...`` the process group is joined
 before the command runs and left after it (:mod:`napari_smsdl.distributed`); a command declares
 that it supports several processes with ``parser.set_defaults(torchrun=True)`` (``benchmark``
-does), the others refuse to run with N > 1. Only rank 0 logs at INFO level.
+and ``reconstruct`` do), the others refuse to run with N > 1. Only rank 0 logs at INFO level.
 """
 
 from __future__ import annotations
