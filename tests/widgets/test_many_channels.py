@@ -207,3 +207,23 @@ def test_lazy_layers_read_only_the_channels_shown(make_napari_viewer):
     np.asarray(viewer.layers[-1].data[200])  # the difference map of the channel shown
     read = stacks["smsdl"].read | stacks["bicubic"].read
     assert {5, 200} <= read and len(read) <= 4, sorted(read)
+
+
+def test_thousands_of_channels_are_selected_in_one_pass(make_napari_viewer, qtbot):
+    import time
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), rgb=True, name="he")
+    viewer.add_image(np.ones((2000, 4, 4), np.float32), name="msi",
+                     metadata={"channel_names": [f"channel {k}" for k in range(2000)]})
+    start = time.perf_counter()
+    train = TrainWidget(viewer)  # magicgui's Select.value = [...] took 9 s for 2000 channels
+    qtbot.addWidget(train)
+    assert time.perf_counter() - start < 5.0
+    assert train.channels.value == list(range(2000))
+    from napari_smsdl.widgets._layers import set_selection
+
+    seen = []
+    train.channels.changed.connect(seen.append)
+    set_selection(train.channels, [1999, 3])
+    assert train.channels.value == [3, 1999] and seen == [[3, 1999]]

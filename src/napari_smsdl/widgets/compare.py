@@ -66,7 +66,7 @@ from ..comparison import (
 from ..errors import InputError
 from ..project import LAYER_METADATA_KEY, LAZY_SCORED_CHANNELS, Project, read_channels
 from ._jobs import ErrorDisplay
-from ._layers import _last2
+from ._layers import _last2, set_selection
 
 if TYPE_CHECKING:
     import napari
@@ -552,7 +552,7 @@ class CompareWidget(ErrorDisplay, QWidget):
             n = len(project.channel_names)
             self.channels.choices = [(channel_label(k, project.channel_names, project.mz), k) for k in range(n)]
             # lazy (many channels): the first few are scored; the slider shows any channel
-            self.channels.value = list(range(min(n, LAZY_SCORED_CHANNELS) if project.lazy else n))
+            set_selection(self.channels, range(min(n, LAZY_SCORED_CHANNELS) if project.lazy else n))
         self._reset_truth()
         self.segment_method.reset_choices()
 
@@ -598,7 +598,7 @@ class CompareWidget(ErrorDisplay, QWidget):
         if project is None or msi_layer is None:
             raise InputError("nothing to compare yet: train first (Train widget) or reopen a project")
         if channels is not None:
-            self.channels.value = [int(c) for c in channels]
+            set_selection(self.channels, [int(c) for c in channels])
         if truth != "auto":
             self._reset_truth()
             self.truth.value = self.viewer.layers[truth] if isinstance(truth, str) and truth != FROM_PROJECT else truth

@@ -71,7 +71,7 @@ from ..project import (
     uses_chunked_path,
 )
 from ._jobs import JobRunner
-from ._layers import HeMsiLayers, _last2
+from ._layers import HeMsiLayers, _last2, set_selection
 from ._plots import PlotCanvas
 
 if TYPE_CHECKING:
@@ -356,7 +356,7 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         names = list(layer.metadata.get("channel_names") or [f"channel {k}" for k in range(n)])[:n]
         mz = layer.metadata.get("mz")
         self.channels.choices = [(channel_label(k, names, mz), k) for k in range(n)]
-        self.channels.value = list(range(n))
+        set_selection(self.channels, range(n))  # thousands of channels: one pass
         factor = layer.metadata.get("factor")
         if isinstance(factor, int) and 2 <= factor <= 16:
             self.factor.value = factor
