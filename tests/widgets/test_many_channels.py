@@ -151,6 +151,8 @@ def test_many_channels_train_compare_export_and_reopen(many_viewer, make_napari_
     layer = next(lay for lay in viewer2.layers if lay.name.startswith(PREFIX) and lay.metadata.get("method") == "smsdl")
     assert isinstance(layer.data, zarr.Array) and layer.data.shape == (N_CHANNELS, 64, 64)
     np.testing.assert_array_equal(np.asarray(layer.data[42]), np.asarray(smsdl[42]))
+    truth_layer = next(lay for lay in viewer2.layers if lay.metadata.get("kind") == "ground_truth")
+    assert isinstance(truth_layer.data, zarr.Array) and len(truth_layer.metadata["channel_names"]) == N_CHANNELS
 
 
 def test_cancel_on_the_many_channel_path(many_viewer, qtbot, tmp_path):
