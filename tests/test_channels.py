@@ -50,7 +50,7 @@ def test_one_chunk_equals_train_regression(data, tmp_path):
     stack = reconstruct_channels(features, lr, 4, tmp_path / "sr.zarr", mask_lr=mask_lr, chunk_channels=16,
                                  params=PARAMS, block_rows=24, device="cpu")
     got = stack.read()
-    assert stack.shape == got.shape == (7, 64, 64) and stack.open().chunks == (7, 24, 64)
+    assert stack.shape == got.shape == (7, 64, 64) and stack.open().chunks == (1, 24, 64)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.max()))
 
 

@@ -76,7 +76,7 @@ def test_chunked_reconstruct_streams_to_zarr_and_equals_the_api(many, tmp_path):
     assert re.findall(r'<Channel [^>]*Name="([^"]*)"', ome) == [f"ion {i}" for i in range(N_CHANNELS)]
     assert 'PhysicalSizeX="5.0"' in ome and 'PhysicalSizeY="5.0"' in ome
     stored = zarr.open_array(str(out / "sr_smsdl.zarr"), path="sr", mode="r")
-    assert stored.chunks[0] == 64 and stored.chunks[1] <= 32  # channel chunks; no padding past the grid
+    assert stored.chunks[0] == 1 and stored.chunks[1] <= 32  # one channel per chunk; no padding past the grid
     np.testing.assert_array_equal(stored[:], sr)  # the OME-TIFF is the zarr store, page by page
 
     # the forward model: each F x F block of the SR stack averages back to its measured MSI pixel

@@ -310,3 +310,18 @@ def test_cnn_is_refused_on_the_many_channel_path():
     proj.check_methods_for_channels(["smsdl", "cnn"], CHUNKED_ABOVE_CHANNELS)
     with pytest.raises(InputError, match="CNN baseline is not run for 65 channels"):
         proj.check_methods_for_channels(["smsdl", "cnn"], 65)
+
+
+def test_lazy_project_with_truth_reopens_from_the_cli(tmp_path):
+    """`smsdl reconstruct --project DIR -o OUT` on a many-channel project that has a ground truth."""
+    import tifffile
+
+    from napari_smsdl.cli import main
+
+    project = _lazy_project(tmp_path)
+    truth = np.random.default_rng(7).uniform(1, 100, (70, 16, 12)).astype(np.float32)
+    save_project(tmp_path / "proj", project.with_truth(truth, channels=[0, 1]))
+    assert main(["reconstruct", "--project", str(tmp_path / "proj"), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "figure.png").stat().st_size > 0
+    with tifffile.TiffFile(tmp_path / "out" / "sr_smsdl.ome.tif") as tif:
+        np.testing.assert_array_equal(tif.asarray(), np.asarray(project.sr["smsdl"][:]))

@@ -305,7 +305,9 @@ def _create_sr_store(out, shape, chunk_channels: int, block_rows: int, names, fa
 
     if dd.is_main_process():
         root = zarr.open_group(str(out), mode="w")
-        root.create_array("sr", shape=shape, chunks=(chunk_channels, block_rows, shape[2]), dtype="float32",
+        # one channel per chunk: a viewer showing one channel reads only that channel (a chunk of 64
+        # channels made each channel read 64 times the data); the writers still fill 64 at a time
+        root.create_array("sr", shape=shape, chunks=(1, block_rows, shape[2]), dtype="float32",
                           compressors=None, fill_value=0.0)
         root.attrs.update({"complete": False, "channel_names": list(names), "factor": factor,
                            "axes": "channel, row, col (SR grid)"})

@@ -271,7 +271,10 @@ def reopen(args, start: float) -> int:
     for name, stack in project.sr.items():
         files[name] = str(write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=names,
                                            pixel_size_um=project.sr_pixel_size_um))
-    comparison_figure(out / "figure.png", project.sr, truth=project.truth, mask=project.mask_hr, channel_names=names)
+    # a lazy (many-channel) project: the figure shows its first channels, read from disk
+    shown = project.subset(range(min(FIGURE_CHANNELS, len(names)))) if project.lazy else project
+    comparison_figure(out / "figure.png", shown.sr, truth=shown.truth, mask=shown.mask_hr,
+                      channel_names=list(shown.channel_names), max_channels=FIGURE_CHANNELS)
     inputs = {rec.role: rec.path for rec in project.inputs}
     status = project.input_status()
     write_json_atomic(out / "run.json", {

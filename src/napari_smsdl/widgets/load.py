@@ -46,6 +46,7 @@ from ..histology import HistologyImage, open_histology
 from ..ion_stack import IonStack, read_ion_stack
 from ..msi import ImzMLDataset, Normalization, Spectrum, make_windows, open_imzml
 from ._jobs import JobRunner
+from ._layers import set_selection
 from ._plots import PlotCanvas
 
 if TYPE_CHECKING:
@@ -335,7 +336,7 @@ class LoadWidget(JobRunner, QWidget):
         if norm is not None:
             self.norm.value = Normalization(norm)
         if channels is not None:
-            self.channels.value = list(channels)
+            set_selection(self.channels, list(channels))
         if he_pixel_size_um is not None:
             self.he_pixel_size.value = float(he_pixel_size_um)
         if msi_pixel_size_um is not None:
@@ -412,7 +413,7 @@ class LoadWidget(JobRunner, QWidget):
         else:
             choices = []
         self.channels.choices = choices
-        self.channels.value = [value for _, value in choices]
+        set_selection(self.channels, [value for _, value in choices])  # one pass: thousands of peaks
         self._sync_enabled()
         self._redraw_spectrum()
 
