@@ -9,7 +9,7 @@ of channels :func:`reconstruct_channels` instead:
 * reads the MSI ``chunk_channels`` channels at a time (numpy memmap, zarr or any sliceable array);
 * trains the same network as ``train_regression`` on each chunk (same loss, restarts, seeds);
 * predicts block by block of SR rows and writes each block to the ``sr`` array of a zarr store,
-  (C, rows·F, cols·F) float32, chunked (chunk_channels, block, cols·F).
+  (C, rows·F, cols·F) float32, one channel per chunk (chunk (1, block, cols·F)).
 
 Memory therefore grows with ``chunk_channels`` and the SR grid's features, not with C. A chunk
 holding all channels gives ``train_regression``'s result (up to float rounding of the block-wise
@@ -384,7 +384,7 @@ def reconstruct_many_channels(
     """
     from .features import extract_features
     from .histology import HistologyImage
-    from .pipeline import Method, Settings, prepare_guide
+    from .pipeline import Method, Settings, prepare_guide, tiled_feature_store
 
     settings = settings or Settings()
     methods = [Method(m) for m in methods]
@@ -415,16 +415,8 @@ def reconstruct_many_channels(
     if Method.SMSDL in methods:
         t0 = time.perf_counter()
         if tiled:
-            from .features_tiled import extract_features_tiled
-
-            folder = dd.broadcast_object(str(cache_dir) if cache_dir else _temporary_folder())
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            store = extract_features_tiled(
-                he_rgb, msi_shape=(rows, cols), msi_pixel_size_um=msi_pixel_size_um, factor=factor,
-                out=Path(folder) / f"features-tiled-{Path(he_rgb.path).stem}.zarr", transform=transform,
-                he_pixel_size_um=he_pixel_size_um, params=settings.features, max_cell_px=settings.max_cell_px,
-                device=settings.device, save_weights=save_weights, progress=progress, should_stop=should_stop,
-            )
+            store = tiled_feature_store(he_rgb, (rows, cols), msi_pixel_size_um, he_pixel_size_um, transform, settings,
+                                        cache_dir, save_weights, progress, should_stop)
             features, from_cache = store.open(), store.from_cache  # streamed, never whole in memory
         else:
             data = None
@@ -452,9 +444,3 @@ def reconstruct_many_channels(
         sr[Method.SMSDL.value] = stack
         seconds[Method.SMSDL.value] = time.perf_counter() - t0
     return ManyChannelRun(sr, seconds, settings, from_cache, tiled)
-
-
-def _temporary_folder() -> str | None:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="smsdl-tiled-") if dd.is_main_process() else None

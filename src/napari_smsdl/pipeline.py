@@ -228,26 +228,42 @@ def reconstruct(
     return Reconstruction(sr, seconds, guide, features, history, settings)
 
 
-def _tiled_features(histology, msi_shape, msi_pixel_size_um, he_pixel_size_um, transform, settings, cache_dir,
-                    save_weights, progress, should_stop) -> FeatureMaps:
-    """Whole-slide features through :func:`napari_smsdl.features_tiled.extract_features_tiled`.
+def tiled_feature_store(histology, msi_shape, msi_pixel_size_um, he_pixel_size_um, transform, settings, cache_dir,
+                        save_weights=None, progress=None, should_stop=None):
+    """Whole-slide features through :func:`napari_smsdl.features_tiled.extract_features_tiled` (the store).
 
-    The zarr store lives in ``cache_dir`` (a temporary folder without one); its own key (slide
-    content, grid, parameters) decides whether it is reused.
+    The zarr store lives in ``cache_dir`` (a temporary folder without one, made by rank 0 and shared
+    with the other ranks under torchrun); its own key (slide content, grid, parameters) decides
+    whether it is reused.
     """
-    import tempfile
     from pathlib import Path
 
+    from . import distributed as dd
     from .features_tiled import extract_features_tiled
 
-    folder = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="smsdl-tiled-"))
+    folder = Path(dd.broadcast_object(str(cache_dir) if cache_dir else _temporary_folder()))
     folder.mkdir(parents=True, exist_ok=True)
-    store = extract_features_tiled(
+    return extract_features_tiled(
         histology, msi_shape=tuple(msi_shape), msi_pixel_size_um=msi_pixel_size_um, factor=settings.factor,
         out=folder / f"features-tiled-{Path(histology.path).stem}.zarr", transform=transform,
         he_pixel_size_um=he_pixel_size_um, params=settings.features, max_cell_px=settings.max_cell_px,
         device=settings.device, save_weights=save_weights, progress=progress, should_stop=should_stop,
     )
+
+
+def _temporary_folder() -> str | None:
+    import tempfile
+
+    from . import distributed as dd
+
+    return tempfile.mkdtemp(prefix="smsdl-tiled-") if dd.is_main_process() else None
+
+
+def _tiled_features(histology, msi_shape, msi_pixel_size_um, he_pixel_size_um, transform, settings, cache_dir,
+                    save_weights, progress, should_stop) -> FeatureMaps:
+    """:func:`tiled_feature_store`, read into memory as :class:`FeatureMaps`."""
+    store = tiled_feature_store(histology, msi_shape, msi_pixel_size_um, he_pixel_size_um, transform, settings,
+                                cache_dir, save_weights, progress, should_stop)
     return FeatureMaps(store.read(), store.names, store.ssl_losses, store.seconds, store.from_cache)
 
 
