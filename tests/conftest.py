@@ -59,3 +59,24 @@ def real_pair():
     he = skio.imread(REAL_PAIR / "HE.png")[..., :3]
     umap = np.loadtxt(REAL_PAIR / "mouse_brain_umap.txt").reshape(40, 36, 3).transpose(2, 0, 1)
     return he, umap.astype(np.float32)
+
+
+@pytest.fixture
+def hipt_style_checkpoint():
+    """Writes a DINO/HIPT-format ViT checkpoint and returns the source ViT (see ``_hipt_style_checkpoint``)."""
+    return _hipt_style_checkpoint
+
+
+def _hipt_style_checkpoint(path, embed_dim=48, depth=2):
+    """A DINO/HIPT-format ViT checkpoint: 16-px patches, class token, 14 x 14 position grid,
+    {"teacher": ...} with "backbone." prefixes and a DINO head (a ViT-256 is the same at 384 x 12)."""
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(123)
+    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=2, mlp_ratio=4.0,
+                            num_classes=0)
+    state = {f"backbone.{k}": v for k, v in vit.state_dict().items()}
+    state["head.mlp.0.weight"] = torch.zeros(8, embed_dim)  # DINO projection head: not part of the encoder
+    torch.save({"teacher": state, "student": state, "epoch": 3}, path)
+    return vit

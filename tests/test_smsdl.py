@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from napari_smsdl.errors import Cancelled
+from napari_smsdl.errors import Cancelled, InputError
 from napari_smsdl.features import FeatureParams, extract_features
 from napari_smsdl.pipeline import Settings, degrade, reconstruct
 from napari_smsdl.regression import RegressionParams, block_mean, effective_pca_dims, train_regression
@@ -67,6 +67,34 @@ def test_checkpoint_replaces_training(crop, tmp_path):
     )
     assert loaded.ssl_losses == {}  # no training happened
     np.testing.assert_allclose(loaded.data, fm.data, atol=1e-4)
+
+
+def test_hipt_style_checkpoint_sets_the_architecture(crop, tmp_path, hipt_style_checkpoint):
+    from napari_smsdl.features import build_vits
+
+    source = hipt_style_checkpoint(tmp_path / "vit256_small_dino.pth")
+    params = dataclasses.replace(TINY_FEATURES, checkpoint=str(tmp_path / "vit256_small_dino.pth"))
+    vits = build_vits(params, "cpu")
+    vit = vits["cellular"]
+    assert vit.embed_dim == 48 and len(vit.blocks) == 2 and vit.num_prefix_tokens == 1  # read off the file
+    # the encoder's own weights are loaded as they are; the 16-px patch kernel is resized to 8 px
+    np.testing.assert_array_equal(vit.blocks[1].mlp.fc2.weight.detach().numpy(), source.blocks[1].mlp.fc2.weight.detach().numpy())
+    assert tuple(vit.patch_embed.proj.weight.shape) == (48, 3, 8, 8)
+    fm = extract_features(crop[0], sr_shape=(64, 64), factor=4, params=params)
+    assert fm.data.shape == (3 * 48 + 3, 64, 64) and np.isfinite(fm.data).all()
+    assert fm.ssl_losses == {}  # loaded, not trained
+    assert fm.data[:48].std(axis=(1, 2)).mean() > 1e-3  # the cellular tokens follow the image
+
+
+def test_checkpoint_that_is_not_a_vit_is_refused(tmp_path):
+    import torch
+
+    from napari_smsdl.features import build_vits
+
+    torch.save({"conv.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "resnet.pt")
+    with pytest.raises(InputError, match="patch embedding") as err:
+        build_vits(dataclasses.replace(TINY_FEATURES, checkpoint=str(tmp_path / "resnet.pt")), "cpu")
+    assert "resnet.pt" in str(err.value)
 
 
 def test_forward_model_consistency(crop, features):

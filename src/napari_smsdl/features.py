@@ -89,29 +89,71 @@ class FeatureMaps:
 
 
 
-def make_vit(params: FeatureParams):
-    """A small timm VisionTransformer accepting any input size (patch = TOKEN_PX)."""
+@dataclass(frozen=True)
+class VitShape:
+    """Architecture of the branch ViTs: from :class:`FeatureParams`, or read off a checkpoint."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 2.0
+    class_token: bool = False
+
+
+def make_vit(params: FeatureParams, shape: VitShape | None = None):
+    """A timm VisionTransformer accepting any input size (patch = TOKEN_PX), of ``shape`` or the params' shape."""
     from timm.models.vision_transformer import VisionTransformer
 
+    shape = shape or VitShape(params.embed_dim, params.depth, params.num_heads)
     return VisionTransformer(
         img_size=TOKEN_PX * WINDOW_TOKENS,
         patch_size=TOKEN_PX,
         in_chans=3,
         num_classes=0,
         global_pool="",
-        embed_dim=params.embed_dim,
-        depth=params.depth,
-        num_heads=params.num_heads,
-        mlp_ratio=2.0,
-        class_token=False,
+        embed_dim=shape.embed_dim,
+        depth=shape.depth,
+        num_heads=shape.num_heads,
+        mlp_ratio=shape.mlp_ratio,
+        class_token=shape.class_token,
         dynamic_img_size=True,
         dynamic_img_pad=True,
     )
 
 
+def build_vits(params: FeatureParams, device) -> dict:
+    """The three branch ViTs on ``device``, in eval mode: random (seeded), or loaded from the checkpoint.
+
+    A checkpoint sets the architecture (embed dim, depth, MLP ratio, class token, read off its
+    tensors), so a HIPT-style ViT-256 (DINO ViT-S/16, 384-d, 12 blocks) works as well as our own
+    saved weights; see :func:`load_checkpoint_states`.
+    """
+    import torch
+
+    torch.manual_seed(params.seed)
+    if not params.checkpoint:
+        vits = {level: make_vit(params) for level in LEVELS}
+    else:
+        states = load_checkpoint_states(params.checkpoint)
+        vits = {}
+        for level in LEVELS:
+            vit = make_vit(params, _shape_from_state(states[level], params, params.checkpoint))
+            _load_state(vit, states[level], params.checkpoint, level)
+            vits[level] = vit
+    return {level: vit.to(device).eval() for level, vit in vits.items()}
+
+
+def feature_dim(params: FeatureParams) -> int:
+    """Token features per level: the params' embed dim, or the checkpoint's."""
+    if not params.checkpoint:
+        return params.embed_dim
+    states = load_checkpoint_states(params.checkpoint)
+    return _shape_from_state(states[LEVELS[0]], params, params.checkpoint).embed_dim
+
+
 def _tokens(vit, images):
     """Token features (B, h, w, D) of images (B, 3, H, W) normalised to zero mean, unit-ish std."""
-    x = vit.forward_features(images)  # (B, h*w, D) without class token
+    x = vit.forward_features(images)[:, vit.num_prefix_tokens :]  # (B, h*w, D) without class token
     b = images.shape[0]
     h = -(-images.shape[2] // TOKEN_PX)
     w = -(-images.shape[3] // TOKEN_PX)
@@ -233,12 +275,17 @@ def _sample_tokens_at_cells(tokens: np.ndarray, sr_shape: tuple[int, int], cells
     return np.stack([map_coordinates(tokens[..., d], [rr, cc], order=1, mode="nearest") for d in range(tokens.shape[-1])])
 
 
-def _load_checkpoint(vits: dict, path: str) -> None:
-    """Load a local state dict: either {level: state_dict} or one ViT state dict for every branch."""
+def load_checkpoint_states(path: str | os.PathLike) -> dict:
+    """{level: ViT state dict} from a local file; nothing is downloaded.
+
+    Accepted: our own saved weights ({level: state dict}), one timm/torch or safetensors ViT state
+    dict for every branch, or a HIPT-style DINO checkpoint (``{"teacher": ...}``, keys prefixed
+    ``module.`` / ``backbone.``, a ``head.`` projection that is dropped).
+    """
     import torch
 
     path = str(path)
-    if not Path(path).exists():
+    if not Path(path).is_file():
         raise InputError("checkpoint file not found", path)
     try:
         if path.endswith(".safetensors"):
@@ -249,14 +296,70 @@ def _load_checkpoint(vits: dict, path: str) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"cannot read checkpoint ({exc})", path) from exc
+    if not isinstance(state, dict):
+        raise InputError(f"checkpoint holds a {type(state).__name__}, not a state dict", path)
+    for wrapper in ("teacher", "model", "state_dict"):  # DINO / HIPT and common training wrappers
+        if wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+            break
     per_level = state if all(k in state for k in LEVELS) else {lvl: state for lvl in LEVELS}
-    for level, vit in vits.items():
-        own = vit.state_dict()
-        usable = {k: v for k, v in per_level[level].items() if k in own and own[k].shape == v.shape}
-        if not usable:
-            raise InputError(f"checkpoint has no weights matching the {level} ViT (embed_dim {vit.embed_dim})", path)
-        vit.load_state_dict(usable, strict=False)
-        log.info("checkpoint %s: %d/%d tensors loaded into the %s branch", path, len(usable), len(own), level)
+    cleaned = {}
+    for level in LEVELS:
+        sd = {}
+        for key, value in per_level[level].items():
+            for prefix in ("module.", "backbone."):
+                key = key[len(prefix):] if key.startswith(prefix) else key
+            if not key.startswith("head.") and hasattr(value, "shape"):
+                sd[key] = value
+        cleaned[level] = sd
+    return cleaned
+
+
+def _shape_from_state(state: dict, params: FeatureParams, path) -> VitShape:
+    """Read the ViT architecture off its tensors (heads: ours if the width is ours, else 64 dims per head)."""
+    weight = state.get("patch_embed.proj.weight")
+    if weight is None or weight.ndim != 4:
+        raise InputError("checkpoint has no ViT patch embedding (patch_embed.proj.weight)", path)
+    dim = int(weight.shape[0])
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+    if not blocks:
+        raise InputError("checkpoint has no ViT blocks (blocks.N.*)", path)
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    mlp_ratio = float(fc1.shape[0]) / dim if fc1 is not None else 2.0
+    heads = params.num_heads if dim == params.embed_dim else max(1, dim // 64)
+    return VitShape(dim, max(blocks) + 1, heads, mlp_ratio, "cls_token" in state)
+
+
+def _load_state(vit, state: dict, path, level: str) -> None:
+    """Load ``state`` into ``vit`` completely: patch size and position grid resampled to ours, else strict."""
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+    state = dict(state)
+    weight = state["patch_embed.proj.weight"]
+    if tuple(weight.shape[-2:]) != (TOKEN_PX, TOKEN_PX):
+        # e.g. HIPT's 16-px patches: FlexiViT's pseudo-inverse resize keeps each token's response
+        state["patch_embed.proj.weight"] = resample_patch_embed(weight, [TOKEN_PX, TOKEN_PX])
+    pos = state.get("pos_embed")
+    own_pos = vit.state_dict().get("pos_embed")
+    if pos is not None and own_pos is not None and pos.shape != own_pos.shape:
+        prefix = vit.num_prefix_tokens
+        old = int(round((pos.shape[1] - prefix) ** 0.5))
+        if old * old + prefix != pos.shape[1]:
+            raise InputError(f"checkpoint pos_embed {tuple(pos.shape)} is not a square token grid", path)
+        state["pos_embed"] = resample_abs_pos_embed(pos, [WINDOW_TOKENS, WINDOW_TOKENS], old_size=[old, old],
+                                                    num_prefix_tokens=prefix)
+    own = vit.state_dict()
+    missing = sorted(set(own) - set(state))
+    wrong = sorted(k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or wrong:
+        raise InputError(
+            f"checkpoint does not fit the {level} ViT: missing {missing[:4]}{' …' if len(missing) > 4 else ''}, "
+            f"wrong shape {wrong[:4]}{' …' if len(wrong) > 4 else ''}", path,
+        )
+    unused = sorted(set(state) - set(own))
+    vit.load_state_dict({k: state[k] for k in own})
+    log.info("checkpoint %s: all %d tensors of the %s branch loaded%s", path, len(own), level,
+             f" ({len(unused)} unused: {unused[:3]})" if unused else "")
 
 
 def extract_features(
@@ -313,13 +416,8 @@ def extract_features(
             log.info("features loaded from cache %s", cache_file)
             return FeatureMaps(npz["data"], tuple(npz["names"]), json.loads(str(npz["ssl_losses"])), 0.0, from_cache=True)
 
-    torch.manual_seed(params.seed)
     dev = get_device(device)
-    vits = {level: make_vit(params).to(dev) for level in LEVELS}
-    for vit in vits.values():
-        vit.eval()
-    if params.checkpoint:
-        _load_checkpoint(vits, params.checkpoint)
+    vits = build_vits(params, dev)
     # normalise colours with the image's own statistics (no ImageNet prior)
     mean = guide.reshape(-1, 3).mean(0)
     std = guide.reshape(-1, 3).std(0) + 1e-3

@@ -54,9 +54,9 @@ from .features import (
     WINDOW_TOKENS,
     FeatureParams,
     _dense_tokens,
-    _load_checkpoint,
     _simmim_train,
-    make_vit,
+    build_vits,
+    feature_dim,
 )
 from .histology import HistologyImage, open_histology
 from .torch_setup import get_device
@@ -479,7 +479,8 @@ def extract_features_tiled(
     out = Path(out)
     key = _store_key(slide, msi_shape, msi_pixel_size_um, factor, params, tiling, max_cell_px)
     key_json = json.dumps(key, sort_keys=True)
-    names = tuple(f"{lv}_{d}" for lv in LEVELS for d in range(params.embed_dim)) + ("mean_red", "mean_green", "mean_blue")
+    dim = feature_dim(params)  # the checkpoint's width when one is given
+    names = tuple(f"{lv}_{d}" for lv in LEVELS for d in range(dim)) + ("mean_red", "mean_green", "mean_blue")
     rows, cols = ex.sr_shape
 
     cached = None
@@ -508,7 +509,7 @@ def extract_features_tiled(
                 h = -(-(lv.shape[0] + shift) // TOKEN_PX)
                 w = -(-(lv.shape[1] + shift) // TOKEN_PX)
                 n = lv.tile_windows * WINDOW_TOKENS
-                root.create_array(f"tokens_{name}_{shift}", shape=(h, w, params.embed_dim), chunks=(n, n, params.embed_dim),
+                root.create_array(f"tokens_{name}_{shift}", shape=(h, w, dim), chunks=(n, n, dim),
                                   dtype="float32", compressors=None, fill_value=0.0)
     dd.barrier()
     root = zarr.open_group(str(out), mode="r+")
@@ -517,15 +518,10 @@ def extract_features_tiled(
 
     ex.colour_stats(progress, should_stop)
 
-    # ViTs: same initialisation as the in-memory path, then trained (or loaded)
-    torch.manual_seed(params.seed)
-    vits = {level: make_vit(params).to(dev) for level in LEVELS}
-    for vit in vits.values():
-        vit.eval()
+    # ViTs: the same seeded initialisation as the in-memory path, then trained (or loaded from the checkpoint)
+    vits = build_vits(params, dev)
     ssl_losses = {}
-    if params.checkpoint:
-        _load_checkpoint(vits, params.checkpoint)
-    elif params.ssl_steps > 0:
+    if not params.checkpoint and params.ssl_steps > 0:
         world, rank = dd.get_world_size(), dd.get_rank()
         for i, level in enumerate(LEVELS):
             lv = ex.levels[level]
