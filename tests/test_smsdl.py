@@ -67,6 +67,12 @@ def test_checkpoint_replaces_training(crop, tmp_path):
     )
     assert loaded.ssl_losses == {}  # no training happened
     np.testing.assert_allclose(loaded.data, fm.data, atol=1e-4)
+    # the file carries the architecture: other preset sizes on the command line do not change it
+    from napari_smsdl.features import build_vits
+
+    other = dataclasses.replace(TINY_FEATURES, embed_dim=48, depth=3, num_heads=4, checkpoint=str(weights))
+    vit = build_vits(other, "cpu")["cellular"]
+    assert (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == (32, 1, 2)
 
 
 def test_hipt_style_checkpoint_sets_the_architecture(crop, tmp_path, hipt_style_checkpoint):

@@ -275,6 +275,16 @@ def _sample_tokens_at_cells(tokens: np.ndarray, sr_shape: tuple[int, int], cells
     return np.stack([map_coordinates(tokens[..., d], [rr, cc], order=1, mode="nearest") for d in range(tokens.shape[-1])])
 
 
+def save_vits(vits: dict, path: str | os.PathLike) -> None:
+    """Save the branch ViTs atomically as {level: state dict, "num_heads": n} (a valid --checkpoint)."""
+    import torch
+
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    heads = int(vits[LEVELS[0]].blocks[0].attn.num_heads)
+    torch.save({**{level: vit.state_dict() for level, vit in vits.items()}, "num_heads": heads}, tmp)
+    os.replace(tmp, path)
+
+
 def load_checkpoint_states(path: str | os.PathLike) -> dict:
     """{level: ViT state dict} from a local file; nothing is downloaded.
 
@@ -303,20 +313,24 @@ def load_checkpoint_states(path: str | os.PathLike) -> dict:
             state = state[wrapper]
             break
     per_level = state if all(k in state for k in LEVELS) else {lvl: state for lvl in LEVELS}
+    heads = state.get("num_heads") if isinstance(state.get("num_heads"), int) else None  # our own files say
     cleaned = {}
     for level in LEVELS:
         sd = {}
         for key, value in per_level[level].items():
             for prefix in ("module.", "backbone."):
                 key = key[len(prefix):] if key.startswith(prefix) else key
-            if not key.startswith("head.") and hasattr(value, "shape"):
+            if not key.startswith("head.") and hasattr(value, "shape") and key != "num_heads":
                 sd[key] = value
+        if heads:
+            sd["num_heads"] = heads
         cleaned[level] = sd
     return cleaned
 
 
 def _shape_from_state(state: dict, params: FeatureParams, path) -> VitShape:
-    """Read the ViT architecture off its tensors (heads: ours if the width is ours, else 64 dims per head)."""
+    """Read the ViT architecture off its tensors. Heads are not in the tensors: our own files store
+    them; otherwise ours if the width is ours, else 64 dims per head (ViT-S/B/L)."""
     weight = state.get("patch_embed.proj.weight")
     if weight is None or weight.ndim != 4:
         raise InputError("checkpoint has no ViT patch embedding (patch_embed.proj.weight)", path)
@@ -326,8 +340,8 @@ def _shape_from_state(state: dict, params: FeatureParams, path) -> VitShape:
         raise InputError("checkpoint has no ViT blocks (blocks.N.*)", path)
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     mlp_ratio = float(fc1.shape[0]) / dim if fc1 is not None else 2.0
-    heads = params.num_heads if dim == params.embed_dim else max(1, dim // 64)
-    return VitShape(dim, max(blocks) + 1, heads, mlp_ratio, "cls_token" in state)
+    heads = state.get("num_heads") or (params.num_heads if dim == params.embed_dim else max(1, dim // 64))
+    return VitShape(dim, max(blocks) + 1, int(heads), mlp_ratio, "cls_token" in state)
 
 
 def _load_state(vit, state: dict, path, level: str) -> None:
@@ -348,6 +362,7 @@ def _load_state(vit, state: dict, path, level: str) -> None:
             raise InputError(f"checkpoint pos_embed {tuple(pos.shape)} is not a square token grid", path)
         state["pos_embed"] = resample_abs_pos_embed(pos, [WINDOW_TOKENS, WINDOW_TOKENS], old_size=[old, old],
                                                     num_prefix_tokens=prefix)
+    state.pop("num_heads", None)
     own = vit.state_dict()
     missing = sorted(set(own) - set(state))
     wrong = sorted(k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
@@ -446,9 +461,7 @@ def extract_features(
     names += ["mean_red", "mean_green", "mean_blue"]
     data = np.concatenate(blocks).astype(np.float32)
     if save_weights:
-        tmp = Path(save_weights).with_name(Path(save_weights).name + ".tmp")
-        torch.save({level: vit.state_dict() for level, vit in vits.items()}, tmp)
-        os.replace(tmp, save_weights)
+        save_vits(vits, save_weights)
     result = FeatureMaps(data, tuple(names), ssl_losses, time.perf_counter() - start)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

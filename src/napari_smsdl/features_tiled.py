@@ -57,6 +57,7 @@ from .features import (
     _simmim_train,
     build_vits,
     feature_dim,
+    save_vits,
 )
 from .histology import HistologyImage, open_histology
 from .torch_setup import get_device
@@ -590,9 +591,7 @@ def extract_features_tiled(
     seconds = time.perf_counter() - start
     if dd.is_main_process():
         if save_weights:
-            tmp = Path(save_weights).with_name(Path(save_weights).name + ".tmp")
-            torch.save({level: vit.state_dict() for level, vit in vits.items()}, tmp)
-            os.replace(tmp, save_weights)
+            save_vits(vits, save_weights)
         if not tiling.keep_intermediate:
             for name in list(root.array_keys()):
                 if name != "features":
