@@ -64,6 +64,13 @@ WORKER = textwrap.dedent(
                                 out=os.path.join(out, "tiled.zarr"), params=FeatureParams(**feat),
                                 tiling=TilingParams(tile_cells=16, tile_guide_px=128), max_cell_px=4, device="cpu")
     json.dump(tf.ssl_losses, open(os.path.join(out, f"ssl_rank{rank}.json"), "w"))
+    # in-memory features: SimMIM under DistributedDataParallel, each rank its own crops of every batch
+    from napari_smsdl.features import extract_features
+    guide = np.load(os.path.join(out, "guide.npy"))
+    fm = extract_features(guide, sr_shape=(12 * 4, 12 * 4), factor=4,
+                          params=FeatureParams(**{**feat, "ssl_steps": 6, "ssl_batch": 4}), device="cpu")
+    np.save(os.path.join(out, f"mem_rank{rank}.npy"), fm.data)
+    json.dump(fm.ssl_losses, open(os.path.join(out, f"mem_ssl_rank{rank}.json"), "w"))
     reconstruct_channels(d["features"], d["lr"], 4, os.path.join(out, "channels.zarr"), mask_lr=d["mask"],
                          chunk_channels=2, params=RegressionParams(**reg), device="cpu")
     dist.destroy_process_group()
@@ -121,6 +128,8 @@ def test_two_ranks_match_one_process(small_pair, tmp_path):
     features = np.concatenate([truth[:3] / truth[:3].max(), rng.normal(size=(5, 48, 48))]).astype(np.float32)
     np.savez(tmp_path / "inputs.npz", features=features, lr=lr, mask=mask)
     write_pyramidal_tiff(tmp_path / "slide.ome.tif", s.he_rgb[:192, :192], pixel_size_um=2.5, n_levels=2, tile=64)
+    guide = (s.he_rgb[:192, :192].astype(np.float32) / 255.0)  # 48 x 48 SR cells of 4 x 4 px
+    np.save(tmp_path / "guide.npy", guide)
     reg = RegressionParams(hidden=32, steps=40, restarts=2, pca_dims=6, batch_pixels=64)
     feat = FeatureParams(embed_dim=8, depth=1, num_heads=1, ssl_steps=3, ssl_batch=2, shifts=1, tissue_tokens_msi_px=1)
     bench = ["benchmark", "--he", str(small_pair / "he.png"), "--msi", str(small_pair / "truth.npy"), "--factor", "4",
@@ -151,6 +160,20 @@ def test_two_ranks_match_one_process(small_pair, tmp_path):
         np.testing.assert_allclose(ssl0[level], losses, rtol=1e-5)
     got = np.asarray(zarr.open_array(str(tmp_path / "tiled.zarr"), path="features", mode="r")[:])
     np.testing.assert_allclose(got, ref.read(), atol=1e-4)
+
+    # in-memory features: DDP keeps the ViTs identical on both ranks; the batches differ from one
+    # process (each rank draws half of them), so the features are close to, not equal to, its
+    mem0, mem1 = np.load(tmp_path / "mem_rank0.npy"), np.load(tmp_path / "mem_rank1.npy")
+    np.testing.assert_array_equal(mem0, mem1)
+    mem_ssl0, mem_ssl1 = (json.loads((tmp_path / f"mem_ssl_rank{r}.json").read_text()) for r in (0, 1))
+    assert mem_ssl0 == mem_ssl1 and set(mem_ssl0) == {"cellular", "regional", "tissue"}
+    from napari_smsdl.features import extract_features
+
+    alone = extract_features(guide, sr_shape=(48, 48), factor=4,
+                             params=dataclasses.replace(feat, ssl_steps=6, ssl_batch=4), device="cpu").data
+    assert not np.array_equal(alone, mem0)  # really trained on other crops
+    np.testing.assert_array_equal(alone[-3:], mem0[-3:])  # the colour features do not depend on training
+    assert np.corrcoef(alone[:-3].ravel(), mem0[:-3].ravel())[0, 1] > 0.9
 
     # channel chunks: rank 0 trains chunks 1 and 3, rank 1 chunk 2
     chunks = reconstruct_channels(features, lr, 4, tmp_path / "one_channels.zarr", mask_lr=mask, chunk_channels=2,

@@ -429,7 +429,7 @@ def reconstruct_many_channels(
                 maps = extract_features(
                     guide, sr_shape=(rows * factor, cols * factor), factor=factor, params=settings.features,
                     cache_dir=cache_dir, device=settings.device, save_weights=save_weights, progress=progress,
-                    should_stop=should_stop,
+                    should_stop=should_stop, distributed=False,  # rank 0 alone; the others wait below
                 )
                 data, from_cache = maps.data, maps.from_cache
                 del guide

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import distributed as dd
 from ._files import sha256_file
 from .errors import Cancelled, InputError
 from .torch_setup import get_device
@@ -160,29 +161,76 @@ def _tokens(vit, images):
     return x.reshape(b, h, w, -1)
 
 
-def _simmim_train(vit, image: np.ndarray, params: FeatureParams, level: str, device, progress, should_stop) -> list[float]:
-    """Masked image modelling on random crops of ``image`` (H, W, 3) float32 normalised."""
+def _simmim_module(vit, embed_dim: int, device):
+    """ViT + linear pixel head + learned mask token as one module whose forward returns the loss.
+
+    One module so that DistributedDataParallel sees every parameter the loss uses.
+    """
     import torch
 
-    gen = torch.Generator().manual_seed(params.seed + LEVELS.index(level))
-    rng = np.random.default_rng(params.seed + 17 * LEVELS.index(level))
+    class SimMIM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = vit
+            self.head = torch.nn.Linear(embed_dim, TOKEN_PX * TOKEN_PX * 3)
+            self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, embed_dim))
+
+        def forward(self, batch, mask):
+            n_tok = WINDOW_TOKENS * WINDOW_TOKENS
+            x = self.vit.patch_embed(batch)  # (B, h, w, D): dynamic_img_size keeps the token grid
+            grid_mask = mask.reshape(batch.shape[0], WINDOW_TOKENS, WINDOW_TOKENS, 1)
+            x = torch.where(grid_mask, self.mask_token.reshape(1, 1, 1, -1).expand_as(x), x)
+            x = self.vit._pos_embed(x)  # (B, N, D)
+            x = self.vit.norm(self.vit.blocks(self.vit.norm_pre(x)))
+            pred = self.head(x[:, self.vit.num_prefix_tokens :])  # (B, N, p*p*3)
+            target = (
+                batch.unfold(2, TOKEN_PX, TOKEN_PX).unfold(3, TOKEN_PX, TOKEN_PX)  # B,3,h,w,p,p
+                .permute(0, 2, 3, 1, 4, 5).reshape(batch.shape[0], n_tok, -1)
+            )
+            target = (target - target.mean(-1, keepdim=True)) / (target.std(-1, keepdim=True) + 1e-3)
+            return (pred - target).abs().mean(-1)[mask].mean()
+
+    return SimMIM().to(device)
+
+
+def _simmim_train(vit, image: np.ndarray, params: FeatureParams, level: str, device, progress, should_stop,
+                  distributed: bool = False) -> list[float]:
+    """Masked image modelling on random crops of ``image`` (H, W, 3) float32 normalised.
+
+    With ``distributed`` (every rank of a torch.distributed group calls this with the same image),
+    the batch of ``params.ssl_batch`` crops is split across the ranks, each rank drawing its own
+    crops, and DistributedDataParallel averages the gradients: every rank ends with the same
+    weights. Rank 0 draws with the single-process seeds. The returned losses are the ranks' mean.
+    """
+    import torch
+
+    from . import distributed as dd
+
+    rank, world = (dd.get_rank(), dd.get_world_size()) if distributed else (0, 1)
+    gen = torch.Generator().manual_seed(params.seed + LEVELS.index(level) + 7919 * rank)
+    rng = np.random.default_rng(params.seed + 17 * LEVELS.index(level) + 7919 * rank)
     crop = TOKEN_PX * WINDOW_TOKENS
     padded = _pad_to(image, crop)
     src = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))
-    head = torch.nn.Linear(params.embed_dim, TOKEN_PX * TOKEN_PX * 3).to(device)
-    mask_token = torch.nn.Parameter(torch.zeros(1, 1, params.embed_dim, device=device))
-    opt = torch.optim.AdamW(
-        list(vit.parameters()) + list(head.parameters()) + [mask_token], lr=params.ssl_lr, weight_decay=0.05
-    )
+    model = _simmim_module(vit, vit.embed_dim, device)
+    trained = model
+    if distributed and world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+        trained = DistributedDataParallel(model, device_ids=ids)  # broadcasts rank 0's initial weights
+    per_rank = max(1, -(-params.ssl_batch // world))
+    opt = torch.optim.AdamW(model.parameters(), lr=params.ssl_lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.ssl_lr, total_steps=max(params.ssl_steps, 1), pct_start=0.15)
     n_tok = WINDOW_TOKENS * WINDOW_TOKENS
     losses = []
-    vit.train()
+    model.train()
     for step in range(params.ssl_steps):
-        if should_stop is not None and should_stop():
+        stop = should_stop is not None and (world == 1 or step % 5 == 0) and bool(should_stop())
+        if dd.any_rank(stop) if world > 1 else stop:
             raise Cancelled("feature training cancelled")
-        tops = rng.integers(0, src.shape[1] - crop + 1, params.ssl_batch)
-        lefts = rng.integers(0, src.shape[2] - crop + 1, params.ssl_batch)
+        tops = rng.integers(0, src.shape[1] - crop + 1, per_rank)
+        lefts = rng.integers(0, src.shape[2] - crop + 1, per_rank)
         batch = torch.stack([src[:, t : t + crop, s : s + crop] for t, s in zip(tops, lefts)])
         # augmentations that keep histology meaning: flips, 90° rotations, mild colour jitter
         if rng.random() < 0.5:
@@ -193,18 +241,7 @@ def _simmim_train(vit, image: np.ndarray, params: FeatureParams, level: str, dev
         )
         batch = batch.to(device)
         mask = torch.rand(batch.shape[0], n_tok, generator=gen).to(device) < params.mask_ratio
-        x = vit.patch_embed(batch)  # (B, h, w, D): dynamic_img_size keeps the token grid
-        grid_mask = mask.reshape(batch.shape[0], WINDOW_TOKENS, WINDOW_TOKENS, 1)
-        x = torch.where(grid_mask, mask_token.reshape(1, 1, 1, -1).expand_as(x), x)
-        x = vit._pos_embed(x)  # (B, N, D)
-        x = vit.norm(vit.blocks(vit.norm_pre(x)))
-        pred = head(x)  # (B, N, p*p*3)
-        target = (
-            batch.unfold(2, TOKEN_PX, TOKEN_PX).unfold(3, TOKEN_PX, TOKEN_PX)  # B,3,h,w,p,p
-            .permute(0, 2, 3, 1, 4, 5).reshape(batch.shape[0], n_tok, -1)
-        )
-        target = (target - target.mean(-1, keepdim=True)) / (target.std(-1, keepdim=True) + 1e-3)
-        loss = (pred - target).abs().mean(-1)[mask].mean()
+        loss = trained(batch, mask)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vit.parameters(), 1.0)
@@ -214,6 +251,8 @@ def _simmim_train(vit, image: np.ndarray, params: FeatureParams, level: str, dev
         if progress is not None:
             progress(f"self-supervised training ({level})", step + 1, params.ssl_steps)
     vit.eval()
+    if world > 1:
+        losses = [float(v) for v in dd.all_reduce_mean(np.asarray(losses, np.float64))]
     return losses
 
 
@@ -388,6 +427,7 @@ def extract_features(
     save_weights: str | os.PathLike | None = None,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    distributed: bool | None = None,
 ) -> FeatureMaps:
     """Multi-level ViT features for every cell of the SR grid.
 
@@ -405,6 +445,11 @@ def extract_features(
         and parameters loads them instead of training.
     save_weights : path, optional
         Where to save the trained ViT weights ({level: state_dict}, a torch file).
+    distributed : bool, optional
+        Under torchrun (default: when a process group of N > 1 is active) every rank must call this
+        with the same image: rank 0 decides whether the cache hits (and shares what it read), and
+        SimMIM trains with DistributedDataParallel, the crops of each batch split across the ranks.
+        ``False`` computes alone (a caller that runs this on one rank only).
 
     Returns
     -------
@@ -426,10 +471,20 @@ def extract_features(
     key.update(np.ascontiguousarray(guide).tobytes())
     key.update(json.dumps({"sr": list(sr_shape), "F": factor, **params.cache_key(), "v": 2}, sort_keys=True).encode())
     cache_file = Path(cache_dir) / f"features-{key.hexdigest()[:24]}.npz" if cache_dir else None
-    if cache_file is not None and cache_file.exists():
-        with np.load(cache_file, allow_pickle=False) as npz:
-            log.info("features loaded from cache %s", cache_file)
-            return FeatureMaps(npz["data"], tuple(npz["names"]), json.loads(str(npz["ssl_losses"])), 0.0, from_cache=True)
+    distributed = dd.is_distributed() if distributed is None else bool(distributed)
+    hit = cache_file is not None and cache_file.exists()
+    if distributed:  # rank 0 (which alone may have the cache) decides for all, so no rank trains alone
+        hit = bool(dd.broadcast_object(hit))
+    if hit:
+        data = names = losses = None
+        if not distributed or dd.is_main_process():
+            with np.load(cache_file, allow_pickle=False) as npz:
+                log.info("features loaded from cache %s", cache_file)
+                data, names, losses = npz["data"], tuple(npz["names"]), json.loads(str(npz["ssl_losses"]))
+        if distributed:
+            names, losses = dd.broadcast_object((names, losses))
+            data = dd.broadcast_array(data)
+        return FeatureMaps(data, tuple(names), losses, 0.0, from_cache=True)
 
     dev = get_device(device)
     vits = build_vits(params, dev)
@@ -441,7 +496,7 @@ def extract_features(
     for level in LEVELS:
         image, cells_per_token = _level_image(normed, cell_px, factor, level, params)
         if not params.checkpoint and params.ssl_steps > 0:
-            losses = _simmim_train(vits[level], image, params, level, dev, progress, should_stop)
+            losses = _simmim_train(vits[level], image, params, level, dev, progress, should_stop, distributed)
             ssl_losses[level] = [losses[0], float(np.mean(losses[-10:]))]
         acc = None
         shifts = [round(TOKEN_PX * s / params.shifts) for s in range(params.shifts)]

@@ -9,9 +9,9 @@ refined on mutual information when that clearly helps (``--no-refine`` turns it 
 and its reason are in ``metrics.json`` under ``settings.registration``.
 
 Under ``torchrun --nproc_per_node=N -m napari_smsdl benchmark ...`` (same arguments, same outputs)
-every rank runs the SMSDL part of the pipeline: each computes the same features (deterministic for
-a seed; only rank 0 reads and writes the feature cache) and the regression trains with
-DistributedDataParallel on its shard of the MSI pixels. Rank 0 alone also runs the baselines,
+every rank runs the SMSDL part of the pipeline: the ViTs' self-supervised training and the
+regression both run under DistributedDataParallel, each rank on its share of the crops / MSI pixels
+(rank 0 alone reads and writes the feature cache). Rank 0 alone also runs the baselines,
 scores, writes every file and prints.
 """
 
