@@ -67,16 +67,20 @@ def hipt_style_checkpoint():
     return _hipt_style_checkpoint
 
 
-def _hipt_style_checkpoint(path, embed_dim=48, depth=2):
-    """A DINO/HIPT-format ViT checkpoint: 16-px patches, class token, 14 x 14 position grid,
-    {"teacher": ...} with "backbone." prefixes and a DINO head (a ViT-256 is the same at 384 x 12)."""
+def _hipt_style_checkpoint(path, embed_dim=128, depth=1):
+    """A DINO/HIPT-format ViT checkpoint: 16-px patches, class token, 14 x 14 position grid, 64 dims
+    per attention head, {"teacher": ...} with "backbone." prefixes, a DINO head and the training's
+    argparse options beside them (a ViT-256 is the same at 384 x 12)."""
+    import argparse
+
     import torch
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(123)
-    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=2, mlp_ratio=4.0,
-                            num_classes=0)
+    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=embed_dim, depth=depth,
+                            num_heads=max(1, embed_dim // 64), mlp_ratio=4.0, num_classes=0)
     state = {f"backbone.{k}": v for k, v in vit.state_dict().items()}
     state["head.mlp.0.weight"] = torch.zeros(8, embed_dim)  # DINO projection head: not part of the encoder
-    torch.save({"teacher": state, "student": state, "epoch": 3}, path)
-    return vit
+    args = argparse.Namespace(arch="vit_small", patch_size=16)
+    torch.save({"teacher": state, "student": state, "epoch": 3, "args": args}, path)
+    return vit.eval()

@@ -238,3 +238,18 @@ def test_torchrun_reconstruct_matches_one_process(many, sample_dir, tmp_path):
     # DDP: each rank draws half the batch from its own pixels; same model and steps
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
     assert np.sqrt(np.mean((a - b) ** 2)) < 0.1 * a.std()
+
+
+def test_channels_last_npy_is_read_channels_first_on_the_lazy_branch(tmp_path):
+    """A (rows, cols, 3) export (UMAP, RGB) is 3 channels, on the memory-mapped branch as in memory."""
+    import argparse
+
+    from napari_smsdl.commands._common import load_msi
+
+    hwc = np.random.default_rng(1).random((80, 72, 3)).astype(np.float32)
+    np.save(tmp_path / "hwc.npy", hwc)
+    args = argparse.Namespace(shape=None)
+    lazy = load_msi(str(tmp_path / "hwc.npy"), args, lazy_above=0)
+    whole = load_msi(str(tmp_path / "hwc.npy"), args)
+    assert np.asarray(lazy.data).shape == whole.data.shape == (3, 80, 72)
+    np.testing.assert_array_equal(np.asarray(lazy.data), np.moveaxis(hwc, -1, 0))

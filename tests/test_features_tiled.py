@@ -200,12 +200,12 @@ def test_registration_transform_reads_the_right_regions(slide, tmp_path):
 
 def test_hipt_style_checkpoint_on_the_tiled_path(slide, guide, tmp_path, hipt_style_checkpoint):
     """A checkpoint with its own width (DINO/HIPT format) sets the store's feature count; tiled = in memory."""
-    hipt_style_checkpoint(tmp_path / "vit256.pth", embed_dim=24, depth=1)
+    hipt_style_checkpoint(tmp_path / "vit256.pth", embed_dim=64, depth=1)
     params = dataclasses.replace(PARAMS, checkpoint=str(tmp_path / "vit256.pth"), shifts=1)
     got = _tiled(slide, tmp_path / "h.zarr", params=params)
-    assert got.shape == (3 * 24 + 3, SR, SR) and got.ssl_losses == {}
+    assert got.shape == (3 * 64 + 3, SR, SR) and got.ssl_losses == {}
     _, g, _ = guide
     ref = extract_features(g, sr_shape=(SR, SR), factor=F, params=params)
     data = got.read()
-    a, b = ref.data[:24].ravel(), data[:24].ravel()
+    a, b = ref.data[:64].ravel(), data[:64].ravel()
     assert np.corrcoef(a, b)[0, 1] > 0.999  # the same loaded encoder on the same pixels

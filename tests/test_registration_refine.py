@@ -73,10 +73,24 @@ def test_benchmark_reports_the_decision(sample_lr, tmp_path):
     io.imsave(tmp_path / "he.png", _shift_he(s.he_rgb, d), check_contrast=False)
     np.save(tmp_path / "truth.npy", np.where(s.mask_hr, s.ground_truth, 0).astype(np.float32))
     argv = ["benchmark", "--he", str(tmp_path / "he.png"), "--msi", str(tmp_path / "truth.npy"), "--factor", "4",
-            "--methods", "bicubic", "-o", str(tmp_path / "out")]
+            "--methods", "smsdl", "--fast", "--ssl-steps", "2", "--regression-steps", "10", "-o", str(tmp_path / "out")]
     assert main(argv) == 0
     reg = json.loads((tmp_path / "out" / "metrics.json").read_text())["settings"]["registration"]
     assert reg["refinement"] == "accepted"
     assert main([*argv[:-1], str(tmp_path / "out2"), "--no-refine"]) == 0
     reg = json.loads((tmp_path / "out2" / "metrics.json").read_text())["settings"]["registration"]
     assert reg["refinement"] == "not run"
+    bicubic_only = [a if a != "smsdl" else "bicubic" for a in argv[:-1]] + [str(tmp_path / "out3")]
+    assert main(bicubic_only) == 0  # bicubic never looks at the H&E: nothing to refine
+    reg = json.loads((tmp_path / "out3" / "metrics.json").read_text())["settings"]["registration"]
+    assert reg["refinement"] == "not run"
+
+
+def test_a_failed_refinement_keeps_the_start(sample_lr):
+    """A blank H&E gives the optimiser nothing to work on: the optional step must not abort the run."""
+    s, lr = sample_lr
+    blank = np.full_like(s.he_rgb, 255)
+    decision = refine_same_field_of_view(lr, blank, fixed_pixel_size_um=s.msi_pixel_size_um,
+                                         moving_pixel_size_um=s.he_pixel_size_um)
+    assert not decision.accepted
+    assert decision.transform is not None and ("failed" in decision.reason or "below the bar" in decision.reason)

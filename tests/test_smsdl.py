@@ -76,20 +76,25 @@ def test_checkpoint_replaces_training(crop, tmp_path):
 
 
 def test_hipt_style_checkpoint_sets_the_architecture(crop, tmp_path, hipt_style_checkpoint):
+    import torch
+
     from napari_smsdl.features import build_vits
 
     source = hipt_style_checkpoint(tmp_path / "vit256_small_dino.pth")
     params = dataclasses.replace(TINY_FEATURES, checkpoint=str(tmp_path / "vit256_small_dino.pth"))
     vits = build_vits(params, "cpu")
     vit = vits["cellular"]
-    assert vit.embed_dim == 48 and len(vit.blocks) == 2 and vit.num_prefix_tokens == 1  # read off the file
-    # the encoder's own weights are loaded as they are; the 16-px patch kernel is resized to 8 px
-    np.testing.assert_array_equal(vit.blocks[1].mlp.fc2.weight.detach().numpy(), source.blocks[1].mlp.fc2.weight.detach().numpy())
-    assert tuple(vit.patch_embed.proj.weight.shape) == (48, 3, 8, 8)
+    assert vit.embed_dim == 128 and len(vit.blocks) == 1 and vit.num_prefix_tokens == 1  # read off the file
+    assert vit.blocks[0].attn.num_heads == 2  # 64 dimensions per head, as DINO/HIPT ViTs have
+    # the encoder's blocks compute what the source's compute (weights and heads both right)
+    tokens = torch.randn(2, 17, 128)
+    with torch.no_grad():
+        np.testing.assert_allclose(vit.blocks[0](tokens).numpy(), source.blocks[0](tokens).numpy(), atol=1e-5)
+    assert tuple(vit.patch_embed.proj.weight.shape) == (128, 3, 8, 8)  # 16-px kernel resized to our 8-px tokens
     fm = extract_features(crop[0], sr_shape=(64, 64), factor=4, params=params)
-    assert fm.data.shape == (3 * 48 + 3, 64, 64) and np.isfinite(fm.data).all()
+    assert fm.data.shape == (3 * 128 + 3, 64, 64) and np.isfinite(fm.data).all()
     assert fm.ssl_losses == {}  # loaded, not trained
-    assert fm.data[:48].std(axis=(1, 2)).mean() > 1e-3  # the cellular tokens follow the image
+    assert fm.data[:128].std(axis=(1, 2)).mean() > 1e-3  # the cellular tokens follow the image
 
 
 def test_checkpoint_that_is_not_a_vit_is_refused(tmp_path):

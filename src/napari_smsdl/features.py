@@ -342,7 +342,11 @@ def load_checkpoint_states(path: str | os.PathLike) -> dict:
 
             state = load_file(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            import argparse
+
+            # DINO / HIPT training checkpoints keep their argparse options beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"cannot read checkpoint ({exc})", path) from exc
     if not isinstance(state, dict):
@@ -351,8 +355,11 @@ def load_checkpoint_states(path: str | os.PathLike) -> dict:
         if wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
             break
-    per_level = state if all(k in state for k in LEVELS) else {lvl: state for lvl in LEVELS}
-    heads = state.get("num_heads") if isinstance(state.get("num_heads"), int) else None  # our own files say
+    ours = all(k in state for k in LEVELS)  # our own {level: state dict} files
+    per_level = state if ours else {lvl: state for lvl in LEVELS}
+    heads = None
+    if ours:  # they record their heads; files written before that always had the default 4
+        heads = state["num_heads"] if isinstance(state.get("num_heads"), int) else FeatureParams().num_heads
     cleaned = {}
     for level in LEVELS:
         sd = {}
@@ -369,7 +376,7 @@ def load_checkpoint_states(path: str | os.PathLike) -> dict:
 
 def _shape_from_state(state: dict, params: FeatureParams, path) -> VitShape:
     """Read the ViT architecture off its tensors. Heads are not in the tensors: our own files store
-    them; otherwise ours if the width is ours, else 64 dims per head (ViT-S/B/L)."""
+    them; any other checkpoint gets 64 dimensions per head (the ViT-S/B/L and DINO/HIPT convention)."""
     weight = state.get("patch_embed.proj.weight")
     if weight is None or weight.ndim != 4:
         raise InputError("checkpoint has no ViT patch embedding (patch_embed.proj.weight)", path)
@@ -379,8 +386,11 @@ def _shape_from_state(state: dict, params: FeatureParams, path) -> VitShape:
         raise InputError("checkpoint has no ViT blocks (blocks.N.*)", path)
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     mlp_ratio = float(fc1.shape[0]) / dim if fc1 is not None else 2.0
-    heads = state.get("num_heads") or (params.num_heads if dim == params.embed_dim else max(1, dim // 64))
-    return VitShape(dim, max(blocks) + 1, int(heads), mlp_ratio, "cls_token" in state)
+    heads = int(state.get("num_heads") or max(1, dim // 64))
+    if dim % heads:
+        raise InputError(f"checkpoint ViT width {dim} is not divisible into {heads} attention heads", path)
+    log.info("checkpoint %s: ViT width %d, depth %d, %d heads", path, dim, max(blocks) + 1, heads)
+    return VitShape(dim, max(blocks) + 1, heads, mlp_ratio, "cls_token" in state)
 
 
 def _load_state(vit, state: dict, path, level: str) -> None:
@@ -469,9 +479,12 @@ def extract_features(
 
     key = hashlib.sha256()
     key.update(np.ascontiguousarray(guide).tobytes())
-    key.update(json.dumps({"sr": list(sr_shape), "F": factor, **params.cache_key(), "v": 2}, sort_keys=True).encode())
-    cache_file = Path(cache_dir) / f"features-{key.hexdigest()[:24]}.npz" if cache_dir else None
     distributed = dd.is_distributed() if distributed is None else bool(distributed)
+    # v3: checkpoints set the architecture; SimMIM under N ranks sees other crops than one process
+    ranks = dd.get_world_size() if distributed else 1
+    key.update(json.dumps({"sr": list(sr_shape), "F": factor, **params.cache_key(), "v": 3, "ranks": ranks},
+                          sort_keys=True).encode())
+    cache_file = Path(cache_dir) / f"features-{key.hexdigest()[:24]}.npz" if cache_dir else None
     hit = cache_file is not None and cache_file.exists()
     if distributed:  # rank 0 (which alone may have the cache) decides for all, so no rank trains alone
         hit = bool(dd.broadcast_object(hit))

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
 WINDOW_PX = TOKEN_PX * WINDOW_TOKENS  # level-image pixels per ViT window side
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: checkpoints set the ViT architecture
 
 
 @dataclass(frozen=True)

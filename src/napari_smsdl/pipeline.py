@@ -342,7 +342,9 @@ def run_benchmark(
     lr, mask_lr = degrade(truth, mask_hr, factor)
     msi_px = truth_pixel_size_um * factor
     decision = None
-    if transform is None and refine:
+    methods = [Method(m) for m in methods]
+    uses_he = Method.SMSDL in methods or Method.CNN in methods
+    if transform is None and refine and uses_he:
         from .registration import refine_same_field_of_view
 
         stage = progress or (lambda *_: None)

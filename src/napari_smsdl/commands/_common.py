@@ -69,6 +69,8 @@ def load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Pat
             mm = np.load(p, mmap_mode="r", allow_pickle=False)
         except Exception:  # noqa: BLE001 - read_ion_stack below reports a corrupt file
             mm = None
+        if mm is not None and mm.ndim == 3 and mm.shape[-1] in (3, 4) and mm.shape[0] > 4:
+            mm = None  # (rows, cols, 3|4) from image writers: read_ion_stack puts the channels first
         if mm is not None and mm.ndim == 3 and mm.shape[0] > lazy_above and min(mm.shape[1:]) >= 2:
             names = _sidecar_names(p, mm.shape[0])
             return MsiInput(mm, names, None, lazy=True)

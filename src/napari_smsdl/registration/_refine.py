@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import RegistrationError
 from ._features import fixed_feature_image, moving_feature_image
 from ._params import FixedFeature, MovingFeature, RegistrationParams
 from ._register import _mutual_information, _warp_feature, register
@@ -87,7 +88,10 @@ def refine_same_field_of_view(
     if n < min_pixels:
         return RefinementDecision(start, False, f"only {n} MSI pixels (< {min_pixels}): too few to judge a refinement", tissue_pixels=n)
 
-    result = register(fixed, moving_he_rgb, fixed_pixel_size_um=p, moving_pixel_size_um=q, params=params)
+    try:
+        result = register(fixed, moving_he_rgb, fixed_pixel_size_um=p, moving_pixel_size_um=q, params=params)
+    except RegistrationError as exc:  # optional step: a failed refinement keeps the start, with the reason
+        return RefinementDecision(start, False, f"refinement failed, kept the start: {exc}", tissue_pixels=n)
     # score start and refinement on the feature pair the registration chose, as it saw them
     f_name = result.report["fixed"]["feature"]  # "msi" (2-D input), "tic", "pc1" or "ion N"
     f_kind = FixedFeature.ION if f_name.startswith("ion") else FixedFeature(f_name) if f_name in ("tic", "pc1") else FixedFeature.TIC
