@@ -325,3 +325,16 @@ def test_lazy_project_with_truth_reopens_from_the_cli(tmp_path):
     assert (tmp_path / "out" / "figure.png").stat().st_size > 0
     with tifffile.TiffFile(tmp_path / "out" / "sr_smsdl.ome.tif") as tif:
         np.testing.assert_array_equal(tif.asarray(), np.asarray(project.sr["smsdl"][:]))
+
+
+def test_lazy_scores_do_not_depend_on_the_channels_scored_with_them(tmp_path):
+    """The default tissue mask comes from every channel of the truth, as for an in-memory project."""
+    from napari_smsdl.metrics import score_stack
+
+    project = _lazy_project(tmp_path)
+    truth = np.random.default_rng(8).uniform(1, 100, (70, 16, 12)).astype(np.float32)
+    truth[3, :, 6:] = 0  # an ion absent from part of the tissue
+    alone = project.with_truth(truth, channels=[3]).metrics["smsdl"]["rmse"]["per_channel"][3]
+    with_other = project.with_truth(truth, channels=[3, 4]).metrics["smsdl"]["rmse"]["per_channel"][3]
+    in_memory = score_stack(truth, np.asarray(project.sr["smsdl"][:]), np.ones((16, 12), bool))["rmse"]["per_channel"][3]
+    assert alone == pytest.approx(with_other) and alone == pytest.approx(in_memory)

@@ -82,6 +82,18 @@ METRICS_CSV = "results/metrics.csv"
 LOSS_HISTORY = "results/loss_history.json"
 
 
+def _tissue_mask_streamed(stack, chunk: int = 64) -> np.ndarray:
+    """(rows, cols) pixels finite in every channel and non-zero in some, read ``chunk`` channels at a time."""
+    n = stack.shape[0]
+    finite = np.ones(stack.shape[1:], bool)
+    nonzero = np.zeros(stack.shape[1:], bool)
+    for c0 in range(0, n, chunk):
+        part = np.asarray(stack[c0 : min(n, c0 + chunk)], np.float32)
+        finite &= np.isfinite(part).all(0)
+        nonzero |= (np.nan_to_num(part) != 0).any(0)
+    return finite & nonzero
+
+
 def sr_file(method: str) -> str:
     """Snapshot-relative path of a method's SR stack."""
     return f"results/sr_{method}.ome.tif"
@@ -418,8 +430,8 @@ class Project:
         if not chans or not all(0 <= c < n for c in chans):
             raise InputError(f"channels to score must be among 0..{n - 1}, got {chans}")
         t = read_channels(truth, chans)
-        if mask_hr is None:
-            mask_hr = np.isfinite(t).all(0) & (np.nan_to_num(t) != 0).any(0)
+        if mask_hr is None:  # over every channel, as in memory, so a score does not depend on its company
+            mask_hr = _tissue_mask_streamed(truth)
         mask_hr = np.asarray(mask_hr, bool)
         clean = np.where(mask_hr[None], np.nan_to_num(t), 0.0).astype(np.float32)
         metrics = {}

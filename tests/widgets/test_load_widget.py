@@ -133,3 +133,18 @@ def test_synchronous_mode(widget, sample_dir, monkeypatch):
     assert not widget.busy and widget.msi_pixel_size.value == 40.0
     widget.add_layers(mz=[SAMPLE_MZ[2]], tol="0.01da")
     assert widget.viewer.layers["msi (MSI)"].data.shape == (1, 32, 32)
+
+
+@pytest.mark.gui
+def test_set_selection_refuses_values_that_are_not_choices(qtbot):
+    """Selecting thousands of channels in one pass must not quietly select fewer than asked."""
+    from magicgui.widgets import Select
+
+    from napari_smsdl.errors import InputError
+    from napari_smsdl.widgets._layers import set_selection
+
+    select = Select(choices=[("a", 0), ("b", 1), ("c", 2)], label="channels")
+    set_selection(select, [0, 2])
+    assert select.value == [0, 2]
+    with pytest.raises(InputError, match=r"\[7\]"):
+        set_selection(select, [1, 7])

@@ -37,10 +37,19 @@ def set_selection(select: Any, values: Sequence[Any]) -> None:
     native = select.native
     model = native.selectionModel()
     chosen = QItemSelection()
+    found = set()
     for i in range(native.count()):
-        if native.item(i).data(Qt.ItemDataRole.UserRole) in wanted:
+        value = native.item(i).data(Qt.ItemDataRole.UserRole)
+        if value in wanted:
             index = native.model().index(i, 0)
             chosen.select(index, index)
+            found.add(value)
+    missing = [v for v in values if v not in found]
+    if missing:  # as magicgui's own setter does: never select less than asked, silently
+        from ..errors import InputError
+
+        raise InputError(f"not among the {native.count()} choices of {select.label!r}: {missing[:5]}"
+                         f"{' …' if len(missing) > 5 else ''}")
     native.blockSignals(True)
     try:
         model.select(chosen, QItemSelectionModel.SelectionFlag.ClearAndSelect)
