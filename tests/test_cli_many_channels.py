@@ -253,3 +253,26 @@ def test_channels_last_npy_is_read_channels_first_on_the_lazy_branch(tmp_path):
     whole = load_msi(str(tmp_path / "hwc.npy"), args)
     assert np.asarray(lazy.data).shape == whole.data.shape == (3, 80, 72)
     np.testing.assert_array_equal(np.asarray(lazy.data), np.moveaxis(hwc, -1, 0))
+
+
+def test_tiff_stack_of_many_channels_is_read_page_by_page(tmp_path):
+    """A (C, rows, cols) OME-TIFF of many channels stays on disk (zarr over its pages), names and pixel size kept."""
+    import argparse
+
+    import zarr
+
+    from napari_smsdl.commands._common import load_msi
+    from napari_smsdl.export import write_tiff_stack
+    from napari_smsdl.ion_stack import read_ion_stack
+
+    stack = np.random.default_rng(2).random((70, 12, 10)).astype(np.float32)
+    names = [f"m/z {500 + i:.1f}" for i in range(70)]
+    write_tiff_stack(tmp_path / "ions.ome.tif", stack, channel_names=names, pixel_size_um=20.0)
+    args = argparse.Namespace(shape=None)
+    lazy = load_msi(str(tmp_path / "ions.ome.tif"), args, lazy_above=64)
+    assert lazy.lazy and isinstance(lazy.data, zarr.Array) and lazy.data.shape == (70, 12, 10)
+    assert lazy.channel_names == tuple(names) and lazy.pixel_size_um == 20.0
+    whole = read_ion_stack(tmp_path / "ions.ome.tif")
+    np.testing.assert_array_equal(np.asarray(lazy.data[:]), whole.data)
+    few = load_msi(str(tmp_path / "ions.ome.tif"), args, lazy_above=100)  # below the threshold: in memory
+    assert not few.lazy and isinstance(few.data, np.ndarray)

@@ -44,6 +44,17 @@ def _as_stack(data: np.ndarray, path: Path) -> np.ndarray:
     return data
 
 
+def ome_names_and_pixel_size(tif) -> tuple[list[str] | None, float | None]:
+    """Channel names and physical pixel size (µm) from an open ``tifffile.TiffFile``'s OME metadata."""
+    if not (tif.is_ome and tif.ome_metadata):
+        return None, None
+    import re
+
+    names = re.findall(r'<Channel [^>]*Name="([^"]*)"', tif.ome_metadata) or None
+    match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+    return names, float(match.group(1)) if match else None
+
+
 def read_ion_stack(
     path: str | os.PathLike,
     *,
@@ -73,13 +84,8 @@ def read_ion_stack(
 
             with tifffile.TiffFile(path) as tif:
                 data = tif.asarray()
-                if tif.is_ome and tif.ome_metadata:
-                    import re
-
-                    names = re.findall(r'<Channel [^>]*Name="([^"]*)"', tif.ome_metadata) or None
-                    match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-                    if match and pixel_size_um is None:
-                        pixel_size_um = float(match.group(1))
+                names, size = ome_names_and_pixel_size(tif)
+                pixel_size_um = size if pixel_size_um is None else pixel_size_um
         elif suffix in (".csv", ".txt", ".tsv"):
             delimiter = "," if suffix == ".csv" else None
             data = np.loadtxt(path, delimiter=delimiter, ndmin=2)

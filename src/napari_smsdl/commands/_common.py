@@ -74,6 +74,10 @@ def load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Pat
         if mm is not None and mm.ndim == 3 and mm.shape[0] > lazy_above and min(mm.shape[1:]) >= 2:
             names = _sidecar_names(p, mm.shape[0])
             return MsiInput(mm, names, None, lazy=True)
+    if lazy_above is not None and p.suffix.lower() in (".tif", ".tiff") and p.is_file():
+        lazy = _lazy_tiff_stack(p, lazy_above)
+        if lazy is not None:
+            return lazy
     shape = None
     if getattr(args, "shape", None):
         try:
@@ -83,6 +87,28 @@ def load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Pat
     stack = read_ion_stack(p, shape_rc=shape)
     data = stack.data.copy()
     return MsiInput(data, stack.channel_names, stack.pixel_size_um)
+
+
+def _lazy_tiff_stack(path: Path, lazy_above: int) -> MsiInput | None:
+    """A (C, rows, cols) TIFF stack of more than ``lazy_above`` channels, read page by page; else None."""
+    import tifffile
+
+    from ..ion_stack import ome_names_and_pixel_size
+    from ..project import open_lazy_tiff
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            shape = tuple(tif.series[0].shape)
+            names, pixel_size_um = ome_names_and_pixel_size(tif)
+    except Exception:  # noqa: BLE001 - read_ion_stack reports a corrupt file
+        return None
+    if len(shape) != 3 or shape[0] <= lazy_above or shape[-1] in (3, 4) or min(shape[1:]) < 2:
+        return None  # small, 2-D, or (rows, cols, 3|4): read whole, as read_ion_stack does
+    data = open_lazy_tiff(path, shape[0])
+    sidecar = _sidecar_names(path, shape[0])  # a sidecar wins over the OME names, as in read_ion_stack
+    if path.with_suffix(path.suffix + ".json").exists() or names is None or len(names) != shape[0]:
+        names = sidecar
+    return MsiInput(data, tuple(names), pixel_size_um, lazy=True)
 
 
 def _sidecar_names(path: Path, n_channels: int) -> tuple[str, ...]:
