@@ -53,6 +53,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: ``smsdl reconstruct`` takes the chunked path for an MSI with more channels than this.
+CHUNKED_ABOVE_CHANNELS = 64
+#: Default channels per chunk of the chunked path.
+DEFAULT_CHUNK_CHANNELS = 64
+
+
 
 @dataclass(frozen=True)
 class ChannelStack:
@@ -125,7 +131,7 @@ def standardise_features(features, pca_dims: int = 0, block_rows: int = 256) -> 
     return out
 
 
-def _mask_from_stack(lr_msi, chunk: int) -> np.ndarray:
+def mask_from_stack(lr_msi, chunk: int = DEFAULT_CHUNK_CHANNELS) -> np.ndarray:
     """Acquired pixels (finite in every channel) with any non-zero channel, streamed over channels."""
     n_ch, rows, cols = lr_msi.shape
     acquired = np.ones((rows, cols), bool)
@@ -195,7 +201,7 @@ def reconstruct_channels(
     names = tuple(channel_names) if channel_names is not None else tuple(f"channel {i}" for i in range(n_ch))
     if len(names) != n_ch:
         raise InputError(f"{len(names)} channel names for {n_ch} channels")
-    mask_lr = _mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
+    mask_lr = mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
     if mask_lr.shape != (rows, cols):
         raise InputError(f"mask {mask_lr.shape} does not match the MSI grid {(rows, cols)}")
     if block_rows is None:
@@ -243,11 +249,6 @@ def reconstruct_channels(
 # ---------------------------------------------------------------------------------------------
 # the whole many-channel run: features once, then SMSDL (and bicubic) chunk by chunk
 
-#: ``smsdl reconstruct`` takes the chunked path for an MSI with more channels than this.
-CHUNKED_ABOVE_CHANNELS = 64
-#: Default channels per chunk of the chunked path.
-DEFAULT_CHUNK_CHANNELS = 64
-
 
 @dataclass(frozen=True)
 class ManyChannelRun:
@@ -287,7 +288,7 @@ def bicubic_channels(
     start = time.perf_counter()
     n_ch, rows, cols = (int(s) for s in lr_msi.shape)
     names = tuple(channel_names) if channel_names is not None else tuple(f"channel {i}" for i in range(n_ch))
-    mask_lr = _mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
+    mask_lr = mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
     chunks = [(c0, min(c0 + chunk_channels, n_ch)) for c0 in range(0, n_ch, chunk_channels)]
     sr_arr = _create_sr_store(out, (n_ch, rows * factor, cols * factor), min(chunk_channels, n_ch),
                               rows * factor, names, factor)
@@ -403,7 +404,7 @@ def reconstruct_many_channels(
     if dd.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
     names = tuple(channel_names) if channel_names is not None else tuple(f"channel {i}" for i in range(n_ch))
-    mask_lr = _mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
+    mask_lr = mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
     sr, seconds = {}, {}
     from_cache, tiled = False, isinstance(he_rgb, HistologyImage)
     if Method.BICUBIC in methods:

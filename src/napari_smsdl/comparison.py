@@ -155,19 +155,23 @@ def pixel_values(project, hit: PixelHit, channels: Sequence[int] | None = None) 
 
 
 # ---------------------------------------------------------------------------- differences and limits
+def _reference_stack(project, reference: str):
+    """The stack differences are taken against: the ground truth, or a method's SR stack."""
+    if reference == "truth":
+        if project.truth is None:
+            raise InputError("no ground truth to take differences against; pick BI as the reference")
+        return project.truth
+    if reference in project.sr:
+        return project.sr[reference]
+    raise InputError(f"reference {reference!r} is not one of {['truth', *project.sr]}")
+
+
 def difference_stacks(project, reference: str = "truth") -> dict[str, np.ndarray]:
     """Method − reference stacks (C, rows, cols) for every other method.
 
     ``reference`` is ``"truth"`` (needs a ground truth) or a method name such as ``"bicubic"``.
     """
-    if reference == "truth":
-        if project.truth is None:
-            raise InputError("no ground truth to take differences against; pick BI as the reference")
-        ref = project.truth
-    elif reference in project.sr:
-        ref = project.sr[reference]
-    else:
-        raise InputError(f"reference {reference!r} is not one of {['truth', *project.sr]}")
+    ref = _reference_stack(project, reference)
     return {m: (s - ref).astype(np.float32) for m, s in project.sr.items() if m != reference}
 
 
@@ -179,14 +183,7 @@ def lazy_difference_stacks(project, reference: str = "bicubic", mask: np.ndarray
     """
     import dask.array as da
 
-    if reference == "truth":
-        if project.truth is None:
-            raise InputError("no ground truth to take differences against; pick BI as the reference")
-        ref = project.truth
-    elif reference in project.sr:
-        ref = project.sr[reference]
-    else:
-        raise InputError(f"reference {reference!r} is not one of {['truth', *project.sr]}")
+    ref = _reference_stack(project, reference)
 
     def lazy(stack):
         return da.from_array(stack, chunks=(1, *tuple(stack.shape)[1:]), asarray=True).astype(np.float32)

@@ -82,18 +82,6 @@ METRICS_CSV = "results/metrics.csv"
 LOSS_HISTORY = "results/loss_history.json"
 
 
-def _tissue_mask_streamed(stack, chunk: int = 64) -> np.ndarray:
-    """(rows, cols) pixels finite in every channel and non-zero in some, read ``chunk`` channels at a time."""
-    n = stack.shape[0]
-    finite = np.ones(stack.shape[1:], bool)
-    nonzero = np.zeros(stack.shape[1:], bool)
-    for c0 in range(0, n, chunk):
-        part = np.asarray(stack[c0 : min(n, c0 + chunk)], np.float32)
-        finite &= np.isfinite(part).all(0)
-        nonzero |= (np.nan_to_num(part) != 0).any(0)
-    return finite & nonzero
-
-
 def sr_file(method: str) -> str:
     """Snapshot-relative path of a method's SR stack."""
     return f"results/sr_{method}.ome.tif"
@@ -361,6 +349,20 @@ class Project:
         cache_dir: str | os.PathLike | None = None,
     ) -> Project:
         """A project from the output of :func:`napari_smsdl.pipeline.reconstruct` and its inputs."""
+        return cls._from_run(
+            recon.settings, {str(k): np.asarray(v, np.float32) for k, v in recon.sr.items()}, recon.seconds,
+            lr_msi=lr_msi, channel_names=channel_names, msi_pixel_size_um=msi_pixel_size_um,
+            he_pixel_size_um=he_pixel_size_um, mz=mz, mask_lr=mask_lr, transform=transform, landmarks=landmarks,
+            registration_report=registration_report, inputs=inputs, weights_path=weights_path, cache_dir=cache_dir,
+            loss_history={str(k): [float(x) for x in v] for k, v in recon.loss_history.items()},
+            guide_rgb=recon.guide_rgb,
+        )
+
+    @classmethod
+    def _from_run(cls, settings, sr: dict, seconds: dict, *, lr_msi, channel_names, msi_pixel_size_um, he_pixel_size_um,
+                  mz, mask_lr, transform, landmarks, registration_report, inputs, weights_path, cache_dir,
+                  **extra) -> Project:
+        """The fields every finished run sets, normalised (LR stack, names, sizes, paths); ``extra`` as given."""
         lr = np.asarray(lr_msi, np.float32)
         if lr.ndim == 2:
             lr = lr[None]
@@ -371,12 +373,10 @@ class Project:
             channel_names=tuple(str(n) for n in channel_names),
             msi_pixel_size_um=float(msi_pixel_size_um),
             he_pixel_size_um=float(he_pixel_size_um),
-            settings=recon.settings,
-            sr={str(k): np.asarray(v, np.float32) for k, v in recon.sr.items()},
+            settings=settings,
+            sr=sr,
             mz=None if mz is None else tuple(float(m) for m in mz),
-            seconds={str(k): float(v) for k, v in recon.seconds.items()},
-            loss_history={str(k): [float(x) for x in v] for k, v in recon.loss_history.items()},
-            guide_rgb=recon.guide_rgb,
+            seconds={str(k): float(v) for k, v in seconds.items()},
             mask_lr=None if mask_lr is None else np.asarray(mask_lr, bool),
             transform=transform,
             landmarks=landmarks,
@@ -384,6 +384,7 @@ class Project:
             inputs=tuple(inputs),
             weights_path=None if weights_path is None else Path(weights_path),
             cache_dir=None if cache_dir is None else Path(cache_dir),
+            **extra,
         )
 
     def with_truth(self, truth, mask_hr: np.ndarray | None = None, *,
@@ -431,7 +432,9 @@ class Project:
             raise InputError(f"channels to score must be among 0..{n - 1}, got {chans}")
         t = read_channels(truth, chans)
         if mask_hr is None:  # over every channel, as in memory, so a score does not depend on its company
-            mask_hr = _tissue_mask_streamed(truth)
+            from .channels import mask_from_stack
+
+            mask_hr = mask_from_stack(truth)
         mask_hr = np.asarray(mask_hr, bool)
         clean = np.where(mask_hr[None], np.nan_to_num(t), 0.0).astype(np.float32)
         metrics = {}
@@ -470,28 +473,12 @@ class Project:
         ``sr`` holds the zarr arrays of ``run.sr`` (read on demand), in the order of ``methods``;
         there is no loss history and no registered guide image (it would be F·k times the MSI).
         """
-        lr = np.asarray(lr_msi, np.float32)
-        if lr.ndim == 2:
-            lr = lr[None]
-        if len(channel_names) != lr.shape[0]:
-            raise InputError(f"{len(channel_names)} channel names for {lr.shape[0]} channels")
         order = [m for m in methods if m in run.sr] + [m for m in run.sr if m not in methods]
-        return cls(
-            lr_msi=lr,
-            channel_names=tuple(str(n) for n in channel_names),
-            msi_pixel_size_um=float(msi_pixel_size_um),
-            he_pixel_size_um=float(he_pixel_size_um),
-            settings=run.settings,
-            sr={str(m): run.sr[m].open() for m in order},
-            mz=None if mz is None else tuple(float(m) for m in mz),
-            seconds={str(k): float(v) for k, v in run.seconds.items()},
-            mask_lr=None if mask_lr is None else np.asarray(mask_lr, bool),
-            transform=transform,
-            landmarks=landmarks,
-            registration_report=registration_report,
-            inputs=tuple(inputs),
-            weights_path=None if weights_path is None else Path(weights_path),
-            cache_dir=None if cache_dir is None else Path(cache_dir),
+        return cls._from_run(
+            run.settings, {str(m): run.sr[m].open() for m in order}, run.seconds,
+            lr_msi=lr_msi, channel_names=channel_names, msi_pixel_size_um=msi_pixel_size_um,
+            he_pixel_size_um=he_pixel_size_um, mz=mz, mask_lr=mask_lr, transform=transform, landmarks=landmarks,
+            registration_report=registration_report, inputs=inputs, weights_path=weights_path, cache_dir=cache_dir,
         )
 
     def subset(self, channels: Sequence[int]) -> Project:
