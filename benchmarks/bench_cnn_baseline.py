@@ -14,7 +14,7 @@ Datasets
   one smooth field the guide does not show, inside an elliptical tissue mask; F = 4 → LR 32×32
   (the size of the built-in sample).
 
-Each method is scored with :func:`napari_smsdl.metrics.score_stack`. The CNN is run with its
+Each method is scored with :func:`napari_smsdl.evaluation.score_stack`. The CNN is run with its
 stabilised default settings and, for reference, with the published training
 (``DeepFereConfig.published``) at the same iteration budget.
 
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_smsdl.baselines import bicubic_upsample, block_average
-from napari_smsdl.metrics import METRICS, score_stack
+from napari_smsdl.reconstruction.baselines import bicubic_upsample, block_average
+from napari_smsdl.evaluation import METRICS, score_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "data" / "mouse-cerebellum"
@@ -49,7 +49,7 @@ def _degrade(truth: np.ndarray, mask: np.ndarray, factor: int) -> tuple[np.ndarr
     each block, an LR pixel is tissue when at least half its block is); ``block_average`` (any
     tissue pixel) when the pipeline is not importable."""
     try:
-        from napari_smsdl.pipeline import degrade
+        from napari_smsdl.evaluation import degrade
     except ImportError:
         return block_average(truth, factor, mask)
     return degrade(truth, mask, factor)
@@ -133,7 +133,7 @@ def _summ(scores: dict) -> dict:
 
 
 def run(fast: bool, seeds: list[int], published: bool) -> dict:
-    from napari_smsdl.baselines.deepfere import DeepFereConfig, Preset, train_deepfere
+    from napari_smsdl.reconstruction.baselines.deepfere import DeepFereConfig, Preset, train_deepfere
 
     import torch
 
@@ -202,7 +202,7 @@ def to_markdown(results: dict) -> str:
         f"thread(s), torch {results['torch']}; seconds are wall-clock on a machine shared with other "
         "jobs). "
         "Metrics on tissue pixels after min–max normalisation with the truth's range "
-        "(see `napari_smsdl.metrics`). `cnn` = stabilised training (default), "
+        "(see `napari_smsdl.evaluation`). `cnn` = stabilised training (default), "
         "`cnn_published` = the published training at the same budget. Best per column in bold.",
         "",
     ]

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def generate(path: Path, size: int, n_peaks: int, seed: int = 0) -> None:
-    from napari_smsdl.msi import write_imzml
+    from napari_smsdl.io import write_imzml
 
     rng = np.random.default_rng(seed)
     base = np.sort(rng.uniform(100.0, 1000.0, n_peaks))
@@ -42,7 +42,7 @@ def generate(path: Path, size: int, n_peaks: int, seed: int = 0) -> None:
 def ours(path: str, centres: list[float]) -> dict:
     import resource
 
-    from napari_smsdl.msi import open_imzml
+    from napari_smsdl.io import open_imzml
 
     t0 = time.perf_counter()
     ds = open_imzml(path)
@@ -93,7 +93,7 @@ def main() -> None:
     parser_ = ImzMLParser(str(path))
     ref_open = time.perf_counter() - t0
     ref_times = []
-    from napari_smsdl.msi import open_imzml
+    from napari_smsdl.io import open_imzml
 
     check = open_imzml(path)
     for mz in centres[: args.reference_windows]:

@@ -3,7 +3,7 @@
 A synthetic H&E-like whole slide (0.5 µm pixels, JPEG-tiled pyramidal OME-TIFF, 3 levels) is written
 tile by tile, so generating it takes bounded memory too. Its MSI is a grid of 50 µm pixels over the
 slide; F = 4 gives 12.5 µm SR cells and 8 guide pixels per cell (1.5625 µm; the H&E is read at
-pyramid level 1, 1 µm). :func:`napari_smsdl.features_tiled.extract_features_tiled` then computes the
+pyramid level 1, 1 µm). :func:`napari_smsdl.features.extract_features_tiled` then computes the
 fast-preset features into a zarr store in a child process (or ``--procs 2`` ranks under torchrun,
 gloo, one thread each), which reports its peak resident memory (``ru_maxrss``) and its time.
 
@@ -146,9 +146,8 @@ def child(args) -> None:
     import zarr  # noqa: F401
 
     from napari_smsdl import distributed as dd
-    from napari_smsdl.features import FAST_FEATURES
-    from napari_smsdl.features_tiled import TilingParams, extract_features_tiled
-    from napari_smsdl.histology import open_histology
+    from napari_smsdl.features import FAST_FEATURES, TilingParams, extract_features_tiled
+    from napari_smsdl.io import open_histology
 
     with dd.distributed_session(args.device) as env:
         baseline = _rss_mb()
@@ -190,8 +189,8 @@ def child_in_memory(args) -> None:
     import zarr  # noqa: F401
 
     from napari_smsdl.features import FAST_FEATURES, extract_features
-    from napari_smsdl.histology import open_histology
-    from napari_smsdl.pipeline import prepare_guide
+    from napari_smsdl.io import open_histology
+    from napari_smsdl.reconstruction import prepare_guide
 
     baseline = _rss_mb()
     image = open_histology(args.slide)
@@ -217,8 +216,7 @@ def child_channels(args) -> None:
     import zarr  # noqa: F401
     from scipy.ndimage import gaussian_filter
 
-    from napari_smsdl.channels import reconstruct_channels
-    from napari_smsdl.regression import FAST_REGRESSION
+    from napari_smsdl.reconstruction import FAST_REGRESSION, reconstruct_channels
 
     baseline = _rss_mb()
     n_ch, rows, cols, factor = args.channels, 100, 100, FACTOR

@@ -28,7 +28,7 @@ raw results to `benchmarks/results/*.json` and its table to `docs/benchmarks/*.m
 `python benchmarks/bench_reconstruction.py --preset default` — the benchmark protocol of
 `smsdl benchmark`: the ground truth at native resolution is block-averaged by F, reconstructed back
 by each method from the same LR image, the same registered H&E and the same SR grid, and scored on
-tissue pixels after min–max normalisation by the truth's range (`napari_smsdl.metrics`; SSIM is
+tissue pixels after min–max normalisation by the truth's range (`napari_smsdl.evaluation`; SSIM is
 scikit-image's SSIM map with `data_range=1`, background set to 0 in both images, averaged over
 tissue pixels). Data: the built-in sample (F = 4) and the real mouse-cerebellum H&E + UMAP MSI
 from `../shared` (F = 2 and 4; 40 × 36 native pixels, so LR 20 × 18 and 10 × 9). No transform is

@@ -16,7 +16,7 @@ import numpy as np
 def main() -> None:
     from skimage import io
 
-    from napari_smsdl.pipeline import degrade
+    from napari_smsdl.evaluation import degrade
     from napari_smsdl.sample import make_sample
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_smsdl.commands.demo import WIDGETS
-    from napari_smsdl.pipeline import Settings
+    from napari_smsdl.reconstruction import Settings
     from napari_smsdl.registration import LandmarkPairs
     from napari_smsdl.sample import write_sample
 

@@ -32,7 +32,7 @@ def _spectra(mode: str, shape=(6, 8), missing=((2, 3),), seed=0):
 @pytest.fixture(params=["processed", "continuous"])
 def imzml_file(request, tmp_path) -> tuple[Path, str, list]:
     """(path, mode, spectra) of a 6 x 8 imzML with pixel (2, 3) never acquired."""
-    from napari_smsdl.msi import write_imzml
+    from napari_smsdl.io import write_imzml
 
     spectra = _spectra(request.param)
     path = write_imzml(tmp_path / f"small_{request.param}.imzML", spectra, mode=request.param, pixel_size_um=20.0)

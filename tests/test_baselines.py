@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from napari_smsdl.baselines import bicubic_upsample, block_average, fill_nearest_tissue, upsample_mask
-from napari_smsdl.baselines.bicubic import cubic_matrix
+from napari_smsdl.reconstruction.baselines import bicubic_upsample, block_average, fill_nearest_tissue, upsample_mask
+from napari_smsdl.reconstruction.baselines.bicubic import cubic_matrix
 from napari_smsdl.errors import InputError
 
 
@@ -128,7 +128,7 @@ def test_bicubic_rejects_bad_inputs():
 
 torch = pytest.importorskip("torch")
 
-from napari_smsdl.baselines.deepfere import (  # noqa: E402
+from napari_smsdl.reconstruction.baselines.deepfere import (
     DeepFereConfig,
     DeepFereResult,
     Downsampler,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_smsdl.baselines import bicubic_upsample
-from napari_smsdl.channels import reconstruct_channels, standardise_features
+from napari_smsdl.reconstruction.baselines import bicubic_upsample
+from napari_smsdl.reconstruction import reconstruct_channels, standardise_features
 from napari_smsdl.errors import InputError
-from napari_smsdl.regression import RegressionParams, _standardise, train_regression
+from napari_smsdl.reconstruction._regression import RegressionParams, _standardise, train_regression
 
 PARAMS = RegressionParams(hidden=32, steps=40, restarts=2, pca_dims=6)
 
@@ -16,7 +16,7 @@ PARAMS = RegressionParams(hidden=32, steps=40, restarts=2, pca_dims=6)
 @pytest.fixture(scope="module")
 def data():
     """A (7, 16, 16) MSI at F = 4 (5 sample channels + 2 scaled copies), 12 features per SR cell."""
-    from napari_smsdl.pipeline import degrade
+    from napari_smsdl.evaluation import degrade
     from napari_smsdl.sample import make_sample
 
     s = make_sample()

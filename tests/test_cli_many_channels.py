@@ -28,7 +28,7 @@ def many(tmp_path_factory):
     """Folder with he.png (128 × 128) and lr.npy (80, 16, 16) + lr.npy.json channel names."""
     from skimage import io as skio
 
-    from napari_smsdl.pipeline import degrade
+    from napari_smsdl.evaluation import degrade
     from napari_smsdl.sample import make_sample
 
     s = make_sample()
@@ -52,8 +52,8 @@ def _argv(many, out, *extra):
 def test_chunked_reconstruct_streams_to_zarr_and_equals_the_api(many, tmp_path):
     import zarr
 
-    from napari_smsdl.baselines import bicubic_upsample
-    from napari_smsdl.channels import reconstruct_many_channels
+    from napari_smsdl.reconstruction.baselines import bicubic_upsample
+    from napari_smsdl.reconstruction import reconstruct_many_channels
     from napari_smsdl.cli import build_parser
     from napari_smsdl.commands._common import settings_from_args
 
@@ -125,7 +125,7 @@ def test_chunked_path_refuses_cnn_and_forced_chunks_with_a_whole_slide(many, sam
     # (tiled features read from their zarr store) and the imzML's ion images streamed to zarr
     from skimage import io as skio
 
-    from napari_smsdl.histology import write_pyramidal_tiff
+    from napari_smsdl.io import write_pyramidal_tiff
 
     slide = write_pyramidal_tiff(tmp_path / "he.ome.tif", skio.imread(sample_dir / "he.png"), pixel_size_um=2.5,
                                  n_levels=2)
@@ -167,7 +167,7 @@ def test_imzml_ion_images_stream_to_zarr_in_passes(sample_dir, tmp_path, monkeyp
 def test_page_wise_tiff_from_zarr_equals_in_memory_write(tmp_path, monkeypatch):
     import zarr
 
-    from napari_smsdl import export
+    from napari_smsdl.io import _export as export
 
     rng = np.random.default_rng(2)
     stack = rng.uniform(0, 100, (11, 9, 13)).astype(np.float32)
@@ -262,8 +262,7 @@ def test_tiff_stack_of_many_channels_is_read_page_by_page(tmp_path):
     import zarr
 
     from napari_smsdl.commands._common import load_msi
-    from napari_smsdl.export import write_tiff_stack
-    from napari_smsdl.ion_stack import read_ion_stack
+    from napari_smsdl.io import read_ion_stack, write_tiff_stack
 
     stack = np.random.default_rng(2).random((70, 12, 10)).astype(np.float32)
     names = [f"m/z {500 + i:.1f}" for i in range(70)]

@@ -85,7 +85,7 @@ def test_benchmark_bad_input_is_one_line(small_pair, tmp_path, case):
 
 def test_reconstruct_tiled_whole_slide_path(tmp_path):
     """--tiled reads a pyramidal OME-TIFF lazily and computes the features tile by tile."""
-    from napari_smsdl.histology import write_pyramidal_tiff
+    from napari_smsdl.io import write_pyramidal_tiff
     from napari_smsdl.sample import write_sample
 
     sample = tmp_path / "sample"

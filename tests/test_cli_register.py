@@ -86,7 +86,7 @@ def test_register_without_landmarks_has_null_loo(files, tmp_path):
 
 
 def test_register_reads_imzml_tic_and_its_pixel_size(files, tmp_path):
-    from napari_smsdl.msi import write_imzml
+    from napari_smsdl.io import write_imzml
 
     d, pair = files
     msi = pair.fixed_msi
@@ -121,7 +121,7 @@ def test_register_reads_imzml_tic_and_its_pixel_size(files, tmp_path):
 
 def test_pyramidal_he_gives_the_level0_transform(files, tmp_path):
     """A reduced pyramid level is read, but the transform is expressed in level-0 physical space."""
-    from napari_smsdl.histology import write_pyramidal_tiff
+    from napari_smsdl.io import write_pyramidal_tiff
 
     d, pair = files
     big = np.repeat(np.repeat(pair.moving_rgb, 2, axis=0), 2, axis=1)  # 512 x 512 at 0.5 µm, same physical image

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_smsdl.comparison import (
+from napari_smsdl.evaluation import (
     channel_label,
     cluster_segments,
     difference_stacks,
@@ -18,7 +18,7 @@ from napari_smsdl.comparison import (
     tissue_mask_sr,
 )
 from napari_smsdl.errors import InputError
-from napari_smsdl.pipeline import Reconstruction, Settings
+from napari_smsdl.reconstruction import Reconstruction, Settings
 from napari_smsdl.project import Project
 
 
@@ -108,7 +108,7 @@ def test_metrics_rows_and_labels(project):
 def test_guide_level_and_level_transform():
     import SimpleITK as sitk
 
-    from napari_smsdl.comparison import he_level_for_guide, transform_to_level
+    from napari_smsdl.evaluation import he_level_for_guide, transform_to_level
 
     rows = [8000, 4000, 2000, 1000]  # level pixel sizes 0.5, 1, 2, 4 µm
     assert he_level_for_guide(rows, 0.5, sr_pixel_size_um=10.0, max_cell_px=4) == 2  # 2 µm <= 10/4

@@ -11,8 +11,7 @@ import pytest
 
 from napari_smsdl.commands import demo
 from napari_smsdl.features import FeatureParams
-from napari_smsdl.pipeline import Settings
-from napari_smsdl.regression import RegressionParams
+from napari_smsdl.reconstruction import RegressionParams, Settings
 
 TINY = dataclasses.replace(
     Settings.preset("fast", factor=4),

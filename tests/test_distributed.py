@@ -45,10 +45,9 @@ WORKER = textwrap.dedent(
     import numpy as np
     import torch.distributed as dist
     from napari_smsdl import distributed as dd
-    from napari_smsdl.channels import reconstruct_channels
-    from napari_smsdl.features import FeatureParams
-    from napari_smsdl.features_tiled import TilingParams, extract_features_tiled
-    from napari_smsdl.regression import RegressionParams, train_regression
+    from napari_smsdl.reconstruction import reconstruct_channels
+    from napari_smsdl.features import FeatureParams, TilingParams, extract_features_tiled
+    from napari_smsdl.reconstruction import RegressionParams, train_regression
 
     out, reg, feat, bench = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
     rank = int(os.environ["RANK"])
@@ -112,13 +111,12 @@ def test_two_ranks_match_one_process(small_pair, tmp_path):
 
     import zarr
 
-    from napari_smsdl.channels import reconstruct_channels
+    from napari_smsdl.reconstruction import reconstruct_channels
     from napari_smsdl.cli import main
-    from napari_smsdl.features import FeatureParams
-    from napari_smsdl.features_tiled import TilingParams, extract_features_tiled
-    from napari_smsdl.histology import write_pyramidal_tiff
-    from napari_smsdl.pipeline import degrade
-    from napari_smsdl.regression import RegressionParams, train_regression
+    from napari_smsdl.features import FeatureParams, TilingParams, extract_features_tiled
+    from napari_smsdl.io import write_pyramidal_tiff
+    from napari_smsdl.evaluation import degrade
+    from napari_smsdl.reconstruction import RegressionParams, train_regression
     from napari_smsdl.sample import make_sample
 
     s = make_sample()

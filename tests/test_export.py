@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from napari_smsdl.errors import InputError
-from napari_smsdl.export import write_metrics_csv, write_sr_imzml, write_tiff_stack
+from napari_smsdl.io import write_metrics_csv, write_sr_imzml, write_tiff_stack
 
 MZ = (885.5499, 734.5694, 760.5851)  # deliberately not sorted
 
@@ -51,7 +51,7 @@ def test_sr_imzml_reads_back_with_pyimzml(tmp_path, sr_stack):
 
 def test_sr_imzml_reads_back_with_our_reader(tmp_path, sr_stack):
     from napari_smsdl._reader import read_imzml
-    from napari_smsdl.msi import open_imzml
+    from napari_smsdl.io import open_imzml
 
     path = write_sr_imzml(tmp_path / "sr.imzML", sr_stack, MZ, pixel_size_um=2.5)
     ds = open_imzml(path)
@@ -75,7 +75,7 @@ def test_sr_imzml_rejects_bad_mz(tmp_path, sr_stack):
 
 
 def test_metrics_csv_rows_and_values(tmp_path):
-    from napari_smsdl.metrics import score_stack
+    from napari_smsdl.evaluation import score_stack
 
     rng = np.random.default_rng(0)
     truth = rng.uniform(0, 1, (2, 16, 16))

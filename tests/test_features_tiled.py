@@ -8,10 +8,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from napari_smsdl.features import LEVELS, FeatureParams, extract_features
-from napari_smsdl.features_tiled import TilingParams, extract_features_tiled
-from napari_smsdl.histology import HistologyImage, open_histology, write_pyramidal_tiff
-from napari_smsdl.pipeline import prepare_guide
+from napari_smsdl.features import LEVELS, FeatureParams, TilingParams, extract_features, extract_features_tiled
+from napari_smsdl.io import HistologyImage, open_histology, write_pyramidal_tiff
+from napari_smsdl.reconstruction import prepare_guide
 
 # MSI 40 x 40 px of 40 µm, F = 4 -> SR 160 x 160 cells of 10 µm; H&E 1024 x 1024 px of 1.25 µm stretched
 # over the same field (an affine map). max_cell_px = 4 -> 4 guide px per cell (2.5 µm): the H&E is
@@ -64,7 +63,7 @@ def test_tiles_reproduce_the_in_memory_tokens(exact, guide):
     import torch
     import zarr
 
-    from napari_smsdl.features import _dense_tokens, _level_image, _sample_tokens_at_cells, make_vit
+    from napari_smsdl.features._vit import _dense_tokens, _level_image, _sample_tokens_at_cells, make_vit
 
     level, g, k = guide
     result, out = exact

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from napari_smsdl.errors import InputError
-from napari_smsdl.histology import open_histology, read_histology, write_pyramidal_tiff
-from napari_smsdl.ion_stack import read_ion_stack
+from napari_smsdl.io import open_histology, read_histology, read_ion_stack, write_pyramidal_tiff
 
 
 @pytest.fixture
@@ -50,7 +49,7 @@ def test_bad_histology(tmp_path):
 
 
 def test_ion_stack_formats(tmp_path):
-    from napari_smsdl.export import write_tiff_stack
+    from napari_smsdl.io import write_tiff_stack
 
     stack = np.random.default_rng(0).uniform(1, 2, (3, 10, 12)).astype(np.float32)
     stack[:, 0, 0] = 0

@@ -9,7 +9,7 @@ import pytest
 from skimage.metrics import structural_similarity
 
 from napari_smsdl.errors import InputError
-from napari_smsdl.metrics import METRICS, normalise_pair, score_channel, score_stack
+from napari_smsdl.evaluation import METRICS, normalise_pair, score_channel, score_stack
 
 # truth 0..8 on a 3×3 grid, prediction = truth + 1 everywhere. Normalised by the truth's range
 # (0, 8): the error is 1/8 on every pixel.

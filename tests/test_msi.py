@@ -9,7 +9,7 @@ import pytest
 from pyimzml.ImzMLParser import ImzMLParser, getionimage
 
 from napari_smsdl.errors import ImzMLError
-from napari_smsdl.msi import make_windows, open_imzml, parse_tolerance, write_imzml
+from napari_smsdl.io import make_windows, open_imzml, parse_tolerance, write_imzml
 
 
 def test_round_trip_grid_mode_and_metadata(imzml_file):
@@ -88,7 +88,7 @@ def test_mean_spectrum_and_peak_picking(tmp_path):
 def test_chunked_reading_equals_single_chunk(imzml_file, monkeypatch):
     path, _, _ = imzml_file
     whole = open_imzml(path).ion_images([500.0, 750.0], "0.5da").data
-    import napari_smsdl.msi as msi
+    import napari_smsdl.io._imzml as msi
 
     monkeypatch.setattr(msi, "CHUNK_BYTES", 64)  # forces one spectrum per chunk
     chunked = open_imzml(path).ion_images([500.0, 750.0], "0.5da").data
@@ -187,7 +187,7 @@ def test_coordinates_beyond_declared_grid(imzml_file, tmp_path):
 
 @pytest.mark.parametrize("layout", ["strided", "variable", "unaligned", "out_of_order"])
 def test_gather_paths_agree(layout):
-    from napari_smsdl.msi import _gather
+    from napari_smsdl.io._imzml import _gather
 
     rng = np.random.default_rng(0)
     lengths = np.full(5, 4) if layout == "strided" else rng.integers(0, 7, 5)

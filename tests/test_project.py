@@ -10,7 +10,6 @@ import pytest
 
 from napari_smsdl import project as proj
 from napari_smsdl.errors import InputError
-from napari_smsdl.pipeline import Reconstruction, Settings
 from napari_smsdl.project import (
     PROJECT_FILE,
     InputRecord,
@@ -20,6 +19,8 @@ from napari_smsdl.project import (
     save_project,
     settings_from_dict,
 )
+from napari_smsdl.project import _store
+from napari_smsdl.reconstruction import Reconstruction, Settings
 
 NAMES = ("m/z 734.5694", "m/z 885.5499")
 
@@ -133,13 +134,13 @@ def test_a_crash_during_save_leaves_the_previous_project(project, tmp_path, monk
     folder = tmp_path / "proj"
     save_project(folder, project)
     manifest_before = (folder / PROJECT_FILE).read_text()
-    real_write = proj._write_snapshot
+    real_write = _store._write_snapshot
 
     def crash(stage, p):
         real_write(stage, p)  # every file written ...
         raise OSError("disk full")  # ... then the save dies before the snapshot is put in place
 
-    monkeypatch.setattr(proj, "_write_snapshot", crash)
+    monkeypatch.setattr(_store, "_write_snapshot", crash)
     with pytest.raises(OSError, match="disk full"):
         save_project(folder, project.with_truth(project.truth * 3))
     monkeypatch.undo()
@@ -190,7 +191,7 @@ def test_settings_round_trip_through_dict():
 
 def test_real_reconstruction_round_trip(tmp_path):
     """A real (bicubic-only, so quick) reconstruction of the sample survives save and reopen."""
-    from napari_smsdl.pipeline import reconstruct
+    from napari_smsdl.reconstruction import reconstruct
     from napari_smsdl.sample import make_sample
 
     s = make_sample()
@@ -270,7 +271,7 @@ def _lazy_project(tmp_path, n_channels=70):
 def test_lazy_project_scores_chosen_channels_and_saves_and_reopens_lazily(tmp_path):
     import zarr
 
-    from napari_smsdl.metrics import score_stack
+    from napari_smsdl.evaluation import score_stack
 
     project = _lazy_project(tmp_path)
     assert project.lazy and not Project(project.lr_msi, project.channel_names, 40.0, 2.5, project.settings,
@@ -303,7 +304,7 @@ def test_lazy_project_scores_chosen_channels_and_saves_and_reopens_lazily(tmp_pa
 
 
 def test_cnn_is_refused_on_the_many_channel_path():
-    from napari_smsdl.channels import CHUNKED_ABOVE_CHANNELS
+    from napari_smsdl.reconstruction import CHUNKED_ABOVE_CHANNELS
 
     assert not proj.uses_chunked_path(CHUNKED_ABOVE_CHANNELS) and proj.uses_chunked_path(CHUNKED_ABOVE_CHANNELS + 1)
     assert proj.uses_chunked_path(3, 2) and not proj.uses_chunked_path(500, 0)
@@ -329,7 +330,7 @@ def test_lazy_project_with_truth_reopens_from_the_cli(tmp_path):
 
 def test_lazy_scores_do_not_depend_on_the_channels_scored_with_them(tmp_path):
     """The default tissue mask comes from every channel of the truth, as for an in-memory project."""
-    from napari_smsdl.metrics import score_stack
+    from napari_smsdl.evaluation import score_stack
 
     project = _lazy_project(tmp_path)
     truth = np.random.default_rng(8).uniform(1, 100, (70, 16, 12)).astype(np.float32)

@@ -15,7 +15,7 @@ from napari_smsdl._reader import (
     robust_contrast_limits,
 )
 from napari_smsdl.errors import ImzMLError
-from napari_smsdl.msi import open_imzml, write_imzml
+from napari_smsdl.io import open_imzml, write_imzml
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -67,7 +67,7 @@ def test_ion_stack_layer_names_channels():
 
 
 def test_he_layer_of_a_pyramid_is_lazy_multiscale(tmp_path):
-    from napari_smsdl.histology import open_histology, write_pyramidal_tiff
+    from napari_smsdl.io import open_histology, write_pyramidal_tiff
 
     rgb = np.random.default_rng(0).integers(0, 255, (256, 192, 3), dtype=np.uint8)
     path = write_pyramidal_tiff(tmp_path / "he.ome.tif", rgb, pixel_size_um=0.5, n_levels=3, tile=64)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from napari_smsdl.pipeline import degrade
+from napari_smsdl.evaluation import degrade
 from napari_smsdl.registration import refine_same_field_of_view
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_smsdl.pipeline import degrade
+from napari_smsdl.evaluation import degrade
 from napari_smsdl.registration import register
 
 

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from napari_smsdl.msi import open_imzml
+from napari_smsdl.io import open_imzml
 from napari_smsdl.sample import block_mean, make_sample
 
 

@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .histology import HistologyImage
-from .msi import ImzMLDataset, Normalization, open_imzml
+from .io import HistologyImage, ImzMLDataset, Normalization, open_imzml
 
 logger = logging.getLogger(__name__)
 

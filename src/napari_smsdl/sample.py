@@ -152,7 +152,7 @@ def write_sample(outdir: str | os.PathLike) -> dict:
     """
     from skimage import io as skio
 
-    from .msi import write_imzml
+    from .io import write_imzml
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

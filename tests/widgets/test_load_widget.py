@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_smsdl.msi import open_imzml
+from napari_smsdl.io import open_imzml
 from napari_smsdl.sample import SAMPLE_MZ, make_sample
 from napari_smsdl.widgets.load import ChannelSource, LoadWidget, parse_mz_list
 

@@ -16,9 +16,9 @@ import pytest
 import tifffile
 
 from napari_smsdl.features import FeatureParams
-from napari_smsdl.pipeline import Settings
+from napari_smsdl.reconstruction import Settings
 from napari_smsdl.project import LAYER_METADATA_KEY
-from napari_smsdl.regression import RegressionParams
+from napari_smsdl.reconstruction import RegressionParams
 from napari_smsdl.widgets.compare import GUIDE_NAME, PREFIX, CompareWidget
 from napari_smsdl.widgets.export import ExportWidget
 from napari_smsdl.widgets.train import FeatureSource, TrainWidget
@@ -75,8 +75,8 @@ def _compare_data(viewer) -> dict:
 
 
 def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_viewer, qtbot, tmp_path):
-    from napari_smsdl.metrics import score_stack
-    from napari_smsdl.msi import open_imzml
+    from napari_smsdl.evaluation import score_stack
+    from napari_smsdl.io import open_imzml
     from napari_smsdl.sample import make_sample
 
     viewer = sample_viewer

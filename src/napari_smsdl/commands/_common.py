@@ -51,7 +51,7 @@ def load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Pat
     """
     p = Path(path)
     if p.suffix.lower() == ".imzml":
-        from ..msi import make_windows, open_imzml
+        from ..io import make_windows, open_imzml
 
         ds = open_imzml(p, pixel_size_um=getattr(args, "msi_pixel_size", None))
         mz = list(args.mz) or [float(m) for m in ds.pick_peaks(args.peaks)]
@@ -62,7 +62,7 @@ def load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Pat
                             store=str(store))
         images = ds.ion_images(mz, args.tol, norm=args.norm)
         return MsiInput(images.data, tuple(images.channel_names), ds.pixel_size_um, tuple(mz))
-    from ..ion_stack import read_ion_stack
+    from ..io import read_ion_stack
 
     if lazy_above is not None and p.suffix.lower() == ".npy" and p.is_file():
         try:
@@ -93,7 +93,7 @@ def _lazy_tiff_stack(path: Path, lazy_above: int) -> MsiInput | None:
     """A (C, rows, cols) TIFF stack of more than ``lazy_above`` channels, read page by page; else None."""
     import tifffile
 
-    from ..ion_stack import ome_names_and_pixel_size
+    from ..io import ome_names_and_pixel_size
     from ..project import open_lazy_tiff
 
     try:
@@ -148,7 +148,7 @@ TILED_ABOVE_PIXELS = 64e6
 
 def load_he(path: str, *, pixel_size_um: float | None, tiled: bool | None = False):
     """The H&E in memory, or (``tiled=True``, or ``None`` and a whole slide) the lazy image itself."""
-    from ..histology import open_histology
+    from ..io import open_histology
 
     image = open_histology(path, pixel_size_um=pixel_size_um)
     if tiled is None:
@@ -176,7 +176,7 @@ def add_method_args(parser) -> None:
 def settings_from_args(args):
     import dataclasses
 
-    from ..pipeline import Settings
+    from ..reconstruction import Settings
 
     settings = Settings.preset("fast" if args.fast else "default", factor=args.factor, seed=args.seed, device=args.device)
     if args.cnn_iterations:

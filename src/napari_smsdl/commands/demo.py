@@ -65,9 +65,10 @@ def run_headless(outdir: str | os.PathLike, *, settings=None, methods=("smsdl", 
     ``settings`` defaults to the fast preset. Returns the metrics (method → metric → mean and
     per-channel values, plus ``seconds``).
     """
-    from ..export import write_metrics_csv, write_tiff_stack
-    from ..figures import comparison_figure
-    from ..pipeline import Settings, run_benchmark
+    from ..io import write_metrics_csv, write_tiff_stack
+    from ..evaluation import comparison_figure
+    from ..reconstruction import Settings
+    from ..evaluation import run_benchmark
     from .._files import jsonable
     from ..sample import make_sample
     from .benchmark import write_json_atomic
@@ -122,7 +123,7 @@ def build_viewer(viewer=None, *, show: bool = True, settings=None):
     preload_torch()  # before the canvas exists: see preload_torch for why
     import napari
 
-    from ..pipeline import Settings
+    from ..reconstruction import Settings
 
     if viewer is None:
         viewer = napari.Viewer(title="napari-smsdl demo", show=show)

@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
 
 def describe(path, *, n_peaks: int = 0) -> dict:
     """The facts ``smsdl info`` prints, as a dict (JSON-serialisable)."""
-    from ..msi import open_imzml
+    from ..io import open_imzml
 
     ds = open_imzml(path)
     low, high = ds.mz_range

@@ -18,8 +18,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import InputError
-    from ..export import write_tiff_stack
-    from ..msi import open_imzml
+    from ..io import open_imzml, write_tiff_stack
 
     ds = open_imzml(args.file)
     mz = list(args.mz)

@@ -6,7 +6,7 @@
 ``figure.png`` and ``run.json`` (settings, timings, inputs).
 
 **Many channels.** An MSI with more than 64 channels (or any MSI with ``--chunk-channels N``) goes
-through :func:`napari_smsdl.channels.reconstruct_many_channels`: the H&E features are computed once,
+through :func:`napari_smsdl.reconstruction.reconstruct_many_channels`: the H&E features are computed once,
 the SMSDL regression is trained N channels at a time (default 64) and its SR stack streamed to
 ``OUTDIR/sr_smsdl.zarr``; ``sr_smsdl.ome.tif`` is then written page by page from that store. An
 imzML's ion images are streamed to ``OUTDIR/msi_lr.zarr`` (a group of channels per pass over the
@@ -19,7 +19,7 @@ the first channels.
 **torchrun.** ``torchrun --nproc_per_node=N -m napari_smsdl reconstruct ...`` takes the same
 arguments and writes the same files. In-memory path: every rank computes the features (rank 0 alone
 with the feature cache) and the regression trains with DistributedDataParallel on shards of the MSI
-pixels (:func:`napari_smsdl.regression.train_regression`); chunked path: rank 0 computes the
+pixels (:func:`napari_smsdl.reconstruction.train_regression`); chunked path: rank 0 computes the
 features and broadcasts them (tiled features are shared between ranks), and the chunks of channels
 are dealt between the ranks. Rank 0 alone runs the CNN, writes the OME-TIFFs, figure, ``run.json``
 and project, and prints.
@@ -59,7 +59,7 @@ FIGURE_CHANNELS = 6
 
 
 def add_parser(subparsers) -> None:
-    from ..channels import CHUNKED_ABOVE_CHANNELS, DEFAULT_CHUNK_CHANNELS
+    from ..reconstruction import CHUNKED_ABOVE_CHANNELS, DEFAULT_CHUNK_CHANNELS
 
     parser = subparsers.add_parser("reconstruct", help="super-resolve an MSI guided by its H&E (SMSDL-Net)")
     parser.add_argument("--he", required=True, help="H&E image (PNG/JPEG/TIFF/OME-TIFF/SVS)")
@@ -96,11 +96,11 @@ def _log_progress(stage: str, done: int, total: int) -> None:
 
 def run(args) -> int:
     from .. import distributed as dd
-    from ..channels import CHUNKED_ABOVE_CHANNELS, DEFAULT_CHUNK_CHANNELS
+    from ..reconstruction import CHUNKED_ABOVE_CHANNELS, DEFAULT_CHUNK_CHANNELS
     from ..errors import InputError
-    from ..export import write_tiff_stack
-    from ..figures import comparison_figure
-    from ..pipeline import Method, reconstruct
+    from ..io import write_tiff_stack
+    from ..evaluation import comparison_figure
+    from ..reconstruction import Method, reconstruct
 
     start = time.perf_counter()
     missing = [f"--{name}" for name in REOPEN_OPTIONAL if getattr(args, name, None) is None]
@@ -155,7 +155,7 @@ def run(args) -> int:
         "factor": args.factor, "msi_pixel_size_um": msi_px, "sr_pixel_size_um": sr_px, "he_pixel_size_um": he_px,
     }
     if chunked:
-        from ..channels import reconstruct_many_channels
+        from ..reconstruction import reconstruct_many_channels
 
         many = reconstruct_many_channels(
             msi.data, he, he_pixel_size_um=he_px, msi_pixel_size_um=msi_px, out=out, settings=settings,
@@ -223,11 +223,11 @@ def _refuse_cnn_on_chunked_path(args, methods, why: str) -> None:
 def save_run_as_project(args, result, msi, *, msi_px: float, he_px: float, transform, out: Path):
     """Save a finished run (and its inputs, transform, landmarks, weights, cache) as a project.
 
-    ``result`` is a :class:`napari_smsdl.pipeline.Reconstruction` or, from the chunked path, a
-    :class:`napari_smsdl.channels.ManyChannelRun` (a lazy project: the SR stacks are copied page
+    ``result`` is a :class:`napari_smsdl.reconstruction.Reconstruction` or, from the chunked path, a
+    :class:`napari_smsdl.reconstruction.ManyChannelRun` (a lazy project: the SR stacks are copied page
     by page; the LR stack is held in memory while saving).
     """
-    from ..channels import ManyChannelRun
+    from ..reconstruction import ManyChannelRun
     from ..project import Project, input_records, save_project
 
     landmarks = report = None
@@ -259,8 +259,8 @@ def save_run_as_project(args, result, msi, *, msi_px: float, he_px: float, trans
 
 def reopen(args, start: float) -> int:
     """Reopen ``--project DIR`` and write its stored results to ``-o`` like a run does."""
-    from ..export import write_tiff_stack
-    from ..figures import comparison_figure
+    from ..io import write_tiff_stack
+    from ..evaluation import comparison_figure
     from ..project import load_project
 
     project = load_project(args.project)

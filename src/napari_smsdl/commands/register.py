@@ -109,11 +109,11 @@ def load_msi_image(path: str | Path, *, pixel_size_um: float | None = None) -> t
     """The MSI to register: an imzML's TIC image, or an image/stack file. ((rows, cols) or (C, rows, cols), µm)."""
     path = Path(path)
     if path.suffix.lower() == ".imzml":
-        from ..msi import open_imzml
+        from ..io import open_imzml
 
         ds = open_imzml(path, pixel_size_um=pixel_size_um)
         return ds.tic_image(), (pixel_size_um or ds.pixel_size_um)
-    from ..ion_stack import read_ion_stack
+    from ..io import read_ion_stack
 
     stack = read_ion_stack(path, pixel_size_um=pixel_size_um)
     data = stack.data[0] if stack.data.shape[0] == 1 else stack.data
@@ -123,7 +123,7 @@ def load_msi_image(path: str | Path, *, pixel_size_um: float | None = None) -> t
 def load_he_image(path: str | Path, *, pixel_size_um: float | None, msi_pixel_size_um: float):
     """The H&E at the pyramid level that registration needs: (rgb uint8, level pixel size µm, level-0 → level scale)."""
     from ..errors import InputError
-    from ..histology import open_histology
+    from ..io import open_histology
     from ..registration._levels import choose_he_level
 
     image = open_histology(path)

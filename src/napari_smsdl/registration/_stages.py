@@ -118,6 +118,9 @@ def _method(fixed: FeatureImage, params: RegistrationParams, msi_pixel_size_um: 
     if mask is not None and not fixed.mask.all():
         reg.SetMetricFixedMask(mask)
     reg.SetInterpolator(sitk.sitkLinear)
+    # ITK accumulates the metric and (for the B-spline) its derivative per work unit in an order that
+    # depends on the thread pool: one thread makes every run bit-identical whatever the thread count
+    reg.SetNumberOfThreads(1)
     shrinks, sigmas = _schedule(fixed, params, msi_pixel_size_um)
     reg.SetShrinkFactorsPerLevel(shrinks)
     reg.SetSmoothingSigmasPerLevel(sigmas)

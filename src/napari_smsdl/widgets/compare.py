@@ -2,8 +2,8 @@
 
 An adapter only: the reconstruction is the :class:`~napari_smsdl.project.Project` the Train widget
 (or a reopened project) left on the MSI layer's ``metadata["smsdl_project"]``; the maths is in
-:mod:`napari_smsdl.comparison` (placement, pixel look-up, differences, limits, segments) and
-:mod:`napari_smsdl.metrics` (through :meth:`Project.with_truth`).
+:mod:`napari_smsdl.evaluation` (placement, pixel look-up, differences, limits, segments) and
+:mod:`napari_smsdl.evaluation` (through :meth:`Project.with_truth`).
 
 For each chosen channel it adds one 2-D layer per column: the measured MSI (LR), the ground truth
 when there is one, and every method, all with the same colormap and linked contrast limits, placed
@@ -48,7 +48,7 @@ from magicgui.widgets import (
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
-from ..comparison import (
+from ..evaluation import (
     PixelHit,
     channel_label,
     channel_limits,

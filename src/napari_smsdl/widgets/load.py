@@ -1,8 +1,8 @@
 """The **Load** dock widget: open an H&E and an MSI, look at the mean spectrum, add layers in µm.
 
-An adapter only: files are opened by :func:`napari_smsdl.histology.open_histology`,
-:func:`napari_smsdl.msi.open_imzml` or :func:`napari_smsdl.ion_stack.read_ion_stack`, spectra and
-ion images come from :class:`napari_smsdl.msi.ImzMLDataset`, layers from
+An adapter only: files are opened by :func:`napari_smsdl.io.open_histology`,
+:func:`napari_smsdl.io.open_imzml` or :func:`napari_smsdl.io.read_ion_stack`, spectra and
+ion images come from :class:`napari_smsdl.io.ImzMLDataset`, layers from
 :mod:`napari_smsdl._reader`. Slow steps (opening, mean spectrum, ion images) run in a
 ``thread_worker`` so the viewer stays responsive; set ``SMSDL_NOTHREADS=1`` to run them
 synchronously (debugging).
@@ -42,9 +42,8 @@ from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from .._reader import DEFAULT_N_PEAKS, DEFAULT_TOLERANCE, LayerDataTuple, he_layer, ion_stack_layer
 from ..errors import InputError
-from ..histology import HistologyImage, open_histology
-from ..ion_stack import IonStack, read_ion_stack
-from ..msi import ImzMLDataset, Normalization, Spectrum, make_windows, open_imzml
+from ..io import HistologyImage, IonStack, open_histology, read_ion_stack
+from ..io import ImzMLDataset, Normalization, Spectrum, make_windows, open_imzml
 from ._jobs import JobRunner
 from ._layers import set_selection
 from ._plots import PlotCanvas

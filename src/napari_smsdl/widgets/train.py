@@ -2,7 +2,7 @@
 
 An adapter only: inputs come from the H&E and MSI layers (and the registration the Register widget
 accepted, stored on the MSI layer), the work is :func:`napari_smsdl.project.reconstruct_project`
-(which calls :func:`napari_smsdl.pipeline.reconstruct`), and the result, a
+(which calls :func:`napari_smsdl.reconstruction.reconstruct`), and the result, a
 :class:`~napari_smsdl.project.Project`, is stored on the MSI layer's
 ``metadata["smsdl_project"]`` for the Compare and Export widgets.
 
@@ -54,22 +54,11 @@ from magicgui.widgets import (
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
-from ..comparison import (
-    channel_label,
-    he_level_for_guide,
-    placement_transform,
-    transform_to_level,
-)
+from ..evaluation import channel_label, he_level_for_guide, placement_transform, transform_to_level
 from ..errors import InputError
-from ..pipeline import Settings
-from ..project import (
-    LAYER_METADATA_KEY,
-    Project,
-    check_methods_for_channels,
-    input_records,
-    reconstruct_project,
-    uses_chunked_path,
-)
+from ..reconstruction import Settings
+from ..project import LAYER_METADATA_KEY, Project, check_methods_for_channels, reconstruct_project, uses_chunked_path
+from ..project import input_records
 from ._jobs import JobRunner
 from ._layers import HeMsiLayers, _last2, set_selection
 from ._plots import PlotCanvas
@@ -146,8 +135,8 @@ def preload_torch() -> None:
     import timm.models.vision_transformer  # noqa: F401
     import torch  # noqa: F401
 
-    from .. import baselines, features, regression  # noqa: F401
-    from ..baselines import deepfere  # noqa: F401
+    from .. import features, reconstruction  # noqa: F401
+    from ..reconstruction.baselines import deepfere  # noqa: F401
 
 
 class _Relay(QObject):
@@ -386,7 +375,7 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
                                           device=self._base.device))
 
     def settings(self) -> Settings:
-        """The :class:`~napari_smsdl.pipeline.Settings` the fields describe."""
+        """The :class:`~napari_smsdl.reconstruction.Settings` the fields describe."""
         base = self._base
         seed = int(self.seed.value)
         checkpoint = None

@@ -1,11 +1,11 @@
 """Thousands of MSI channels: SMSDL regression over channel chunks, SR stacks streamed to a zarr store.
 
-:func:`napari_smsdl.regression.train_regression` holds every channel's target, bicubic input and
+:func:`napari_smsdl.reconstruction.train_regression` holds every channel's target, bicubic input and
 prediction (C × rows·F × cols·F floats, times the restarts) in memory. For an MSI with thousands
 of channels :func:`reconstruct_channels` instead:
 
 * standardises the SR-cell features once (streamed over spatial blocks when they live on disk,
-  e.g. the ``features`` array of :func:`napari_smsdl.features_tiled.extract_features_tiled`);
+  e.g. the ``features`` array of :func:`napari_smsdl.features.extract_features_tiled`);
 * reads the MSI ``chunk_channels`` channels at a time (numpy memmap, zarr or any sliceable array);
 * trains the same network as ``train_regression`` on each chunk (same loss, restarts, seeds);
 * predicts block by block of SR rows and writes each block to the ``sr`` array of a zarr store,
@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import distributed as dd
-from .errors import Cancelled, InputError
-from .regression import (
+from .. import distributed as dd
+from ..errors import Cancelled, InputError
+from ._regression import (
     RegressionParams,
     _design_matrix,
     _fit,
@@ -46,10 +46,10 @@ from .regression import (
     conserve_block_means,
     effective_pca_dims,
 )
-from .torch_setup import get_device
+from ..torch_setup import get_device
 
 if TYPE_CHECKING:
-    from .pipeline import Settings
+    from ._pipeline import Settings
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def reconstruct_channels(
     chunk_channels : int
         Channels trained together (one network per chunk, shared trunk within it).
     params : RegressionParams
-        As :func:`napari_smsdl.regression.train_regression`.
+        As :func:`napari_smsdl.reconstruction.train_regression`.
     block_rows : int, optional
         SR rows predicted and written at a time (default: about 32 768 SR cells per block).
 
@@ -256,7 +256,7 @@ class ManyChannelRun:
 
     ``sr`` maps ``"smsdl"`` (and ``"bicubic"`` when asked) to its :class:`ChannelStack`;
     ``seconds`` has ``"features"`` (guide + features), ``"smsdl"`` (features + regression, as in
-    :class:`napari_smsdl.pipeline.Reconstruction`) and ``"bicubic"``.
+    :class:`napari_smsdl.reconstruction.Reconstruction`) and ``"bicubic"``.
     """
 
     sr: dict
@@ -278,7 +278,7 @@ def bicubic_channels(
 ) -> ChannelStack:
     """Bicubic baseline of every channel, ``chunk_channels`` at a time, into the zarr group ``out``.
 
-    Same numbers as :func:`napari_smsdl.baselines.bicubic_upsample` on the whole stack (it works
+    Same numbers as :func:`napari_smsdl.reconstruction.baselines.bicubic_upsample` on the whole stack (it works
     channel by channel); the ``sr`` array is laid out as :func:`reconstruct_channels` lays out its
     own. Under torchrun the chunks are shared round robin between ranks, like the SMSDL chunks:
     every rank must call it.
@@ -345,12 +345,12 @@ def reconstruct_many_channels(
     progress: Callable[[str, int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> ManyChannelRun:
-    """:func:`napari_smsdl.pipeline.reconstruct` for thousands of channels: SR stacks streamed to zarr.
+    """:func:`napari_smsdl.reconstruction.reconstruct` for thousands of channels: SR stacks streamed to zarr.
 
-    The H&E features are computed once — in memory (:func:`napari_smsdl.pipeline.prepare_guide`
+    The H&E features are computed once — in memory (:func:`napari_smsdl.reconstruction.prepare_guide`
     then :func:`napari_smsdl.features.extract_features`) for an H&E array, tile by tile into a zarr
-    store in ``cache_dir`` (:func:`napari_smsdl.features_tiled.extract_features_tiled`) for a lazy
-    :class:`napari_smsdl.histology.HistologyImage` — and every chunk of channels is then trained and
+    store in ``cache_dir`` (:func:`napari_smsdl.features.extract_features_tiled`) for a lazy
+    :class:`napari_smsdl.io.HistologyImage` — and every chunk of channels is then trained and
     predicted by :func:`reconstruct_channels` into ``out/sr_smsdl.zarr`` (bicubic, on request, into
     ``out/sr_bicubic.zarr`` by :func:`bicubic_channels`).
 
@@ -359,18 +359,18 @@ def reconstruct_many_channels(
     lr_msi : (C, rows, cols) array-like
         The MSI (NaN = no spectrum): numpy, memmap or zarr; read ``chunk_channels`` at a time.
     he_rgb : (H, W, 3) array or HistologyImage
-        The H&E, as for :func:`napari_smsdl.pipeline.reconstruct`.
+        The H&E, as for :func:`napari_smsdl.reconstruction.reconstruct`.
     he_pixel_size_um, msi_pixel_size_um : float
         Pixel sizes in µm.
     out : path
         Folder for the zarr stores.
-    settings : napari_smsdl.pipeline.Settings
+    settings : napari_smsdl.reconstruction.Settings
         Factor, feature and regression parameters, device (default ``Settings()``).
     methods : sequence of str
         ``"smsdl"`` and/or ``"bicubic"``. The CNN baseline trains one network on every channel at
         once and is refused here (:class:`napari_smsdl.errors.InputError`).
     transform, mask_lr, cache_dir, save_weights, progress, should_stop
-        As :func:`napari_smsdl.pipeline.reconstruct`.
+        As :func:`napari_smsdl.reconstruction.reconstruct`.
     channel_names : sequence of str, optional
         Stored in the stores' attributes.
     chunk_channels : int
@@ -383,9 +383,9 @@ def reconstruct_many_channels(
     and broadcast; tiled features and the chunks of channels are shared between the ranks; all
     ranks must see ``out`` and ``cache_dir`` on a common file system.
     """
-    from .features import extract_features
-    from .histology import HistologyImage
-    from .pipeline import Method, Settings, prepare_guide, tiled_feature_store
+    from ..features import extract_features
+    from ..io import HistologyImage
+    from ._pipeline import Method, Settings, prepare_guide, tiled_feature_store
 
     settings = settings or Settings()
     methods = [Method(m) for m in methods]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
+from ...errors import InputError
 from .grid import _check_factor, fill_nearest_tissue, upsample_mask
 
 #: Keys (1981) cubic-convolution parameter; −0.5 is MATLAB's ``imresize`` bicubic.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImzMLError, InputError
+from ..errors import ImzMLError, InputError
 
 #: Bytes of spectra read from the .ibd per chunk; bounds the memory of every query.
 CHUNK_BYTES = 32 * 2**20

@@ -4,8 +4,6 @@
   ``k`` times, so each SR cell sees its own k × k patch of H&E.
 * :func:`reconstruct` runs SMSDL-Net (features + regression) and, on request, the bicubic and CNN
   baselines on the same inputs and the same SR grid.
-* :func:`run_benchmark` takes a ground truth at native resolution, block-averages it by F,
-  reconstructs it back with every method and scores each against the ground truth.
 
 Grids: the MSI has pixel size p µm and shape (h, w); the SR grid has pixel size p/F and shape
 (h·F, w·F); MSI pixel (i, j) covers exactly SR cells [i·F, (i+1)·F) × [j·F, (j+1)·F).
@@ -22,9 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError
-from .features import FAST_FEATURES, FeatureMaps, FeatureParams, extract_features
-from .regression import FAST_REGRESSION, RegressionParams, train_regression
+from ..errors import InputError
+from ..features import FAST_FEATURES, FeatureMaps, FeatureParams, choose_cell_px, extract_features
+from ._regression import FAST_REGRESSION, RegressionParams, train_regression
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,6 @@ class Settings:
     seed: int = 0
     device: str = "auto"
 
-    @classmethod
     @classmethod
     def preset(cls, name: str = "default", **overrides) -> Settings:
         """``"default"`` or ``"fast"`` (the fast preset is for tests and demos: under 2 minutes)."""
@@ -91,10 +88,6 @@ class Reconstruction:
     settings: Settings = Settings()
 
 
-def choose_cell_px(he_pixel_size_um: float, sr_pixel_size_um: float, max_cell_px: int) -> int:
-    """H&E pixels per SR cell side for the guide: the native ratio, clipped to [2, max_cell_px]."""
-    return int(np.clip(round(sr_pixel_size_um / he_pixel_size_um), 2, max(2, max_cell_px)))
-
 
 def prepare_guide(
     he_rgb: np.ndarray,
@@ -111,7 +104,7 @@ def prepare_guide(
     ``transform`` maps MSI physical space (µm, origin at the centre of MSI pixel (0, 0)) to H&E
     physical space; None means the H&E covers exactly the MSI field of view.
     """
-    from .registration import resample_moving_to_grid, same_field_of_view_transform
+    from ..registration import resample_moving_to_grid, same_field_of_view_transform
 
     he = np.asarray(he_rgb)
     if he.ndim != 3 or he.shape[-1] < 3:
@@ -171,7 +164,7 @@ def reconstruct(
     stage = progress or (lambda *_: None)
     sr, seconds, history = {}, {}, {}
 
-    from .histology import HistologyImage
+    from ..io import HistologyImage
 
     tiled = isinstance(he_rgb, HistologyImage)  # a lazy (whole-slide) H&E: features tile by tile
     t0 = time.perf_counter()
@@ -230,7 +223,7 @@ def reconstruct(
 
 def tiled_feature_store(histology, msi_shape, msi_pixel_size_um, he_pixel_size_um, transform, settings, cache_dir,
                         save_weights=None, progress=None, should_stop=None):
-    """Whole-slide features through :func:`napari_smsdl.features_tiled.extract_features_tiled` (the store).
+    """Whole-slide features through :func:`napari_smsdl.features.extract_features_tiled` (the store).
 
     The zarr store lives in ``cache_dir`` (a temporary folder without one, made by rank 0 and shared
     with the other ranks under torchrun); its own key (slide content, grid, parameters) decides
@@ -238,8 +231,8 @@ def tiled_feature_store(histology, msi_shape, msi_pixel_size_um, he_pixel_size_u
     """
     from pathlib import Path
 
-    from . import distributed as dd
-    from .features_tiled import extract_features_tiled
+    from .. import distributed as dd
+    from ..features import extract_features_tiled
 
     folder = Path(dd.broadcast_object(str(cache_dir) if cache_dir else _temporary_folder()))
     folder.mkdir(parents=True, exist_ok=True)
@@ -254,7 +247,7 @@ def tiled_feature_store(histology, msi_shape, msi_pixel_size_um, he_pixel_size_u
 def _temporary_folder() -> str | None:
     import tempfile
 
-    from . import distributed as dd
+    from .. import distributed as dd
 
     return tempfile.mkdtemp(prefix="smsdl-tiled-") if dd.is_main_process() else None
 
@@ -265,115 +258,3 @@ def _tiled_features(histology, msi_shape, msi_pixel_size_um, he_pixel_size_um, t
     store = tiled_feature_store(histology, msi_shape, msi_pixel_size_um, he_pixel_size_um, transform, settings,
                                 cache_dir, save_weights, progress, should_stop)
     return FeatureMaps(store.read(), store.names, store.ssl_losses, store.seconds, store.from_cache)
-
-
-@dataclass(frozen=True)
-class BenchmarkResult:
-    """Scores per method (``metrics``), the reconstructions, and the inputs that made them."""
-
-    metrics: dict
-    reconstruction: Reconstruction
-    truth: np.ndarray
-    mask_hr: np.ndarray
-    lr: np.ndarray
-    mask_lr: np.ndarray
-    registration: dict | None = None  # the refinement decision when no transform was given
-
-
-def degrade(truth: np.ndarray, mask_hr: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
-    """Block-average a native-resolution stack by F over tissue pixels → (LR stack, LR tissue mask).
-
-    An LR pixel is tissue when at least half of its F × F block is tissue; non-tissue LR pixels are 0.
-    """
-    c, rows, cols = truth.shape
-    t = np.where(mask_hr[None], np.nan_to_num(truth), 0.0).reshape(c, rows // factor, factor, cols // factor, factor)
-    m = mask_hr.reshape(rows // factor, factor, cols // factor, factor)
-    counts = m.sum(axis=(1, 3))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        lr = np.where(counts > 0, t.sum(axis=(2, 4)) / counts, 0.0)
-    mask_lr = counts >= (factor * factor) / 2
-    return np.where(mask_lr[None], lr, 0.0).astype(np.float32), mask_lr
-
-
-def run_benchmark(
-    truth: np.ndarray,
-    he_rgb: np.ndarray,
-    *,
-    factor: int,
-    truth_pixel_size_um: float,
-    he_pixel_size_um: float,
-    settings: Settings | None = None,
-    mask_hr: np.ndarray | None = None,
-    transform=None,
-    methods: Sequence[Method | str] = (Method.SMSDL, Method.BICUBIC, Method.CNN),
-    cache_dir=None,
-    refine: bool = True,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> BenchmarkResult:
-    """The benchmark protocol: degrade the ground truth by F, reconstruct, score every method.
-
-    ``truth`` is (C, H, W) at native resolution with NaN or 0 outside tissue; it is cropped to a
-    multiple of F. ``transform`` maps truth-grid physical space to H&E physical space (None: the
-    H&E covers the same field of view). The truth grid's pixel size is ``truth_pixel_size_um``, so
-    the degraded MSI has pixel size ``F × truth_pixel_size_um``.
-
-    Without a transform and with ``refine``, the same-field-of-view start is refined on mutual
-    information between the degraded MSI and the H&E, and the refinement is kept only when it clearly
-    helps (:func:`napari_smsdl.registration.refine_same_field_of_view`; the decision is in
-    ``BenchmarkResult.registration``). Only the LR input is used for it, never the ground truth.
-    """
-    from .metrics import score_stack
-
-    truth = np.asarray(truth, np.float32)
-    if truth.ndim == 2:
-        truth = truth[None]
-    if truth.ndim != 3 or min(truth.shape[1:]) < 2 * factor:
-        raise InputError(f"ground truth must be (channels, rows, cols) at least {2 * factor} pixels wide, got {truth.shape}")
-    settings = dataclasses.replace(settings or Settings(), factor=factor)
-    if mask_hr is None:
-        mask_hr = np.isfinite(truth).all(0) & (np.nan_to_num(truth) != 0).any(0)
-    rows, cols = (truth.shape[1] // factor) * factor, (truth.shape[2] // factor) * factor
-    he = np.asarray(he_rgb)
-    if (rows, cols) != truth.shape[1:]:
-        if transform is None:  # keep the same-field-of-view correspondence after the crop
-            he = he[: int(round(he.shape[0] * rows / truth.shape[1])), : int(round(he.shape[1] * cols / truth.shape[2]))]
-        truth, mask_hr = truth[:, :rows, :cols], mask_hr[:rows, :cols]
-    lr, mask_lr = degrade(truth, mask_hr, factor)
-    msi_px = truth_pixel_size_um * factor
-    decision = None
-    methods = [Method(m) for m in methods]
-    uses_he = Method.SMSDL in methods or Method.CNN in methods
-    if transform is None and refine and uses_he:
-        from .registration import refine_same_field_of_view
-
-        stage = progress or (lambda *_: None)
-        stage("refining the same-field-of-view registration", 0, 1)
-        refined = refine_same_field_of_view(
-            np.where(mask_lr[None], lr, np.nan), he, fixed_pixel_size_um=msi_px, moving_pixel_size_um=he_pixel_size_um,
-        )
-        decision = refined.to_dict()
-        log.info("registration: %s", refined.reason)
-        lr_transform = refined.transform if refined.accepted else None  # already on the LR grid
-    elif transform is not None:
-        # the transform was given for the truth grid (pixel size s, origin at its pixel (0, 0) centre);
-        # the LR grid's pixel (0, 0) centre is at ((F-1)/2)·s in that space
-        import SimpleITK as sitk
-
-        shift = sitk.TranslationTransform(2, [(factor - 1) / 2 * truth_pixel_size_um] * 2)
-        composite = sitk.CompositeTransform(2)
-        composite.AddTransform(transform)
-        composite.AddTransform(shift)  # applied first
-        lr_transform = composite
-    else:
-        lr_transform = None
-    recon = reconstruct(
-        lr, he, he_pixel_size_um=he_pixel_size_um, msi_pixel_size_um=msi_px, settings=settings, methods=methods,
-        transform=lr_transform, mask_lr=mask_lr, cache_dir=cache_dir, progress=progress, should_stop=should_stop,
-    )
-    truth_clean = np.where(mask_hr[None], np.nan_to_num(truth), 0.0)
-    metrics = {}
-    for name, stack in recon.sr.items():
-        scores = score_stack(truth_clean, stack, mask_hr)
-        metrics[name] = {**scores, "seconds": float(recon.seconds[name])}
-    return BenchmarkResult(metrics, recon, truth_clean, mask_hr, lr, mask_lr, decision)

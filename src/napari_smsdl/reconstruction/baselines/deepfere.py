@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as tf
 from torch import nn
 
-from ..errors import Cancelled, InputError
+from ...errors import Cancelled, InputError
 from .bicubic import bicubic_upsample
 from .grid import _check_factor, upsample_mask
 
@@ -389,7 +389,7 @@ def structure_correlation_loss(
 
 def _pick_device(device: str) -> torch.device:
     """The project's device policy (CUDA when available; on CPU, torch threads = half the cores)."""
-    from ..torch_setup import get_device
+    from ...torch_setup import get_device
 
     return get_device(device)
 

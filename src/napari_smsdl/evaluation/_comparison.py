@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 #: Display labels of the methods (and of the ground truth and the measured MSI).
 METHOD_LABELS = {"lr": "LR", "truth": "ground truth", "smsdl": "SMSDL", "bicubic": "BI", "cnn": "CNN"}

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 #: Metric names in the order they are reported.
 METRICS: tuple[str, ...] = ("rmse", "ssim", "r2", "psnr", "pearson")

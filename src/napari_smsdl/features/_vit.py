@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import distributed as dd
-from ._files import sha256_file
-from .errors import Cancelled, InputError
-from .torch_setup import get_device
+from .. import distributed as dd
+from .._files import sha256_file
+from ..errors import Cancelled, InputError
+from ..torch_setup import get_device
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def _simmim_train(vit, image: np.ndarray, params: FeatureParams, level: str, dev
     """
     import torch
 
-    from . import distributed as dd
+    from .. import distributed as dd
 
     rank, world = (dd.get_rank(), dd.get_world_size()) if distributed else (0, 1)
     gen = torch.Generator().manual_seed(params.seed + LEVELS.index(level) + 7919 * rank)
@@ -262,6 +262,11 @@ def _pad_to(image: np.ndarray, size: int) -> np.ndarray:
     if pad_r or pad_c:
         image = np.pad(image, ((0, pad_r), (0, pad_c), (0, 0)), mode="reflect" if min(image.shape[:2]) > 1 else "edge")
     return image
+
+
+def choose_cell_px(he_pixel_size_um: float, sr_pixel_size_um: float, max_cell_px: int) -> int:
+    """H&E pixels per SR cell side for the guide: the native ratio, clipped to [2, max_cell_px]."""
+    return int(np.clip(round(sr_pixel_size_um / he_pixel_size_um), 2, max(2, max_cell_px)))
 
 
 def _level_image(guide: np.ndarray, cell_px: float, factor: int, level: str, params: FeatureParams) -> tuple[np.ndarray, float]:

@@ -5,7 +5,7 @@ super-resolution (SR) grid in memory (the *guide*); for a whole slide that is gi
 computes the same features tile by tile:
 
 1. **Pyramid level.** The guide has pixel size ``g = SR pixel / k`` (k from
-   :func:`napari_smsdl.pipeline.choose_cell_px`); the H&E is read at the coarsest pyramid level
+   :func:`napari_smsdl.features.choose_cell_px`); the H&E is read at the coarsest pyramid level
    whose pixel is still at most ``g`` (:meth:`HistologyImage.best_level`), one region at a time.
 2. **Colour statistics** of the guide (mean and standard deviation per channel, which
    normalise the ViT input) from guide tiles on a regular lattice (all tiles when there are at most
@@ -46,9 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import distributed as dd
-from .errors import Cancelled, InputError
-from .features import (
+from .. import distributed as dd
+from ..errors import Cancelled, InputError
+from ._vit import (
     LEVELS,
     TOKEN_PX,
     WINDOW_TOKENS,
@@ -59,8 +59,8 @@ from .features import (
     feature_dim,
     save_vits,
 )
-from .histology import HistologyImage, open_histology
-from .torch_setup import get_device
+from ..io import HistologyImage, open_histology
+from ..torch_setup import get_device
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class _Slide:
     """The H&E, its transform into MSI space, and region resampling onto grids of MSI space."""
 
     def __init__(self, image: HistologyImage, transform, msi_shape, msi_pixel_size_um: float, max_read_px: int = 1536):
-        from .registration import same_field_of_view_transform
+        from ..registration import same_field_of_view_transform
 
         self.max_read_px = int(max_read_px)  # H&E region side read at once (larger grid regions are split)
 
@@ -170,9 +170,9 @@ class _Slide:
         """
         import SimpleITK as sitk
 
-        from .registration import resample_moving_to_grid
-        from .registration._coords import GridSpec
-        from .registration._resample import _local_scale
+        from ..registration import resample_moving_to_grid
+        from ..registration._coords import GridSpec
+        from ..registration._resample import _local_scale
 
         (a, b), (c, d) = rows, cols
         shape = (b - a, d - c)
@@ -235,7 +235,7 @@ class _Level:
 
 class _Extractor:
     def __init__(self, slide: _Slide, msi_shape, msi_pixel_size_um, factor, params, tiling, max_cell_px, dev):
-        from .pipeline import choose_cell_px
+        from ._vit import choose_cell_px
 
         self.slide, self.params, self.tiling, self.dev = slide, params, tiling, dev
         self.factor = int(factor)
@@ -437,7 +437,7 @@ def extract_features_tiled(
     Parameters
     ----------
     histology : HistologyImage or path
-        The H&E, opened lazily (:func:`napari_smsdl.histology.open_histology`); a pyramidal TIFF is
+        The H&E, opened lazily (:func:`napari_smsdl.io.open_histology`); a pyramidal TIFF is
         read at the level chosen from the SR pixel size, one region at a time.
     msi_shape : (rows, cols)
         The MSI grid; the SR grid is (rows·F, cols·F).
@@ -455,7 +455,7 @@ def extract_features_tiled(
         Level-0 H&E pixel size when the file does not say.
     params, max_cell_px, device, save_weights, progress, should_stop
         As :func:`napari_smsdl.features.extract_features` and
-        :class:`napari_smsdl.pipeline.Settings`.
+        :class:`napari_smsdl.reconstruction.Settings`.
     tiling : TilingParams
         Tile sizes; they bound peak memory.
 
@@ -686,7 +686,7 @@ def _sample_region(tokens_arr, rows, cols, cells_per_token: float, shift_px: int
     """Bilinear samples of a token grid at the centres of SR cells ``rows × cols``: (D, r, c).
 
     The same coordinates and edge rule (``"nearest"``) as
-    :func:`napari_smsdl.features._sample_tokens_at_cells`, read from a token window with a
+    :func:`napari_smsdl.features._vit._sample_tokens_at_cells`, read from a token window with a
     one-token halo and interpolated separably.
     """
     h, w = tokens_arr.shape[:2]

@@ -9,7 +9,7 @@ optional final rescale makes each MSI pixel's mean exactly the measured value.
 
 Under torchrun (a torch.distributed process group of N > 1 processes) the training pixels are
 sharded across ranks and DistributedDataParallel averages the gradients; every rank ends with
-rank 0's weights (see :func:`train_regression`). :mod:`napari_smsdl.channels` reuses the pieces
+rank 0's weights (see :func:`train_regression`). :mod:`napari_smsdl.reconstruction` reuses the pieces
 (:func:`_targets`, :func:`_design_matrix`, :func:`_fit`) to train chunks of many channels.
 """
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import Cancelled, InputError
-from .torch_setup import get_device
+from ..errors import Cancelled, InputError
+from ..torch_setup import get_device
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def train_regression(
 
 def _ddp_active() -> bool:
     """True when a torch.distributed process group of more than one process is initialised."""
-    from .distributed import is_distributed
+    from ..distributed import is_distributed
 
     return is_distributed()
 
@@ -233,7 +233,7 @@ def _fit(
     batch = min(params.batch_pixels, n_pix)
     rank, world = 0, 1
     if distributed:
-        from .distributed import get_rank, get_world_size
+        from ..distributed import get_rank, get_world_size
 
         rank, world = get_rank(), get_world_size()
         if n_pix // world < 1:
@@ -263,7 +263,7 @@ def _fit(
         for step in range(params.steps):
             if distributed:
                 if step % 20 == 0:
-                    from .distributed import any_rank
+                    from ..distributed import any_rank
 
                     if any_rank(should_stop is not None and bool(should_stop())):
                         raise Cancelled("SMSDL training cancelled")
@@ -293,7 +293,7 @@ def _fit(
             net.load_state_dict(best[2])
             log.info("SMSDL restart %d: best held-out loss %.3g at step %d", restart, best[0], best[1])
         if distributed:
-            from .distributed import all_reduce_mean, broadcast_module
+            from ..distributed import all_reduce_mean, broadcast_module
 
             broadcast_module(net, src=0)  # identical weights on every rank, whatever each rank chose
             losses = [float(v) for v in all_reduce_mean(losses)]

@@ -2,8 +2,9 @@
 
 * :func:`write_tiff_stack`: float32 OME-TIFF stacks with physical pixel size and channel names;
 * :func:`write_sr_imzml`: an SR stack as a continuous imzML at the SR pixel size;
-* :func:`write_metrics_csv`: per-method, per-channel scores as CSV;
-* :func:`export_results`: all of them (and the comparison figure) for a reconstruction.
+* :func:`write_metrics_csv`: per-method, per-channel scores as CSV.
+
+:func:`napari_smsdl.project.export_results` writes all of them (and the comparison figure) for a project.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def write_tiff_stack(
     the stack opens at the right scale in napari, Fiji or QuPath.
 
     ``stack`` is a numpy array, or any (channels, rows, cols) array-like with ``shape`` and
-    ``__getitem__`` (a zarr array, a memmap, :meth:`napari_smsdl.channels.ChannelStack.open`): that
+    ``__getitem__`` (a zarr array, a memmap, :meth:`napari_smsdl.reconstruction._channels.ChannelStack.open`): that
     is streamed to the file one channel (TIFF page) at a time and never held whole. It is read a few
     channels at a time — one chunk along the channel axis of a chunked array, so every chunk is read
     once, but at most ``PAGE_READ_BYTES`` (256 MB) and at least one channel. Both give the same file
@@ -94,7 +95,7 @@ def write_sr_imzml(
     """Write a super-resolved stack (channels, rows, cols) as a *continuous* imzML/ibd pair.
 
     Every SR pixel becomes one spectrum on a shared m/z axis holding one value per channel, so
-    the file opens in any imzML viewer (and :func:`napari_smsdl.msi.open_imzml`) as an image at
+    the file opens in any imzML viewer (and :func:`napari_smsdl.io.open_imzml`) as an image at
     the SR pixel size, recorded in the scan settings. Pixels that are NaN in every channel are left
     out (no spectrum); other NaNs are written as 0.
 
@@ -113,8 +114,8 @@ def write_sr_imzml(
     -------
     Path of the ``.imzML`` written.
     """
-    from .errors import InputError
-    from .msi import write_imzml
+    from ..errors import InputError
+    from ._imzml import write_imzml
 
     stack = np.asarray(stack, dtype=np.float32)
     if stack.ndim == 2:
@@ -157,7 +158,7 @@ def write_metrics_csv(
     ----------
     metrics : dict
         ``method -> metric -> {"mean": float, "per_channel": [float, ...]}`` as returned per method
-        by :func:`napari_smsdl.metrics.score_stack` (extra keys such as ``"seconds"`` are ignored).
+        by :func:`napari_smsdl.evaluation.score_stack` (extra keys such as ``"seconds"`` are ignored).
     channel_names : sequence of str, optional
         One name per channel (default ``channel 0``, ``channel 1``, ...).
 
@@ -202,62 +203,3 @@ def _num(scores: dict, metric: str, channel: int | None) -> str:
         return ""
     value = entry["mean"] if channel is None else entry["per_channel"][channel]
     return repr(float(value))
-
-
-#: What :func:`export_results` can write.
-EXPORT_FORMATS = ("ome-tiff", "imzml", "csv", "png")
-
-
-def export_results(project, outdir: str | os.PathLike, *, formats: Sequence[str] = EXPORT_FORMATS) -> dict[str, Path]:
-    """Write a reconstruction's results into ``outdir`` in the chosen formats.
-
-    Parameters
-    ----------
-    project : napari_smsdl.project.Project
-        The reconstruction (its SR stacks, channel names, m/z, pixel sizes, ground truth, metrics).
-    outdir : path-like
-        Created if needed.
-    formats : sequence of str
-        Any of ``"ome-tiff"`` (``sr_<method>.ome.tif``, plus ``ground_truth.ome.tif`` when there is
-        one), ``"imzml"`` (``sr_<method>.imzML`` + ``.ibd``, continuous, at the SR pixel size; needs
-        m/z channels), ``"csv"`` (``metrics.csv``; needs a ground truth) and ``"png"``
-        (``figure.png``: LR, ground truth, methods and error maps per channel).
-
-    Returns
-    -------
-    dict
-        Name → path of every file written.
-    """
-    from .errors import InputError
-    from .figures import comparison_figure
-
-    unknown = set(formats) - set(EXPORT_FORMATS)
-    if unknown:
-        raise InputError(f"unknown export format(s) {sorted(unknown)}; choose from {list(EXPORT_FORMATS)}")
-    if "imzml" in formats and project.mz is None:
-        raise InputError("imzML export needs one m/z per channel; these channels are not m/z windows")
-    if "csv" in formats and not project.metrics:
-        raise InputError("no metrics to export: choose a ground truth in Compare first")
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = list(project.channel_names)
-    sr_px = project.sr_pixel_size_um
-    written: dict[str, Path] = {}
-    if "ome-tiff" in formats:
-        for method, stack in project.sr.items():
-            written[f"{method}.ome.tif"] = write_tiff_stack(out / f"sr_{method}.ome.tif", stack, channel_names=names,
-                                                            pixel_size_um=sr_px)
-        if project.truth is not None:
-            written["ground_truth.ome.tif"] = write_tiff_stack(out / "ground_truth.ome.tif", project.truth,
-                                                               channel_names=names, pixel_size_um=sr_px)
-    if "imzml" in formats:
-        for method, stack in project.sr.items():
-            written[f"{method}.imzML"] = write_sr_imzml(out / f"sr_{method}.imzML", stack, project.mz, sr_px)
-    if "csv" in formats:
-        written["metrics.csv"] = write_metrics_csv(out / "metrics.csv", project.metrics, channel_names=names)
-    if "png" in formats:
-        written["figure.png"] = comparison_figure(
-            out / "figure.png", project.sr, truth=project.truth, mask=project.mask_hr, channel_names=names,
-            lr=project.lr_msi,
-        )
-    return written

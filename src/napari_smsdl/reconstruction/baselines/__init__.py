@@ -30,7 +30,7 @@ __all__ = [
 _LAZY = {"train_deepfere", "DeepFereResult", "DeepFereConfig", "Preset"}
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: keep torch out of `import napari_smsdl.baselines`
+def __getattr__(name: str) -> Any:  # PEP 562: keep torch out of `import napari_smsdl.reconstruction.baselines`
     if name in _LAZY:
         from . import deepfere
 

@@ -1,0 +1,41 @@
+"""A project folder: one reconstruction session, saved so that it reopens exactly (no Qt).
+
+* ``_format``: the on-disk layout, manifest, file names and format version;
+* ``_project``: the :class:`Project` in memory (eager or lazy stacks);
+* ``_store``: atomic saving and (lazy) reopening;
+* ``_run``: a reconstruction run straight into a project;
+* ``_export``: exporting results (files and figure);
+* ``_layers``: a project as napari layer data.
+
+The widgets and ``smsdl reconstruct --project`` share it.
+"""
+
+from ._export import EXPORT_FORMATS, export_project, export_results
+from ._format import PROJECT_FILE, InputRecord, input_records, settings_from_dict
+from ._layers import LAYER_METADATA_KEY, project_layers
+from ._project import LAZY_SCORED_CHANNELS, Project, is_lazy, read_channels
+from ._run import check_methods_for_channels, reconstruct_project, uses_chunked_path
+from ._store import is_project, load_project, open_lazy_tiff, save_project
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "InputRecord",
+    "LAYER_METADATA_KEY",
+    "LAZY_SCORED_CHANNELS",
+    "PROJECT_FILE",
+    "Project",
+    "check_methods_for_channels",
+    "export_project",
+    "export_results",
+    "input_records",
+    "is_lazy",
+    "is_project",
+    "load_project",
+    "open_lazy_tiff",
+    "project_layers",
+    "read_channels",
+    "reconstruct_project",
+    "save_project",
+    "settings_from_dict",
+    "uses_chunked_path",
+]
