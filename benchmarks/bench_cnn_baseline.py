@@ -6,7 +6,7 @@ Datasets
   missing pixels, truth (5, 128, 128), H&E averaged onto the SR grid; F = 4.
 * ``mouse-cerebellum`` (real, ``../shared/data/mouse-cerebellum``): ground truth = the UMAP image
   (3, 40, 36), tissue = any channel > 0; LR = block average over tissue pixels by F = 2 → (3, 20, 18)
-  and F = 4 → (3, 10, 9) (``pipeline.degrade``: an LR pixel is tissue when at least half of its
+  and F = 4 → (3, 10, 9) (``evaluation.degrade``: an LR pixel is tissue when at least half of its
   block is); guide = HE.png resized to the 40×36 SR grid (anti-aliased).
 * ``synthetic-ihc`` (built from ``skimage.data.immunohistochemistry()``): the RGB image resized to
   128×128 is the guide; five ground-truth channels in different intensity units are made from its
@@ -37,15 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_smsdl.reconstruction.baselines import bicubic_upsample, block_average
 from napari_smsdl.evaluation import METRICS, score_stack
+from napari_smsdl.reconstruction.baselines import bicubic_upsample, block_average
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "data" / "mouse-cerebellum"
 
 
 def _degrade(truth: np.ndarray, mask: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
-    """The benchmark protocol's degradation (``pipeline.degrade``: mean over the tissue pixels of
+    """The benchmark protocol's degradation (``evaluation.degrade``: mean over the tissue pixels of
     each block, an LR pixel is tissue when at least half its block is); ``block_average`` (any
     tissue pixel) when the pipeline is not importable."""
     try:

@@ -56,8 +56,8 @@ def _device_description() -> str:
 
 
 def main() -> None:
-    from napari_smsdl.reconstruction import Settings
     from napari_smsdl.evaluation import run_benchmark
+    from napari_smsdl.reconstruction import Settings
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="default", choices=["default", "fast"])

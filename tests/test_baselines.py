@@ -7,9 +7,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from napari_smsdl.errors import InputError
 from napari_smsdl.reconstruction.baselines import bicubic_upsample, block_average, fill_nearest_tissue, upsample_mask
 from napari_smsdl.reconstruction.baselines.bicubic import cubic_matrix
-from napari_smsdl.errors import InputError
 
 
 def _smooth(h: int, w: int, c: int = 2) -> np.ndarray:

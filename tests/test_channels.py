@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_smsdl.reconstruction.baselines import bicubic_upsample
-from napari_smsdl.reconstruction import reconstruct_channels, standardise_features
 from napari_smsdl.errors import InputError
+from napari_smsdl.reconstruction import reconstruct_channels, standardise_features
 from napari_smsdl.reconstruction._regression import RegressionParams, _standardise, train_regression
+from napari_smsdl.reconstruction.baselines import bicubic_upsample
 
 PARAMS = RegressionParams(hidden=32, steps=40, restarts=2, pca_dims=6)
 

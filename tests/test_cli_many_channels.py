@@ -52,10 +52,10 @@ def _argv(many, out, *extra):
 def test_chunked_reconstruct_streams_to_zarr_and_equals_the_api(many, tmp_path):
     import zarr
 
-    from napari_smsdl.reconstruction.baselines import bicubic_upsample
-    from napari_smsdl.reconstruction import reconstruct_many_channels
     from napari_smsdl.cli import build_parser
     from napari_smsdl.commands._common import settings_from_args
+    from napari_smsdl.reconstruction import reconstruct_many_channels
+    from napari_smsdl.reconstruction.baselines import bicubic_upsample
 
     out = tmp_path / "out"
     argv = _argv(many, out, "--baselines", "bicubic", "--project", str(tmp_path / "project"))

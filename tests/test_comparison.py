@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_smsdl.errors import InputError
 from napari_smsdl.evaluation import (
     channel_label,
     cluster_segments,
@@ -17,9 +18,8 @@ from napari_smsdl.evaluation import (
     shared_limits,
     tissue_mask_sr,
 )
-from napari_smsdl.errors import InputError
-from napari_smsdl.reconstruction import Reconstruction, Settings
 from napari_smsdl.project import Project
+from napari_smsdl.reconstruction import Reconstruction, Settings
 
 
 @pytest.fixture

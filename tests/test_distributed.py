@@ -111,12 +111,11 @@ def test_two_ranks_match_one_process(small_pair, tmp_path):
 
     import zarr
 
-    from napari_smsdl.reconstruction import reconstruct_channels
     from napari_smsdl.cli import main
+    from napari_smsdl.evaluation import degrade
     from napari_smsdl.features import FeatureParams, TilingParams, extract_features_tiled
     from napari_smsdl.io import write_pyramidal_tiff
-    from napari_smsdl.evaluation import degrade
-    from napari_smsdl.reconstruction import RegressionParams, train_regression
+    from napari_smsdl.reconstruction import RegressionParams, reconstruct_channels, train_regression
     from napari_smsdl.sample import make_sample
 
     s = make_sample()

@@ -55,7 +55,7 @@ def exact(slide, tmp_path_factory):
 
 
 def test_tiles_reproduce_the_in_memory_tokens(exact, guide):
-    """With the same colour statistics, every token grid and feature equals features.py's whole-image path.
+    """With the same colour statistics, every token grid and feature equals the whole-image path (features._vit).
 
     Equal up to float rounding: the tile's transform (slide transform + region offset) puts a guide
     pixel one float32 ulp away now and then; with an identity scale the two are bit-identical.

@@ -14,12 +14,12 @@ from napari_smsdl.project import (
     PROJECT_FILE,
     InputRecord,
     Project,
+    _store,
     input_records,
     load_project,
     save_project,
     settings_from_dict,
 )
-from napari_smsdl.project import _store
 from napari_smsdl.reconstruction import Reconstruction, Settings
 
 NAMES = ("m/z 734.5694", "m/z 885.5499")

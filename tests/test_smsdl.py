@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 
 from napari_smsdl.errors import Cancelled, InputError
-from napari_smsdl.features import FeatureParams, extract_features
-from napari_smsdl.reconstruction import Settings, reconstruct
 from napari_smsdl.evaluation import degrade
-from napari_smsdl.reconstruction import RegressionParams, block_mean, effective_pca_dims, train_regression
+from napari_smsdl.features import FeatureParams, extract_features
+from napari_smsdl.reconstruction import (
+    RegressionParams,
+    Settings,
+    block_mean,
+    effective_pca_dims,
+    reconstruct,
+    train_regression,
+)
 
 TINY_FEATURES = FeatureParams(embed_dim=32, depth=1, num_heads=2, ssl_steps=8, ssl_batch=4, shifts=1)
 TINY_REGRESSION = RegressionParams(hidden=64, steps=150, restarts=1, pca_dims=16)
@@ -131,8 +137,8 @@ def test_pca_dimensions_are_capped_by_the_training_pixels():
 
 
 def test_smsdl_beats_bicubic_where_he_carries_the_signal(crop, features):
-    from napari_smsdl.reconstruction.baselines import bicubic_upsample
     from napari_smsdl.evaluation import score_stack
+    from napari_smsdl.reconstruction.baselines import bicubic_upsample
 
     _, truth, mask_hr, lr, mask_lr = crop
     fm, _ = features

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_smsdl.reconstruction import CHUNKED_ABOVE_CHANNELS
 from napari_smsdl.evaluation import channel_limits, tissue_mask_sr
 from napari_smsdl.project import LAZY_SCORED_CHANNELS, load_project
+from napari_smsdl.reconstruction import CHUNKED_ABOVE_CHANNELS
 from napari_smsdl.widgets.compare import PREFIX, CompareWidget
 from napari_smsdl.widgets.export import ExportWidget
 from napari_smsdl.widgets.train import TrainWidget
@@ -189,8 +189,8 @@ class _CountingStack:
 
 
 def test_lazy_layers_read_only_the_channels_shown(make_napari_viewer):
-    from napari_smsdl.reconstruction import Settings
     from napari_smsdl.project import Project
+    from napari_smsdl.reconstruction import Settings
     from napari_smsdl.widgets.compare import add_comparison_layers, arrange
 
     n = 300

@@ -16,9 +16,8 @@ import pytest
 import tifffile
 
 from napari_smsdl.features import FeatureParams
-from napari_smsdl.reconstruction import Settings
 from napari_smsdl.project import LAYER_METADATA_KEY
-from napari_smsdl.reconstruction import RegressionParams
+from napari_smsdl.reconstruction import RegressionParams, Settings
 from napari_smsdl.widgets.compare import GUIDE_NAME, PREFIX, CompareWidget
 from napari_smsdl.widgets.export import ExportWidget
 from napari_smsdl.widgets.train import FeatureSource, TrainWidget

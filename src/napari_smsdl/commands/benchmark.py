@@ -54,8 +54,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..distributed import get_world_size, is_main_process
     from ..errors import InputError
-    from ..io import write_tiff_stack
     from ..evaluation import comparison_figure, run_benchmark
+    from ..io import write_tiff_stack
 
     start = time.perf_counter()
     main = is_main_process()

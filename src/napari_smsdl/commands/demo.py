@@ -65,11 +65,10 @@ def run_headless(outdir: str | os.PathLike, *, settings=None, methods=("smsdl", 
     ``settings`` defaults to the fast preset. Returns the metrics (method → metric → mean and
     per-channel values, plus ``seconds``).
     """
-    from ..io import write_metrics_csv, write_tiff_stack
-    from ..evaluation import comparison_figure
-    from ..reconstruction import Settings
-    from ..evaluation import run_benchmark
     from .._files import jsonable
+    from ..evaluation import comparison_figure, run_benchmark
+    from ..io import write_metrics_csv, write_tiff_stack
+    from ..reconstruction import Settings
     from ..sample import make_sample
     from .benchmark import write_json_atomic
 

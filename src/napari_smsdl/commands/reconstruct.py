@@ -41,14 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .._files import write_json_atomic
-from ._common import (
-    add_method_args,
-    add_msi_channel_args,
-    load_he,
-    load_msi,
-    load_transform_arg,
-    settings_from_args,
-)
+from ._common import add_method_args, add_msi_channel_args, load_he, load_msi, load_transform_arg, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +89,10 @@ def _log_progress(stage: str, done: int, total: int) -> None:
 
 def run(args) -> int:
     from .. import distributed as dd
-    from ..reconstruction import CHUNKED_ABOVE_CHANNELS, DEFAULT_CHUNK_CHANNELS
     from ..errors import InputError
-    from ..io import write_tiff_stack
     from ..evaluation import comparison_figure
-    from ..reconstruction import Method, reconstruct
+    from ..io import write_tiff_stack
+    from ..reconstruction import CHUNKED_ABOVE_CHANNELS, DEFAULT_CHUNK_CHANNELS, Method, reconstruct
 
     start = time.perf_counter()
     missing = [f"--{name}" for name in REOPEN_OPTIONAL if getattr(args, name, None) is None]
@@ -227,8 +219,8 @@ def save_run_as_project(args, result, msi, *, msi_px: float, he_px: float, trans
     :class:`napari_smsdl.reconstruction.ManyChannelRun` (a lazy project: the SR stacks are copied page
     by page; the LR stack is held in memory while saving).
     """
-    from ..reconstruction import ManyChannelRun
     from ..project import Project, input_records, save_project
+    from ..reconstruction import ManyChannelRun
 
     landmarks = report = None
     if args.transform:
@@ -259,8 +251,8 @@ def save_run_as_project(args, result, msi, *, msi_px: float, he_px: float, trans
 
 def reopen(args, start: float) -> int:
     """Reopen ``--project DIR`` and write its stored results to ``-o`` like a run does."""
-    from ..io import write_tiff_stack
     from ..evaluation import comparison_figure
+    from ..io import write_tiff_stack
     from ..project import load_project
 
     project = load_project(args.project)

@@ -48,6 +48,8 @@ import numpy as np
 
 from .. import distributed as dd
 from ..errors import Cancelled, InputError
+from ..io import HistologyImage, open_histology
+from ..torch_setup import get_device
 from ._vit import (
     LEVELS,
     TOKEN_PX,
@@ -59,8 +61,6 @@ from ._vit import (
     feature_dim,
     save_vits,
 )
-from ..io import HistologyImage, open_histology
-from ..torch_setup import get_device
 
 log = logging.getLogger(__name__)
 

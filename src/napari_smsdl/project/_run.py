@@ -22,7 +22,7 @@ from ._project import Project
 def uses_chunked_path(n_channels: int, chunk_channels: int | None = None) -> bool:
     """Whether :func:`reconstruct_project` streams the SR stacks to zarr (the many-channel path).
 
-    ``chunk_channels``: None = automatic (more than ``channels.CHUNKED_ABOVE_CHANNELS`` channels),
+    ``chunk_channels``: None = automatic (more than ``reconstruction.CHUNKED_ABOVE_CHANNELS`` channels),
     0 = never, N > 0 = always (N channels per chunk).
     """
     from ..reconstruction import CHUNKED_ABOVE_CHANNELS
@@ -69,10 +69,10 @@ def reconstruct_project(
 ) -> Project:
     """Run :func:`napari_smsdl.reconstruction.reconstruct` and wrap its output and inputs as a :class:`Project`.
 
-    Many channels (:func:`uses_chunked_path`: more than ``channels.CHUNKED_ABOVE_CHANNELS``, or
+    Many channels (:func:`uses_chunked_path`: more than ``reconstruction.CHUNKED_ABOVE_CHANNELS``, or
     ``chunk_channels`` > 0) go through :func:`napari_smsdl.reconstruction.reconstruct_many_channels`
     instead: SMSDL and BI chunk by chunk (``chunk_channels`` per chunk, default
-    ``channels.DEFAULT_CHUNK_CHANNELS``) into zarr stores in ``run_dir`` (a new temporary folder
+    ``reconstruction.DEFAULT_CHUNK_CHANNELS``) into zarr stores in ``run_dir`` (a new temporary folder
     when None), and the project's ``sr`` values are those lazy arrays; the CNN baseline is refused
     there (:func:`check_methods_for_channels`) and ``on_loss`` is not called.
 

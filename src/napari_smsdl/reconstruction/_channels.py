@@ -37,6 +37,7 @@ import numpy as np
 
 from .. import distributed as dd
 from ..errors import Cancelled, InputError
+from ..torch_setup import get_device
 from ._regression import (
     RegressionParams,
     _design_matrix,
@@ -46,7 +47,6 @@ from ._regression import (
     conserve_block_means,
     effective_pca_dims,
 )
-from ..torch_setup import get_device
 
 if TYPE_CHECKING:
     from ._pipeline import Settings

@@ -48,6 +48,7 @@ from magicgui.widgets import (
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
+from ..errors import InputError
 from ..evaluation import (
     PixelHit,
     channel_label,
@@ -63,7 +64,6 @@ from ..evaluation import (
     shared_limits,
     tissue_mask_sr,
 )
-from ..errors import InputError
 from ..project import LAYER_METADATA_KEY, LAZY_SCORED_CHANNELS, Project, read_channels
 from ._jobs import ErrorDisplay
 from ._layers import _last2, set_selection

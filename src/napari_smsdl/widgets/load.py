@@ -42,8 +42,17 @@ from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from .._reader import DEFAULT_N_PEAKS, DEFAULT_TOLERANCE, LayerDataTuple, he_layer, ion_stack_layer
 from ..errors import InputError
-from ..io import HistologyImage, IonStack, open_histology, read_ion_stack
-from ..io import ImzMLDataset, Normalization, Spectrum, make_windows, open_imzml
+from ..io import (
+    HistologyImage,
+    ImzMLDataset,
+    IonStack,
+    Normalization,
+    Spectrum,
+    make_windows,
+    open_histology,
+    open_imzml,
+    read_ion_stack,
+)
 from ._jobs import JobRunner
 from ._layers import set_selection
 from ._plots import PlotCanvas

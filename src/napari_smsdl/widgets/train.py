@@ -12,7 +12,7 @@ dock and a live loss curve. Cancel sets a flag that the core polls (``should_sto
 :class:`~napari_smsdl.errors.Cancelled` within a few seconds and the widget is usable again.
 Set ``SMSDL_NOTHREADS=1`` to run synchronously (debugging).
 
-**Many channels.** With more channels selected than ``channels.CHUNKED_ABOVE_CHANNELS`` the core
+**Many channels.** With more channels selected than ``reconstruction.CHUNKED_ABOVE_CHANNELS`` the core
 takes the chunked path (see :func:`~napari_smsdl.project.reconstruct_project`): SMSDL and BI are
 trained chunk by chunk and their SR stacks streamed to zarr stores in the run folder
 (:attr:`TrainWidget.run_dir`); the project's stacks stay on disk (Compare shows them as lazy
@@ -54,11 +54,17 @@ from magicgui.widgets import (
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
-from ..evaluation import channel_label, he_level_for_guide, placement_transform, transform_to_level
 from ..errors import InputError
+from ..evaluation import channel_label, he_level_for_guide, placement_transform, transform_to_level
+from ..project import (
+    LAYER_METADATA_KEY,
+    Project,
+    check_methods_for_channels,
+    input_records,
+    reconstruct_project,
+    uses_chunked_path,
+)
 from ..reconstruction import Settings
-from ..project import LAYER_METADATA_KEY, Project, check_methods_for_channels, reconstruct_project, uses_chunked_path
-from ..project import input_records
 from ._jobs import JobRunner
 from ._layers import HeMsiLayers, _last2, set_selection
 from ._plots import PlotCanvas
