@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["FixedFeature", "FovFit", "MovingFeature", "RegistrationParams"]
+__all__ = ["Criterion", "FixedFeature", "FovFit", "MovingFeature", "RegistrationParams"]
 
 
 class MovingFeature(str, enum.Enum):
@@ -23,6 +23,14 @@ class FixedFeature(str, enum.Enum):
     TIC = "tic"  #: sum over channels (the total ion current of an imzML)
     PC1 = "pc1"  #: first principal component of the channels (per-channel standardised)
     ION = "ion"  #: one channel, ``RegistrationParams.fixed_channel``
+
+
+class Criterion(str, enum.Enum):
+    """What drives the image stages."""
+
+    AUTO = "auto"  #: ``CHANNELS`` for an MSI stack of ≥ 2 channels and ≥ 400 pixels, else ``MATTES``
+    MATTES = "mattes"  #: Mattes mutual information of one MSI feature and one H&E feature (SimpleITK)
+    CHANNELS = "channels"  #: cross-validated regression of many ion components on histology features
 
 
 class FovFit(str, enum.Enum):
@@ -77,7 +85,22 @@ class RegistrationParams:
     outlier_factor : float
         A landmark is flagged when its held-out error exceeds this × the median.
     threads : int or None
-        SimpleITK threads (``None``: SimpleITK's default).
+        SimpleITK threads for resampling (``None``: SimpleITK's default). The optimisers' metrics run
+        on one thread whatever this is, so results do not depend on it.
+    criterion : Criterion
+        What drives the image stages (see :class:`Criterion`).
+    channel_model : str
+        Transform fitted by the channel affine stage: ``"similarity"`` (rotation, isotropic scale,
+        shift) or ``"affine"``.
+    sweep : bool
+        Without landmarks and with the channel criterion, start from a rotation/scale/mirror sweep
+        instead of the same field of view.
+    sweep_mirror : bool
+        The sweep also tries the mirrored H&E.
+    channel_mesh_msi_px : float
+        Control-point spacing (MSI px) of the channel-driven B-spline.
+    bspline_min_gain : float
+        The channel-driven B-spline is kept when it raises the held-out channel R² by at least this.
     """
 
     moving_feature: MovingFeature = MovingFeature.HAEMATOXYLIN
@@ -101,9 +124,22 @@ class RegistrationParams:
     fov_fit: FovFit = FovFit.STRETCH
     outlier_factor: float = 2.0
     threads: int | None = None
+    criterion: Criterion = Criterion.AUTO
+    channel_model: str = "similarity"
+    sweep: bool = True
+    sweep_mirror: bool = True
+    channel_mesh_msi_px: float = 32.0
+    bspline_min_gain: float = 0.002
 
     def __post_init__(self):
-        for name, cls in (("moving_feature", MovingFeature), ("fixed_feature", FixedFeature), ("fov_fit", FovFit)):
+        if self.channel_model not in ("similarity", "affine"):
+            raise ValueError(f"channel_model must be 'similarity' or 'affine', got {self.channel_model!r}")
+        for name, cls in (
+            ("moving_feature", MovingFeature),
+            ("fixed_feature", FixedFeature),
+            ("fov_fit", FovFit),
+            ("criterion", Criterion),
+        ):
             object.__setattr__(self, name, cls(getattr(self, name)))
         object.__setattr__(self, "shrink_msi_px", tuple(float(v) for v in self.shrink_msi_px))
         object.__setattr__(self, "smoothing_msi_px", tuple(float(v) for v in self.smoothing_msi_px))

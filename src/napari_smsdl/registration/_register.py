@@ -13,7 +13,7 @@ from ..errors import InputError, RegistrationError
 from ._coords import GridSpec, super_resolution_grid
 from ._features import FeatureImage, fixed_feature_image, moving_feature_image, normalise
 from ._landmarks import LandmarkPairs, fit_landmark_affine, landmark_points_um
-from ._params import FixedFeature, MovingFeature, RegistrationParams
+from ._params import Criterion, FixedFeature, MovingFeature, RegistrationParams
 from ._quality import (
     checkerboard,
     error_stats,
@@ -67,6 +67,10 @@ class RegistrationResult:
         Jacobian determinant of the B-spline deformation on the MSI grid (≤ 0: folded).
     tissue_mask : (rows, cols) bool
         MSI pixels that were acquired and show tissue in the warped H&E.
+    misregistration : (rows, cols) float32 or None
+        Local misregistration map: per tissue patch, the length (MSI px) of the residual shift that
+        best aligns it under the final transform (NaN outside tissue patches; see the report's
+        ``misregistration``); ``None`` when the MSI is too small for patches.
     grid_lines_rc : tuple of (n, 2) float arrays
         A regular MSI grid bent by the deformation, MSI (row, col) pixel coordinates.
     landmarks : LandmarkPairs or None
@@ -90,6 +94,7 @@ class RegistrationResult:
     params: RegistrationParams
     fixed_pixel_size_um: float
     moving_pixel_size_um: float
+    misregistration: np.ndarray | None = None
 
     @property
     def fixed_shape_rc(self) -> tuple[int, int]:
@@ -169,6 +174,37 @@ def _warp_feature(moving: FeatureImage, fixed: FeatureImage, transform) -> np.nd
     ref = fixed.to_sitk()
     out = sitk.Resample(moving.to_sitk(), ref, transform, sitk.sitkLinear, np.nan, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
+
+
+class _Info:
+    """A channel stage's info dict in the shape :func:`_stage_record` expects."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    def to_dict(self) -> dict:
+        return dict(self.data)
+
+
+def _check_stop(should_stop):
+    if should_stop is not None and should_stop():
+        from ..errors import Cancelled
+
+        raise Cancelled("registration cancelled")
+
+
+def _linear(affine):
+    from ._channel_fit import LinearMap
+
+    return LinearMap.from_sitk(affine)
+
+
+def _confidence_value(confidence: dict, misreg: dict | None) -> float:
+    """One number (MSI px): the bootstrap spread of the global fit combined with the median local
+    residual shift of the tissue patches (what the global transform leaves misaligned)."""
+    boot = float(confidence["bootstrap_rms_msi_px"])
+    local = 0.0 if misreg is None or misreg["stats"] is None else float(misreg["stats"]["median"])
+    return round(float(np.hypot(boot, local)), 4)
 
 
 class _Counter:
@@ -305,7 +341,11 @@ def iter_register(
         n_lm = len(landmarks)
     folds = _make_folds(n_lm, params.max_folds, params.seed)
     image_stages = int(params.refine_affine) + int(params.bspline)
-    prog = _Counter(2 + image_stages * (1 + len(folds)))
+    prog = _Counter(3 + image_stages * (1 + len(folds)))
+    n_acquired = int(np.isfinite(fixed_arr).all(axis=0).sum() if fixed_arr.ndim == 3 else np.isfinite(fixed_arr).sum())
+    use_channels = params.criterion is Criterion.CHANNELS or (
+        params.criterion is Criterion.AUTO and fixed_arr.ndim == 3 and fixed_arr.shape[0] >= 2 and n_acquired >= 400
+    )
 
     old_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     if params.threads:
@@ -332,6 +372,24 @@ def iter_register(
             affine = same_field_of_view_transform(fixed_shape, p, moving_shape, q, fit=params.fov_fit)
             start_name = "same field of view"
             messages.append("no landmarks: started from the same field of view; no held-out error")
+        ctx = None
+        sweep_info = None
+        if use_channels:
+            from ._channel_stages import ChannelContext
+
+            he_scale = float(np.sqrt(abs(np.linalg.det(np.asarray(affine.GetMatrix(), float).reshape(2, 2)))))
+            if landmarks is None:
+                he_scale = 1.0  # the pixel sizes are physical: one MSI µm is one H&E µm
+            ctx = ChannelContext(fixed_arr, moving_arr, p, q, he_scale, psf_sigma_msi_px=params.psf_sigma_msi_px)
+            if landmarks is None and params.sweep:
+                swept, sweep_info = ctx.sweep_affine(mirror=params.sweep_mirror)
+                if swept is not None:
+                    affine = swept
+                    start_name = "rotation/scale sweep"
+                    messages[-1] = (
+                        "no landmarks: started from a rotation/scale sweep on the channel criterion; no held-out error"
+                    )
+        yield prog.step("start")
         if landmarks is not None and not folds:
             messages.append(f"{n_lm} landmarks: held-out errors need at least 4; the guard is off")
         det_a = float(np.linalg.det(np.asarray(affine.GetMatrix(), float).reshape(2, 2)))
@@ -424,7 +482,21 @@ def iter_register(
                 return False, msg
             return True, f"held-out median {new:.2f} µm vs {old:.2f} µm before"
 
-        if params.refine_affine:
+        if params.refine_affine and ctx is not None:
+            refined, cinfo = ctx.refine_affine(cur_affine, model=params.channel_model)
+            info = _Info(cinfo)
+            yield prog.step("affine refinement")
+            fold_refined = []
+            for fa in cur_fold_affines:
+                fold_refined.append(None if fa is None else ctx.refine_affine(fa, model=params.channel_model, quick=True)[0])
+                yield prog.step("affine refinement (held-out folds)")
+                _check_stop(should_stop)
+            errs = held_out_errors(fold_refined) if folds else np.zeros(0)
+            keep, reason = guard("affine refinement", errs, prev_errs)
+            stages.append(_stage_record("affine refinement", keep, reason, errs if folds else None, info))
+            if keep:
+                cur_affine, cur_fold_affines, prev_errs = refined, fold_refined, errs
+        elif params.refine_affine:
             refined, info = run_affine_mi(fixed, moving, cur_affine, params, p, should_stop=should_stop)
             yield prog.step("affine refinement")
             fold_refined = []
@@ -441,7 +513,38 @@ def iter_register(
         else:
             stages.append({"name": "affine refinement", "ran": False, "kept": False, "reason": "not asked for"})
 
-        if params.bspline:
+        if params.bspline and ctx is not None:
+            bs, cinfo = ctx.fit_bspline(cur_affine, mesh_px=params.channel_mesh_msi_px)
+            yield prog.step("B-spline")
+            r2 = cinfo["heldout_channel_r2"]
+            gain_ok = bs is not None and r2["bspline"] is not None and r2["bspline"] >= r2["affine"] + params.bspline_min_gain
+            fold_tx = []
+            if gain_ok:
+                for fa in cur_fold_affines:
+                    b = None if fa is None else ctx.fit_bspline(fa, mesh_px=params.channel_mesh_msi_px, heldout=False)[0]
+                    fold_tx.append(None if fa is None else compose(fa, b))
+                    yield prog.step("B-spline (held-out folds)")
+                    _check_stop(should_stop)
+            if bs is None:
+                keep, reason = False, "too few tissue patches for a B-spline; the affine is kept"
+            elif not gain_ok:
+                keep = False
+                reason = (
+                    f"held-out channel R² {r2['affine']:.4f} (affine) -> {r2['bspline']} (B-spline): "
+                    f"below the gain of {params.bspline_min_gain:g}; kept the affine"
+                )
+                messages.append(f"B-spline rejected: {reason}")
+            else:
+                errs = held_out_errors(fold_tx) if folds else np.zeros(0)
+                keep, reason = guard("B-spline", errs, prev_errs)
+                reason = f"held-out channel R² {r2['affine']:.4f} -> {r2['bspline']:.4f}; {reason}"
+            stages.append(_stage_record("B-spline", keep, reason, errs if (folds and gain_ok and bs is not None) else None,
+                                        _Info(cinfo)))
+            if keep:
+                bspline = bs
+                if folds:
+                    prev_errs = errs
+        elif params.bspline:
             try:
                 bs, info = run_bspline(fixed, moving, cur_affine, params, p, should_stop=should_stop)
                 yield prog.step("B-spline")
@@ -530,6 +633,28 @@ def iter_register(
                 )
         if folds_in_tissue:
             messages.append(f"the deformation folds {folds_in_tissue} MSI pixel(s) inside the tissue")
+        misreg, confidence, channel_final = None, None, None
+        if ctx is None and n_acquired >= 400:
+            try:
+                from ._channel_stages import ChannelContext
+
+                ctx = ChannelContext(fixed_arr, moving_arr, p, q, he_per_msi, psf_sigma_msi_px=params.psf_sigma_msi_px)
+            except (np.linalg.LinAlgError, ValueError) as exc:  # pragma: no cover - degenerate inputs
+                messages.append(f"no misregistration map: {exc}")
+        if ctx is not None:
+            try:
+                misreg = ctx.misregistration_map(cur_affine, bspline, tissue)
+                confidence = ctx.confidence(cur_affine, bspline, model=params.channel_model, seed=params.seed)
+                channel_final = ctx.score(_linear(cur_affine), None if bspline is None else ctx._disp(bspline))
+            except (np.linalg.LinAlgError, ValueError) as exc:  # pragma: no cover - degenerate inputs
+                messages.append(f"no misregistration map: {exc}")
+                misreg = confidence = None
+        if misreg is not None and misreg["stats"] is not None and misreg["stats"]["flagged"]:
+            st = misreg["stats"]
+            messages.append(
+                f"{st['flagged']} of {st['n_patches']} tissue patches are misregistered by more than 0.5 MSI px "
+                "(see the misregistration map)"
+            )
         yield prog.step("quality")
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old_threads)
@@ -565,6 +690,22 @@ def iter_register(
         },
         "stages": stages,
         "final": " + ".join(kept),
+        "criterion": "channels" if use_channels else "mattes",
+        "start_sweep": sweep_info,
+        "channel_score": channel_final,
+        "confidence_msi_px": None if confidence is None else _confidence_value(confidence, misreg),
+        "confidence": confidence,
+        "misregistration_msi_px": None
+        if misreg is None or misreg["stats"] is None
+        else {"median": misreg["stats"]["median"], "p90": misreg["stats"]["p90"]},
+        "misregistration": None
+        if misreg is None
+        else {
+            **(misreg["stats"] or {}),
+            "patch_px": misreg["patch_px"],
+            "flag_above_msi_px": 0.5,
+            "patch_shift_rc_msi_px": misreg["patch_shift_rc_msi_px"].round(4).tolist(),
+        },
         "messages": messages,
         "params": params.to_dict(),
         "simpleitk": sitk.Version.VersionString(),
@@ -589,4 +730,5 @@ def iter_register(
         params=params,
         fixed_pixel_size_um=p,
         moving_pixel_size_um=q,
+        misregistration=None if misreg is None else misreg["magnitude_msi_px"],
     )

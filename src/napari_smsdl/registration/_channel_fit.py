@@ -1,0 +1,335 @@
+"""Fits on the many-channel criterion: Gauss–Newton affine, per-patch residual shifts, a smooth warp.
+
+A transform is handled here as NumPy: ``y = M (x + d(x)) + b`` maps MSI physical ``x`` (µm) to H&E
+physical ``y`` (µm), with ``d`` an optional displacement field on the MSI grid (a B-spline sampled).
+For a given transform the ion PCs ``Y`` are regressed on the sampled histology features ``Φ``
+(ridge); the prediction's spatial gradient (central differences through the features) linearises
+the residual in the transform parameters (Lucas–Kanade with a learned, many-channel intensity map).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._channels import ChannelTargets, OpticalFeatures, block_folds, cv_r2, predict, ridge_fit
+
+__all__ = ["ChannelProblem", "LinearMap"]
+
+#: Gaussian smoothing (MSI px) of both sides, coarse to fine
+LEVELS_MSI_PX = (2.0, 1.0, 0.5)
+#: side of the tissue patches of the misregistration map (MSI px)
+CV_PATCH = 16
+
+
+@dataclass(frozen=True)
+class LinearMap:
+    """``y = matrix @ x + offset`` (MSI physical (x, y) µm → H&E physical (x, y) µm)."""
+
+    matrix: np.ndarray
+    offset: np.ndarray
+
+    @classmethod
+    def from_sitk(cls, affine) -> LinearMap:
+        import SimpleITK as sitk
+
+        a = sitk.AffineTransform(affine)
+        m = np.asarray(a.GetMatrix(), float).reshape(2, 2)
+        c = np.asarray(a.GetCenter(), float)
+        t = np.asarray(a.GetTranslation(), float)
+        return cls(m, c + t - m @ c)
+
+    def to_sitk(self, center_xy_um):
+        """A SimpleITK affine with centre ``center_xy_um``, parameters rounded (bit-stable files)."""
+        import SimpleITK as sitk
+
+        c = np.asarray(center_xy_um, float)
+        m = np.round(self.matrix, 12)
+        t = np.round(self.offset + m @ c - c, 9)
+        tx = sitk.AffineTransform(2)
+        tx.SetMatrix(m.ravel().tolist())
+        tx.SetCenter(tuple(c.tolist()))
+        tx.SetTranslation(tuple(t.tolist()))
+        return tx
+
+    def apply(self, xy: np.ndarray) -> np.ndarray:
+        return xy @ self.matrix.T + self.offset
+
+    @property
+    def scale(self) -> float:
+        return float(np.sqrt(abs(np.linalg.det(self.matrix))))
+
+
+@dataclass
+class FitTrace:
+    """What a fit did (for the report)."""
+
+    iterations: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+
+class ChannelProblem:
+    """The ion PCs and histology features of one registration, with per-level caches.
+
+    Parameters
+    ----------
+    targets : ChannelTargets
+    features : OpticalFeatures
+    he_per_msi : float
+        H&E µm per MSI µm (approximate; only sets the feature smoothing per level).
+    """
+
+    def __init__(
+        self, targets: ChannelTargets, features: OpticalFeatures, he_per_msi: float, *, stride: int = 1, _share=None
+    ):
+        self.targets = targets
+        self.features = features
+        self.p = targets.pixel_size_um
+        self.per_msi_px = self.p * he_per_msi / features.pixel_size_um  # reduced px per MSI px
+        self.he_per_msi = he_per_msi
+        sel = targets.mask.copy()
+        if stride > 1:
+            keep = np.zeros_like(sel)
+            keep[::stride, ::stride] = True
+            sel &= keep
+        rows, cols = np.nonzero(sel)
+        self.rows, self.cols = rows, cols
+        self.xy = np.column_stack([cols * self.p, rows * self.p]).astype(float)
+        shape = targets.shape_rc
+        self.centre_xy = np.array([(shape[1] - 1) / 2 * self.p, (shape[0] - 1) / 2 * self.p])
+        self.folds = block_folds(shape)[rows, cols]
+        self._y: dict[float, np.ndarray] = {}
+        self._f: dict[float, np.ndarray] = {} if _share is None else _share._f
+        self._full_y = {} if _share is None else _share._full_y
+        self._edge: dict[float, np.ndarray] = {}
+
+    def subset(self, stride: int) -> ChannelProblem:
+        """The same problem on every ``stride``-th pixel per axis (caches shared)."""
+        return ChannelProblem(self.targets, self.features, self.he_per_msi, stride=stride, _share=self)
+
+    # ---- caches -------------------------------------------------------------------------------------
+    def y(self, sigma: float) -> np.ndarray:
+        if sigma not in self._y:
+            if sigma not in self._full_y:
+                self._full_y[sigma] = self.targets.smoothed(sigma)
+            self._y[sigma] = self._full_y[sigma][:, self.rows, self.cols].T
+        return self._y[sigma]
+
+    def f(self, sigma: float) -> np.ndarray:
+        if sigma not in self._f:
+            self._f[sigma] = self.features.smoothed(sigma, self.per_msi_px)
+        return self._f[sigma]
+
+    def edge_ok(self, sigma: float) -> np.ndarray:
+        """(n,) pixels at least 2 sigma from the MSI grid's edge and from non-acquired pixels."""
+        if sigma not in self._edge:
+            from scipy.ndimage import binary_erosion
+
+            r = int(np.ceil(2 * sigma))
+            m = self.targets.mask
+            if r > 0:
+                m = binary_erosion(np.pad(m, r), iterations=r)[r:-r, r:-r]
+            self._edge[sigma] = m[self.rows, self.cols]
+        return self._edge[sigma]
+
+    # ---- sampling ----------------------------------------------------------------------------------
+    def points(self, disp_xy_um: np.ndarray | None) -> np.ndarray:
+        if disp_xy_um is None:
+            return self.xy
+        return self.xy + disp_xy_um[self.rows, self.cols]
+
+    def sample(self, lin: LinearMap, sigma: float, disp=None, shift_px: np.ndarray | None = None, grad=False):
+        """Features at the mapped pixels: (phi (n, F), inside (n,), [dphi/dx, dphi/dy] per MSI px)."""
+        x = self.points(disp)
+        if shift_px is not None:
+            x = x + shift_px * self.p
+        y = lin.apply(x)
+        images = self.f(sigma)
+        margin = 2.0 * sigma * self.per_msi_px
+        phi, inside = self.features.sample(images, y, margin)
+        inside &= self.edge_ok(sigma)
+        if not grad:
+            return phi, inside, None
+        h = 0.5 * self.p
+        grads = []
+        for axis in range(2):
+            step = lin.matrix[:, axis] * h
+            a, _ = self.features.sample(images, y + step, margin)
+            b, _ = self.features.sample(images, y - step, margin)
+            grads.append((a - b) / (2 * h) * self.p)  # per MSI px
+        return phi, inside, grads
+
+    # ---- scores ------------------------------------------------------------------------------------
+    def score(self, lin: LinearMap, sigma: float = 0.0, disp=None, weights=None) -> dict:
+        """Cross-validated R² (blocks), in-sample R² and the overlap of the mapped MSI grid."""
+        phi, inside, _ = self.sample(lin, sigma, disp)
+        y = self.y(sigma)
+        w = None if weights is None else weights[inside]
+        if inside.sum() < max(50, 4 * phi.shape[1]):
+            return {"cv_r2": float("nan"), "r2": float("nan"), "overlap": float(inside.mean())}
+        cv = cv_r2(phi[inside], y[inside], self.folds[inside], w)
+        beta = ridge_fit(phi[inside], y[inside], w)
+        res = y[inside] - predict(phi[inside], beta)
+        sst = ((y[inside] - y[inside].mean(axis=0)) ** 2).sum()
+        return {"cv_r2": cv, "r2": 1.0 - float((res**2).sum()) / max(float(sst), 1e-12), "overlap": float(inside.mean())}
+
+    # ---- global fit ----------------------------------------------------------------------------------
+    def fit_affine(
+        self,
+        lin: LinearMap,
+        *,
+        model: str = "affine",
+        levels=LEVELS_MSI_PX,
+        disp=None,
+        max_iter: int = 20,
+        tol_px: float = 0.003,
+        weights=None,
+        trace: FitTrace | None = None,
+    ) -> LinearMap:
+        """Levenberg–Marquardt on the regression residual, coarse to fine. ``model``: translation,
+        similarity or affine (the deformation added to the MSI side before ``lin``)."""
+        for sigma in levels:
+            lin, it = self._lm_level(lin, sigma, model, disp, max_iter, tol_px, weights)
+            if trace is not None:
+                trace.iterations.append(it)
+        return lin
+
+    def _objective(self, lin, sigma, disp, weights):
+        phi, inside, _ = self.sample(lin, sigma, disp)
+        y = self.y(sigma)
+        if inside.sum() < max(50, 4 * phi.shape[1]):
+            return np.inf
+        w = np.ones(int(inside.sum())) if weights is None else weights[inside]
+        beta = ridge_fit(phi[inside], y[inside], w)
+        res = y[inside] - predict(phi[inside], beta)
+        return float((w[:, None] * res**2).sum() / w.sum())
+
+    def _lm_level(self, lin, sigma, model, disp, max_iter, tol_px, weights):
+        y = self.y(sigma)
+        x = self.points(disp)
+        uv = (x - self.centre_xy) / self.p  # MSI px from the field centre
+        half = max(float(np.abs(uv).max()), 1.0)
+        uv_n = uv / half
+        mu = 1e-3
+        current = self._objective(lin, sigma, disp, weights)
+        it = 0
+        for it in range(1, max_iter + 1):
+            phi, inside, (gx, gy) = self.sample(lin, sigma, disp, grad=True)
+            if inside.sum() < max(50, 4 * phi.shape[1]):
+                break
+            w = np.ones(len(phi)) if weights is None else weights
+            w = np.where(inside, w, 0.0)
+            beta = ridge_fit(phi[inside], y[inside], w[inside])
+            res = (y - predict(phi, beta)) * (w > 0)[:, None]
+            qx, qy = gx @ beta[1:], gy @ beta[1:]  # (n, K) prediction gradients per MSI px
+            u, v = uv_n[:, 0:1], uv_n[:, 1:2]
+            if model == "translation":
+                cols = [qx, qy]
+            elif model == "similarity":
+                cols = [qx, qy, qx * u + qy * v, -qx * v + qy * u]
+            else:
+                cols = [qx, qy, qx * u, qx * v, qy * u, qy * v]
+            jac = np.stack([c * np.sqrt(w)[:, None] for c in cols], axis=-1)  # (n, K, P)
+            r = res * np.sqrt(w)[:, None]
+            h = np.einsum("nkp,nkq->pq", jac, jac)
+            g = np.einsum("nkp,nk->p", jac, r)
+            accepted = False
+            for _ in range(8):
+                step = np.linalg.solve(h + mu * np.diag(np.diag(h) + 1e-9), g)
+                cand = self._update(lin, step, model, half)
+                value = self._objective(cand, sigma, disp, weights)
+                if value < current:
+                    lin, current, accepted = cand, value, True
+                    mu = max(mu / 3, 1e-6)
+                    break
+                mu *= 4
+            if not accepted:
+                break
+            move = np.abs(step[:2]).max() + (np.abs(step[2:]).max() if len(step) > 2 else 0.0)
+            if move < tol_px:
+                break
+        return lin, it
+
+    def _update(self, lin: LinearMap, step: np.ndarray, model: str, half: float) -> LinearMap:
+        t = step[:2]
+        if model == "translation":
+            lmat = np.zeros((2, 2))
+        elif model == "similarity":
+            a, b = step[2] / half, step[3] / half
+            lmat = np.array([[a, -b], [b, a]])
+        else:
+            lmat = np.array([[step[2], step[3]], [step[4], step[5]]]) / half
+        # D(x) = p t + L (x - c)  (µm);  y = M (x + D(x)) + b
+        m = lin.matrix @ (np.eye(2) + lmat)
+        off = lin.offset + lin.matrix @ (self.p * t - lmat @ self.centre_xy)
+        return LinearMap(m, off)
+
+    # ---- local shifts --------------------------------------------------------------------------------
+    def patch_ids(self, patch_px: int) -> tuple[np.ndarray, tuple[int, int]]:
+        shape = self.targets.shape_rc
+        n_r, n_c = -(-shape[0] // patch_px), -(-shape[1] // patch_px)
+        return (self.rows // patch_px) * n_c + self.cols // patch_px, (n_r, n_c)
+
+    def local_shifts(
+        self,
+        lin: LinearMap,
+        *,
+        disp=None,
+        sigma: float = 0.5,
+        patch_px: int = CV_PATCH,
+        iterations: int = 3,
+        pixel_weights: np.ndarray | None = None,
+        fit_mask: np.ndarray | None = None,
+        max_shift_px: float = 3.0,
+    ) -> dict:
+        """Per patch, the residual MSI shift (px) that best aligns it, with the global regression fixed.
+
+        Returns a dict with ``shift`` (n_r, n_c, 2) (row, col) MSI px (NaN where a patch has too few
+        pixels), ``sd`` (n_r, n_c) its standard error (px, from the Gauss–Newton curvature and the
+        residual variance), ``count`` (n_r, n_c) pixels used, and ``grid`` (n_r, n_c).
+        """
+        y = self.y(sigma)
+        pid, grid = self.patch_ids(patch_px)
+        n_p = grid[0] * grid[1]
+        use = np.ones(len(pid), bool) if pixel_weights is None else pixel_weights > 0
+        phi, inside, _ = self.sample(lin, sigma, disp)
+        fit_sel = inside & (use if fit_mask is None else (fit_mask & use))
+        beta = ridge_fit(phi[fit_sel], y[fit_sel])
+        shift = np.zeros((n_p, 2))  # (x, y) MSI px
+        h_last = np.zeros((n_p, 2, 2))
+        s2 = np.zeros(n_p)
+        count = np.zeros(n_p)
+        for _ in range(iterations):
+            phi, inside, (gx, gy) = self.sample(lin, sigma, disp, shift_px=shift[pid], grad=True)
+            ok = inside & use
+            res = (y - predict(phi, beta)) * ok[:, None]
+            qx, qy = (gx @ beta[1:]) * ok[:, None], (gy @ beta[1:]) * ok[:, None]
+            hxx = np.bincount(pid, (qx * qx).sum(1), n_p)
+            hxy = np.bincount(pid, (qx * qy).sum(1), n_p)
+            hyy = np.bincount(pid, (qy * qy).sum(1), n_p)
+            bx = np.bincount(pid, (qx * res).sum(1), n_p)
+            by = np.bincount(pid, (qy * res).sum(1), n_p)
+            count = np.bincount(pid, ok.astype(float), n_p)
+            s2 = np.bincount(pid, (res**2).sum(1), n_p) / np.maximum(count * y.shape[1], 1)
+            h = np.stack([np.stack([hxx, hxy], -1), np.stack([hxy, hyy], -1)], -2)
+            h_last = h
+            det = hxx * hyy - hxy**2
+            good = (count >= 0.25 * patch_px**2) & (det > 1e-12 * np.maximum(hxx + hyy, 1e-12) ** 2)
+            dx = np.where(good, (hyy * bx - hxy * by) / np.where(good, det, 1), 0.0)
+            dy = np.where(good, (hxx * by - hxy * bx) / np.where(good, det, 1), 0.0)
+            shift = np.clip(shift + np.column_stack([dx, dy]), -max_shift_px, max_shift_px)
+        det = h_last[:, 0, 0] * h_last[:, 1, 1] - h_last[:, 0, 1] ** 2
+        good = (count >= 0.25 * patch_px**2) & (det > 0)
+        tr_inv = np.where(good, (h_last[:, 0, 0] + h_last[:, 1, 1]) / np.where(good, det, 1), np.nan)
+        sd = np.sqrt(s2 * tr_inv)
+        out_shift = np.where(good[:, None], shift[:, ::-1], np.nan)  # (row, col)
+        return {
+            "shift": out_shift.reshape(grid + (2,)),
+            "sd": np.where(good, sd, np.nan).reshape(grid),
+            "count": count.reshape(grid),
+            "grid": grid,
+            "patch_px": patch_px,
+            "information": h_last.reshape(grid + (2, 2)),
+        }
+

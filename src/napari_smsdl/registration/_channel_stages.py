@@ -1,0 +1,249 @@
+"""The registration stages driven by the many-channel criterion (ion stacks), as SimpleITK transforms.
+
+* :func:`sweep_affine` — landmark-free start: rotation/scale/mirror sweep with masked FFT
+  correlation, the best few refined, the best kept.
+* :func:`refine_affine` — Levenberg–Marquardt on the regression residual (similarity by default).
+* :func:`fit_bspline` — a smooth B-spline fitted to per-patch residual shifts, with its held-out
+  channel criterion (shifts estimated on one checkerboard fold of patches, scored on the other).
+* :func:`misregistration_map` and :func:`confidence` — what is left after the final transform.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ._channel_fit import CV_PATCH, ChannelProblem, FitTrace, LinearMap
+from ._channels import channel_targets, optical_features, predict, ridge_fit
+from ._stages import compose
+
+__all__ = ["ChannelContext"]
+
+#: a patch of the misregistration map is flagged above this residual shift (MSI px)
+FLAG_MSI_PX = 0.5
+FINE_SIGMA = 0.5
+
+
+class ChannelContext:
+    """The ion stack and histology features of one registration (built once, shared by stages)."""
+
+    def __init__(self, fixed_stack, moving_rgb, p: float, q: float, he_per_msi: float, *, psf_sigma_msi_px=0.35):
+        self.p, self.q, self.he_per_msi = float(p), float(q), float(he_per_msi)
+        self.targets = channel_targets(fixed_stack, p)
+        self.features = optical_features(
+            moving_rgb, q, msi_pixel_size_he_um=p * he_per_msi, psf_sigma_msi_px=psf_sigma_msi_px
+        )
+        self.problem = ChannelProblem(self.targets, self.features, he_per_msi)
+        self.fast = self.problem.subset(2)
+        self.moving_shape = tuple(np.asarray(moving_rgb).shape[:2])
+
+    @property
+    def centre_xy(self) -> np.ndarray:
+        return self.problem.centre_xy
+
+    def to_sitk(self, lin: LinearMap):
+        return lin.to_sitk(self.centre_xy)
+
+    def score(self, lin: LinearMap, disp=None) -> dict:
+        s = self.problem.score(lin, FINE_SIGMA, disp)
+        return {k: round(float(v), 6) for k, v in s.items()}
+
+    # ---- stage 1 without landmarks ----------------------------------------------------------------
+    def sweep_affine(self, *, mirror: bool, top: int = 3) -> tuple[object, dict]:
+        from ._sweep import sweep_start
+
+        t0 = time.perf_counter()
+        rows, cols = self.moving_shape
+        centre = np.array([(cols - 1) / 2 * self.q, (rows - 1) / 2 * self.q])
+        cands = sweep_start(self.targets, self.features, he_per_msi=self.he_per_msi, he_centre_xy_um=centre,
+                            mirror=mirror)
+        if not cands:
+            return None, {"candidates": [], "reason": "no candidate overlaps the MSI field enough"}
+        tried = []
+        for c in cands[:top]:
+            lin = self.fast.fit_affine(c.linear, model="similarity", levels=(2.0,), max_iter=8)
+            s = self.fast.score(lin, 1.0)
+            tried.append((s["cv_r2"] if np.isfinite(s["cv_r2"]) else -np.inf, c, lin))
+        best = max(tried, key=lambda t: t[0])
+        info = {
+            "candidates": [c.to_dict() for c in cands[:8]],
+            "n_candidates": len(cands),
+            "refined": [{**c.to_dict(), "cv_r2_after_coarse_fit": round(float(s), 6)} for s, c, _ in tried],
+            "chosen": best[1].to_dict(),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        return self.to_sitk(best[2]), info
+
+    # ---- stage 2 --------------------------------------------------------------------------------------
+    def refine_affine(self, affine, *, model: str, quick: bool = False) -> tuple[object, dict]:
+        """LM fit from ``affine`` (coarse levels on every 2nd pixel, the fine level on all)."""
+        t0 = time.perf_counter()
+        lin = LinearMap.from_sitk(affine)
+        before = self.score(lin)
+        trace = FitTrace()
+        if not quick:
+            lin = self.fast.fit_affine(lin, model=model, levels=(2.0, 1.0), max_iter=10, trace=trace)
+            lin = self.problem.fit_affine(lin, model=model, levels=(FINE_SIGMA,), max_iter=8, trace=trace)
+        else:
+            lin = self.fast.fit_affine(lin, model=model, levels=(1.0, FINE_SIGMA), max_iter=8, trace=trace)
+        after = self.score(lin)
+        info = {
+            "criterion": "channel regression",
+            "model": model,
+            "iterations": trace.iterations,
+            "channel_score": {"before": before, "after": after},
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        return self.to_sitk(lin), info
+
+    # ---- stage 3 --------------------------------------------------------------------------------------
+    def _bspline_from_shifts(self, lin: LinearMap, mesh_px: float, patch_fold: int | None, disp=None,
+                             smooth: float = 1.0):
+        """B-spline (MSI space) fitted to per-patch residual shifts; ``patch_fold`` keeps one fold only."""
+        import SimpleITK as sitk
+
+        prob = self.problem
+        rows, cols = self.targets.shape_rc
+        ls = prob.local_shifts(lin, disp=disp, sigma=FINE_SIGMA, patch_px=CV_PATCH, iterations=2)
+        n_r, n_c = ls["grid"]
+        ci, cj = np.meshgrid(np.arange(n_r), np.arange(n_c), indexing="ij")
+        good = np.isfinite(ls["shift"][..., 0])
+        if patch_fold is not None:
+            good &= ((ci + cj) % 2) != patch_fold
+        if good.sum() < 6:
+            return None, disp
+        centres_rc = np.column_stack([np.minimum((ci[good] + 0.5) * CV_PATCH - 0.5, rows - 1),
+                                      np.minimum((cj[good] + 0.5) * CV_PATCH - 0.5, cols - 1)])
+        sd = ls["sd"][good]
+        weight = 1.0 / np.maximum(sd, 0.05) ** 2
+        d_xy = ls["shift"][good][:, ::-1] * self.p  # µm, (x, y)
+        base = np.zeros((len(centres_rc), 2)) if disp is None else disp[
+            np.round(centres_rc[:, 0]).astype(int), np.round(centres_rc[:, 1]).astype(int)]
+        target = base + d_xy
+        ref = sitk.Image(int(cols), int(rows), sitk.sitkFloat32)
+        ref.SetSpacing((self.p, self.p))
+        ref.SetOrigin((-self.p / 2, -self.p / 2))
+        mesh = [max(1, int(round(cols / mesh_px))), max(1, int(round(rows / mesh_px)))]
+        bs = sitk.BSplineTransformInitializer(ref, mesh, 3)
+        n_par = len(bs.GetParameters())
+        n_coef = n_par // 2
+        pts = [tuple(v) for v in (centres_rc[:, ::-1] * self.p)]
+        basis = np.empty((len(pts), n_coef))
+        for k in range(n_coef):
+            e = np.zeros(n_par)
+            e[k] = 1.0
+            bs.SetParameters(e.tolist())
+            basis[:, k] = [bs.TransformPoint(x)[0] - x[0] for x in pts]
+        gram = basis.T @ (basis * weight[:, None])
+        lam = smooth * float(np.trace(gram)) / n_coef * 0.05
+        coef = np.linalg.solve(gram + lam * np.eye(n_coef), basis.T @ (target * weight[:, None]))
+        bs.SetParameters(np.round(np.concatenate([coef[:, 0], coef[:, 1]]), 6).tolist())
+        return bs, self._disp(bs)
+
+    def _disp(self, bspline) -> np.ndarray:
+        from ._coords import GridSpec
+        from ._stages import mapped_points_xy_um
+
+        grid = GridSpec(self.targets.shape_rc, self.p)
+        return mapped_points_xy_um(bspline, grid) - grid.pixel_centres_xy_um()
+
+    def _heldout_sse(self, lin: LinearMap, disps) -> float:
+        """Held-out squared residual: per pixel fold f, regression fitted on the other fold, with ``disps[f]``."""
+        prob = self.problem
+        y = prob.y(FINE_SIGMA)
+        total = 0.0
+        count = 0
+        for f in (0, 1):
+            phi, inside, _ = prob.sample(lin, FINE_SIGMA, disps[f])
+            train, test = inside & (prob.folds != f), inside & (prob.folds == f)
+            beta = ridge_fit(phi[train], y[train])
+            total += float(((y[test] - predict(phi[test], beta)) ** 2).sum())
+            count += int(test.sum())
+        return total / max(count, 1)
+
+    def fit_bspline(
+        self, affine, *, mesh_px: float, iterations: int = 2, heldout: bool = True
+    ) -> tuple[object | None, dict]:
+        """Smooth warp from residual shifts, and the held-out channel criterion with and without it."""
+        t0 = time.perf_counter()
+        lin = LinearMap.from_sitk(affine)
+        bs, disp = None, None
+        for _ in range(iterations):
+            bs, disp = self._bspline_from_shifts(lin, mesh_px, None, disp)
+            if bs is None:
+                break
+        if not heldout:
+            return bs, {}
+        folds = []
+        for f in (0, 1):
+            bf, df = None, None
+            for _ in range(iterations):
+                bf, df = self._bspline_from_shifts(lin, mesh_px, 1 - f, df)  # fit on patches of the other fold
+                if bf is None:
+                    break
+            folds.append(df)
+        sse_affine = self._heldout_sse(lin, [None, None])
+        sse_bs = self._heldout_sse(lin, folds) if all(d is not None for d in folds) else float("inf")
+        sst = float(((self.problem.y(FINE_SIGMA) - self.problem.y(FINE_SIGMA).mean(0)) ** 2).sum(1).mean())
+        info = {
+            "criterion": "channel regression, residual shifts per patch",
+            "mesh_msi_px": mesh_px,
+            "heldout_channel_r2": {
+                "affine": round(1 - sse_affine / sst, 6),
+                "bspline": round(1 - sse_bs / sst, 6) if np.isfinite(sse_bs) else None,
+            },
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        return bs, info
+
+    # ---- quality ------------------------------------------------------------------------------------
+    def misregistration_map(self, affine, bspline, tissue: np.ndarray) -> dict:
+        """Per tissue patch, the residual shift (MSI px) that best aligns it after the final transform."""
+        lin = LinearMap.from_sitk(affine)
+        disp = None if bspline is None else self._disp(bspline)
+        prob = self.problem
+        ls = prob.local_shifts(lin, disp=disp, sigma=FINE_SIGMA, patch_px=CV_PATCH, iterations=3)
+        n_r, n_c = ls["grid"]
+        tissue_frac = np.zeros((n_r, n_c))
+        pid, _ = prob.patch_ids(CV_PATCH)
+        t = tissue[prob.rows, prob.cols].astype(float)
+        tissue_frac = (np.bincount(pid, t, n_r * n_c) / np.maximum(np.bincount(pid, None, n_r * n_c), 1)).reshape(
+            n_r, n_c)
+        shift = ls["shift"]
+        mag = np.hypot(shift[..., 0], shift[..., 1])
+        in_tissue = np.isfinite(mag) & (tissue_frac >= 0.5)
+        mag = np.where(in_tissue, mag, np.nan)
+        vals = mag[in_tissue]
+        stats = (
+            {"median": round(float(np.median(vals)), 4), "p90": round(float(np.percentile(vals, 90)), 4),
+             "n_patches": int(len(vals)), "flagged": int((vals > FLAG_MSI_PX).sum())}
+            if len(vals) else None
+        )
+        # the map on the MSI grid: each pixel shows its patch's residual shift (NaN outside tissue patches)
+        full = np.repeat(np.repeat(mag, CV_PATCH, 0), CV_PATCH, 1)[: self.targets.shape_rc[0], : self.targets.shape_rc[1]]
+        return {
+            "magnitude_msi_px": full.astype(np.float32),
+            "patch_shift_rc_msi_px": np.where(in_tissue[..., None], shift, np.nan).astype(np.float32),
+            "patch_sd_msi_px": np.where(in_tissue, ls["sd"], np.nan).astype(np.float32),
+            "patch_px": CV_PATCH,
+            "stats": stats,
+        }
+
+    def confidence(self, affine, bspline, *, model: str, n_boot: int = 12, seed: int = 0) -> dict:
+        """Bootstrap over tissue blocks: refit the global transform under Poisson block weights and
+        measure how far the pixels move (RMS over pixels, MSI px); its median over replicates."""
+        rng = np.random.default_rng(seed)
+        lin0 = LinearMap.from_sitk(affine)
+        disp = None if bspline is None else self._disp(bspline)
+        prob = self.fast
+        block = (prob.rows // CV_PATCH) * 1000 + prob.cols // CV_PATCH
+        uniq, inv = np.unique(block, return_inverse=True)
+        pts = prob.xy
+        moves = []
+        for _ in range(n_boot):
+            w = rng.poisson(1.0, len(uniq)).astype(float)[inv]
+            lin = prob.fit_affine(lin0, model=model, levels=(FINE_SIGMA,), disp=disp, max_iter=4, weights=w)
+            d = np.linalg.norm(lin.apply(pts) - lin0.apply(pts), axis=1) / (self.p * lin0.scale)
+            moves.append(float(np.sqrt((d**2).mean())))
+        return {"bootstrap_rms_msi_px": round(float(np.sqrt(np.mean(np.square(moves)))), 4), "n_boot": n_boot}
