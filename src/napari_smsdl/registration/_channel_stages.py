@@ -60,8 +60,15 @@ class ChannelContext:
                             mirror=mirror)
         if not cands:
             return None, {"candidates": [], "reason": "no candidate overlaps the MSI field enough"}
+        # the FFT score approximates R² (features whitened over the whole histology, not the overlap):
+        # re-rank the leading candidates by the criterion itself before refining the best few
+        ranked = []
+        for c in cands[:16]:
+            sc = self.fast.score(c.linear, 2.0)["cv_r2"]
+            ranked.append((sc if np.isfinite(sc) else -np.inf, c))
+        ranked.sort(key=lambda t: -t[0])
         tried = []
-        for c in cands[:top]:
+        for _, c in ranked[:top]:
             lin = self.fast.fit_affine(c.linear, model="similarity", levels=(2.0,), max_iter=8)
             s = self.fast.score(lin, 1.0)
             tried.append((s["cv_r2"] if np.isfinite(s["cv_r2"]) else -np.inf, c, lin))
@@ -230,7 +237,7 @@ class ChannelContext:
             "stats": stats,
         }
 
-    def confidence(self, affine, bspline, *, model: str, n_boot: int = 12, seed: int = 0) -> dict:
+    def confidence(self, affine, bspline, *, model: str, n_boot: int = 8, seed: int = 0) -> dict:
         """Bootstrap over tissue blocks: refit the global transform under Poisson block weights and
         measure how far the pixels move (RMS over pixels, MSI px); its median over replicates."""
         rng = np.random.default_rng(seed)

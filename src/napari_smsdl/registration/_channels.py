@@ -131,19 +131,27 @@ class OpticalFeatures:
 
         A point is inside when it lies at least ``margin_px`` reduced pixels within the image (where
         blurring did not reach past the edge)."""
-        from scipy.ndimage import map_coordinates
-
         pts = np.asarray(points_xy_um, float)
         col = (pts[:, 0] - self.origin_xy_um[0]) / self.pixel_size_um
         row = (pts[:, 1] - self.origin_xy_um[1]) / self.pixel_size_um
         rows, cols = images.shape[1:]
         m = float(margin_px)
         inside = (row >= m) & (row <= rows - 1 - m) & (col >= m) & (col <= cols - 1 - m)
-        coords = np.vstack([np.clip(row, 0, rows - 1), np.clip(col, 0, cols - 1)])
-        out = np.empty((len(pts), len(images)))
-        for k, im in enumerate(images):
-            out[:, k] = map_coordinates(im, coords, order=1, mode="nearest")
+        out = bilinear(images, np.clip(row, 0, rows - 1), np.clip(col, 0, cols - 1))
         return out, inside
+
+
+def bilinear(images: np.ndarray, row: np.ndarray, col: np.ndarray) -> np.ndarray:
+    """(n, F) bilinear samples of (F, rows, cols) images at in-range fractional (row, col)."""
+    rows, cols = images.shape[1:]
+    r0 = np.minimum(np.floor(row).astype(np.intp), rows - 2) if rows > 1 else np.zeros(len(row), np.intp)
+    c0 = np.minimum(np.floor(col).astype(np.intp), cols - 2) if cols > 1 else np.zeros(len(col), np.intp)
+    fr, fc = row - r0, col - c0
+    flat = images.reshape(len(images), -1)
+    i00 = r0 * cols + c0
+    w00, w01, w10, w11 = (1 - fr) * (1 - fc), (1 - fr) * fc, fr * (1 - fc), fr * fc
+    out = flat[:, i00] * w00 + flat[:, i00 + 1] * w01 + flat[:, i00 + cols] * w10 + flat[:, i00 + cols + 1] * w11
+    return out.T.astype(np.float64)
 
 
 def optical_features(

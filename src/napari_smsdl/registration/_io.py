@@ -21,6 +21,7 @@ AFFINE_FILE = "affine.tfm"
 REPORT_FILE = "report.json"
 PARAMS_FILE = "params.json"
 LANDMARKS_FILE = "landmarks.csv"
+MISREGISTRATION_FILE = "misregistration.npy"
 
 
 
@@ -30,7 +31,8 @@ def save_registration(result, outdir: str | os.PathLike, *, images: bool = False
 
     Files: ``transform.tfm`` (the full MSI physical → H&E physical composite, readable by
     ``SimpleITK.ReadTransform``), ``affine.tfm`` (its affine part), ``report.json``, ``params.json``,
-    ``landmarks.csv`` (when there were landmarks), and with ``images=True`` float32/uint8 TIFFs of the
+    ``landmarks.csv`` (when there were landmarks), ``misregistration.npy`` (the local misregistration
+    map, (rows, cols) float32 MSI px, NaN outside tissue patches, when there is one), and with ``images=True`` float32/uint8 TIFFs of the
     warped H&E, checkerboard and Jacobian map.
 
     Returns
@@ -51,6 +53,9 @@ def save_registration(result, outdir: str | os.PathLike, *, images: bool = False
     written["report"] = out / REPORT_FILE
     (out / PARAMS_FILE).write_text(json.dumps(result.params.to_dict(), indent=2))
     written["params"] = out / PARAMS_FILE
+    if getattr(result, "misregistration", None) is not None:
+        np.save(out / MISREGISTRATION_FILE, np.asarray(result.misregistration, np.float32))
+        written["misregistration"] = out / MISREGISTRATION_FILE
     if result.landmarks is not None:
         written["landmarks"] = write_landmarks_csv(result.landmarks, out / LANDMARKS_FILE)
     if images:

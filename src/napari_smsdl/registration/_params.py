@@ -129,7 +129,7 @@ class RegistrationParams:
     sweep: bool = True
     sweep_mirror: bool = True
     channel_mesh_msi_px: float = 32.0
-    bspline_min_gain: float = 0.002
+    bspline_min_gain: float = 0.02
 
     def __post_init__(self):
         if self.channel_model not in ("similarity", "affine"):

@@ -151,7 +151,11 @@ def _watch(reg, info: StageInfo, should_stop: Callable[[], bool] | None):
 
 
 def _execute(reg, fixed_img, moving_img, info, state, should_stop, stage):
+    import SimpleITK as sitk
+
     t0 = time.perf_counter()
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # the metric's threads too: bit-identical runs
     try:
         reg.Execute(fixed_img, moving_img)
     except RuntimeError as exc:  # ITK exceptions (e.g. too few samples inside the moving image)
@@ -161,6 +165,8 @@ def _execute(reg, fixed_img, moving_img, info, state, should_stop, stage):
                 f"{stage}: the images barely overlap under the current transform (check landmarks/pixel sizes)"
             ) from exc
         raise RegistrationError(f"{stage} failed: {msg[-300:]}") from exc
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     info.iterations.append(state["last"] + 1)
     info.seconds = time.perf_counter() - t0
     info.stop_condition = reg.GetOptimizerStopConditionDescription()

@@ -43,12 +43,13 @@ class SweepCandidate:
         }
 
 
-def _whiten(values: np.ndarray) -> np.ndarray:
-    """(n, F) → (n, F') zero-mean, identity-covariance components (tiny ones dropped)."""
+def _whiten(values: np.ndarray, n_keep: int) -> np.ndarray:
+    """(n, F) → (n, F') zero-mean, identity-covariance leading components (at most ``n_keep``)."""
     v = values - values.mean(axis=0)
     cov = v.T @ v / max(len(v) - 1, 1)
     evals, evecs = np.linalg.eigh(cov)
     keep = evals > 1e-3 * evals.max()
+    keep &= np.arange(len(evals)) >= len(evals) - n_keep
     return v @ (evecs[:, keep] / np.sqrt(evals[keep]))
 
 
@@ -66,8 +67,9 @@ def sweep_start(
     rotations_deg=tuple(np.arange(-12.0, 12.1, 3.0)),
     scales=(0.95, 1.0, 1.05),
     mirror: bool = True,
-    coarse_px: int = 2,
-    n_components: int = 4,
+    coarse_px: int = 3,
+    n_components: int = 3,
+    n_features: int = 6,
     min_overlap: float = 0.4,
 ) -> list[SweepCandidate]:
     """Score every candidate start; returns them best first (one per rotation/scale/mirror).
@@ -132,7 +134,7 @@ def sweep_start(
                 vals = np.column_stack(
                     [map_coordinates(im, [row[inside], col[inside]], order=1) for im in blurred]
                 )
-                white = _whiten(vals)
+                white = _whiten(vals, n_features)
                 mm = inside.reshape(nrow, ncol).astype(float)
                 feats = []
                 for j in range(white.shape[1]):
@@ -160,7 +162,8 @@ def sweep_start(
                         vy = np.maximum(syy[j] - sy[j] ** 2 / o, 1e-9)
                         ncc = (sfg - sy[j] * sg / o) / np.sqrt(vy * vg)
                         score += w[j] * np.clip(ncc, -1, 1) ** 2
-                score = np.where(ok, score, -np.inf)
+                # small overlaps correlate by chance: weigh the score by the overlap fraction
+                score = np.where(ok, score * np.minimum(overlap / n_fixed, 1.0), -np.inf)
                 best = np.unravel_index(int(np.argmax(score)), shape)
                 # shift t (coarse px): fixed pixel (r, c) ↔ extended pixel (r + t_r, c + t_c), cyclic
                 t_r = best[0] if best[0] < nrow else best[0] - shape[0]
