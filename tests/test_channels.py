@@ -8,9 +8,8 @@ import pytest
 from napari_smsdl.errors import InputError
 from napari_smsdl.reconstruction import reconstruct_channels, standardise_features
 from napari_smsdl.reconstruction._regression import RegressionParams, _standardise, train_regression
-from napari_smsdl.reconstruction.baselines import bicubic_upsample
 
-PARAMS = RegressionParams(hidden=32, steps=40, restarts=2, pca_dims=6)
+PARAMS = RegressionParams(hidden=32, steps=40, folds=3, pca_dims=6)
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +44,15 @@ def test_streamed_standardisation_matches_in_memory(data, tmp_path):
 
 def test_one_chunk_equals_train_regression(data, tmp_path):
     features, lr, mask_lr = data
-    bicubic = bicubic_upsample(lr, 4, mask_lr=mask_lr)
-    ref = train_regression(features, lr, 4, mask_lr=mask_lr, bicubic=bicubic, params=PARAMS).sr
+    result = train_regression(features, lr, 4, mask_lr=mask_lr, params=PARAMS)
+    ref = result.sr
     stack = reconstruct_channels(features, lr, 4, tmp_path / "sr.zarr", mask_lr=mask_lr, chunk_channels=16,
                                  params=PARAMS, block_rows=24, device="cpu")
     got = stack.read()
     assert stack.shape == got.shape == (7, 64, 64) and stack.open().chunks == (1, 24, 64)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.max()))
+    np.testing.assert_allclose(stack.open_uncertainty()[:], result.uncertainty, rtol=1e-4, atol=1e-6)
+    assert stack.guidance() == result.guidance.to_dict()
 
 
 def test_chunks_stream_from_a_memmap_and_match_per_chunk_training(data, tmp_path):
@@ -69,8 +70,7 @@ def test_chunks_stream_from_a_memmap_and_match_per_chunk_training(data, tmp_path
     got = stack.read()
     for c0, c1 in ((0, 3), (3, 6), (6, 7)):  # every chunk is its own train_regression
         part = lr[c0:c1]
-        ref = train_regression(features, part, 4, mask_lr=mask_lr, bicubic=bicubic_upsample(part, 4, mask_lr=mask_lr),
-                               params=PARAMS).sr
+        ref = train_regression(features, part, 4, mask_lr=mask_lr, params=PARAMS).sr
         np.testing.assert_allclose(got[c0:c1], ref, rtol=1e-4, atol=1e-4 * float(ref.max()))
     # the default mask is found by streaming over the channels
     again = reconstruct_channels(features, lr_disk, 4, tmp_path / "sr2.zarr", chunk_channels=4, params=PARAMS, device="cpu")

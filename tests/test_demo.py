@@ -16,7 +16,7 @@ from napari_smsdl.reconstruction import RegressionParams, Settings
 TINY = dataclasses.replace(
     Settings.preset("fast", factor=4),
     features=FeatureParams(embed_dim=32, depth=1, num_heads=2, ssl_steps=3, ssl_batch=4, shifts=1),
-    regression=RegressionParams(hidden=32, steps=20, restarts=1, pca_dims=8),
+    regression=RegressionParams(hidden=32, steps=20, folds=2, pca_dims=8),
     cnn_iterations=2,
 )
 ROOT = Path(__file__).resolve().parents[1]

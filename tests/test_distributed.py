@@ -127,7 +127,7 @@ def test_two_ranks_match_one_process(small_pair, tmp_path):
     write_pyramidal_tiff(tmp_path / "slide.ome.tif", s.he_rgb[:192, :192], pixel_size_um=2.5, n_levels=2, tile=64)
     guide = (s.he_rgb[:192, :192].astype(np.float32) / 255.0)  # 48 x 48 SR cells of 4 x 4 px
     np.save(tmp_path / "guide.npy", guide)
-    reg = RegressionParams(hidden=32, steps=40, restarts=2, pca_dims=6, batch_pixels=64)
+    reg = RegressionParams(hidden=32, steps=40, folds=3, pca_dims=6, batch_pixels=64)
     feat = FeatureParams(embed_dim=8, depth=1, num_heads=1, ssl_steps=3, ssl_batch=2, shifts=1, tissue_tokens_msi_px=1)
     bench = ["benchmark", "--he", str(small_pair / "he.png"), "--msi", str(small_pair / "truth.npy"), "--factor", "4",
              "--seed", "3", *QUICK, "--methods", "smsdl,bicubic", "--device", "cpu"]

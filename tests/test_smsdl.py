@@ -14,13 +14,12 @@ from napari_smsdl.reconstruction import (
     RegressionParams,
     Settings,
     block_mean,
-    effective_pca_dims,
     reconstruct,
     train_regression,
 )
 
 TINY_FEATURES = FeatureParams(embed_dim=32, depth=1, num_heads=2, ssl_steps=8, ssl_batch=4, shifts=1)
-TINY_REGRESSION = RegressionParams(hidden=64, steps=150, restarts=1, pca_dims=16)
+TINY_REGRESSION = RegressionParams(hidden=64, steps=150, folds=3, pca_dims=16)
 
 
 @pytest.fixture(scope="module")
@@ -118,22 +117,29 @@ def test_checkpoint_that_is_not_a_vit_is_refused(tmp_path):
 def test_forward_model_consistency(crop, features):
     _, truth, mask_hr, lr, mask_lr = crop
     fm, _ = features
-    result = train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=TINY_REGRESSION)
-    pooled = block_mean(result.sr, 4)
-    rel = np.abs(pooled - lr)[:, mask_lr].mean() / lr[:, mask_lr].mean()
-    assert rel < 0.15  # SR pooled back over each MSI pixel reproduces the MSI
-    exact = train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=dataclasses.replace(TINY_REGRESSION, conserve_mean=True))
-    np.testing.assert_allclose(block_mean(exact.sr, 4)[:, mask_lr], lr[:, mask_lr], rtol=1e-4)
-    assert (result.sr >= 0).all()
+    loose = train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=dataclasses.replace(TINY_REGRESSION, conservation="none"))
+    rel = np.abs(block_mean(loose.guided, 4) - lr)[:, mask_lr].mean() / lr[:, mask_lr].mean()
+    assert rel < 0.15  # the network alone, pooled back over each MSI pixel, reproduces the MSI
+    exact = train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=dataclasses.replace(TINY_REGRESSION, conservation="exact"))
+    for stack in (exact.sr, exact.guided, exact.control):
+        np.testing.assert_allclose(block_mean(stack, 4)[:, mask_lr], lr[:, mask_lr], rtol=1e-4, atol=1e-6)
+        assert (stack >= 0).all()
+    assert exact.uncertainty.shape == exact.sr.shape and (exact.uncertainty > 0).all()
+    assert exact.choices["conservation"] == {"value": "exact", "how": "given", "held_out_mse": exact.choices["conservation"]["held_out_mse"]}
+    assert len(exact.choices["steps"]["best_per_fold"]) == 3
 
 
-def test_pca_dimensions_are_capped_by_the_training_pixels():
-    params = RegressionParams(pca_dims=48, pixels_per_dim=4)
-    assert effective_pca_dims(params, 1000) == 48  # plenty of constraints: the preset's dimensions
-    assert effective_pca_dims(params, 80) == 20  # mouse F = 4: one dimension per 4 MSI pixels
-    assert effective_pca_dims(params, 10) == 8  # never below 8
-    assert effective_pca_dims(dataclasses.replace(params, pixels_per_dim=0), 80) == 48  # cap off
-    assert effective_pca_dims(dataclasses.replace(params, pca_dims=0), 80) == 20  # no PCA asked, cap applies
+def test_settings_are_chosen_on_held_out_pixels(crop, features):
+    _, _, _, lr, mask_lr = crop
+    fm, _ = features
+    params = dataclasses.replace(TINY_REGRESSION, pca_dims=0, conservation="auto", steps=60)
+    result = train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=params)
+    dims = result.choices["pca_dims"]
+    assert dims["how"] == "held-out linear fit" and str(dims["value"]) in dims["held_out_mse"]
+    assert dims["held_out_mse"][str(dims["value"])] == min(dims["held_out_mse"].values())
+    assert set(result.choices["conservation"]["held_out_mse"]) == {"exact", "smooth", "none"}
+    g = result.guidance.to_dict()
+    assert len(g["gain"]) == len(g["gain_std"]) == len(g["used_histology"]) == lr.shape[0]
 
 
 def test_smsdl_beats_bicubic_where_he_carries_the_signal(crop, features):
@@ -143,7 +149,7 @@ def test_smsdl_beats_bicubic_where_he_carries_the_signal(crop, features):
     _, truth, mask_hr, lr, mask_lr = crop
     fm, _ = features
     bicubic = bicubic_upsample(lr, 4, mask_lr=mask_lr)
-    smsdl = train_regression(fm.data, lr, 4, mask_lr=mask_lr, bicubic=bicubic, params=TINY_REGRESSION).sr
+    smsdl = train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=dataclasses.replace(TINY_REGRESSION, fallback=False)).sr
     s_smsdl = score_stack(truth, smsdl, mask_hr)
     s_bi = score_stack(truth, bicubic, mask_hr)
     assert s_smsdl["ssim"]["mean"] > s_bi["ssim"]["mean"] + 0.05

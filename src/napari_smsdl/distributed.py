@@ -240,6 +240,17 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_array(array: np.ndarray | None, src: int = 0) -> np.ndarray:
     """Rank ``src``'s numpy array on every rank (others may pass None); shape and dtype travel too."""
     if not is_distributed():

@@ -29,7 +29,7 @@ MANY = "many-channel MSI"
 MANY_TRUTH = "many-channel ground truth"
 TIMEOUT_MS = 120_000
 # block means conserved: pooled over each MSI pixel's F × F cells, every SR channel is its own LR channel
-SETTINGS = dataclasses.replace(TINY, regression=dataclasses.replace(TINY.regression, conserve_mean=True))
+SETTINGS = dataclasses.replace(TINY, regression=dataclasses.replace(TINY.regression, conservation="exact"))
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.gui
 TINY = dataclasses.replace(
     Settings.preset("fast", factor=4),
     features=FeatureParams(embed_dim=32, depth=1, num_heads=2, ssl_steps=5, ssl_batch=4, shifts=1),
-    regression=RegressionParams(hidden=32, steps=30, restarts=1, pca_dims=8),
+    regression=RegressionParams(hidden=32, steps=30, folds=2, pca_dims=8),
     cnn_iterations=3,
 )
 MSI = "sample MSI (40 µm)"

@@ -22,6 +22,23 @@ from ..reconstruction._pipeline import ProgressFn
 log = logging.getLogger(__name__)
 
 
+def uncertainty_rank_correlation(uncertainty, prediction, truth, mask) -> dict:
+    """Spearman correlation of an uncertainty map with the absolute error, on tissue, per channel.
+
+    An uncertainty map is worth showing only if it ranks where the errors are large.
+    """
+    from scipy.stats import spearmanr
+
+    per = []
+    for c in range(truth.shape[0]):
+        err = np.abs(np.asarray(prediction[c], np.float64) - truth[c])[mask]
+        u = np.asarray(uncertainty[c], np.float64)[mask]
+        rho = spearmanr(u, err)[0] if np.ptp(u) > 0 and np.ptp(err) > 0 else float("nan")
+        per.append(float(rho))
+    finite = [v for v in per if np.isfinite(v)]
+    return {"mean": float(np.mean(finite)) if finite else float("nan"), "per_channel": per}
+
+
 @dataclass(frozen=True)
 class BenchmarkResult:
     """Scores per method (``metrics``), the reconstructions, and the inputs that made them."""
@@ -60,7 +77,7 @@ def run_benchmark(
     settings: Settings | None = None,
     mask_hr: np.ndarray | None = None,
     transform=None,
-    methods: Sequence[Method | str] = (Method.SMSDL, Method.BICUBIC, Method.CNN),
+    methods: Sequence[Method | str] = (Method.SMSDL, Method.BICUBIC, Method.BACKPROJECTION, Method.CNN),
     cache_dir=None,
     refine: bool = True,
     progress: ProgressFn | None = None,
@@ -131,4 +148,10 @@ def run_benchmark(
     for name, stack in recon.sr.items():
         scores = score_stack(truth_clean, stack, mask_hr)
         metrics[name] = {**scores, "seconds": float(recon.seconds[name])}
+        if name in recon.guidance:
+            metrics[name]["guidance"] = recon.guidance[name]
+            metrics[name]["choices"] = recon.choices[name]
+        if name in recon.uncertainty:
+            metrics[name]["uncertainty_spearman"] = uncertainty_rank_correlation(
+                recon.uncertainty[name], stack, truth_clean, mask_hr)
     return BenchmarkResult(metrics, recon, truth_clean, mask_hr, lr, mask_lr, decision)

@@ -21,7 +21,8 @@ import numpy as np
 from ..errors import InputError
 
 #: Display labels of the methods (and of the ground truth and the measured MSI).
-METHOD_LABELS = {"lr": "LR", "truth": "ground truth", "smsdl": "SMSDL", "bicubic": "BI", "cnn": "CNN"}
+METHOD_LABELS = {"lr": "LR", "truth": "ground truth", "smsdl": "SMSDL", "bicubic": "BI",
+                 "backprojection": "BI + back-projection (H&E-free)", "cnn": "CNN"}
 
 
 def method_label(method: str) -> str:

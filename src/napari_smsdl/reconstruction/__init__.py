@@ -1,6 +1,7 @@
 """SMSDL-Net reconstruction: regression through the forward model, baselines, the pipeline.
 
-:func:`reconstruct` runs SMSDL and, on request, the bicubic and CNN baselines
+:func:`reconstruct` runs SMSDL and, on request, the bicubic baseline, the H&E-free control
+(bicubic + back-projection) and the CNN
 (:mod:`napari_smsdl.reconstruction.baselines`) on the same SR grid; :func:`reconstruct_many_channels`
 streams thousands of channels to zarr chunk by chunk.
 """
@@ -16,14 +17,9 @@ from ._channels import (
     standardise_features,
 )
 from ._pipeline import Method, Reconstruction, Settings, prepare_guide, reconstruct, tiled_feature_store
-from ._regression import (
-    FAST_REGRESSION,
-    RegressionParams,
-    block_mean,
-    conserve_block_means,
-    effective_pca_dims,
-    train_regression,
-)
+from ._heldout import blocked_folds
+from ._regression import FAST_REGRESSION, Guidance, RegressionParams, RegressionResult, fit_guided, train_regression
+from .baselines.backprojection import Conservation, backprojection_upsample, block_mean, conserve
 
 __all__ = [
     "CHUNKED_ABOVE_CHANNELS",
@@ -36,8 +32,13 @@ __all__ = [
     "Settings",
     "baselines",
     "block_mean",
-    "conserve_block_means",
-    "effective_pca_dims",
+    "Conservation",
+    "Guidance",
+    "RegressionResult",
+    "backprojection_upsample",
+    "blocked_folds",
+    "conserve",
+    "fit_guided",
     "mask_from_stack",
     "prepare_guide",
     "reconstruct",

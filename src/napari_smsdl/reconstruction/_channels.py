@@ -37,16 +37,7 @@ import numpy as np
 
 from .. import distributed as dd
 from ..errors import Cancelled, InputError
-from ..torch_setup import get_device
-from ._regression import (
-    RegressionParams,
-    _design_matrix,
-    _fit,
-    _standardise,
-    _targets,
-    conserve_block_means,
-    effective_pca_dims,
-)
+from ._regression import RegressionParams, _standardise, fit_guided, max_pca_dims
 
 if TYPE_CHECKING:
     from ._pipeline import Settings
@@ -79,6 +70,19 @@ class ChannelStack:
     def read(self, channels: slice | Sequence[int] = slice(None)) -> np.ndarray:
         """Channels of the SR stack as numpy (all by default)."""
         return np.asarray(self.open()[channels])
+
+    def open_uncertainty(self):
+        """The SMSDL store's predictive standard deviation (C, rows·F, cols·F), or None (baselines)."""
+        import zarr
+
+        group = zarr.open_group(str(self.path), mode="r")
+        return group["uncertainty"] if "uncertainty" in group else None
+
+    def guidance(self) -> dict | None:
+        """Per-channel histology gain of an SMSDL store (``Guidance.to_dict``), or None."""
+        import zarr
+
+        return zarr.open_group(str(self.path), mode="r").attrs.get("guidance")
 
 
 def standardise_features(features, pca_dims: int = 0, block_rows: int = 256) -> np.ndarray:
@@ -186,10 +190,6 @@ def reconstruct_channels(
     -------
     ChannelStack
     """
-    import torch
-
-    from .baselines import bicubic_upsample
-
     start = time.perf_counter()
     n_ch, rows, cols = (int(s) for s in lr_msi.shape)
     factor = int(factor)
@@ -212,37 +212,36 @@ def reconstruct_channels(
     out = Path(out)
     sr_arr = _create_sr_store(out, (n_ch, sr_rows, sr_cols), min(chunk_channels, n_ch), block_rows, names, factor)
 
-    # one PCA for all chunks, capped by the pixels of the common tissue mask (see effective_pca_dims)
-    x_feat = standardise_features(features, effective_pca_dims(params, int(mask_lr.sum())), block_rows)
-    dev = get_device(device)
+    # one feature space for all chunks: the leading components, their number chosen on the first chunk
+    x_feat = standardise_features(features, max_pca_dims(params), block_rows)
     chunks = [(c0, min(c0 + chunk_channels, n_ch)) for c0 in range(0, n_ch, chunk_channels)]
+    first = fit_guided(x_feat, np.asarray(lr_msi[chunks[0][0]:chunks[0][1]], np.float32), factor, mask_lr=mask_lr,
+                       params=params, device=device, should_stop=should_stop) if dd.is_main_process() else None
+    pca_dims = int(dd.broadcast_object(first.choices["pca_dims"]["value"] if first is not None else None))
+    extra = _create_extra_stores(out, (n_ch, sr_rows, sr_cols), min(chunk_channels, n_ch), block_rows, names)
     mine = dd.shard(chunks)
+    gains: dict = {}
     for i, (c0, c1) in enumerate(mine):
         if should_stop is not None and should_stop():
             raise Cancelled("SMSDL channel reconstruction cancelled")
         lr = np.asarray(lr_msi[c0:c1], np.float32)
-        chunk_mask, scale, target = _targets(lr, mask_lr)
-        bicubic = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=chunk_mask) if params.use_bicubic_input else None
-        x = torch.from_numpy(_design_matrix(x_feat, bicubic, scale, params)).to(dev)
-        del bicubic
         stage = f"SMSDL channels {c0 + 1}-{c1} of {n_ch}"
-        nets, _ = _fit(x, target, chunk_mask, factor, params, dev, progress=progress, should_stop=should_stop,
-                       stage=stage, distributed=False)
+        if first is not None and c0 == chunks[0][0]:
+            fit = first
+        else:
+            fit = fit_guided(x_feat, lr, factor, mask_lr=mask_lr, params=params, device=device, progress=progress,
+                             should_stop=should_stop, stage=stage, pca_dims=pca_dims)
         for r0 in range(0, sr_rows, block_rows):
             r1 = min(r0 + block_rows, sr_rows)
-            xb = x[r0 * sr_cols : r1 * sr_cols]
-            with torch.no_grad():
-                preds = [torch.nn.functional.softplus(net(xb)).T.reshape(c1 - c0, r1 - r0, sr_cols).cpu().numpy()
-                         for net in nets]
-            block = np.median(np.stack(preds), axis=0) * scale[:, None, None]
-            if params.conserve_mean:
-                m0, m1 = r0 // factor, r1 // factor
-                block = conserve_block_means(block, lr[:, m0:m1], factor, chunk_mask[m0:m1])
-            sr_arr[c0:c1, r0:r1, :] = block.astype(np.float32)
-        del x, nets
+            sr_arr[c0:c1, r0:r1, :] = fit.sr[:, r0:r1]
+            for name, arr in extra.items():
+                arr[c0:c1, r0:r1, :] = getattr(fit, name)[:, r0:r1]
+        gains[c0] = {"guidance": fit.guidance.to_dict(), "choices": fit.choices}
+        del fit
         if progress is not None:
             progress("SMSDL channel chunks", i + 1, len(mine))
         log.info("channels %d-%d of %d written", c0 + 1, c1, n_ch)
+    _record_guidance(out, gains, n_ch)
     return _finish_sr_store(out, (n_ch, sr_rows, sr_cols), names, chunk_channels, start)
 
 
@@ -314,6 +313,36 @@ def _create_sr_store(out, shape, chunk_channels: int, block_rows: int, names, fa
                            "axes": "channel, row, col (SR grid)"})
     dd.barrier()
     return zarr.open_array(str(out), path="sr", mode="r+")
+
+
+def _create_extra_stores(out, shape, chunk_channels: int, block_rows: int, names) -> dict:
+    """The SMSDL group's ``uncertainty`` array, laid out as ``sr``: {attribute of the fit: array}."""
+    import zarr
+
+    if dd.is_main_process():
+        root = zarr.open_group(str(out), mode="r+")
+        root.create_array("uncertainty", shape=shape, chunks=(1, block_rows, shape[2]), dtype="float32",
+                          compressors=None, fill_value=0.0)
+    dd.barrier()
+    return {"uncertainty": zarr.open_array(str(out), path="uncertainty", mode="r+")}
+
+
+def _record_guidance(out, per_chunk: dict, n_ch: int) -> None:
+    """Every rank's chunks' guidance, merged in channel order into the store's attributes."""
+    import zarr
+
+    merged = dd.gather_objects(per_chunk)
+    if not dd.is_main_process():
+        return
+    chunks = {int(k): v for part in merged for k, v in part.items()}
+    guidance = {"gain": [], "gain_std": [], "used_histology": []}
+    for c0 in sorted(chunks):
+        for key in guidance:
+            guidance[key] += chunks[c0]["guidance"][key]
+    if len(guidance["gain"]) != n_ch:
+        raise RuntimeError(f"guidance for {len(guidance['gain'])} of {n_ch} channels")
+    zarr.open_group(str(out), mode="r+").attrs.update(
+        {"guidance": guidance, "choices": [chunks[c0]["choices"] for c0 in sorted(chunks)]})
 
 
 def _finish_sr_store(out, shape, names, chunk_channels: int, start: float) -> ChannelStack:

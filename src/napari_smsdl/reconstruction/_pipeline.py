@@ -2,8 +2,9 @@
 
 * :func:`prepare_guide` resamples the registered H&E onto the super-resolution (SR) grid refined
   ``k`` times, so each SR cell sees its own k × k patch of H&E.
-* :func:`reconstruct` runs SMSDL-Net (features + regression) and, on request, the bicubic and CNN
-  baselines on the same inputs and the same SR grid.
+* :func:`reconstruct` runs SMSDL-Net (features + regression) and, on request, the bicubic baseline,
+  the H&E-free control (bicubic + back-projection) and the CNN on the same inputs and SR grid. The
+  guided methods (SMSDL, CNN) get the same conservation of the block means as the control.
 
 Grids: the MSI has pixel size p µm and shape (h, w); the SR grid has pixel size p/F and shape
 (h·F, w·F); MSI pixel (i, j) covers exactly SR cells [i·F, (i+1)·F) × [j·F, (j+1)·F).
@@ -23,21 +24,18 @@ import numpy as np
 from ..errors import InputError
 from ..features import FAST_FEATURES, FeatureMaps, FeatureParams, choose_cell_px, extract_features
 from ._regression import FAST_REGRESSION, RegressionParams, train_regression
+from .baselines.backprojection import Conservation, conserve
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
 
-# Regression settings of the presets, chosen on the benchmark protocol (docs/method.md,
-# "Regression"): 600 steps and the exact block-mean rescale beat 300 steps without it on the sample
-# and on the real mouse pair at F = 2 and 4 (mouse F = 2 SSIM 0.823 → 0.844, RMSE 0.101 → 0.094).
-DEFAULT_REGRESSION = RegressionParams(steps=600, conserve_mean=True)
-FAST_PIPELINE_REGRESSION = dataclasses.replace(FAST_REGRESSION, steps=300, conserve_mean=True)
 
 
 class Method(str, enum.Enum):
     SMSDL = "smsdl"
     BICUBIC = "bicubic"
+    BACKPROJECTION = "backprojection"  # the H&E-free control: bicubic + back-projection
     CNN = "cnn"
 
 
@@ -47,7 +45,7 @@ class Settings:
 
     factor: int = 4
     features: FeatureParams = FeatureParams()
-    regression: RegressionParams = DEFAULT_REGRESSION
+    regression: RegressionParams = RegressionParams()
     cnn_preset: str = "default"
     cnn_iterations: int | None = None
     max_cell_px: int = 8  # H&E pixels per SR cell side in the guide image (caps memory and time)
@@ -58,7 +56,7 @@ class Settings:
     def preset(cls, name: str = "default", **overrides) -> Settings:
         """``"default"`` or ``"fast"`` (the fast preset is for tests and demos: under 2 minutes)."""
         if name == "fast":
-            base = cls(features=FAST_FEATURES, regression=FAST_PIPELINE_REGRESSION, cnn_preset="fast", max_cell_px=4)
+            base = cls(features=FAST_FEATURES, regression=FAST_REGRESSION, cnn_preset="fast", max_cell_px=4)
         elif name == "default":
             base = cls()
         else:
@@ -86,6 +84,12 @@ class Reconstruction:
     features: FeatureMaps | None
     loss_history: dict = field(default_factory=dict)
     settings: Settings = Settings()
+    #: method → (C, h·F, w·F) predictive standard deviation (SMSDL)
+    uncertainty: dict = field(default_factory=dict)
+    #: method → per-channel histology gain (:meth:`Guidance.to_dict`) (SMSDL)
+    guidance: dict = field(default_factory=dict)
+    #: method → the settings chosen from held-out LR pixels and their scores (SMSDL)
+    choices: dict = field(default_factory=dict)
 
 
 
@@ -162,7 +166,7 @@ def reconstruct(
     mask_lr = np.asarray(mask_lr, bool) & np.isfinite(lr).all(0)
     sr_shape = (lr.shape[1] * factor, lr.shape[2] * factor)
     stage = progress or (lambda *_: None)
-    sr, seconds, history = {}, {}, {}
+    sr, seconds, history, uncertainty, guidance, choices = {}, {}, {}, {}, {}, {}
 
     from ..io import HistologyImage
 
@@ -199,12 +203,22 @@ def reconstruct(
                 device=settings.device, save_weights=save_weights, progress=progress, should_stop=should_stop,
             )
         result = train_regression(
-            features.data, lr, factor, mask_lr=mask_lr, bicubic=bicubic, params=settings.regression,
-            device=settings.device, progress=progress, should_stop=should_stop, on_loss=on_loss,
+            features.data, lr, factor, mask_lr=mask_lr, params=settings.regression, device=settings.device,
+            progress=progress, should_stop=should_stop, on_loss=on_loss,
         )
         sr[Method.SMSDL.value] = result.sr
         history[Method.SMSDL.value] = result.loss_history
+        uncertainty[Method.SMSDL.value] = result.uncertainty
+        guidance[Method.SMSDL.value] = result.guidance.to_dict()
+        choices[Method.SMSDL.value] = result.choices
         seconds[Method.SMSDL.value] = time.perf_counter() - t0 + guide_seconds
+        conservation = result.choices["conservation"]["value"]
+    else:
+        conservation = settings.regression.conservation if settings.regression.conservation != "auto" else "exact"
+    if Method.BACKPROJECTION in methods:
+        t0 = time.perf_counter()
+        sr[Method.BACKPROJECTION.value] = conserve(bicubic, lr, factor, mask_lr, Conservation.EXACT)
+        seconds[Method.BACKPROJECTION.value] = bicubic_seconds + time.perf_counter() - t0
     if Method.CNN in methods:
         from .baselines import train_deepfere
 
@@ -215,10 +229,11 @@ def reconstruct(
             lr, guide_sr, factor, mask_lr=mask_lr, iterations=settings.cnn_iterations, seed=settings.seed,
             device=settings.device, progress=progress, should_stop=should_stop, preset=settings.cnn_preset,
         )
-        sr[Method.CNN.value] = np.asarray(cnn.sr, np.float32)
+        # the same conservation as SMSDL (its held-out choice), so the two differ only in their guidance
+        sr[Method.CNN.value] = conserve(np.asarray(cnn.sr, np.float32), lr, factor, mask_lr, conservation)
         history[Method.CNN.value] = list(getattr(cnn, "loss_history", []))
         seconds[Method.CNN.value] = time.perf_counter() - t0 + guide_seconds
-    return Reconstruction(sr, seconds, guide, features, history, settings)
+    return Reconstruction(sr, seconds, guide, features, history, settings, uncertainty, guidance, choices)
 
 
 def tiled_feature_store(histology, msi_shape, msi_pixel_size_um, he_pixel_size_um, transform, settings, cache_dir,

@@ -3,14 +3,27 @@
 A multilayer perceptron shared across channels (one trunk, one positive output per channel) maps
 each SR cell's features — the multi-level ViT features plus the bicubic-upsampled MSI — to the
 intensities of all chosen channels. It never sees a high-resolution target: its loss compares the
-mean of its predictions over the F × F cells of each MSI pixel with the measured MSI pixel, over
-acquired tissue pixels only. A few restarts with fixed seeds are combined by their median, and an
-optional final rescale makes each MSI pixel's mean exactly the measured value.
+mean of its predictions over the F × F cells of each MSI pixel with the measured MSI pixel.
 
-Under torchrun (a torch.distributed process group of N > 1 processes) the training pixels are
-sharded across ranks and DistributedDataParallel averages the gradients; every rank ends with
-rank 0's weights (see :func:`train_regression`). :mod:`napari_smsdl.reconstruction` reuses the pieces
-(:func:`_targets`, :func:`_design_matrix`, :func:`_fit`) to train chunks of many channels.
+Every setting that used to be a constant tuned on benchmark cases is chosen from the measurement
+itself, on spatially blocked folds of the LR tissue pixels (:mod:`._heldout`):
+
+* one network per fold is trained on the other folds and **stopped early** at its best error on
+  the held-out fold; the SR image is the mean of the fold networks (an ensemble that saw every
+  pixel), and their spread is the model part of the uncertainty (:mod:`._uncertainty`);
+* the **feature dimensions** (leading principal components) by a held-out linear fit;
+* the **conservation** of the block means (exact back-projection, smooth, none), by which one
+  predicts the held-out pixels best;
+* per channel, the **histology gain**: how much the fold networks reduce the held-out error of the
+  same network trained on the same pixels without the histology (the bicubic input alone,
+  conserved the same way) — so a network's mere smoothing of noise is not credited to the H&E.
+  Where the gain is not clearly positive (mean minus two standard errors over folds ≤ 0) the
+  channel's output is the H&E-free control (bicubic + back-projection; ``fallback``), and the
+  result says which channels fell back. The gain over the control itself is recorded too.
+
+Under torchrun (a torch.distributed process group of N > 1 processes) each fold network's training
+pixels are sharded across ranks and DistributedDataParallel averages the gradients; every rank ends
+with rank 0's weights. :mod:`._channels` calls :func:`fit_guided` on chunks of many channels.
 """
 
 from __future__ import annotations
@@ -19,69 +32,99 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import Cancelled, InputError
 from ..torch_setup import get_device
+from ._heldout import blocked_folds, choose_pca_dims, held_out_mse
+from ._uncertainty import uncertainty_map
+from .baselines.backprojection import Conservation, block_mean, conserve
 
 log = logging.getLogger(__name__)
+
+#: A channel uses the histology when its held-out gain is this many standard errors above zero.
+GAIN_STANDARD_ERRORS = 2.0
+#: Held-out loss is evaluated every this many steps (early stopping, progress of the best state).
+EVAL_EVERY = 25
 
 
 @dataclass(frozen=True)
 class RegressionParams:
-    """Training settings of the regression network."""
+    """Training settings of the regression network.
+
+    ``steps`` is the most any fold network trains; each stops ``patience`` steps after its last
+    held-out improvement and keeps its best state. ``pca_dims`` = 0 lets the held-out folds choose
+    the feature dimensions; ``conservation`` = ``"auto"`` lets them choose the conservation.
+    ``fallback`` = False forces the histology on every channel.
+    """
 
     hidden: int = 128
     layers: int = 3
-    # Few steps on purpose: the forward-model loss keeps falling long after the SR image stops
-    # improving (sample, F = 4: 300 steps SSIM 0.81, 750 steps 0.76), see docs/method.md.
-    steps: int = 300
-    holdout: float = 0.0  # fraction of MSI pixels held out; the best held-out state is kept
+    steps: int = 600
+    patience: int = 150
     batch_pixels: int = 256  # MSI pixels per step (each brings its F × F SR cells)
-    pca_dims: int = 48  # features are reduced by PCA first (0 keeps them all)
-    # ... and to at most one dimension per this many training MSI pixels (0: no cap). Each MSI
-    # pixel is one constraint; with few of them (mouse F = 4: 80 pixels) 48 dimensions overfit.
-    pixels_per_dim: int = 4
+    pca_dims: int = 0
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    restarts: int = 3
+    folds: int = 5
     use_bicubic_input: bool = True
-    # Final rescale so each MSI pixel's mean is reproduced exactly. Off by default: on the
-    # built-in sample it lowered SSIM (0.827 → 0.813), as it imprints the measurement noise.
-    conserve_mean: bool = False
+    conservation: str = "auto"
+    fallback: bool = True
     seed: int = 0
 
+    def __post_init__(self):
+        if self.conservation != "auto":
+            Conservation(self.conservation)  # raises ValueError on a typo
+        if self.folds < 2:
+            raise InputError(f"the regression needs at least 2 held-out folds, got {self.folds}")
 
-FAST_REGRESSION = RegressionParams(hidden=96, steps=200, restarts=3, pca_dims=32)
+
+FAST_REGRESSION = RegressionParams(hidden=96, steps=300, patience=100, folds=3)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Per channel: held-out gain of the histology over the H&E-free control, and whether it is used.
+
+    ``gain`` is 1 − (held-out MSE of SMSDL) / (held-out MSE of the same network without the
+    histology), the mean over folds; ``gain_std`` its standard deviation over folds.
+    """
+
+    gain: list
+    gain_std: list
+    used_histology: list
+
+    def to_dict(self) -> dict:
+        return {"gain": [float(g) for g in self.gain], "gain_std": [float(s) for s in self.gain_std],
+                "used_histology": [bool(u) for u in self.used_histology]}
+
+    @property
+    def fell_back(self) -> list[int]:
+        """Indices of the channels whose output is the H&E-free control."""
+        return [i for i, u in enumerate(self.used_histology) if not u]
 
 
 @dataclass(frozen=True)
 class RegressionResult:
-    """``sr`` (C, rows·F, cols·F) float32 in the MSI's units; ``loss_history`` of the first restart."""
+    """The SR stacks (C, rows·F, cols·F) float32 in the MSI's units, and how they were chosen.
+
+    ``sr`` is the output (the control on channels that fell back), ``guided`` SMSDL on every
+    channel, ``control`` the H&E-free control, ``uncertainty`` the predictive standard deviation of
+    ``sr``. ``choices`` records the data-driven settings and their held-out scores.
+    """
 
     sr: np.ndarray
+    guided: np.ndarray
+    control: np.ndarray
+    uncertainty: np.ndarray
+    guidance: Guidance
+    choices: dict
     loss_history: list
     seconds: float
-    device: str
-
-
-def block_mean(stack, factor: int):
-    """Mean over F × F blocks of the last two axes (numpy or torch)."""
-    *lead, rows, cols = stack.shape
-    return stack.reshape(*lead, rows // factor, factor, cols // factor, factor).mean(axis=(-3, -1))
-
-
-def effective_pca_dims(params: RegressionParams, n_train_pixels: int) -> int:
-    """PCA dimensions actually used: ``params.pca_dims``, capped at one per ``pixels_per_dim`` pixels.
-
-    The cap never goes below 8 dimensions; 0 (no PCA) stays 0 unless the cap applies.
-    """
-    if params.pixels_per_dim <= 0:
-        return params.pca_dims
-    cap = max(8, int(n_train_pixels) // params.pixels_per_dim)
-    return cap if params.pca_dims <= 0 else min(params.pca_dims, cap)
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
 
 
 def _standardise(features: np.ndarray, pca_dims: int = 0) -> np.ndarray:
@@ -95,26 +138,26 @@ def _standardise(features: np.ndarray, pca_dims: int = 0) -> np.ndarray:
     return flat.astype(np.float32)
 
 
+def max_pca_dims(params: RegressionParams) -> int:
+    """Components to keep before the held-out choice (all candidates are leading subsets of them)."""
+    from ._heldout import PCA_CANDIDATES
+
+    return params.pca_dims if params.pca_dims > 0 else max(PCA_CANDIDATES)
+
+
 def train_regression(
     features: np.ndarray,
     lr_msi: np.ndarray,
     factor: int,
     *,
     mask_lr: np.ndarray | None = None,
-    bicubic: np.ndarray | None = None,
     params: RegressionParams = RegressionParams(),
     device: str = "auto",
     progress: Callable[[str, int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_loss: Callable[[int, float], None] | None = None,
 ) -> RegressionResult:
-    """Train the shared network on the forward-model loss and predict every channel on the SR grid.
-
-    Under ``torchrun`` (a process group of N > 1 processes is initialised, see
-    :mod:`napari_smsdl.distributed`) every rank must call this with the same arguments: the
-    training MSI pixels are sharded across ranks, each rank draws ``batch_pixels / N`` of its own
-    pixels per step, DistributedDataParallel averages the gradients, and rank 0's final weights are
-    broadcast so every rank returns the same ``sr``. In a single process nothing changes.
+    """Train the fold networks on the forward-model loss and predict every channel on the SR grid.
 
     Parameters
     ----------
@@ -126,40 +169,18 @@ def train_regression(
         F, SR cells per MSI pixel side.
     mask_lr : (rows, cols) bool, optional
         Tissue pixels to train on (default: acquired pixels with any non-zero channel).
-    bicubic : (C, rows·F, cols·F), optional
-        Bicubic upsampling of ``lr_msi``, used as an extra input when ``params.use_bicubic_input``.
-    """
-    import torch
 
-    start = time.perf_counter()
+    Notes
+    -----
+    Under ``torchrun`` every rank must call this with the same arguments (see the module notes).
+    """
     lr_msi = np.asarray(lr_msi, np.float32)
-    n_ch, rows, cols = lr_msi.shape
+    rows, cols = lr_msi.shape[1:]
     if features.shape[1:] != (rows * factor, cols * factor):
         raise InputError(f"features {features.shape[1:]} do not match the SR grid {(rows * factor, cols * factor)}")
-    mask_lr, scale, target = _targets(lr_msi, mask_lr)
-    dims = effective_pca_dims(params, int(mask_lr.sum()))
-    if dims != params.pca_dims:
-        log.info("%d training pixels: features reduced to %d PCA dimensions (not %d)", mask_lr.sum(), dims, params.pca_dims)
-    x_np = _design_matrix(_standardise(features, dims), bicubic, scale, params)  # (N_sr, D')
-
-    dev = get_device(device)
-    x = torch.from_numpy(x_np).to(dev)
-    nets, history = _fit(
-        x, target, mask_lr, factor, params, dev, progress=progress, should_stop=should_stop, on_loss=on_loss,
-        distributed=_ddp_active(),
-    )
-    predictions = []
-    for net in nets:
-        with torch.no_grad():
-            pred = torch.nn.functional.softplus(net(x)).T.reshape(n_ch, rows * factor, cols * factor)
-        predictions.append(pred.cpu().numpy())
-    sr = np.median(np.stack(predictions), axis=0) * scale[:, None, None]
-    if params.conserve_mean:
-        sr = conserve_block_means(sr, lr_msi, factor, mask_lr)
-    total_steps = params.steps * params.restarts
-    if progress is not None:
-        progress("SMSDL regression", total_steps, total_steps)
-    return RegressionResult(sr.astype(np.float32), history, time.perf_counter() - start, str(dev))
+    x_feat = _standardise(features, max_pca_dims(params))
+    return fit_guided(x_feat, lr_msi, factor, mask_lr=mask_lr, params=params, device=device, progress=progress,
+                      should_stop=should_stop, on_loss=on_loss, distributed=_ddp_active())
 
 
 def _ddp_active() -> bool:
@@ -195,40 +216,208 @@ def _design_matrix(features_std: np.ndarray, bicubic, scale: np.ndarray, params:
     return np.concatenate(inputs).T
 
 
+def fit_guided(
+    x_feat: np.ndarray,
+    lr: np.ndarray,
+    factor: int,
+    *,
+    mask_lr: np.ndarray | None = None,
+    params: RegressionParams = RegressionParams(),
+    device: str = "auto",
+    progress: Callable[[str, int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_loss: Callable[[int, float], None] | None = None,
+    distributed: bool = False,
+    stage: str = "SMSDL regression",
+    pca_dims: int | None = None,
+) -> RegressionResult:
+    """SMSDL on one set of channels, from standardised features (the core of both paths).
+
+    Parameters
+    ----------
+    x_feat : ndarray, shape (D, rows·F·cols·F)
+        Standardised features, leading principal components first (:func:`_standardise`).
+    lr : ndarray, shape (C, rows, cols)
+        The measured channels (NaN = no spectrum).
+    factor : int
+        F.
+    mask_lr : ndarray of bool, shape (rows, cols), optional
+        Tissue pixels (default: acquired pixels with any non-zero channel).
+    params : RegressionParams
+    pca_dims : int, optional
+        Use this many leading components instead of choosing (the chunked path chooses once, on
+        its first chunk, so every chunk shares one feature space).
+    """
+    import torch
+
+    from .baselines import bicubic_upsample
+
+    start = time.perf_counter()
+    lr = np.asarray(lr, np.float32)
+    n_ch, rows, cols = lr.shape
+    mask_lr, scale, target = _targets(lr, mask_lr)
+    folds = blocked_folds(mask_lr, params.folds, seed=params.seed)
+    n_folds = params.folds
+    choices: dict = {"folds": n_folds, "fold_pixels": [int((folds == i).sum()) for i in range(n_folds)]}
+    if pca_dims is None:
+        if params.pca_dims > 0:
+            pca_dims = min(params.pca_dims, x_feat.shape[0])
+            choices["pca_dims"] = {"value": pca_dims, "how": "given"}
+        else:
+            pca_dims, scores = choose_pca_dims(x_feat, target, folds, factor)
+            choices["pca_dims"] = {"value": pca_dims, "how": "held-out linear fit",
+                                   "held_out_mse": {str(k): v for k, v in scores.items()}}
+    else:
+        choices["pca_dims"] = {"value": int(pca_dims), "how": "shared by every chunk"}
+    feats = np.ascontiguousarray(x_feat[:pca_dims])
+    dev = get_device(device)
+    bic_full = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=mask_lr)
+    x_full = torch.from_numpy(_design_matrix(feats, bic_full, scale, params)).to(dev)
+    modes = [Conservation(params.conservation)] if params.conservation != "auto" else list(Conservation)
+    err = {m.value: np.zeros((n_folds, n_ch)) for m in modes}
+    err_free = {m.value: np.zeros((n_folds, n_ch)) for m in modes}
+    err_control = np.zeros((n_folds, n_ch))
+    mean, m2 = np.zeros((n_ch, rows * factor, cols * factor)), np.zeros((n_ch, rows * factor, cols * factor))
+    c_mean, c_m2 = np.zeros_like(mean), np.zeros_like(mean)
+    best_steps, history = [], []
+    for i in range(n_folds):
+        held_out = folds == i
+        train = mask_lr & ~held_out
+        bic = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=train)
+        x = torch.from_numpy(_design_matrix(feats, bic, scale, params)).to(dev)
+        net, best_step, losses = _fit(
+            x, target, train, held_out, factor, params, dev, seed=params.seed + 1000 * i, progress=progress,
+            should_stop=should_stop, on_loss=on_loss if i == 0 else None, distributed=distributed, stage=stage,
+            progress_offset=i * params.steps, progress_total=n_folds * params.steps,
+        )
+        best_steps.append(best_step)
+        if i == 0:
+            history = losses
+        fold_pred = _predict(net, x, n_ch, rows * factor, cols * factor) * scale[:, None, None]
+        fold_control = conserve(bic, lr, factor, train, Conservation.EXACT)
+        err_control[i] = held_out_mse(block_mean(fold_control, factor) / scale[:, None, None], target, held_out)
+        # the same network without the histology: what the measurement alone supports
+        x_free = torch.from_numpy(_design_matrix(feats[:0], bic, scale, params) if params.use_bicubic_input
+                                  else np.ones((x.shape[0], 1), np.float32)).to(dev)
+        net_free, _, _ = _fit(x_free, target, train, held_out, factor, params, dev, seed=params.seed + 1000 * i + 1,
+                              should_stop=should_stop, distributed=distributed)
+        free_pred = _predict(net_free, x_free, n_ch, rows * factor, cols * factor) * scale[:, None, None]
+        del x_free, net_free
+        for m in modes:
+            pooled = block_mean(conserve(fold_pred, lr, factor, train, m), factor) / scale[:, None, None]
+            err[m.value][i] = held_out_mse(pooled, target, held_out)
+            pooled = block_mean(conserve(free_pred, lr, factor, train, m), factor) / scale[:, None, None]
+            err_free[m.value][i] = held_out_mse(pooled, target, held_out)
+        full_pred = _predict(net, x_full, n_ch, rows * factor, cols * factor) * scale[:, None, None]
+        _welford(i, full_pred, mean, m2)
+        _welford(i, fold_control, c_mean, c_m2)
+        del x, net
+    mode = _choose_conservation(err) if len(modes) > 1 else modes[0]
+    choices["conservation"] = {"value": mode.value, "how": "given" if len(modes) == 1 else "held-out error",
+                               "held_out_mse": {k: float(v.mean()) for k, v in err.items()}}
+    choices["control_held_out_mse"] = float(err_control.mean())
+    choices["steps"] = {"best_per_fold": best_steps, "most": params.steps, "patience": params.patience,
+                        "how": "early stopping on each fold's held-out pixels"}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        reference = err_free[mode.value]
+        gains = np.where(reference > 1e-12, 1.0 - err[mode.value] / reference, 0.0)
+        over_control = np.where(err_control > 1e-12, 1.0 - err[mode.value] / err_control, 0.0)
+    gain, gain_std = gains.mean(0), gains.std(0, ddof=1)
+    choices["gain_over_control"] = over_control.mean(0).tolist()
+    clearly = gain - GAIN_STANDARD_ERRORS * gain_std / np.sqrt(n_folds) > 0
+    used = clearly if params.fallback else np.ones(n_ch, bool)
+    guidance = Guidance(gain.tolist(), gain_std.tolist(), used.tolist())
+    control = conserve(bic_full, lr, factor, mask_lr, Conservation.EXACT)
+    guided = conserve(mean, lr, factor, mask_lr, mode)
+    sr = np.where(used[:, None, None], guided, control).astype(np.float32)
+    spread = np.sqrt(np.where(used[:, None, None], m2, c_m2) / (n_folds - 1))
+    uncertainty = uncertainty_map(sr, spread, lr, mask_lr, factor)
+    if not used.all():
+        log.info("%d of %d channels fell back to the H&E-free control (held-out gain not clearly positive)",
+                 int((~used).sum()), n_ch)
+    if progress is not None:
+        progress(stage, n_folds * params.steps, n_folds * params.steps)
+    return RegressionResult(sr, guided.astype(np.float32), control, uncertainty, guidance, choices, history,
+                            time.perf_counter() - start, str(dev), {"clearly_positive": clearly.tolist()})
+
+
+def _choose_conservation(err: dict) -> Conservation:
+    """Exact conservation (the control's) unless another mode predicts held-out pixels clearly better.
+
+    "Clearly": its fold-wise advantage over exact is more than two standard errors above zero.
+    """
+    exact = err[Conservation.EXACT.value].mean(axis=1)  # per fold
+    best, best_gain = Conservation.EXACT, 0.0
+    for name, e in err.items():
+        diff = exact - e.mean(axis=1)
+        sem = diff.std(ddof=1) / np.sqrt(len(diff))
+        if diff.mean() - GAIN_STANDARD_ERRORS * sem > 0 and diff.mean() > best_gain:
+            best, best_gain = Conservation(name), float(diff.mean())
+    return best
+
+
+def _welford(i: int, value: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:
+    """Running mean and sum of squared deviations over folds, in place (memory of two stacks)."""
+    delta = value - mean
+    mean += delta / (i + 1)
+    m2 += delta * (value - mean)
+
+
+def _predict(net, x, n_ch: int, rows: int, cols: int, block: int = 65536) -> np.ndarray:
+    """The network's positive output on every SR cell, (C, rows, cols) float64, block by block."""
+    import torch
+
+    out = np.empty((x.shape[0], n_ch), np.float32)
+    with torch.no_grad():
+        for s in range(0, x.shape[0], block):
+            out[s : s + block] = torch.nn.functional.softplus(net(x[s : s + block])).cpu().numpy()
+    return out.T.reshape(n_ch, rows, cols).astype(np.float64)
+
+
+def _cells(mask: np.ndarray, factor: int, cols: int) -> np.ndarray:
+    """(n_pixels, F·F) flat indices into the SR grid of the SR cells of every pixel of ``mask``."""
+    pix_r, pix_c = np.nonzero(mask)
+    sub_r, sub_c = np.divmod(np.arange(factor * factor), factor)
+    return (pix_r[:, None] * factor + sub_r[None]) * (cols * factor) + pix_c[:, None] * factor + sub_c[None]
+
+
 def _fit(
     x,
     target: np.ndarray,
-    mask_lr: np.ndarray,
+    train: np.ndarray,
+    held_out: np.ndarray,
     factor: int,
     params: RegressionParams,
     dev,
     *,
+    seed: int,
     progress=None,
     should_stop=None,
     on_loss=None,
     distributed: bool = False,
     stage: str = "SMSDL regression",
-) -> tuple[list, list]:
-    """Train ``params.restarts`` networks on the forward-model loss; return (networks, first loss history).
+    progress_offset: int = 0,
+    progress_total: int | None = None,
+):
+    """Train one network on the ``train`` pixels, early-stopped on the ``held_out`` pixels.
 
-    ``x`` is the (N_sr, D') input tensor on ``dev``; ``target`` (C, rows, cols) the scaled MSI.
-    With ``distributed`` (a process group of N > 1 is active) the training pixels are sharded
-    round robin across ranks, gradients are averaged by DistributedDataParallel, the loss history
-    is the mean over ranks and rank 0's final weights are copied to every rank.
+    Returns (network at its best held-out state, that step, loss history). ``x`` is the
+    (N_sr, D') input tensor on ``dev``; ``target`` (C, rows, cols) the scaled MSI. With
+    ``distributed`` the training pixels are sharded round robin across ranks, gradients are
+    averaged by DistributedDataParallel, the loss history is the mean over ranks and rank 0's
+    final weights are copied to every rank.
     """
     import torch
 
     n_ch, rows, cols = target.shape
-    # SR cells of every training MSI pixel: (n_pixels, F*F) flat indices into the SR grid
-    pix_r, pix_c = np.nonzero(mask_lr)
-    sub_r, sub_c = np.divmod(np.arange(factor * factor), factor)
-    cells = ((pix_r[:, None] * factor + sub_r[None]) * (cols * factor) + pix_c[:, None] * factor + sub_c[None])
-    cells_t = torch.from_numpy(cells).to(dev)
+    pix_r, pix_c = np.nonzero(train)
+    cells_t = torch.from_numpy(_cells(train, factor, cols)).to(dev)
     y_pix = torch.from_numpy(target[:, pix_r, pix_c].T.copy()).to(dev)  # (n_pixels, C)
-    order = np.random.default_rng(params.seed).permutation(len(pix_r))
-    n_val = int(len(order) * params.holdout) if len(order) >= 40 else 0
-    val_t = torch.from_numpy(order[:n_val]).to(dev)
-    train_idx = torch.from_numpy(order[n_val:]).to(dev)
+    val_cells = torch.from_numpy(_cells(held_out, factor, cols)).to(dev)
+    val_r, val_c = np.nonzero(held_out)
+    y_val = torch.from_numpy(target[:, val_r, val_c].T.copy()).to(dev)
+    order = np.random.default_rng(seed).permutation(len(pix_r))
+    train_idx = torch.from_numpy(order).to(dev)
     n_pix = len(train_idx)
     batch = min(params.batch_pixels, n_pix)
     rank, world = 0, 1
@@ -243,78 +432,60 @@ def _fit(
             train_idx = train_idx[rank::world]  # round-robin shard of the (seeded, shuffled) pixels
             n_pix = len(train_idx)
             # same global batch as one process: world x (batch / world), capped by the smallest shard
-            batch = max(1, min(-(-batch // world), len(order[n_val:]) // world))
-    nets, history = [], []
-    total_steps = params.steps * params.restarts
-    for restart in range(params.restarts):
-        torch.manual_seed(params.seed + 1000 * restart)
-        net = _mlp(x.shape[1], params.hidden, params.layers, n_ch).to(dev)
-        model = net
-        if distributed:
-            from torch.nn.parallel import DistributedDataParallel
+            batch = max(1, min(-(-batch // world), len(order) // world))
+    total = progress_total or params.steps
+    torch.manual_seed(seed)
+    net = _mlp(x.shape[1], params.hidden, params.layers, n_ch).to(dev)
+    model = net
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
 
-            ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
-            model = DistributedDataParallel(net, device_ids=ids)  # broadcasts rank 0's initial weights
-        opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.steps)
-        losses = []
-        gen = torch.Generator(device="cpu").manual_seed(params.seed + 1000 * restart + 7919 * rank)
-        best = (float("inf"), -1, None)
-        for step in range(params.steps):
+        ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
+        model = DistributedDataParallel(net, device_ids=ids)  # broadcasts rank 0's initial weights
+    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.steps)
+    losses = []
+    gen = torch.Generator(device="cpu").manual_seed(seed + 7919 * rank)
+    best = (float("inf"), 0, copy.deepcopy(net.state_dict()))
+    for step in range(params.steps):
+        if step % 20 == 0:
+            stop = should_stop is not None and bool(should_stop())
             if distributed:
-                if step % 20 == 0:
-                    from ..distributed import any_rank
+                from ..distributed import any_rank
 
-                    if any_rank(should_stop is not None and bool(should_stop())):
-                        raise Cancelled("SMSDL training cancelled")
-            elif should_stop is not None and step % 20 == 0 and should_stop():
+                stop = any_rank(stop)
+            if stop:
                 raise Cancelled("SMSDL training cancelled")
-            pick = train_idx[torch.randperm(n_pix, generator=gen)[:batch].to(dev)]
-            idx = cells_t[pick]  # (B, F*F)
-            pred = torch.nn.functional.softplus(model(x[idx.reshape(-1)])).reshape(batch, factor * factor, n_ch)
-            loss = ((pred.mean(1) - y_pix[pick]) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if n_val and (step % 25 == 24 or step == params.steps - 1):
-                with torch.no_grad():
-                    vidx = cells_t[val_t]
-                    vpred = torch.nn.functional.softplus(net(x[vidx.reshape(-1)])).reshape(n_val, factor * factor, n_ch)
-                    vloss = float(((vpred.mean(1) - y_pix[val_t]) ** 2).mean())
-                if vloss < best[0]:
-                    best = (vloss, step, copy.deepcopy(net.state_dict()))
-            if progress is not None and step % 10 == 0:
-                progress(stage, restart * params.steps + step + 1, total_steps)
-            if on_loss is not None and restart == 0 and step % 10 == 0:
-                on_loss(step, losses[-1])
-        if best[2] is not None:
-            net.load_state_dict(best[2])
-            log.info("SMSDL restart %d: best held-out loss %.3g at step %d", restart, best[0], best[1])
-        if distributed:
-            from ..distributed import all_reduce_mean, broadcast_module
+        pick = train_idx[torch.randperm(n_pix, generator=gen)[:batch].to(dev)]
+        idx = cells_t[pick]  # (B, F*F)
+        pred = torch.nn.functional.softplus(model(x[idx.reshape(-1)])).reshape(batch, factor * factor, n_ch)
+        loss = ((pred.mean(1) - y_pix[pick]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % EVAL_EVERY == EVAL_EVERY - 1 or step == params.steps - 1:
+            with torch.no_grad():
+                vpred = torch.nn.functional.softplus(net(x[val_cells.reshape(-1)]))
+                vloss = float(((vpred.reshape(len(val_r), factor * factor, n_ch).mean(1) - y_val) ** 2).mean())
+            if vloss < best[0]:
+                best = (vloss, step + 1, copy.deepcopy(net.state_dict()))
+            elif step + 1 - best[1] >= params.patience:
+                break
+        if progress is not None and step % 10 == 0:
+            progress(stage, progress_offset + step + 1, total)
+        if on_loss is not None and step % 10 == 0:
+            on_loss(step, losses[-1])
+    net.load_state_dict(best[2])
+    log.info("SMSDL fold network: best held-out loss %.3g at step %d", best[0], best[1])
+    if distributed:
+        from ..distributed import all_reduce_mean, broadcast_module
 
-            broadcast_module(net, src=0)  # identical weights on every rank, whatever each rank chose
-            losses = [float(v) for v in all_reduce_mean(losses)]
-        nets.append(net.eval())
-        if restart == 0:
-            history = losses
-        if losses:
-            log.info("SMSDL restart %d: final forward-model loss %.3g", restart, losses[-1])
-    return nets, history
+        broadcast_module(net, src=0)  # identical weights on every rank, whatever each rank chose
+        losses = [float(v) for v in all_reduce_mean(losses)]
+    return net.eval(), best[1], losses
 
-
-def conserve_block_means(sr: np.ndarray, lr_msi: np.ndarray, factor: int, mask_lr: np.ndarray) -> np.ndarray:
-    """Rescale each F × F block so its mean equals the measured MSI pixel (tissue pixels only).
-
-    The ratio is clipped to [0.25, 4] so a near-zero prediction cannot explode.
-    """
-    pooled = block_mean(sr, factor)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(pooled > 0, np.nan_to_num(lr_msi) / pooled, 1.0)
-    ratio = np.clip(np.where(mask_lr[None], ratio, 1.0), 0.25, 4.0)
-    return sr * np.repeat(np.repeat(ratio, factor, axis=1), factor, axis=2)
 
 
 def _mlp(n_in: int, hidden: int, layers: int, n_out: int):

@@ -303,7 +303,7 @@ def _follow_channel(viewer, comparison: list, difference: list, reference, diffs
 
 def ordered_methods(methods) -> list[str]:
     """SMSDL first, then the baselines (BI, CNN), then anything else in the given order."""
-    rank = {"smsdl": 0, "bicubic": 1, "cnn": 2}
+    rank = {"smsdl": 0, "bicubic": 1, "backprojection": 2, "cnn": 3}
     return sorted(methods, key=lambda m: rank.get(m, 3))
 
 

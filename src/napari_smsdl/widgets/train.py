@@ -92,11 +92,15 @@ TOOLTIPS = {
     "ssl_steps": "Self-supervised (masked image modelling) steps per ViT branch.",
     "embed_dim": "ViT width (token features per branch); must be a multiple of the heads (2 or 4).",
     "depth": "ViT depth (transformer blocks per branch).",
-    "reg_steps": "Regression steps per restart (the forward-model loss on the MSI).",
-    "restarts": "Independent regression restarts; their median is the result.",
+    "reg_steps": "Most regression steps per fold network; each stops early at its best held-out error.",
+    "folds": "Held-out folds of the MSI pixels: one network per fold, their mean is the result, their spread "
+             "the uncertainty; the folds also measure, per ion, how much the H&E helps.",
+    "force_histology": "Use the H&E on every ion, even where the held-out pixels say it does not help "
+                       "(default: those ions fall back to the H&E-free control).",
     "hidden": "Hidden units of the regression network.",
     "smsdl": "SMSDL-Net: H&E features + regression (the method of this plugin).",
     "bicubic": "Bicubic upsampling (BI), the baseline every method must beat.",
+    "backprojection": "Bicubic + back-projection to the measured block means: the H&E-free control SMSDL must beat.",
     "cnn": "A DeepFERE-style CNN trained on this image pair (a learned baseline; slower).",
     "cnn_iterations": "CNN training iterations (0: the preset's).",
     "start": "Run feature extraction, SMSDL training and the baselines in the background.",
@@ -273,10 +277,12 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         self.embed_dim = SpinBox(value=48, min=8, max=1024, step=4, label="ViT width", tooltip=tip["embed_dim"])
         self.depth = SpinBox(value=2, min=1, max=24, label="ViT depth", tooltip=tip["depth"])
         self.reg_steps = SpinBox(value=200, min=1, max=100_000, label="regression steps", tooltip=tip["reg_steps"])
-        self.restarts = SpinBox(value=2, min=1, max=20, label="restarts", tooltip=tip["restarts"])
+        self.folds = SpinBox(value=5, min=2, max=20, label="held-out folds", tooltip=tip["folds"])
+        self.force_histology = CheckBox(value=False, text="use the H&E on every ion", tooltip=tip["force_histology"])
         self.hidden = SpinBox(value=96, min=4, max=4096, label="hidden units", tooltip=tip["hidden"])
         self.use_smsdl = CheckBox(value=True, text="SMSDL", tooltip=tip["smsdl"])
         self.use_bicubic = CheckBox(value=True, text="BI (bicubic)", tooltip=tip["bicubic"])
+        self.use_backprojection = CheckBox(value=True, text="H&E-free control", tooltip=tip["backprojection"])
         self.use_cnn = CheckBox(value=True, text="CNN", tooltip=tip["cnn"])
         self.cnn_iterations = SpinBox(value=0, min=0, max=100_000, label="CNN iterations", tooltip=tip["cnn_iterations"])
         self.start_button = PushButton(text="Start", tooltip=tip["start"])
@@ -289,8 +295,9 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         inputs = Container(widgets=[self.he_layer, self.msi_layer, self.channels, self.use_registration])
         general = Container(widgets=[self.factor, self.preset, self.seed])
         features = Container(widgets=[self.feature_source, self.checkpoint, self.ssl_steps, self.embed_dim, self.depth])
-        regression = Container(widgets=[self.reg_steps, self.restarts, self.hidden])
-        methods_row = Container(widgets=[self.use_smsdl, self.use_bicubic, self.use_cnn], layout="horizontal", labels=False)
+        regression = Container(widgets=[self.reg_steps, self.folds, self.hidden, self.force_histology])
+        methods_row = Container(widgets=[self.use_smsdl, self.use_bicubic, self.use_backprojection, self.use_cnn],
+                                layout="horizontal", labels=False)
         baselines = Container(widgets=[methods_row, self.cnn_iterations])
         run_row = Container(widgets=[self.start_button, self.cancel_button], layout="horizontal", labels=False)
 
@@ -306,7 +313,7 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         self.he_layer.changed.connect(lambda *_: self._sync_enabled())
         self.preset.changed.connect(self._on_preset)
         self.feature_source.changed.connect(lambda *_: self._sync_enabled())
-        for box in (self.use_smsdl, self.use_cnn, self.use_bicubic):
+        for box in (self.use_smsdl, self.use_cnn, self.use_bicubic, self.use_backprojection):
             box.changed.connect(lambda *_: self._sync_enabled())
         self.start_button.changed.connect(lambda: self.start())
         self.cancel_button.changed.connect(lambda: self.cancel())
@@ -371,7 +378,8 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         self.embed_dim.value = int(f.embed_dim)
         self.depth.value = int(f.depth)
         self.reg_steps.value = int(r.steps)
-        self.restarts.value = int(r.restarts)
+        self.folds.value = int(r.folds)
+        self.force_histology.value = not r.fallback
         self.hidden.value = int(r.hidden)
         self.cnn_iterations.value = int(settings.cnn_iterations or 0)
         self._sync_enabled()
@@ -399,12 +407,14 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         features = dataclasses.replace(base.features, ssl_steps=int(self.ssl_steps.value), embed_dim=embed_dim,
                                        num_heads=heads, depth=int(self.depth.value), checkpoint=checkpoint, seed=seed)
         regression = dataclasses.replace(base.regression, steps=int(self.reg_steps.value),
-                                         restarts=int(self.restarts.value), hidden=int(self.hidden.value), seed=seed)
+                                         folds=int(self.folds.value), fallback=not self.force_histology.value,
+                                         hidden=int(self.hidden.value), seed=seed)
         return dataclasses.replace(base, factor=int(self.factor.value), seed=seed, features=features,
                                    regression=regression, cnn_iterations=int(self.cnn_iterations.value) or None)
 
     def methods(self) -> list[str]:
-        chosen = [("smsdl", self.use_smsdl), ("bicubic", self.use_bicubic), ("cnn", self.use_cnn)]
+        chosen = [("smsdl", self.use_smsdl), ("bicubic", self.use_bicubic), ("backprojection", self.use_backprojection),
+                  ("cnn", self.use_cnn)]
         return [name for name, box in chosen if box.value]
 
     # ------------------------------------------------------------------ inputs
@@ -482,7 +492,8 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         if settings is not None:
             self.set_settings(settings)
         if methods is not None:
-            for name, box in (("smsdl", self.use_smsdl), ("bicubic", self.use_bicubic), ("cnn", self.use_cnn)):
+            for name, box in (("smsdl", self.use_smsdl), ("bicubic", self.use_bicubic),
+                              ("backprojection", self.use_backprojection), ("cnn", self.use_cnn)):
                 box.value = name in methods
         if cache_dir is not None:
             self.cache_dir = Path(cache_dir)
@@ -573,7 +584,7 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         for w in (self.ssl_steps, self.embed_dim, self.depth):
             w.enabled = smsdl and not checkpoint
         self.feature_source.enabled = smsdl
-        for w in (self.reg_steps, self.restarts, self.hidden):
+        for w in (self.reg_steps, self.folds, self.hidden, self.force_histology):
             w.enabled = smsdl
         self.cnn_iterations.enabled = bool(self.use_cnn.value)
 

@@ -1,6 +1,8 @@
 """Baselines the SMSDL-Net reconstruction is compared against, on the same inputs and SR grid.
 
 * :func:`bicubic_upsample` — bicubic (Keys, a = −0.5) interpolation, pixel-centre aligned.
+* :func:`backprojection_upsample` — the H&E-free control: bicubic + iterative back-projection to
+  the block means; :func:`conserve` is that conservation step, shared by every guided method.
 * :func:`train_deepfere` — a DeepFERE-style CNN (Guo et al., Anal. Chem. 2023, 95:9714), made
   stable; see ``docs/cnn-baseline.md``. Imports torch, so it is loaded lazily on first access.
 * :func:`block_average` — the benchmark's degradation (mean over each F×F block of tissue pixels).
@@ -13,10 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from .backprojection import Conservation, backprojection_upsample, conserve
 from .bicubic import bicubic_upsample
 from .grid import block_average, fill_nearest_tissue, upsample_mask
 
 __all__ = [
+    "Conservation",
+    "backprojection_upsample",
+    "conserve",
     "DeepFereConfig",
     "DeepFereResult",
     "Preset",

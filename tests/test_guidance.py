@@ -1,0 +1,75 @@
+"""The H&E-free control, the held-out folds and the per-channel fallback (no ground truth used)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from napari_smsdl.errors import InputError
+from napari_smsdl.reconstruction import (
+    RegressionParams,
+    backprojection_upsample,
+    block_mean,
+    blocked_folds,
+    conserve,
+    train_regression,
+)
+
+
+def test_backprojection_reproduces_the_block_means():
+    rng = np.random.default_rng(0)
+    lr = rng.gamma(2.0, 1.0, size=(3, 12, 17)).astype(np.float32)
+    mask = np.ones((12, 17), bool)
+    mask[:2, :3] = False  # off tissue: not conserved, may be anything finite
+    lr[:, ~mask] = np.nan
+    sr = backprojection_upsample(lr, 4, mask_lr=mask)
+    assert sr.shape == (3, 48, 68) and (sr >= 0).all()
+    np.testing.assert_allclose(block_mean(sr, 4)[:, mask], lr[:, mask], rtol=1e-4, atol=1e-6)
+    smooth = conserve(sr * 0 + 1.0, lr, 4, mask, "smooth")  # a few iterations: closer, not exact
+    before = np.abs(1.0 - lr[:, mask]).mean()
+    assert np.abs(block_mean(smooth, 4)[:, mask] - lr[:, mask]).mean() < 0.5 * before
+    np.testing.assert_array_equal(conserve(sr, lr, 4, mask, "none"), sr)
+    with pytest.raises(ValueError):
+        conserve(sr, lr, 4, mask, "exactly")
+
+
+def test_held_out_folds_are_blocked_deterministic_and_cover_the_tissue():
+    mask = np.zeros((30, 40), bool)
+    mask[3:27, 2:38] = True
+    a = blocked_folds(mask, 5, seed=3)
+    np.testing.assert_array_equal(a, blocked_folds(mask, 5, seed=3))  # same seed, same folds
+    assert not np.array_equal(a, blocked_folds(mask, 5, seed=4))
+    assert set(np.unique(a[mask])) == set(range(5)) and (a[~mask] == -1).all()
+    # tiles of 3 × 3 LR pixels: every aligned tile lies in one fold
+    tiles = a[3:27, 3:36].reshape(8, 3, 11, 3).transpose(0, 2, 1, 3).reshape(88, 9)
+    assert (tiles == tiles[:, :1]).all()
+    counts = np.bincount(a[mask])
+    assert counts.min() > 0.5 * counts.max()  # the folds are of similar size
+    with pytest.raises(InputError, match="tissue pixels"):
+        blocked_folds(np.eye(3, dtype=bool), 5)
+
+
+def test_fallback_triggers_on_noise_and_not_on_a_channel_the_features_explain():
+    """A channel that is a function of the features gains from them; pure noise does not."""
+    rng = np.random.default_rng(0)
+    factor, rows, cols = 4, 24, 24
+    fields = np.stack([gaussian_filter(rng.normal(size=(rows * factor, cols * factor)), 1.5) for _ in range(6)])
+    fields /= fields.std(axis=(1, 2), keepdims=True)
+    explained = np.log1p(np.exp(2.0 * fields[0] + fields[1]))
+    lr_explained = block_mean(explained, factor)
+    lr_noise = rng.gamma(4.0, 0.25, size=(rows, cols))
+    lr = np.stack([lr_explained, lr_noise]).astype(np.float32)
+    params = RegressionParams(hidden=32, steps=300, patience=100, folds=5, pca_dims=6, seed=0)
+    result = train_regression(fields.astype(np.float32), lr, factor, mask_lr=np.ones((rows, cols), bool), params=params)
+    g = result.guidance
+    assert g.used_histology == [True, False], g.to_dict()
+    assert g.gain[0] > 0.2 and g.gain[1] < g.gain[0]
+    assert result.guidance.fell_back == [1]
+    np.testing.assert_array_equal(result.sr[1], result.control[1])  # the fallback is the control itself
+    np.testing.assert_array_equal(result.sr[0], result.guided[0])
+    forced = train_regression(fields.astype(np.float32), lr, factor, mask_lr=np.ones((rows, cols), bool),
+                              params=RegressionParams(hidden=32, steps=300, patience=100, folds=5, pca_dims=6,
+                                                      fallback=False))
+    assert forced.guidance.used_histology == [True, True]
+    np.testing.assert_array_equal(forced.sr, forced.guided)
