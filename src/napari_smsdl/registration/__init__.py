@@ -9,6 +9,17 @@ Stages: (1) landmark affine (``LandmarkBasedTransformInitializer``) or a same-fi
 affine, multi-resolution, LBFGS2. Every run reports held-out landmark errors, per-landmark residuals,
 the Jacobian determinant and folds in the tissue, a checkerboard and a warped grid; a guard keeps the
 earlier stage when a later one makes held-out errors worse.
+
+For an ion stack (≥ 2 channels, ≥ 400 pixels; ``RegistrationParams.criterion``) the image stages are
+driven by many channels instead of one: the cross-validated R² of a ridge regression of the leading
+ion principal components on histology colour/texture features through the MSI pixel footprint
+(:mod:`._channels`). Without landmarks the start is a rotation/scale/mirror sweep (:mod:`._sweep`);
+the affine stage is a Levenberg–Marquardt similarity fit on that criterion; the B-spline is fitted to
+per-patch residual shifts and kept only when it raises the held-out channel R² and does not worsen
+held-out landmarks. Every run reports ``confidence_msi_px`` and a local misregistration map
+(``misregistration_msi_px``: median and p90 over tissue patches; the map in
+``RegistrationResult.misregistration`` and ``misregistration.npy``). The optimisers' metrics run on one
+ITK thread and every random choice is seeded, so the same inputs give bit-identical files.
 """
 
 from ._coords import GridSpec, affine_to_napari_matrix, rc_to_xy_um, super_resolution_grid, xy_um_to_rc

@@ -118,7 +118,9 @@ class ChannelProblem:
 
     def f(self, sigma: float) -> np.ndarray:
         if sigma not in self._f:
-            self._f[sigma] = self.features.smoothed(sigma, self.per_msi_px)
+            from ._channels import pixel_major
+
+            self._f[sigma] = pixel_major(self.features.smoothed(sigma, self.per_msi_px))
         return self._f[sigma]
 
     def edge_ok(self, sigma: float) -> np.ndarray:

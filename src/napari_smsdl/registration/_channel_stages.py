@@ -83,14 +83,16 @@ class ChannelContext:
         return self.to_sitk(best[2]), info
 
     # ---- stage 2 --------------------------------------------------------------------------------------
-    def refine_affine(self, affine, *, model: str, quick: bool = False) -> tuple[object, dict]:
-        """LM fit from ``affine`` (coarse levels on every 2nd pixel, the fine level on all)."""
+    def refine_affine(self, affine, *, model: str, quick: bool = False, coarse: bool = True) -> tuple[object, dict]:
+        """LM fit from ``affine`` (coarse levels on every 2nd pixel, the fine level on all; ``coarse=False``
+        skips the coarsest level, for a start already within a pixel, e.g. from landmarks)."""
         t0 = time.perf_counter()
         lin = LinearMap.from_sitk(affine)
         before = self.score(lin)
         trace = FitTrace()
         if not quick:
-            lin = self.fast.fit_affine(lin, model=model, levels=(2.0, 1.0), max_iter=10, trace=trace)
+            lin = self.fast.fit_affine(lin, model=model, levels=(2.0, 1.0) if coarse else (1.0,), max_iter=10,
+                                       trace=trace)
             lin = self.problem.fit_affine(lin, model=model, levels=(FINE_SIGMA,), max_iter=8, trace=trace)
         else:
             lin = self.fast.fit_affine(lin, model=model, levels=(1.0, FINE_SIGMA), max_iter=8, trace=trace)
@@ -106,7 +108,7 @@ class ChannelContext:
 
     # ---- stage 3 --------------------------------------------------------------------------------------
     def _bspline_from_shifts(self, lin: LinearMap, mesh_px: float, patch_fold: int | None, disp=None,
-                             smooth: float = 1.0):
+                             smooth: float = 1.0, remove_affine: bool = True):
         """B-spline (MSI space) fitted to per-patch residual shifts; ``patch_fold`` keeps one fold only."""
         import SimpleITK as sitk
 
@@ -128,6 +130,13 @@ class ChannelContext:
         base = np.zeros((len(centres_rc), 2)) if disp is None else disp[
             np.round(centres_rc[:, 0]).astype(int), np.round(centres_rc[:, 1]).astype(int)]
         target = base + d_xy
+        if remove_affine and len(target) >= 6:
+            # the affine part of the residual field belongs to the affine stage (landmarks or the channel
+            # fit): the B-spline keeps only the non-affine remainder
+            design = np.column_stack([np.ones(len(centres_rc)), centres_rc])
+            coef_aff = np.linalg.lstsq(design * np.sqrt(weight)[:, None], target * np.sqrt(weight)[:, None],
+                                       rcond=None)[0]
+            target = target - design @ coef_aff
         ref = sitk.Image(int(cols), int(rows), sitk.sitkFloat32)
         ref.SetSpacing((self.p, self.p))
         ref.SetOrigin((-self.p / 2, -self.p / 2))
@@ -185,7 +194,7 @@ class ChannelContext:
         folds = []
         for f in (0, 1):
             bf, df = None, None
-            for _ in range(iterations):
+            for _ in range(max(1, iterations - 1)):
                 bf, df = self._bspline_from_shifts(lin, mesh_px, 1 - f, df)  # fit on patches of the other fold
                 if bf is None:
                     break

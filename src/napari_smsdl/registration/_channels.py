@@ -127,31 +127,38 @@ class OpticalFeatures:
     def sample(
         self, images: np.ndarray, points_xy_um: np.ndarray, margin_px: float = 0.0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Bilinear samples (n, F) of ``images`` at H&E physical points (n, 2), and an inside mask (n,).
+        """Bilinear samples (n, F) of pixel-major ``images`` (rows, cols, F) at H&E physical points (n, 2),
+        and an inside mask (n,).
 
         A point is inside when it lies at least ``margin_px`` reduced pixels within the image (where
         blurring did not reach past the edge)."""
         pts = np.asarray(points_xy_um, float)
         col = (pts[:, 0] - self.origin_xy_um[0]) / self.pixel_size_um
         row = (pts[:, 1] - self.origin_xy_um[1]) / self.pixel_size_um
-        rows, cols = images.shape[1:]
+        rows, cols = images.shape[:2]
         m = float(margin_px)
         inside = (row >= m) & (row <= rows - 1 - m) & (col >= m) & (col <= cols - 1 - m)
         out = bilinear(images, np.clip(row, 0, rows - 1), np.clip(col, 0, cols - 1))
         return out, inside
 
 
+def pixel_major(images: np.ndarray) -> np.ndarray:
+    """(rows, cols, F) C-contiguous copy of (F, rows, cols) images: one pixel's features side by side."""
+    return np.ascontiguousarray(np.moveaxis(images, 0, -1))
+
+
 def bilinear(images: np.ndarray, row: np.ndarray, col: np.ndarray) -> np.ndarray:
-    """(n, F) bilinear samples of (F, rows, cols) images at in-range fractional (row, col)."""
-    rows, cols = images.shape[1:]
+    """(n, F) bilinear samples of (rows, cols, F) pixel-major images at in-range fractional (row, col)."""
+    rows, cols = images.shape[:2]
     r0 = np.minimum(np.floor(row).astype(np.intp), rows - 2) if rows > 1 else np.zeros(len(row), np.intp)
     c0 = np.minimum(np.floor(col).astype(np.intp), cols - 2) if cols > 1 else np.zeros(len(col), np.intp)
     fr, fc = row - r0, col - c0
-    flat = images.reshape(len(images), -1)
+    flat = images.reshape(rows * cols, -1)
     i00 = r0 * cols + c0
-    w00, w01, w10, w11 = (1 - fr) * (1 - fc), (1 - fr) * fc, fr * (1 - fc), fr * fc
-    out = flat[:, i00] * w00 + flat[:, i00 + 1] * w01 + flat[:, i00 + cols] * w10 + flat[:, i00 + cols + 1] * w11
-    return out.T.astype(np.float64)
+    fr, fc = fr[:, None], fc[:, None]
+    top = flat[i00] * (1 - fc) + flat[i00 + 1] * fc
+    bottom = flat[i00 + cols] * (1 - fc) + flat[i00 + cols + 1] * fc
+    return (top * (1 - fr) + bottom * fr).astype(np.float64)
 
 
 def optical_features(

@@ -60,7 +60,7 @@ def refine_same_field_of_view(
     min_pixels: int = 200,
     min_gain_bits: float = 0.1,
     min_gain_ratio: float = 1.5,
-    params: RegistrationParams = RegistrationParams(bspline=False),
+    params: RegistrationParams = RegistrationParams(bspline=False, criterion="mattes"),
 ) -> RefinementDecision:
     """Same-field-of-view start, MI-refined (affine) when that clearly raises the MI, else as it is.
 
@@ -77,7 +77,8 @@ def refine_same_field_of_view(
     min_gain_bits, min_gain_ratio : float
         The refined MI must exceed the start's by this many bits and by this factor.
     params : RegistrationParams
-        The registration run (by default MI affine only, no B-spline).
+        The registration run (by default MI affine only, no B-spline, Mattes criterion: the thresholds
+        below were set for mutual information).
     """
     p, q = float(fixed_pixel_size_um), float(moving_pixel_size_um)
     fixed = np.asarray(fixed_msi, np.float32)

@@ -199,9 +199,15 @@ def _linear(affine):
     return LinearMap.from_sitk(affine)
 
 
-def _confidence_value(confidence: dict, misreg: dict | None) -> float:
-    """One number (MSI px): the bootstrap spread of the global fit combined with the median local
-    residual shift of the tissue patches (what the global transform leaves misaligned)."""
+def _confidence_value(confidence: dict, misreg: dict | None, landmark_sigma: float | None, image_kept: bool) -> float:
+    """One number (MSI px).
+
+    When the landmarks alone set the transform (every image stage rejected), the expected error of
+    the landmark affine from its fit residuals. Otherwise the bootstrap spread of the global fit
+    combined with the median local residual shift of the tissue patches (what the global transform
+    leaves misaligned)."""
+    if landmark_sigma is not None and not image_kept:
+        return round(float(landmark_sigma), 4)
     boot = float(confidence["bootstrap_rms_msi_px"])
     local = 0.0 if misreg is None or misreg["stats"] is None else float(misreg["stats"]["median"])
     return round(float(np.hypot(boot, local)), 4)
@@ -464,7 +470,7 @@ def iter_register(
         )
         cur_affine, cur_fold_affines = affine, list(fold_affines)
         bspline = None
-        slack_um = params.guard_slack_msi_px * p
+        slack_um = (params.channel_guard_slack_msi_px if use_channels else params.guard_slack_msi_px) * p
 
         def guard(name: str, errs: np.ndarray, base: np.ndarray) -> tuple[bool, str]:
             if not params.guard:
@@ -483,7 +489,9 @@ def iter_register(
             return True, f"held-out median {new:.2f} µm vs {old:.2f} µm before"
 
         if params.refine_affine and ctx is not None:
-            refined, cinfo = ctx.refine_affine(cur_affine, model=params.channel_model)
+            refined, cinfo = ctx.refine_affine(
+                cur_affine, model=params.channel_model, coarse=landmarks is None
+            )
             info = _Info(cinfo)
             yield prog.step("affine refinement")
             fold_refined = []
@@ -649,6 +657,16 @@ def iter_register(
             except (np.linalg.LinAlgError, ValueError) as exc:  # pragma: no cover - degenerate inputs
                 messages.append(f"no misregistration map: {exc}")
                 misreg = confidence = None
+        # landmark click noise (per axis, MSI px) from the kept transform's fit residuals: 6 affine
+        # parameters leave 2n - 6 degrees of freedom; the fitted affine's RMS error is σ·√(6/n)
+        landmark_sigma = None
+        if landmarks is not None and n_lm > 3:
+            ssr = float((fit_errs**2).sum()) / p**2
+            landmark_sigma = float(np.sqrt(ssr / (2 * n_lm - 6)) * np.sqrt(6.0 / n_lm))
+        image_stage_kept = any(s["kept"] for s in stages[1:])
+        if confidence is not None:
+            confidence = {**confidence, "landmark_affine_rms_msi_px": None if landmark_sigma is None
+                          else round(landmark_sigma, 4)}
         if misreg is not None and misreg["stats"] is not None and misreg["stats"]["flagged"]:
             st = misreg["stats"]
             messages.append(
@@ -693,7 +711,9 @@ def iter_register(
         "criterion": "channels" if use_channels else "mattes",
         "start_sweep": sweep_info,
         "channel_score": channel_final,
-        "confidence_msi_px": None if confidence is None else _confidence_value(confidence, misreg),
+        "confidence_msi_px": None
+        if confidence is None
+        else _confidence_value(confidence, misreg, landmark_sigma, image_stage_kept),
         "confidence": confidence,
         "misregistration_msi_px": None
         if misreg is None or misreg["stats"] is None
