@@ -105,6 +105,15 @@ def test_run_shows_layers_table_and_accept_save_revert(widget, qtbot, pair, tmp_
     loo = [float(widget.table.item(i, 5).text()) for i in range(6)]
     np.testing.assert_allclose(loo, [r["loo_error_msi_px"] for r in res.residuals], atol=0.006)
     assert "held-out error median" in widget.status.value
+    # confidence, misregistration map and each stage's decision
+    rep = res.report
+    assert rep["confidence_msi_px"] is not None and f"Confidence {rep['confidence_msi_px']:.2f}" in widget.status.value
+    mis = widget.viewer.layers[PREFIX + "misregistration"]
+    assert mis.data.shape == pair.fixed_msi.shape and mis.metadata["unit"] == "MSI px"
+    np.testing.assert_allclose(mis.scale, msi.scale)
+    lines = widget.stages_label.value.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == [s["name"] for s in rep["stages"]]
+    assert all(("kept" in ln) or ("rejected" in ln) or ("not run" in ln) for ln in lines)
     # accept: stored for the next steps
     assert widget.accept_button.enabled
     widget.accept()
@@ -125,6 +134,7 @@ def test_no_landmarks_runs_synchronously(widget, monkeypatch):
     assert widget.last_error is None and not widget.busy
     assert widget.result.report["stages"][0]["name"] == "same field of view"
     assert widget.table.rowCount() == 0 and "no held-out error" in widget.status.value
+    assert "B-spline: not run" in widget.stages_label.value
 
 
 def test_errors_are_shown_not_raised(widget, pair, tmp_path):

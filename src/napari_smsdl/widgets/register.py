@@ -4,7 +4,9 @@ An adapter only: the registration is :func:`napari_smsdl.registration.iter_regis
 ``thread_worker``; its yields drive a napari progress bar, Cancel stops SimpleITK at the next
 optimiser iteration); this module gathers inputs from layers and turns the result into layers:
 the warped H&E over the MSI (opacity slider), a checkerboard, the deformation grid (Shapes), the
-Jacobian-determinant map, and a table of landmark pairs with their held-out residuals.
+Jacobian-determinant map, the local misregistration map (per tissue patch, the residual shift in MSI
+px; patches above 0.5 px are where the super-resolution output is not to be trusted), a table of
+landmark pairs with their held-out residuals, the confidence in MSI px and each stage's decision.
 
 Landmarks are two Points layers, **H&E landmarks** and **MSI landmarks**, paired by index and
 numbered; they share the scale and translate of their image layer, so their data are pixel
@@ -57,7 +59,7 @@ if TYPE_CHECKING:
 HE_POINTS = "H&E landmarks"
 MSI_POINTS = "MSI landmarks"
 PREFIX = "registration: "
-OUTPUTS = ("warped H&E", "checkerboard", "Jacobian", "deformation grid")
+OUTPUTS = ("warped H&E", "checkerboard", "Jacobian", "deformation grid", "misregistration")
 METADATA_KEY = "smsdl_registration"
 SIDE_GAP_FRACTION = 0.05
 
@@ -86,6 +88,15 @@ TOOLTIPS = {
 }
 
 TABLE_COLUMNS = ("#", "H&E row", "H&E col", "MSI row", "MSI col", "held-out (MSI px)", "fit (MSI px)", "outlier")
+
+
+def stage_summary(report: dict) -> str:
+    """One line per stage: name, kept / rejected / not run, and why (from ``report["stages"]``)."""
+    lines = []
+    for st in report.get("stages", []):
+        state = "not run" if not st.get("ran") else ("kept" if st.get("kept") else "rejected")
+        lines.append(f"{st['name']}: {state} ({st.get('reason', '')})")
+    return "\n".join(lines)
 
 
 class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
@@ -171,6 +182,9 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
         self.accept_button = PushButton(text="Accept", tooltip=tip["accept"])
         self.revert_button = PushButton(text="Revert", tooltip=tip["revert"])
         self.save_button = PushButton(text="Save…", tooltip=tip["save"])
+        self.stages_label = Label(value="")
+        self.stages_label.native.setWordWrap(True)
+        self.stages_label.native.setContentsMargins(9, 0, 9, 0)
         self.status = Label(value="Pick the layers, add landmark layers, click pairs (same order), Run.")
         self.status.native.setWordWrap(True)
         self.status.native.setContentsMargins(9, 0, 9, 6)
@@ -211,6 +225,7 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
         for part in (inputs, stages, run_row, outputs):
             layout.addWidget(part.native)
         layout.addWidget(self.table)
+        layout.addWidget(self.stages_label.native)
         row = QHBoxLayout()
         row.addWidget(decide_row.native)
         layout.addLayout(row)
@@ -566,7 +581,26 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
             },
             "shapes",
         )
+        if result.misregistration is not None:
+            self._put_layer(
+                result.misregistration,
+                {
+                    "name": PREFIX + "misregistration",
+                    "scale": scale,
+                    "translate": translate,
+                    "colormap": "magma",
+                    "contrast_limits": (0.0, 1.0),
+                    "opacity": 0.7,
+                    "visible": False,
+                    "metadata": {
+                        "meaning": "per tissue patch, the residual shift (MSI px) that best aligns it; > 0.5 px flagged",
+                        "unit": "MSI px",
+                    },
+                },
+                "image",
+            )
         self._fill_table(result)
+        self.stages_label.value = stage_summary(result.report)
         rep = result.report
         loo = rep["loo_error_msi_px"]
         held = (
@@ -575,9 +609,17 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
             else "no held-out error (needs ≥ 4 landmarks)"
         )
         notes = "".join(f" {m[0].upper()}{m[1:]}." for m in rep["messages"])
+        conf = rep.get("confidence_msi_px")
+        mis = rep.get("misregistration_msi_px")
+        trust = (
+            f" Confidence {conf:.2f} MSI px; local misregistration median {mis['median']:.2f}, "
+            f"p90 {mis['p90']:.2f} MSI px."
+            if conf is not None and mis
+            else ""
+        )
         self.status.value = (
             f"{rep['final']}. {held}; {rep['folds_in_tissue']} folded pixel(s) in tissue; "
-            f"{rep['seconds']:.1f} s.{notes} Accept or Revert."
+            f"{rep['seconds']:.1f} s.{trust}{notes} Accept or Revert."
         )
         self._sync_enabled()
 
@@ -641,6 +683,7 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
         self.result = None
         self._remove_outputs()
         self.table.setRowCount(0)
+        self.stages_label.value = ""
         self.status.value = "Reverted."
         self._sync_enabled()
 
