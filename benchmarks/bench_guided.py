@@ -1,0 +1,192 @@
+"""Does the histology earn its keep? SMSDL vs bicubic, the H&E-free control and the CNN, seeds 0–2.
+
+Data sets (ground truth at native resolution, block-averaged by F, reconstructed back, scored on
+tissue): the real bladder ion images (``../shared/data/mouse-bladder-dev``: 20 noisy AP-SMALDI ion
+images + the optical image of the section) and the real mouse-cerebellum pair (UMAP summary) at
+F = 2 and 4, and the built-in sample at F = 4. Every case runs for seeds 0, 1 and 2 (one seed
+drives the ViT training, the folds and the networks), so a difference can be read against the
+seed spread. On the bladder set the features are also ablated: SMSDL trained on the same fold
+design with colour-only features (each SR cell's mean colour) and with ViTs left at random weights.
+
+Each (case, seed) is written to ``benchmarks/results/guided/<case>_s<seed>.json`` as soon as it is
+done and skipped when already there (delete a file to re-run it); ``--report`` only aggregates
+them into ``benchmarks/results/guided.json`` and ``docs/benchmarks/guided.md``.
+
+    python benchmarks/bench_guided.py [--only bladder4,bladder2,mouse2,mouse4,sample4] [--seeds 0,1,2]
+                                      [--methods smsdl,bicubic,backprojection,cnn] [--no-ablation] [--merge] [--report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = Path(os.environ.get("SMSDL_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+OUT = HERE / "results" / "guided"
+METRICS = ("rmse", "ssim", "r2")
+LABELS = {"smsdl": "SMSDL", "bicubic": "bicubic", "backprojection": "H&E-free control", "cnn": "CNN",
+          "smsdl_colour": "SMSDL, colour-only features", "smsdl_random_vit": "SMSDL, random ViT"}
+
+
+def load_case(name: str):
+    """(truth (C, H, W), H&E RGB, F, truth pixel µm, H&E pixel µm, channel names) of a case."""
+    factor = int(name[-1])
+    if name.startswith("bladder"):
+        from skimage import io as skio
+
+        d = SHARED / "mouse-bladder-dev"
+        truth = np.load(d / "ions.npy").astype(np.float32)
+        names = [str(m) for m in json.loads((d / "channels.json").read_text())]
+        return truth, skio.imread(d / "optical.png")[..., :3], factor, 10.0, 2.5, names
+    if name.startswith("mouse"):
+        from skimage import io as skio
+
+        d = SHARED / "mouse-cerebellum"
+        he = skio.imread(d / "HE.png")[..., :3]
+        truth = np.loadtxt(d / "mouse_brain_umap.txt").reshape(40, 36, 3).transpose(2, 0, 1).astype(np.float32)
+        return truth, he, factor, 1.0, 40.0 / he.shape[0], ["UMAP 1", "UMAP 2", "UMAP 3"]
+    from napari_smsdl.sample import make_sample
+
+    s = make_sample()
+    truth = np.where(s.mask_hr, s.ground_truth, 0).astype(np.float32)
+    return truth, s.he_rgb, factor, s.msi_pixel_size_um / s.factor, s.he_pixel_size_um, list(s.channel_names)
+
+
+def run_case(name: str, seed: int, methods: list[str], ablation: bool) -> dict:
+    import torch
+
+    from napari_smsdl.evaluation import run_benchmark, score_stack
+    from napari_smsdl.features import extract_features
+    from napari_smsdl.reconstruction import Settings, prepare_guide, train_regression
+
+    truth, he, factor, truth_px, he_px, names = load_case(name)
+    settings = Settings.preset("default", factor=factor, seed=seed)
+    cache = OUT / "cache"
+    t0 = time.perf_counter()
+    bench = run_benchmark(truth, he, factor=factor, truth_pixel_size_um=truth_px, he_pixel_size_um=he_px,
+                          settings=settings, methods=methods, cache_dir=cache, refine=False)
+    entry = {"case": name, "seed": seed, "factor": factor, "channels": names, "truth_shape": list(bench.truth.shape),
+             "lr_shape": list(bench.lr.shape), "wall_seconds": time.perf_counter() - t0, "metrics": bench.metrics,
+             "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads()}
+    if ablation:
+        lr, mask_lr, mask_hr = bench.lr, bench.mask_lr, bench.mask_hr
+        guide, _ = prepare_guide(he, he_pixel_size_um=he_px, msi_shape=lr.shape[1:], msi_pixel_size_um=truth_px * factor,
+                                 factor=factor, max_cell_px=settings.max_cell_px)
+        sr_shape = (lr.shape[1] * factor, lr.shape[2] * factor)
+        fm = extract_features(guide, sr_shape=sr_shape, factor=factor, params=settings.features, cache_dir=cache)
+        variants = {"smsdl_colour": fm.data[-3:]}  # the last 3 features are each SR cell's mean colour
+        random_params = dataclasses.replace(settings.features, ssl_steps=0)
+        variants["smsdl_random_vit"] = extract_features(guide, sr_shape=sr_shape, factor=factor, params=random_params,
+                                                        cache_dir=cache).data
+        for key, feats in variants.items():
+            t1 = time.perf_counter()
+            result = train_regression(feats, lr, factor, mask_lr=mask_lr, params=settings.regression)
+            entry["metrics"][key] = {**score_stack(bench.truth, result.sr, mask_hr), "seconds": time.perf_counter() - t1,
+                                     "guidance": result.guidance.to_dict()}
+    return entry
+
+
+def _mean_std(values) -> tuple[float, float]:
+    a = np.asarray(values, float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def report() -> dict:
+    """Aggregate every case file: mean ± std over seeds per method, margins over the control."""
+    by_case: dict = {}
+    for f in sorted(OUT.glob("*_s*.json")):
+        e = json.loads(f.read_text())
+        by_case.setdefault(e["case"], []).append(e)
+    summary: dict = {}
+    lines = ["| data | F | method | RMSE ↓ | SSIM ↑ | R² ↑ | seconds | seeds |", "|---|---|---|---|---|---|---|---|"]
+    margins = ["| data | F | SMSDL − control: RMSE | SSIM | R² | channels with histology | worst channel ΔSSIM (seed spread) "
+               "| Spearman(unc., \\|err\\|) |", "|---|---|---|---|---|---|---|---|"]
+    for case, entries in sorted(by_case.items(), key=lambda kv: (kv[0][:-1], kv[0][-1])):
+        entries.sort(key=lambda e: e["seed"])
+        factor = entries[0]["factor"]
+        methods = [m for m in LABELS if all(m in e["metrics"] for e in entries)]
+        summary[case] = {"factor": factor, "seeds": [e["seed"] for e in entries], "methods": {}}
+        for m in methods:
+            stats = {k: _mean_std([e["metrics"][m][k]["mean"] for e in entries]) for k in METRICS}
+            stats["seconds"] = _mean_std([e["metrics"][m]["seconds"] for e in entries])
+            summary[case]["methods"][m] = stats
+            lines.append(f"| {case[:-1]} | {factor} | {LABELS[m]} | " + " | ".join(
+                f"{stats[k][0]:.4f} ± {stats[k][1]:.4f}" for k in METRICS) + f" | {stats['seconds'][0]:.0f} | {len(entries)} |")
+        if "smsdl" in methods and "backprojection" in methods:
+            d = {k: _mean_std([e["metrics"]["smsdl"][k]["mean"] - e["metrics"]["backprojection"][k]["mean"] for e in entries])
+                 for k in METRICS}
+            per = np.array([np.subtract(e["metrics"]["smsdl"]["ssim"]["per_channel"],
+                                        e["metrics"]["backprojection"]["ssim"]["per_channel"]) for e in entries])
+            spread = np.array([e["metrics"]["smsdl"]["ssim"]["per_channel"] for e in entries]).std(0, ddof=1) \
+                if len(entries) > 1 else np.zeros(per.shape[1])
+            worst = int(np.argmin(per.mean(0)))
+            used = [sum(e["metrics"]["smsdl"]["guidance"]["used_histology"]) for e in entries]
+            rho = [e["metrics"]["smsdl"]["uncertainty_spearman"]["mean"] for e in entries]
+            rho_min = min(min(e["metrics"]["smsdl"]["uncertainty_spearman"]["per_channel"]) for e in entries)
+            below = int((per.mean(0) < -spread).sum())
+            summary[case]["margin_over_control"] = {k: d[k] for k in METRICS}
+            summary[case]["worst_channel"] = {"index": worst, "delta_ssim": float(per.mean(0)[worst]),
+                                              "seed_spread": float(spread[worst]), "channels_below_spread": below}
+            summary[case]["used_histology"] = used
+            summary[case]["uncertainty_spearman"] = {"mean": _mean_std(rho), "min_channel": rho_min}
+            margins.append(
+                f"| {case[:-1]} | {factor} | {d['rmse'][0]:+.4f} ± {d['rmse'][1]:.4f} | {d['ssim'][0]:+.4f} ± {d['ssim'][1]:.4f} | "
+                f"{d['r2'][0]:+.4f} ± {d['r2'][1]:.4f} | {np.mean(used):.1f} of {per.shape[1]} | "
+                f"{per.mean(0)[worst]:+.4f} ({spread[worst]:.4f}); {below} below spread | "
+                f"{np.mean(rho):.2f} (min channel {rho_min:.2f}) |")
+    (HERE / "results" / "guided.json").write_text(json.dumps(summary, indent=2))
+    md = HERE.parent / "docs" / "benchmarks" / "guided.md"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text("\n".join(lines) + "\n\nMargins over the H&E-free control (mean ± std over seeds):\n\n"
+                  + "\n".join(margins) + "\n")
+    print(md.read_text())
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="bladder4,bladder2,mouse4,mouse2,sample4")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default="smsdl,bicubic,backprojection,cnn")
+    parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--report", action="store_true", help="only aggregate the case files")
+    parser.add_argument("--merge", action="store_true",
+                        help="run only --methods on cases already written and merge them in (e.g. a changed CNN)")
+    args = parser.parse_args()
+    if not args.report:
+        from napari_smsdl.torch_setup import configure_threads
+
+        configure_threads()
+        OUT.mkdir(parents=True, exist_ok=True)
+        methods = [m for m in args.methods.split(",") if m]
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for case in args.only.split(","):
+                path = OUT / f"{case}_s{seed}.json"
+                if path.exists() != args.merge:
+                    continue
+                if case.startswith(("bladder", "mouse")) and not SHARED.exists():
+                    print(f"{case}: {SHARED} is absent, skipped")
+                    continue
+                entry = run_case(case, seed, methods, ablation=not args.merge and not args.no_ablation
+                                 and case.startswith("bladder"))
+                if args.merge:
+                    old = json.loads(path.read_text())
+                    old["metrics"].update(entry["metrics"])
+                    entry = old
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(entry, indent=1))
+                tmp.replace(path)
+                print(case, seed, {m: round(v["ssim"]["mean"], 4) for m, v in entry["metrics"].items()},
+                      f"{entry['wall_seconds']:.0f} s", flush=True)
+    report()
+
+
+if __name__ == "__main__":
+    main()
