@@ -85,6 +85,30 @@ def test_register_without_landmarks_has_null_loo(files, tmp_path):
     assert report["stages"][2] == {"name": "B-spline", "ran": False, "kept": False, "reason": "not asked for"}
 
 
+def test_register_an_ion_stack_adds_confidence_and_misregistration(files, tmp_path, capsys):
+    d, pair = files
+    base = np.nan_to_num(pair.fixed_msi, nan=float(np.nanmean(pair.fixed_msi)))
+    stack = np.stack([base, base**2, 1.0 - base]).astype(np.float32)
+    np.save(d / "stack.npy", stack)
+    out = tmp_path / "out"
+    argv = _argv(d, out)
+    argv[argv.index(str(d / "msi.npy"))] = str(d / "stack.npy")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["criterion"] == "channels"
+    assert set(report) >= {"loo_error_um", "folds_in_tissue", "stages", "seconds", "confidence_msi_px",
+                           "misregistration_msi_px"}
+    assert set(report["misregistration_msi_px"]) == {"median", "p90"}
+    assert report["confidence_msi_px"] > 0 and "confidence" in printed
+    assert np.load(out / "misregistration.npy").shape == stack.shape[1:]
+    # the Mattes path on the same stack, asked for by name
+    out2 = tmp_path / "out2"
+    argv[argv.index(str(out))] = str(out2)
+    assert main(argv + ["--criterion", "mattes", "--no-bspline"]) == 0
+    assert json.loads((out2 / "report.json").read_text())["criterion"] == "mattes"
+
+
 def test_register_reads_imzml_tic_and_its_pixel_size(files, tmp_path):
     from napari_smsdl.io import write_imzml
 

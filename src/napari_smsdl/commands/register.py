@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
-    from ..registration import FixedFeature, MovingFeature, RegistrationParams
+    from ..registration import Criterion, FixedFeature, MovingFeature, RegistrationParams
 
     defaults = RegistrationParams()
     parser = subparsers.add_parser(
@@ -86,6 +86,13 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--no-guard", action="store_true", help="keep every stage even when it worsens the held-out landmark error"
+    )
+    parser.add_argument(
+        "--criterion",
+        choices=[c.value for c in Criterion],
+        default=defaults.criterion.value,
+        help="what drives the image stages: channels (regression of many ion components on histology "
+        "features; the default for an ion stack), mattes (mutual information of one image pair) or auto",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the metric sampling (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="SimpleITK threads (default: all cores)")
@@ -167,6 +174,7 @@ def run(args) -> int:
         guard=not args.no_guard,
         seed=args.seed,
         threads=args.threads,
+        criterion=args.criterion,
     )
     try:
         result = register(
@@ -192,8 +200,16 @@ def run(args) -> int:
         if loo
         else "no held-out error"
     )
+    trust = ""
+    if rep.get("confidence_msi_px") is not None and rep.get("misregistration_msi_px"):
+        mis = rep["misregistration_msi_px"]
+        trust = (
+            f"; confidence {rep['confidence_msi_px']:.2f} MSI px, local misregistration median "
+            f"{mis['median']:.2f} / p90 {mis['p90']:.2f} MSI px"
+        )
     print(
-        f"{rep['final']}; {held}; {rep['folds_in_tissue']} folded pixel(s) in tissue; {time.perf_counter() - t0:.1f} s"
+        f"{rep['final']}; {held}; {rep['folds_in_tissue']} folded pixel(s) in tissue{trust}; "
+        f"{time.perf_counter() - t0:.1f} s"
     )
     for message in rep["messages"]:
         print(f"note: {message}")

@@ -26,7 +26,7 @@ from ._coords import GridSpec, affine_to_napari_matrix, rc_to_xy_um, super_resol
 from ._features import fixed_feature_image, moving_feature_image
 from ._io import load_params, load_report, load_transform, save_registration
 from ._landmarks import CSV_HEADER, LandmarkPairs, fit_landmark_affine, read_landmarks_csv, write_landmarks_csv
-from ._params import FixedFeature, FovFit, MovingFeature, RegistrationParams
+from ._params import Criterion, FixedFeature, FovFit, MovingFeature, RegistrationParams
 from ._refine import RefinementDecision, refine_same_field_of_view
 from ._register import RegistrationResult, iter_register, register
 from ._resample import resample_moving_to_grid
@@ -34,6 +34,7 @@ from ._stages import compose, same_field_of_view_transform
 
 __all__ = [
     "CSV_HEADER",
+    "Criterion",
     "FixedFeature",
     "FovFit",
     "GridSpec",

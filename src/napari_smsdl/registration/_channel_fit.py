@@ -101,6 +101,7 @@ class ChannelProblem:
         self.folds = block_folds(shape)[rows, cols]
         self._y: dict[float, np.ndarray] = {}
         self._f: dict[float, np.ndarray] = {} if _share is None else _share._f
+        self._g: dict[float, np.ndarray] = {} if _share is None else _share._g
         self._full_y = {} if _share is None else _share._full_y
         self._edge: dict[float, np.ndarray] = {}
 
@@ -120,7 +121,10 @@ class ChannelProblem:
         if sigma not in self._f:
             from ._channels import pixel_major
 
-            self._f[sigma] = pixel_major(self.features.smoothed(sigma, self.per_msi_px))
+            images = self.features.smoothed(sigma, self.per_msi_px)
+            d_row, d_col = np.gradient(images, axis=(1, 2))  # per reduced pixel
+            self._f[sigma] = pixel_major(images)
+            self._g[sigma] = pixel_major(np.concatenate([d_col, d_row]).astype(np.float32))
         return self._f[sigma]
 
     def edge_ok(self, sigma: float) -> np.ndarray:
@@ -149,17 +153,16 @@ class ChannelProblem:
         y = lin.apply(x)
         images = self.f(sigma)
         margin = 2.0 * sigma * self.per_msi_px
-        phi, inside = self.features.sample(images, y, margin)
-        inside &= self.edge_ok(sigma)
         if not grad:
+            phi, inside = self.features.sample(images, y, margin)
+            inside &= self.edge_ok(sigma)
             return phi, inside, None
-        h = 0.5 * self.p
-        grads = []
-        for axis in range(2):
-            step = lin.matrix[:, axis] * h
-            a, _ = self.features.sample(images, y + step, margin)
-            b, _ = self.features.sample(images, y - step, margin)
-            grads.append((a - b) / (2 * h) * self.p)  # per MSI px
+        phi, inside, g = self.features.sample(images, y, margin, gradients=self._g[sigma])
+        inside &= self.edge_ok(sigma)
+        n_f = phi.shape[1]
+        d_col, d_row = g[:, :n_f], g[:, n_f:]
+        per = self.p / self.features.pixel_size_um  # chain rule: reduced px per µm, times µm per MSI px
+        grads = [(d_col * lin.matrix[0, axis] + d_row * lin.matrix[1, axis]) * per for axis in range(2)]
         return phi, inside, grads
 
     # ---- scores ------------------------------------------------------------------------------------

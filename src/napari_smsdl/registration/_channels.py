@@ -125,8 +125,8 @@ class OpticalFeatures:
         return np.stack([gaussian_filter(im, s, mode="nearest") for im in self.images]).astype(np.float32)
 
     def sample(
-        self, images: np.ndarray, points_xy_um: np.ndarray, margin_px: float = 0.0
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, images: np.ndarray, points_xy_um: np.ndarray, margin_px: float = 0.0, gradients: np.ndarray | None = None
+    ):
         """Bilinear samples (n, F) of pixel-major ``images`` (rows, cols, F) at H&E physical points (n, 2),
         and an inside mask (n,).
 
@@ -138,7 +138,11 @@ class OpticalFeatures:
         rows, cols = images.shape[:2]
         m = float(margin_px)
         inside = (row >= m) & (row <= rows - 1 - m) & (col >= m) & (col <= cols - 1 - m)
-        out = bilinear(images, np.clip(row, 0, rows - 1), np.clip(col, 0, cols - 1))
+        r, c = np.clip(row, 0, rows - 1), np.clip(col, 0, cols - 1)
+        if gradients is not None:
+            out, grads = bilinear(images, r, c, gradients)
+            return out, inside, grads
+        out = bilinear(images, r, c)
         return out, inside
 
 
@@ -147,18 +151,24 @@ def pixel_major(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(images, 0, -1))
 
 
-def bilinear(images: np.ndarray, row: np.ndarray, col: np.ndarray) -> np.ndarray:
-    """(n, F) bilinear samples of (rows, cols, F) pixel-major images at in-range fractional (row, col)."""
+def bilinear(images: np.ndarray, row: np.ndarray, col: np.ndarray, *more: np.ndarray):
+    """(n, F) bilinear samples of (rows, cols, F) pixel-major images at in-range fractional (row, col).
+
+    Further arrays of the same grid in ``more`` are sampled with the same weights (a tuple is then
+    returned)."""
     rows, cols = images.shape[:2]
     r0 = np.minimum(np.floor(row).astype(np.intp), rows - 2) if rows > 1 else np.zeros(len(row), np.intp)
     c0 = np.minimum(np.floor(col).astype(np.intp), cols - 2) if cols > 1 else np.zeros(len(col), np.intp)
-    fr, fc = row - r0, col - c0
-    flat = images.reshape(rows * cols, -1)
+    fr = (row - r0).astype(np.float32)[:, None]
+    fc = (col - c0).astype(np.float32)[:, None]
     i00 = r0 * cols + c0
-    fr, fc = fr[:, None], fc[:, None]
-    top = flat[i00] * (1 - fc) + flat[i00 + 1] * fc
-    bottom = flat[i00 + cols] * (1 - fc) + flat[i00 + cols + 1] * fc
-    return (top * (1 - fr) + bottom * fr).astype(np.float64)
+    outs = []
+    for arr in (images, *more):
+        flat = arr.reshape(rows * cols, -1)
+        top = flat[i00] * (1 - fc) + flat[i00 + 1] * fc
+        bottom = flat[i00 + cols] * (1 - fc) + flat[i00 + cols + 1] * fc
+        outs.append((top * (1 - fr) + bottom * fr).astype(np.float64))
+    return outs[0] if not more else tuple(outs)
 
 
 def optical_features(
