@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from ..reconstruction import Method, Reconstruction, Settings, reconstruct
+from ..reconstruction import Method, Reconstruction, Settings, check_factor, reconstruct
 from ..reconstruction._pipeline import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ def run_benchmark(
     """
     from ._metrics import score_stack
 
+    factor = check_factor(factor)
     truth = np.asarray(truth, np.float32)
     if truth.ndim == 2:
         truth = truth[None]

@@ -8,6 +8,7 @@ Arrays are (rows, cols, 3) RGB; pixel sizes are in µm.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+
+log = logging.getLogger(__name__)
 
 _TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff", ".btf", ".ndpi", ".scn"}
 
@@ -61,21 +64,44 @@ class HistologyImage:
         return to_rgb_uint8(data, self.path)
 
 
-def to_rgb_uint8(data: np.ndarray, path: str | Path | None = None) -> np.ndarray:
-    """Coerce grey/RGB/RGBA and integer/float images to (rows, cols, 3) uint8."""
+def to_rgb_uint8(data, path: str | Path | None = None) -> np.ndarray:
+    """Coerce a grey/RGB/RGBA image of any common type to (rows, cols, 3) uint8, by documented rules.
+
+    * uint8: as it is; other integer types: as 8-bit when every value is ≤ 255, else by the range of
+      their type (uint16: 0–65535);
+    * floats: [0, 1] when every value is ≤ 1, [0, 255] when ≤ 255, anything else is refused;
+    * negative or non-finite values, and anything not 2-D grey or 3/4-channel colour, are refused;
+    * a channels-first (3 or 4, rows, cols) array is moved to channels-last (logged).
+
+    Lists and other array-likes are accepted as ``np.asarray`` reads them.
+    """
     data = np.asarray(data)
+    if data.dtype == bool or not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise InputError(f"expected an RGB histology image of integers or floats, got dtype {data.dtype}", path)
     if data.ndim == 3 and data.shape[0] in (3, 4) and data.shape[-1] not in (3, 4):
+        log.info("histology image of shape %s read as channels-first", data.shape)
         data = np.moveaxis(data, 0, -1)  # channel-first TIFF
     if data.ndim == 2:
         data = np.repeat(data[..., None], 3, axis=-1)
     if data.ndim != 3 or data.shape[-1] not in (3, 4):
-        raise InputError(f"expected an RGB histology image, got an array of shape {data.shape}", path)
+        raise InputError(f"expected an RGB histology image (rows, cols, 3), got an array of shape {data.shape}", path)
+    if min(data.shape[:2]) < 2:
+        raise InputError(f"the histology image is only {data.shape[0]} × {data.shape[1]} pixels", path)
     data = data[..., :3]
     if data.dtype == np.uint8:
         return np.ascontiguousarray(data)
-    data = data.astype(np.float64)
-    top = 1.0 if data.max() <= 1.0 else (255.0 if data.max() <= 255 else float(data.max()))
-    return np.clip(np.round(data / top * 255.0), 0, 255).astype(np.uint8)
+    top_value = float(data.max())
+    if not np.isfinite(data).all() or float(data.min()) < 0:
+        raise InputError("the histology image has negative or non-finite values", path)
+    if np.issubdtype(data.dtype, np.integer):
+        top = 255.0 if top_value <= 255 else float(np.iinfo(data.dtype).max)
+    elif top_value <= 1.0:
+        top = 1.0
+    elif top_value <= 255.0:
+        top = 255.0
+    else:
+        raise InputError(f"a float histology image must hold values in [0, 1] or [0, 255]; its maximum is {top_value:g}", path)
+    return np.clip(np.round(data.astype(np.float64) / top * 255.0), 0, 255).astype(np.uint8)
 
 
 def _tiff_pixel_size_um(tif) -> float | None:

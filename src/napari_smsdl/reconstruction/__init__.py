@@ -16,7 +16,16 @@ from ._channels import (
     reconstruct_many_channels,
     standardise_features,
 )
-from ._pipeline import Method, Reconstruction, Settings, prepare_guide, reconstruct, tiled_feature_store
+from ._pipeline import (
+    Method,
+    Reconstruction,
+    Settings,
+    check_factor,
+    check_inputs,
+    prepare_guide,
+    reconstruct,
+    tiled_feature_store,
+)
 from ._heldout import blocked_folds
 from ._regression import FAST_REGRESSION, Guidance, RegressionParams, RegressionResult, fit_guided, train_regression
 from .baselines.backprojection import Conservation, backprojection_upsample, block_mean, conserve
@@ -37,6 +46,8 @@ __all__ = [
     "RegressionResult",
     "backprojection_upsample",
     "blocked_folds",
+    "check_factor",
+    "check_inputs",
     "conserve",
     "fit_guided",
     "mask_from_stack",

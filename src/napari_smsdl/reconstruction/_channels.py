@@ -414,7 +414,7 @@ def reconstruct_many_channels(
     """
     from ..features import extract_features
     from ..io import HistologyImage
-    from ._pipeline import Method, Settings, prepare_guide, tiled_feature_store
+    from ._pipeline import Method, Settings, check_factor, prepare_guide, tiled_feature_store
 
     settings = settings or Settings()
     methods = [Method(m) for m in methods]
@@ -424,9 +424,7 @@ def reconstruct_many_channels(
             f"many-channel path ({int(lr_msi.shape[0])} channels); choose at most {CHUNKED_ABOVE_CHANNELS} channels for it"
         )
     n_ch, rows, cols = (int(s) for s in lr_msi.shape)
-    factor = int(settings.factor)
-    if not 2 <= factor <= 16:
-        raise InputError(f"factor must be an integer from 2 to 16, got {factor}")
+    factor = check_factor(settings.factor)
     if chunk_channels < 1:
         raise InputError(f"chunk_channels must be at least 1, got {chunk_channels}")
     out = Path(out)

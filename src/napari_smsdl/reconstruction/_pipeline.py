@@ -110,10 +110,9 @@ def prepare_guide(
     """
     from ..registration import resample_moving_to_grid, same_field_of_view_transform
 
-    he = np.asarray(he_rgb)
-    if he.ndim != 3 or he.shape[-1] < 3:
-        raise InputError(f"H&E must be an RGB image (rows, cols, 3), got shape {he.shape}")
-    he = he[..., :3].astype(np.float32) / (255.0 if he.dtype == np.uint8 else 1.0)
+    from ..io import to_rgb_uint8
+
+    he = to_rgb_uint8(he_rgb).astype(np.float32) / 255.0  # the documented dtype rules, or a refusal
     sr_px = msi_pixel_size_um / factor
     k = choose_cell_px(he_pixel_size_um, sr_px, max_cell_px)
     grid_px = sr_px / k
@@ -127,6 +126,55 @@ def prepare_guide(
         grid_origin_um=(origin, origin), antialias=True,
     )
     return np.clip(np.asarray(guide, np.float32), 0, 1), k
+
+
+def check_factor(factor) -> int:
+    """F as an int from 2 to 16; anything else (0, 2.5, "4x") is refused, never rounded."""
+    try:
+        f = int(factor)
+    except (TypeError, ValueError):
+        raise InputError(f"the factor must be an integer from 2 to 16, got {factor!r}") from None
+    if f != factor or not 2 <= f <= 16:
+        raise InputError(f"the factor must be an integer from 2 to 16, got {factor!r}")
+    return f
+
+
+def check_inputs(lr_msi, he_rgb, settings: Settings, methods, mask_lr=None, transform=None):
+    """Everything that can be checked before minutes of work: (LR stack, F, tissue mask) or InputError.
+
+    The MSI must be (channels, rows, cols); an array whose last axis looks like channels is refused
+    with how to fix it rather than guessed, since a (rows, cols, C) stack read as (C, rows, cols) is
+    garbage that trains without complaint.
+    """
+    lr = np.asarray(lr_msi, np.float32)
+    if lr.ndim == 2:
+        lr = lr[None]
+    if lr.ndim != 3:
+        raise InputError(f"the MSI stack must be (channels, rows, cols), got shape {np.shape(lr_msi)}")
+    factor = check_factor(settings.factor)
+    he_shape = getattr(he_rgb, "shape", None) if not isinstance(he_rgb, list) else np.shape(he_rgb)
+    if transform is None and he_shape is not None and len(he_shape) >= 2 and lr.shape[0] > 1:
+        # same field of view: the MSI grid and the H&E have one aspect ratio; a channels-last stack does not
+        he_aspect = he_shape[0] / he_shape[1]
+        as_given, as_last = lr.shape[1] / lr.shape[2], lr.shape[0] / lr.shape[1]
+        if abs(np.log(as_given / he_aspect)) > np.log(1.5) and abs(np.log(as_last / he_aspect)) < np.log(1.1):
+            raise InputError(
+                f"the MSI stack of shape {tuple(lr.shape)} looks channels-last (rows, cols, channels) for an H&E of "
+                f"shape {tuple(he_shape)}; pass it as (channels, rows, cols), e.g. np.moveaxis(stack, -1, 0)")
+    acquired = np.isfinite(lr).all(0)
+    if mask_lr is None:
+        mask_lr = acquired & (np.nan_to_num(lr) != 0).any(0)
+    elif np.shape(mask_lr) != lr.shape[1:]:
+        raise InputError(f"the tissue mask {np.shape(mask_lr)} does not match the MSI grid {lr.shape[1:]}")
+    mask_lr = np.asarray(mask_lr, bool) & acquired
+    if not mask_lr.any():
+        raise InputError(f"the MSI ({lr.shape[1]} × {lr.shape[2]} pixels, {lr.shape[0]} channels) has no acquired "
+                         "pixel with a non-zero intensity")
+    needed = 2 * settings.regression.folds
+    if Method.SMSDL in methods and mask_lr.sum() < needed:
+        raise InputError(f"only {int(mask_lr.sum())} tissue pixels in the MSI: SMSDL needs at least {needed} "
+                         f"({settings.regression.folds} held-out folds of 2)")
+    return lr, factor, mask_lr
 
 
 def reconstruct(
@@ -152,18 +200,8 @@ def reconstruct(
     """
     from .baselines import bicubic_upsample
 
-    lr = np.asarray(lr_msi, np.float32)
-    if lr.ndim == 2:
-        lr = lr[None]
-    if lr.ndim != 3:
-        raise InputError(f"MSI stack must be (channels, rows, cols), got shape {lr.shape}")
-    factor = int(settings.factor)
-    if not 2 <= factor <= 16:
-        raise InputError(f"factor must be an integer from 2 to 16, got {factor}")
     methods = [Method(m) for m in methods]
-    if mask_lr is None:
-        mask_lr = np.isfinite(lr).all(0) & (np.nan_to_num(lr) != 0).any(0)
-    mask_lr = np.asarray(mask_lr, bool) & np.isfinite(lr).all(0)
+    lr, factor, mask_lr = check_inputs(lr_msi, he_rgb, settings, methods, mask_lr, transform)
     sr_shape = (lr.shape[1] * factor, lr.shape[2] * factor)
     stage = progress or (lambda *_: None)
     sr, seconds, history, uncertainty, guidance, choices = {}, {}, {}, {}, {}, {}
