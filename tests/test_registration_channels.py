@@ -109,9 +109,10 @@ def test_channel_criterion_report_and_accuracy(stack_pair):
     assert np.median(err) < 1.0
 
 
-def test_sweep_reports_its_candidates_without_landmarks(stack_pair):
-    # a 34 x 34 MSI field inside a larger H&E is too small for the sweep to be reliable (a known
-    # limitation, see docs/benchmarks/registration.md); here only the report's shape is checked
+def test_sweep_finds_a_rotated_start_without_landmarks(stack_pair):
+    # a 34 x 34 MSI field inside a larger H&E, rotated and scaled: the sweep must find where it lies
+    from napari_smsdl.registration._synthetic import warp_error_msi_px
+
     pair, stack = stack_pair
     res = register(
         stack,
@@ -126,6 +127,8 @@ def test_sweep_reports_its_candidates_without_landmarks(stack_pair):
     assert sweep["n_candidates"] > 10 and len(sweep["refined"]) == 3
     assert sweep["chosen"] in [{k: r[k] for k in sweep["chosen"]} for r in sweep["refined"]]
     assert rep["loo_error_um"] is None
+    err = warp_error_msi_px(res.transform, pair.true_transform, pair.eval_msi_rc, P_MSI)
+    assert np.median(err) < 1.0
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/data/mouse-bladder-dev is absent")

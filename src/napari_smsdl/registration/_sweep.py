@@ -67,7 +67,7 @@ def sweep_start(
     rotations_deg=tuple(np.arange(-12.0, 12.1, 3.0)),
     scales=(0.95, 1.0, 1.05),
     mirror: bool = True,
-    coarse_px: int = 3,
+    coarse_px: int | None = None,
     n_components: int = 3,
     n_features: int = 6,
     min_overlap: float = 0.4,
@@ -85,14 +85,17 @@ def sweep_start(
         The grid swept (degrees, relative isotropic scale).
     mirror : bool
         Also try the mirrored histology (a slide scanned face down).
-    coarse_px : int
-        MSI pixels per coarse pixel.
+    coarse_px : int, optional
+        MSI pixels per coarse pixel (default: 1–3, keeping ≥ 40 coarse pixels across the MSI's short
+        side; a 34-pixel field at 3 px per coarse pixel left 11 and the sweep chose wrong shifts).
     min_overlap : float
         Smallest overlap, as a fraction of the acquired MSI pixels, a shift may have.
     """
     from scipy.ndimage import gaussian_filter, map_coordinates
 
     p = targets.pixel_size_um
+    if coarse_px is None:
+        coarse_px = int(np.clip(min(targets.shape_rc) // 40, 1, 3))
     k = max(1, int(coarse_px))
     pc = p * k  # coarse pixel µm
     # fixed side: coarse PCs, blurred like the features
