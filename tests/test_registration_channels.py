@@ -151,3 +151,22 @@ def test_warped_real_pair_registers_back_from_the_ion_images():
     err = case.errors_msi_px(res.transform, pts)
     assert np.median(err) < 1.0 and np.percentile(err, 90) < 2.0
     assert res.report["folds_in_tissue"] == 0
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data/mouse-bladder-dev is absent")
+def test_large_single_channel_msi_with_landmarks_uses_the_channel_stages():
+    from skimage import io
+
+    from napari_smsdl.registration._warped import warp_aligned_pair
+
+    ions = np.load(SHARED / "ions.npy")
+    optical = io.imread(SHARED / "optical.png")[..., :3]
+    case = warp_aligned_pair(optical, 2.5, ions.shape[1:], 10.0, offset_um=3.75, rotation_deg=-4.0, scale=0.97,
+                             shift_msi_px=(2.0, 3.0), pixel_size_um=3.0, seed=1)
+    res = register(ions.sum(axis=0), case.moving_rgb, fixed_pixel_size_um=10.0,
+                   moving_pixel_size_um=case.moving_pixel_size_um, landmarks=case.landmarks)
+    rep = res.report
+    assert rep["criterion"] == "channels" and rep["loo_scheme"] == "leave-one-out"
+    pts = np.argwhere(np.ones(ions.shape[1:], bool))[::53].astype(float)
+    assert np.median(case.errors_msi_px(res.transform, pts)) < 0.6
+    assert 0 < rep["confidence_msi_px"] < 1.0

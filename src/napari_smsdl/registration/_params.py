@@ -28,7 +28,9 @@ class FixedFeature(str, enum.Enum):
 class Criterion(str, enum.Enum):
     """What drives the image stages."""
 
-    AUTO = "auto"  #: ``CHANNELS`` for an MSI stack of ≥ 2 channels and ≥ 400 pixels, else ``MATTES``
+    #: ``CHANNELS`` for a stack of ≥ 2 channels and ≥ 400 pixels, or for any MSI of ≥ 10 000 pixels
+    #: with landmarks; else ``MATTES``
+    AUTO = "auto"
     MATTES = "mattes"  #: Mattes mutual information of one MSI feature and one H&E feature (SimpleITK)
     CHANNELS = "channels"  #: cross-validated regression of many ion components on histology features
 
