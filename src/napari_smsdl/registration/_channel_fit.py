@@ -227,7 +227,7 @@ class ChannelProblem:
             w = np.where(inside, w, 0.0)
             beta = ridge_fit(phi[inside], y[inside], w[inside])
             res = (y - predict(phi, beta)) * (w > 0)[:, None]
-            qx, qy = gx @ beta[1:], gy @ beta[1:]  # (n, K) prediction gradients per MSI px
+            qx, qy = (np.einsum("nf,fk->nk", g, beta[1:]) for g in (gx, gy))  # (n, K) prediction gradients per MSI px
             u, v = uv_n[:, 0:1], uv_n[:, 1:2]
             if model == "translation":
                 cols = [qx, qy]
@@ -309,7 +309,7 @@ class ChannelProblem:
             phi, inside, (gx, gy) = self.sample(lin, sigma, disp, shift_px=shift[pid], grad=True)
             ok = inside & use
             res = (y - predict(phi, beta)) * ok[:, None]
-            qx, qy = (gx @ beta[1:]) * ok[:, None], (gy @ beta[1:]) * ok[:, None]
+            qx, qy = (np.einsum("nf,fk->nk", g, beta[1:]) * ok[:, None] for g in (gx, gy))
             hxx = np.bincount(pid, (qx * qx).sum(1), n_p)
             hxy = np.bincount(pid, (qx * qy).sum(1), n_p)
             hyy = np.bincount(pid, (qy * qy).sum(1), n_p)

@@ -151,9 +151,9 @@ class ChannelContext:
             e[k] = 1.0
             bs.SetParameters(e.tolist())
             basis[:, k] = [bs.TransformPoint(x)[0] - x[0] for x in pts]
-        gram = basis.T @ (basis * weight[:, None])
+        gram = np.einsum("pi,pj->ij", basis, basis * weight[:, None])
         lam = smooth * float(np.trace(gram)) / n_coef * 0.05
-        coef = np.linalg.solve(gram + lam * np.eye(n_coef), basis.T @ (target * weight[:, None]))
+        coef = np.linalg.solve(gram + lam * np.eye(n_coef), np.einsum("pi,pk->ik", basis, target * weight[:, None]))
         bs.SetParameters(np.round(np.concatenate([coef[:, 0], coef[:, 1]]), 6).tolist())
         return bs, self._disp(bs)
 

@@ -80,12 +80,16 @@ def channel_targets(stack: np.ndarray, pixel_size_um: float, *, n_components: in
     values = values - values.mean(axis=0)
     sd = values.std(axis=0)
     values = values / np.where(sd > 0, sd, 1.0)
-    _, s, vt = np.linalg.svd(values, full_matrices=False)
+    # eigenvectors of the small covariance (einsum: no BLAS, so the bits do not depend on its threads)
+    evals, evecs = np.linalg.eigh(np.einsum("ni,nj->ij", values, values))
+    order = np.argsort(evals)[::-1]
+    s = np.sqrt(np.clip(evals[order], 0, None))
+    vt = evecs[:, order].T
     k = int(min(n_components, len(s)))
     # a deterministic sign: the largest loading of each component is positive
     signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])
     vt = vt * np.where(signs == 0, 1.0, signs)[:, None]
-    scores = values @ vt[:k].T
+    scores = np.einsum("nc,kc->nk", values, vt[:k])
     images = np.zeros((k,) + mask.shape)
     images[:, mask] = scores.T
     explained = (s**2 / max(float((s**2).sum()), 1e-12))[:k]
@@ -243,14 +247,14 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None, r
     """Coefficients (F + 1, K) of ``y ≈ [1, x] @ beta`` (ridge on the non-constant terms)."""
     design = np.hstack([np.ones((len(x), 1)), x])
     w = np.ones(len(x)) if weights is None else weights
-    gram = design.T @ (design * w[:, None])
+    gram = np.einsum("ni,nj->ij", design, design * w[:, None])  # einsum: BLAS-thread independent
     reg = ridge * max(float(np.trace(gram)) / len(gram), 1e-12) * np.eye(len(gram))
     reg[0, 0] = 0.0
-    return np.linalg.solve(gram + reg, design.T @ (y * w[:, None]))
+    return np.linalg.solve(gram + reg, np.einsum("ni,nk->ik", design, y * w[:, None]))
 
 
 def predict(x: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    return beta[0] + x @ beta[1:]
+    return beta[0] + np.einsum("nf,fk->nk", x, beta[1:])
 
 
 def cv_r2(x: np.ndarray, y: np.ndarray, folds: np.ndarray, weights: np.ndarray | None = None) -> float:

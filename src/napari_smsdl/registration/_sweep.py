@@ -46,7 +46,7 @@ class SweepCandidate:
 def _whiten(values: np.ndarray, n_keep: int) -> np.ndarray:
     """(n, F) → (n, F') zero-mean, identity-covariance leading components (at most ``n_keep``)."""
     v = values - values.mean(axis=0)
-    cov = v.T @ v / max(len(v) - 1, 1)
+    cov = np.einsum("ni,nj->ij", v, v) / max(len(v) - 1, 1)
     evals, evecs = np.linalg.eigh(cov)
     keep = evals > 1e-3 * evals.max()
     keep &= np.arange(len(evals)) >= len(evals) - n_keep
