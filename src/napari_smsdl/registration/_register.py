@@ -188,7 +188,15 @@ class _Info:
         self.data = data
 
     def to_dict(self) -> dict:
-        return dict(self.data)
+        out = dict(self.data)
+        # the keys every stage record of the Mattes path has, so readers need no special case
+        score = (out.get("channel_score") or {}).get("after") or {}
+        r2 = out.get("heldout_channel_r2") or {}
+        out.setdefault("metric", score.get("cv_r2", r2.get("bspline")))
+        out.setdefault("iterations", [])
+        out.setdefault("stop_condition", "Levenberg-Marquardt: step below tolerance, no improvement or iteration limit")
+        out.setdefault("seconds", 0.0)
+        return out
 
 
 def _check_stop(should_stop):
