@@ -36,29 +36,43 @@ _IBD_SUFFIXES = (".ibd", ".IBD", ".Ibd")
 
 
 # ---------------------------------------------------------------------------- geometry
-def grid_placement(pixel_size_um: float | None, *, n_leading: int = 0) -> dict[str, tuple[float, ...]]:
-    """napari ``scale`` and ``translate`` for a pixel grid whose top-left corner is at 0 µm.
+def grid_placement(
+    pixel_size_um: float | tuple[float, float] | None,
+    *,
+    n_leading: int = 0,
+    origin_rc_um: tuple[float, float] = (0.0, 0.0),
+) -> dict[str, tuple[float, ...]]:
+    """napari ``scale`` and ``translate`` for a pixel grid whose top-left corner is at ``origin_rc_um``.
 
     Parameters
     ----------
-    pixel_size_um : float or None
-        Pixel size in µm (square pixels); None means unknown and gives a scale of 1.
+    pixel_size_um : float, (float, float) or None
+        Pixel size in µm: one number for square pixels, or ``(row, col)`` = (y, x) sizes when they
+        differ; None means unknown and gives a scale of 1.
     n_leading : int
         Number of leading non-spatial axes (e.g. 1 for a (channels, rows, cols) stack); they get
         scale 1 and translate 0.
+    origin_rc_um : (float, float)
+        Top-left corner of the grid, (row, col) in µm (0, 0 by default; an imzML acquisition that
+        does not start at position (1, 1) has its own, :attr:`ImzMLDataset.origin_rc_um`).
 
     Returns
     -------
     dict
-        ``{"scale": (..., s, s), "translate": (..., s/2, s/2)}``: the centre of pixel (0, 0) sits
-        at half a pixel from the origin, so grids of different pixel sizes share corners.
+        ``{"scale": (..., s_r, s_c), "translate": (..., o_r + s_r/2, o_c + s_c/2)}``: the centre of
+        pixel (0, 0) sits at half a pixel from the origin, so grids of different pixel sizes share corners.
     """
-    size = float(pixel_size_um) if pixel_size_um else 1.0
-    if not np.isfinite(size) or size <= 0:
-        raise ValueError(f"pixel size must be a positive number of µm, got {pixel_size_um!r}")
+    sizes = pixel_size_um if isinstance(pixel_size_um, (tuple, list)) else (pixel_size_um, pixel_size_um)
+    size_rc = []
+    for size in sizes:
+        size = float(size) if size else 1.0
+        if not np.isfinite(size) or size <= 0:
+            raise ValueError(f"pixel size must be a positive number of µm, got {pixel_size_um!r}")
+        size_rc.append(size)
     return {
-        "scale": (1.0,) * n_leading + (size, size),
-        "translate": (0.0,) * n_leading + (size / 2, size / 2),
+        "scale": (1.0,) * n_leading + tuple(size_rc),
+        "translate": (0.0,) * n_leading
+        + (float(origin_rc_um[0]) + size_rc[0] / 2, float(origin_rc_um[1]) + size_rc[1] / 2),
     }
 
 
@@ -117,11 +131,15 @@ def image_layer(
     name: str,
     colormap: str = "viridis",
     metadata: dict | None = None,
+    origin_rc_um: tuple[float, float] = (0.0, 0.0),
 ) -> LayerDataTuple:
-    """A single-channel image layer (rows, cols) in µm; contrast limits ignore NaN pixels."""
+    """A single-channel image layer (rows, cols) in µm; contrast limits ignore NaN pixels.
+
+    ``pixel_size_um`` and ``origin_rc_um`` as in :func:`grid_placement`.
+    """
     kwargs = {"name": name, "colormap": colormap, "metadata": dict(metadata or {})}
     kwargs["metadata"].setdefault("pixel_size_um", pixel_size_um)
-    kwargs.update(grid_placement(pixel_size_um))
+    kwargs.update(grid_placement(pixel_size_um, origin_rc_um=origin_rc_um))
     limits = robust_contrast_limits(image_rc)
     if limits is not None:
         kwargs["contrast_limits"] = limits
@@ -137,12 +155,14 @@ def ion_stack_layer(
     mz: Sequence[float] | None = None,
     colormap: str = "magma",
     metadata: dict | None = None,
+    origin_rc_um: tuple[float, float] = (0.0, 0.0),
 ) -> LayerDataTuple:
     """An image-stack layer (channels, rows, cols) with its channels named in the metadata.
 
     The metadata holds ``channel_names`` (one per channel, e.g. ``"m/z 885.5499"``), ``mz`` (the
     window centres, when the channels are m/z) and ``pixel_size_um``; the channel axis is labelled
-    ``"channel (m/z)"`` so napari's slider says what it moves through.
+    ``"channel (m/z)"`` so napari's slider says what it moves through. ``pixel_size_um`` and
+    ``origin_rc_um`` as in :func:`grid_placement`.
     """
     data_crc = np.asarray(data_crc)
     if data_crc.ndim != 3:
@@ -162,7 +182,7 @@ def ion_stack_layer(
         "metadata": meta,
         "axis_labels": ("channel (m/z)" if mz is not None else "channel", "y", "x"),
     }
-    kwargs.update(grid_placement(pixel_size_um, n_leading=1))
+    kwargs.update(grid_placement(pixel_size_um, n_leading=1, origin_rc_um=origin_rc_um))
     limits = robust_contrast_limits(data_crc)
     if limits is not None:
         kwargs["contrast_limits"] = limits
@@ -175,6 +195,7 @@ def imzml_layers(
     n_peaks: int = DEFAULT_N_PEAKS,
     tol: str | float = DEFAULT_TOLERANCE,
     norm: Normalization | str = Normalization.NONE,
+    name: str | None = None,
 ) -> list[LayerDataTuple]:
     """Layers for an opened imzML: its TIC image and the ion images of its strongest peaks.
 
@@ -187,18 +208,35 @@ def imzml_layers(
         m/z window around each peak, ``"10ppm"`` or ``"0.01da"``.
     norm : Normalization
         Per-pixel normalisation of the ion images.
+    name : str, optional
+        Start of the layer names (default: the file's stem).
 
     Returns
     -------
     list of LayerDataTuple
         ``[TIC (rows, cols), peaks (n_peaks, rows, cols)]`` with NaN where no spectrum was acquired;
-        scale = the pixel size in µm (1 when unknown). The peak stack is left out when the mean
-        spectrum has no peak.
+        scale = the pixel size in µm per axis (1 when unknown), translate = the grid's origin on
+        the instrument's grid (:attr:`ImzMLDataset.origin_rc_um`) plus half a pixel. The peak
+        stack is left out when the mean spectrum has no peak.
     """
-    stem = dataset.path.stem
-    size = dataset.pixel_size_um
-    common = {"source_path": str(dataset.path), "role": "fixed"}
-    layers = [image_layer(dataset.tic_image(), size, name=f"{stem} TIC", metadata=common)]
+    stem = dataset.path.stem if name is None else name
+    # square pixels: one size; x and y different: each axis at its own scale, and no single
+    # "pixel_size_um" in the metadata (steps that need one refuse such a layer)
+    if dataset.pixel_size_xy_um is None:
+        size = square = None
+    elif dataset.is_square:
+        size = square = dataset.pixel_size_xy_um[0]
+    else:
+        size, square = dataset.pixel_size_rc_um, None
+    common = {
+        "source_path": str(dataset.path),
+        "role": "fixed",
+        "pixel_size_um": square,
+        "pixel_size_xy_um": dataset.pixel_size_xy_um,
+        "offset_rc_px": tuple(dataset.offset_rc_px),
+    }
+    place = {"origin_rc_um": dataset.origin_rc_um}
+    layers = [image_layer(dataset.tic_image(), size, name=f"{stem} TIC", metadata=common, **place)]
     peaks = dataset.pick_peaks(n_peaks)
     if len(peaks):
         images = dataset.ion_images(peaks, tol, norm=norm)
@@ -216,6 +254,7 @@ def imzml_layers(
                 name=f"{stem} peaks ({len(peaks)} m/z)",
                 mz=[w.center for w in images.windows],
                 metadata=meta,
+                **place,
             )
         )
     return layers
@@ -255,10 +294,22 @@ def napari_get_reader(path: Any) -> Callable[[Any], list[LayerDataTuple]] | None
 def read_imzml(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[LayerDataTuple]:
     """Read one or more imzML files into layers (see :func:`imzml_layers`).
 
+    A file with several regions (:attr:`ImzMLDataset.regions`) gives layers per region, each on
+    its own grid placed where the instrument acquired it (``"<stem> region k TIC"``, ...).
     Raises :class:`~napari_smsdl.errors.ImzMLError` naming the file when one cannot be read.
     """
     paths = _as_paths(path) or []
     layers: list[LayerDataTuple] = []
     for p in paths:
-        layers.extend(imzml_layers(open_imzml(p)))
+        dataset = open_imzml(p)
+        regions = dataset.regions
+        if len(regions) == 1:
+            layers.extend(imzml_layers(dataset))
+            continue
+        for region in regions:
+            part = dataset.region(region.index)
+            region_layers = imzml_layers(part, name=f"{dataset.path.stem} region {region.index}")
+            for _, kwargs, _ in region_layers:
+                kwargs["metadata"]["region"] = region.index
+            layers.extend(region_layers)
     return layers

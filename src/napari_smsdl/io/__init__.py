@@ -5,12 +5,13 @@
 
 from ._export import write_metrics_csv, write_sr_imzml, write_tiff_stack
 from ._histology import HistologyImage, open_histology, read_histology, to_rgb_uint8, write_pyramidal_tiff
-from ._imzml import ImzMLDataset, Normalization, Spectrum, make_windows, open_imzml, parse_tolerance, write_imzml
+from ._imzml import ImzMLDataset, ImzMLRegion, Normalization, Spectrum, make_windows, open_imzml, parse_tolerance, write_imzml
 from ._ion_stack import IonStack, ome_names_and_pixel_size, read_ion_stack
 
 __all__ = [
     "HistologyImage",
     "ImzMLDataset",
+    "ImzMLRegion",
     "IonStack",
     "Normalization",
     "Spectrum",

@@ -5,14 +5,27 @@ then read in contiguous chunks of spectra with ``numpy.fromfile`` and every quer
 any number of m/z windows, TIC, mean spectrum) is answered per chunk with vectorised searches: no
 Python loop per pixel and a memory footprint bounded by the chunk size, not by the file size.
 
-Coordinates: imzML positions are 1-based (x, y); here they become 0-based ``rows = y - 1`` and
-``cols = x - 1`` once, in :func:`open_imzml`. Images are (rows, cols); stacks (channels, rows, cols).
-Pixels without a spectrum are NaN in every image.
+Coordinates: imzML positions are 1-based (x, y) on the instrument's stage grid; here they become
+0-based ``rows = y - y_min`` and ``cols = x - x_min`` once, in :func:`open_imzml`: the grid is the
+bounding box of the acquired positions, and where it starts on the instrument's grid is kept
+(:attr:`ImzMLDataset.offset_rc_px`, :attr:`ImzMLDataset.origin_rc_um`), so layers placed there
+line up with anything else in the instrument's coordinates. Images are (rows, cols); stacks
+(channels, rows, cols). Pixels without a spectrum are NaN in every image.
+
+Pixel sizes: x (IMS:1000046) and y (IMS:1000047) are both read. Steps that need square pixels
+(super-resolution, registration) ask for :attr:`ImzMLDataset.pixel_size_um`, which raises an
+:class:`~napari_smsdl.errors.ImzMLError` naming the file when they differ; the napari reader
+shows such a file at its own scale per axis (:attr:`ImzMLDataset.pixel_size_xy_um`).
+
+Regions: blocks of acquired positions separated by at least :data:`REGION_MIN_GAP_PX` empty
+pixels are separate regions (:attr:`ImzMLDataset.regions`); :meth:`ImzMLDataset.region` opens one
+as its own grid.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import mmap
 import os
 import re
@@ -28,6 +41,12 @@ from ..errors import ImzMLError, InputError
 
 #: Bytes of spectra read from the .ibd per chunk; bounds the memory of every query.
 CHUNK_BYTES = 32 * 2**20
+
+#: Acquired blocks at least this many empty pixels apart are separate regions (odd; nearer ones,
+#: e.g. either side of a dropped scan line, are one).
+REGION_MIN_GAP_PX = 3
+
+logger = logging.getLogger(__name__)
 
 _PRECISION_DTYPES = {"f": np.float32, "d": np.float64, "i": np.int32, "l": np.int64}
 
@@ -84,7 +103,8 @@ class IonImages:
 
     data: np.ndarray
     windows: tuple[MzWindow, ...]
-    pixel_size_um: float | None
+    pixel_size_um: float | None  # square pixels only: None when unknown or when x and y differ
+    pixel_size_xy_um: tuple[float, float] | None = None  # (x, y) µm, also when they differ
 
     @property
     def mask(self) -> np.ndarray:
@@ -114,6 +134,19 @@ class _Chunk:
     starts: np.ndarray  # start of each spectrum in the concatenation (processed), len n + 1
 
 
+@dataclass(frozen=True)
+class ImzMLRegion:
+    """One block of acquired pixels of an imzML, disjoint from the others.
+
+    ``bbox_rc_px`` is its bounding box ``(row, col, rows, cols)`` in the dataset's grid (0-based);
+    ``n_spectra`` the number of spectra inside.
+    """
+
+    index: int
+    bbox_rc_px: tuple[int, int, int, int]
+    n_spectra: int
+
+
 @dataclass
 class ImzMLDataset:
     """An opened, validated imzML/ibd pair. Build it with :func:`open_imzml`.
@@ -121,14 +154,18 @@ class ImzMLDataset:
     Attributes
     ----------
     rows, cols : np.ndarray
-        0-based pixel position of each spectrum (``y - 1``, ``x - 1``).
+        0-based pixel position of each spectrum in the grid (``y - y_min``, ``x - x_min``).
     shape : tuple[int, int]
-        (rows, cols) of the pixel grid.
+        (rows, cols) of the pixel grid: the bounding box of the acquired positions.
+    offset_rc_px : tuple[int, int]
+        Where the grid's pixel (0, 0) lies on the instrument's grid, 0-based (``y_min - 1``,
+        ``x_min - 1``); (0, 0) for a file whose positions start at (1, 1).
     mode : str
         ``"continuous"`` (one shared m/z axis) or ``"processed"`` (an m/z array per spectrum).
-    pixel_size_um : float or None
-        From the imzML metadata (IMS:1000046) when present, else the value given to
-        :func:`open_imzml`, else None.
+    pixel_size_xy_um : tuple[float, float] or None
+        (x, y) pixel size in µm from the imzML metadata (IMS:1000046, IMS:1000047; one of them
+        stands for both when the other is missing), else the value given to :func:`open_imzml`
+        for both, else None.
     """
 
     path: Path
@@ -137,18 +174,104 @@ class ImzMLDataset:
     rows: np.ndarray
     cols: np.ndarray
     shape: tuple[int, int]
-    pixel_size_um: float | None
+    pixel_size_xy_um: tuple[float, float] | None
     mz_dtype: np.dtype
     intensity_dtype: np.dtype
     mz_offsets: np.ndarray
     mz_lengths: np.ndarray
     intensity_offsets: np.ndarray
     intensity_lengths: np.ndarray
+    offset_rc_px: tuple[int, int] = (0, 0)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_spectra(self) -> int:
         return int(len(self.rows))
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def is_square(self) -> bool:
+        """True when the pixel size is unknown or the same along x and y."""
+        size = self.pixel_size_xy_um
+        return size is None or bool(np.isclose(size[0], size[1], rtol=1e-6, atol=0.0))
+
+    @property
+    def pixel_size_um(self) -> float | None:
+        """The pixel size in µm of a file with square pixels (None when unknown).
+
+        Raises
+        ------
+        ImzMLError
+            When x and y differ: super-resolution and registration need square pixels.
+        """
+        if self.pixel_size_xy_um is None:
+            return None
+        if not self.is_square:
+            sx, sy = self.pixel_size_xy_um
+            raise ImzMLError(
+                f"pixels are not square (x {sx:g} µm, y {sy:g} µm): super-resolution and registration "
+                "need square pixels; resample the acquisition to one pixel size (napari shows it as it is)",
+                self.path,
+            )
+        return float(self.pixel_size_xy_um[0])
+
+    @property
+    def pixel_size_rc_um(self) -> tuple[float, float]:
+        """(row, col) = (y, x) pixel size in µm, (1, 1) when unknown: a napari layer's ``scale``."""
+        if self.pixel_size_xy_um is None:
+            return (1.0, 1.0)
+        return (float(self.pixel_size_xy_um[1]), float(self.pixel_size_xy_um[0]))
+
+    @property
+    def origin_rc_um(self) -> tuple[float, float]:
+        """Top-left corner of the grid on the instrument's grid, (row, col) in µm (in pixels when the size is unknown)."""
+        size_r, size_c = self.pixel_size_rc_um
+        return (self.offset_rc_px[0] * size_r, self.offset_rc_px[1] * size_c)
+
+    @property
+    def regions(self) -> tuple[ImzMLRegion, ...]:
+        """The disjoint blocks of acquired pixels, in file order (one for an ordinary acquisition).
+
+        Blocks at least :data:`REGION_MIN_GAP_PX` empty pixels apart along rows and columns are
+        separate regions; nearer ones (a dropped scan line, a gap in the tissue) are one.
+        """
+        if "regions" not in self._cache:
+            self._cache["regions"] = _regions(self.rows, self.cols, self._region_of_spectrum())
+        return self._cache["regions"]
+
+    def _region_of_spectrum(self) -> np.ndarray:
+        if "region_of_spectrum" not in self._cache:
+            self._cache["region_of_spectrum"] = _region_of_spectrum(self.rows, self.cols, self.shape)
+        return self._cache["region_of_spectrum"]
+
+    def region(self, index: int) -> ImzMLDataset:
+        """Region ``index`` (see :attr:`regions`) as a dataset of its own, cropped to its bounding box.
+
+        Its :attr:`offset_rc_px` is where it lies on the instrument's grid, so its layers line up
+        with those of the whole file and of the other regions.
+        """
+        regions = self.regions
+        if not 0 <= index < len(regions):
+            raise ImzMLError(f"region {index} does not exist: the file has {len(regions)} (0..{len(regions) - 1})",
+                             self.path)
+        r0, c0, n_r, n_c = regions[index].bbox_rc_px
+        keep = np.flatnonzero(self._region_of_spectrum() == index)
+        return ImzMLDataset(
+            path=self.path,
+            ibd_path=self.ibd_path,
+            mode=self.mode,
+            rows=self.rows[keep] - r0,
+            cols=self.cols[keep] - c0,
+            shape=(n_r, n_c),
+            pixel_size_xy_um=self.pixel_size_xy_um,
+            mz_dtype=self.mz_dtype,
+            intensity_dtype=self.intensity_dtype,
+            mz_offsets=self.mz_offsets[keep],
+            mz_lengths=self.mz_lengths[keep],
+            intensity_offsets=self.intensity_offsets[keep],
+            intensity_lengths=self.intensity_lengths[keep],
+            offset_rc_px=(self.offset_rc_px[0] + r0, self.offset_rc_px[1] + c0),
+        )
 
     @property
     def mask(self) -> np.ndarray:
@@ -363,7 +486,8 @@ class ImzMLDataset:
             scale = np.median(factor[positive]) if positive.any() else 1.0
             with np.errstate(divide="ignore", invalid="ignore"):
                 sums = np.where(positive[:, None], sums / factor[:, None] * scale, 0.0)
-        return IonImages(self._to_image(sums), tuple(windows), self.pixel_size_um)
+        square = self.pixel_size_xy_um[0] if self.pixel_size_xy_um is not None and self.is_square else None
+        return IonImages(self._to_image(sums), tuple(windows), square, self.pixel_size_xy_um)
 
     # ------------------------------------------------------------------ spectra summaries
     def mean_spectrum(self, *, bin_ppm: float = 5.0) -> Spectrum:
@@ -485,6 +609,35 @@ def _window_layers(lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
     return [np.array(layer) for layer in layers]
 
 
+def _region_of_spectrum(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Index of the region (see :attr:`ImzMLDataset.regions`) of every spectrum; regions in file order."""
+    from scipy import ndimage
+
+    mask = np.zeros(shape, bool)
+    mask[rows, cols] = True
+    # pixels fewer than REGION_MIN_GAP_PX (odd) empty pixels apart end up in one block once every
+    # pixel is grown by (REGION_MIN_GAP_PX - 1) / 2 along rows, columns and diagonals
+    grow = REGION_MIN_GAP_PX // 2
+    joined = ndimage.binary_dilation(mask, np.ones((3, 3), bool), iterations=grow) if grow else mask
+    labels, _ = ndimage.label(joined, np.ones((3, 3), bool))
+    of_spectrum = labels[rows, cols]
+    found, first_index = np.unique(of_spectrum, return_index=True)
+    remap = np.zeros(int(labels.max()) + 1, np.int64)
+    remap[found[np.argsort(first_index)]] = np.arange(len(found))  # numbered by first spectrum in the file
+    return remap[of_spectrum]
+
+
+def _regions(rows: np.ndarray, cols: np.ndarray, of_spectrum: np.ndarray) -> tuple[ImzMLRegion, ...]:
+    """Bounding box and spectrum count of every region."""
+    regions = []
+    for k in range(int(of_spectrum.max()) + 1 if len(of_spectrum) else 0):
+        sel = of_spectrum == k
+        r, c = rows[sel], cols[sel]
+        bbox = (int(r.min()), int(c.min()), int(r.max() - r.min() + 1), int(c.max() - c.min() + 1))
+        regions.append(ImzMLRegion(k, bbox, int(sel.sum())))
+    return tuple(regions)
+
+
 def _find_ibd(path: Path) -> Path:
     for suffix in (".ibd", ".IBD", ".Ibd"):
         candidate = path.with_suffix(suffix)
@@ -500,7 +653,8 @@ def _param(group, name: str):
         return None
 
 
-def open_imzml(path: str | os.PathLike, *, pixel_size_um: float | None = None) -> ImzMLDataset:
+def open_imzml(path: str | os.PathLike, *, pixel_size_um: float | None = None,
+               region: int | None = None) -> ImzMLDataset:
     """Open and validate an imzML file (continuous or processed) and index its ``.ibd``.
 
     Parameters
@@ -508,8 +662,17 @@ def open_imzml(path: str | os.PathLike, *, pixel_size_um: float | None = None) -
     path : path-like
         The ``.imzML`` file; the ``.ibd`` must lie beside it with the same stem.
     pixel_size_um : float, optional
-        Pixel size in µm, used when the file's metadata has none (IMS:1000046); the metadata wins
-        otherwise.
+        Pixel size in µm (square), used when the file's metadata has none (IMS:1000046/1000047);
+        the metadata wins otherwise.
+    region : int, optional
+        Open only this region (see :attr:`ImzMLDataset.regions`) as its own grid. By default the
+        grid is the bounding box of every acquired position (all regions, in place); a file with
+        several regions logs so.
+
+    Notes
+    -----
+    The grid is cropped to the bounding box of the acquired positions; where it starts on the
+    instrument's grid is :attr:`ImzMLDataset.offset_rc_px` (:attr:`ImzMLDataset.origin_rc_um`).
 
     Raises
     ------
@@ -609,26 +772,52 @@ def open_imzml(path: str | os.PathLike, *, pixel_size_um: float | None = None) -
     if mode == "continuous" and not ((mz_off == mz_off[0]).all() and (mz_len == mz_len[0]).all()):
         mode = "processed"  # declared continuous but does not share its m/z array: read it per spectrum
 
-    size_x = parser.imzmldict.get("pixel size x")
-    size_y = parser.imzmldict.get("pixel size y")
-    meta_size = float(size_x) if size_x else (float(size_y) if size_y else None)
-    rows, cols = y - 1, x - 1
-    shape = (int(max(max_y or 0, y.max())), int(max(max_x or 0, x.max())))
-    return ImzMLDataset(
+    size_xy = _pixel_size_xy(parser.imzmldict.get("pixel size x"), parser.imzmldict.get("pixel size y"), path)
+    if size_xy is None and pixel_size_um:
+        size_xy = (float(pixel_size_um), float(pixel_size_um))
+    x0, y0 = int(x.min()), int(y.min())
+    dataset = ImzMLDataset(
         path=path,
         ibd_path=ibd_path,
         mode=mode,
-        rows=rows,
-        cols=cols,
-        shape=shape,
-        pixel_size_um=meta_size if meta_size else pixel_size_um,
+        rows=y - y0,
+        cols=x - x0,
+        shape=(int(y.max()) - y0 + 1, int(x.max()) - x0 + 1),
+        pixel_size_xy_um=size_xy,
         mz_dtype=mz_dtype,
         intensity_dtype=int_dtype,
         mz_offsets=mz_off,
         mz_lengths=mz_len,
         intensity_offsets=int_off,
         intensity_lengths=int_len,
+        offset_rc_px=(y0 - 1, x0 - 1),
     )
+    if region is not None:
+        return dataset.region(int(region))
+    if len(dataset.regions) > 1:
+        logger.info("%s holds %d regions, read as one %d x %d grid; open_imzml(..., region=k) opens one",
+                    path, len(dataset.regions), *dataset.shape)
+    return dataset
+
+
+def _pixel_size_xy(size_x, size_y, path: Path) -> tuple[float, float] | None:
+    """(x, y) pixel size in µm from the two cvParams; one stands for both when the other is missing."""
+    values = []
+    for name, value in (("x", size_x), ("y", size_y)):
+        if value is None or value == "":
+            values.append(None)
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ImzMLError(f"pixel size {name} is not a number: {value!r}", path) from None
+        if not (np.isfinite(number) and number > 0):
+            raise ImzMLError(f"pixel size {name} must be a positive number of µm, got {value!r}", path)
+        values.append(number)
+    sx, sy = values
+    if sx is None and sy is None:
+        return None
+    return (sx if sx is not None else sy, sy if sy is not None else sx)
 
 
 def write_imzml(
@@ -636,14 +825,17 @@ def write_imzml(
     spectra: Callable[[], Iterator[tuple[int, int, np.ndarray, np.ndarray]]] | Sequence,
     *,
     mode: str = "processed",
-    pixel_size_um: float | None = None,
+    pixel_size_um: float | tuple[float, float] | None = None,
     mz_dtype=np.float64,
     intensity_dtype=np.float32,
+    offset_rc_px: tuple[int, int] = (0, 0),
 ) -> Path:
     """Write an imzML/ibd pair with pyimzML's writer; atomically (temp names, then rename).
 
-    ``spectra`` yields ``(row, col, mz, intensity)`` with 0-based row/col. The pixel size, which
-    pyimzML's writer does not record, is added to the scan settings (IMS:1000046/IMS:1000047).
+    ``spectra`` yields ``(row, col, mz, intensity)`` with 0-based row/col; position
+    ``(x, y) = (col + 1 + offset_rc_px[1], row + 1 + offset_rc_px[0])``. The pixel size (µm; one
+    number, or ``(x, y)`` when they differ), which pyimzML's writer does not record, is added to
+    the scan settings (IMS:1000046/IMS:1000047).
     """
     from pyimzml.ImzMLWriter import ImzMLWriter
 
@@ -653,13 +845,15 @@ def write_imzml(
     items = spectra() if callable(spectra) else spectra
     with ImzMLWriter(str(tmp_stem), mode=mode, mz_dtype=mz_dtype, intensity_dtype=intensity_dtype) as writer:
         for row, col, mz, intensity in items:
-            writer.addSpectrum(np.asarray(mz), np.asarray(intensity), (int(col) + 1, int(row) + 1))
+            position = (int(col) + 1 + int(offset_rc_px[1]), int(row) + 1 + int(offset_rc_px[0]))
+            writer.addSpectrum(np.asarray(mz), np.asarray(intensity), position)
     tmp_xml, tmp_ibd = tmp_stem.with_suffix(".imzML"), tmp_stem.with_suffix(".ibd")
     if pixel_size_um is not None:
+        size_x, size_y = (pixel_size_um, pixel_size_um) if np.isscalar(pixel_size_um) else pixel_size_um
         text = tmp_xml.read_text()
         params = (
-            f'<cvParam cvRef="IMS" accession="IMS:1000046" name="pixel size (x)" value="{pixel_size_um:g}"/>\n'
-            f'      <cvParam cvRef="IMS" accession="IMS:1000047" name="pixel size y" value="{pixel_size_um:g}"/>\n'
+            f'<cvParam cvRef="IMS" accession="IMS:1000046" name="pixel size (x)" value="{float(size_x)!r}"/>\n'
+            f'      <cvParam cvRef="IMS" accession="IMS:1000047" name="pixel size y" value="{float(size_y)!r}"/>\n'
             "    </scanSettings>"
         )
         text = text.replace("</scanSettings>", params, 1)
