@@ -3,6 +3,8 @@
 All three cover the same field of view (1280 µm × 1280 µm) and share its top-left corner, so
 they overlay exactly: the H&E at 2.5 µm, the measured low-resolution MSI at 40 µm and the
 ground truth on the super-resolution grid at 10 µm (see :func:`napari_smsdl._reader.grid_placement`).
+The MSI holds ion counts and the ground truth is a separate, noisy 10 µm acquisition on the same
+count scale; some ions follow the stained compartments and some do not (see :mod:`napari_smsdl.sample`).
 """
 
 from __future__ import annotations
