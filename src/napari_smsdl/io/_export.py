@@ -2,7 +2,8 @@
 
 * :func:`write_tiff_stack`: float32 OME-TIFF stacks with physical pixel size and channel names;
 * :func:`write_sr_imzml`: an SR stack as a continuous imzML at the SR pixel size;
-* :func:`write_metrics_csv`: per-method, per-channel scores as CSV.
+* :func:`write_metrics_csv`: per-method, per-channel scores as CSV;
+* :func:`write_guidance_csv`: per channel, how much the histology helped SMSDL and whether it was used.
 
 :func:`napari_smsdl.project.export_results` writes all of them (and the comparison figure) for a project.
 """
@@ -21,12 +22,13 @@ def write_tiff_stack(
     stack,
     *,
     channel_names: Sequence[str] | None = None,
-    pixel_size_um: float | None = None,
+    pixel_size_um: float | tuple[float, float] | None = None,
 ) -> Path:
     """Write (channels, rows, cols) float32 as an OME-TIFF (atomically: temp file, then rename).
 
-    The OME metadata carry the channel names and, when known, the physical pixel size in µm, so
-    the stack opens at the right scale in napari, Fiji or QuPath.
+    The OME metadata carry the channel names and, when known, the physical pixel size in µm (one
+    number, or ``(x, y)`` when they differ), so the stack opens at the right scale in napari,
+    Fiji or QuPath.
 
     ``stack`` is a numpy array, or any (channels, rows, cols) array-like with ``shape`` and
     ``__getitem__`` (a zarr array, a memmap, :meth:`napari_smsdl.reconstruction._channels.ChannelStack.open`): that
@@ -51,7 +53,10 @@ def write_tiff_stack(
     metadata: dict = {"axes": "CYX"}
     if channel_names is not None:
         metadata["Channel"] = {"Name": [str(n) for n in channel_names]}
-    if pixel_size_um:
+    if pixel_size_um is not None and not np.isscalar(pixel_size_um):
+        size_x, size_y = (float(v) for v in pixel_size_um)
+        metadata.update(PhysicalSizeX=size_x, PhysicalSizeY=size_y, PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
+    elif pixel_size_um:
         metadata.update(PhysicalSizeX=float(pixel_size_um), PhysicalSizeY=float(pixel_size_um),
                         PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -90,7 +95,9 @@ def write_sr_imzml(
     path: str | os.PathLike,
     stack: np.ndarray,
     mz: Sequence[float],
-    pixel_size_um: float,
+    pixel_size_um: float | tuple[float, float],
+    *,
+    offset_rc_px: tuple[int, int] = (0, 0),
 ) -> Path:
     """Write a super-resolved stack (channels, rows, cols) as a *continuous* imzML/ibd pair.
 
@@ -107,8 +114,11 @@ def write_sr_imzml(
         Intensities in the MSI's units.
     mz : sequence of float
         One m/z per channel; they must be distinct. The axis is written in increasing order.
-    pixel_size_um : float
-        The SR pixel size in µm (MSI pixel size / F).
+    pixel_size_um : float or (float, float)
+        The SR pixel size in µm (MSI pixel size / F); ``(x, y)`` when they differ.
+    offset_rc_px : (int, int)
+        Where the grid starts on the instrument's grid (0-based rows, cols); positions are
+        ``(col + 1 + offset, row + 1 + offset)``.
 
     Returns
     -------
@@ -127,8 +137,10 @@ def write_sr_imzml(
         raise InputError(f"{mz_arr.size} m/z values for {stack.shape[0]} channels: imzML needs one m/z per channel", path)
     if not np.all(np.isfinite(mz_arr)) or (mz_arr <= 0).any() or len(np.unique(mz_arr)) != len(mz_arr):
         raise InputError(f"m/z values must be distinct positive numbers, got {mz_arr.tolist()}", path)
-    if not (pixel_size_um and np.isfinite(pixel_size_um) and pixel_size_um > 0):
+    sizes = (pixel_size_um,) if np.isscalar(pixel_size_um) or pixel_size_um is None else tuple(pixel_size_um)
+    if not all(s and np.isfinite(s) and s > 0 for s in sizes) or len(sizes) not in (1, 2):
         raise InputError(f"pixel size must be a positive number of µm, got {pixel_size_um!r}", path)
+    size = float(sizes[0]) if len(sizes) == 1 else (float(sizes[0]), float(sizes[1]))
     order = np.argsort(mz_arr)
     axis = mz_arr[order]
     ordered = stack[order]
@@ -139,7 +151,7 @@ def write_sr_imzml(
         for row, col in zip(*np.nonzero(acquired), strict=True):
             yield int(row), int(col), axis, values[:, row, col]
 
-    return write_imzml(path, spectra, mode="continuous", pixel_size_um=float(pixel_size_um))
+    return write_imzml(path, spectra, mode="continuous", pixel_size_um=size, offset_rc_px=offset_rc_px)
 
 
 #: Metric columns of the metrics CSV, in order.
@@ -203,3 +215,57 @@ def _num(scores: dict, metric: str, channel: int | None) -> str:
         return ""
     value = entry["mean"] if channel is None else entry["per_channel"][channel]
     return repr(float(value))
+
+
+def write_guidance_csv(
+    path: str | os.PathLike,
+    guidance: dict,
+    *,
+    channel_names: Sequence[str] | None = None,
+) -> Path:
+    """Write the per-channel histology gain of each method as CSV (atomically).
+
+    Parameters
+    ----------
+    guidance : dict
+        ``method -> {"gain": [...], "gain_std": [...], "used_histology": [...]}`` (one entry per
+        channel, :meth:`napari_smsdl.reconstruction.Guidance.to_dict`).
+    channel_names : sequence of str, optional
+        One name per channel (default ``channel 0``, ``channel 1``, ...).
+
+    Notes
+    -----
+    Columns: ``method,channel,histology_gain,histology_gain_std,used_histology``; the gain is
+    1 − held-out MSE with the histology / held-out MSE without it (mean over folds, ± its std over
+    folds); ``used_histology`` is ``false`` where the output is the H&E-free control.
+    """
+    import csv
+    import io
+
+    rows = []
+    for method, entry in guidance.items():
+        if not isinstance(entry, dict) or "gain" not in entry:
+            continue
+        gain = list(entry["gain"])
+        std = list(entry.get("gain_std") or [None] * len(gain))
+        used = list(entry.get("used_histology") or [None] * len(gain))
+        names = list(channel_names) if channel_names is not None else [f"channel {c}" for c in range(len(gain))]
+        if len(names) != len(gain):
+            raise ValueError(f"{len(names)} channel names for {len(gain)} channels of method {method!r}")
+        for c in range(len(gain)):
+            rows.append([method, names[c], _maybe(gain[c]), _maybe(std[c]),
+                         "" if used[c] is None else str(bool(used[c])).lower()])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "channel", "histology_gain", "histology_gain_std", "used_histology"])
+    writer.writerows(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _maybe(value) -> str:
+    return "" if value is None else repr(float(value))
