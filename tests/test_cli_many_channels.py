@@ -49,17 +49,18 @@ def _argv(many, out, *extra):
             "--msi-pixel-size", "10", *QUICK, *extra, "-o", str(out)]
 
 
-def test_chunked_reconstruct_streams_to_zarr_and_equals_the_api(many, tmp_path):
+def test_chunked_reconstruct_streams_to_zarr_and_equals_the_api(many, tmp_path, capsys):
     import zarr
 
     from napari_smsdl.cli import build_parser
     from napari_smsdl.commands._common import settings_from_args
     from napari_smsdl.reconstruction import reconstruct_many_channels
-    from napari_smsdl.reconstruction.baselines import bicubic_upsample
+    from napari_smsdl.reconstruction.baselines import backprojection_upsample, bicubic_upsample
 
     out = tmp_path / "out"
-    argv = _argv(many, out, "--baselines", "bicubic", "--project", str(tmp_path / "project"))
+    argv = _argv(many, out, "--baselines", "bicubic,backprojection", "--project", str(tmp_path / "project"))
     assert main(argv) == 0  # 80 channels: chunked automatically, chunks of 64
+    printed = capsys.readouterr().out
     run = json.loads((out / "run.json").read_text())
     for key in ("inputs", "channels", "mz", "factor", "msi_pixel_size_um", "sr_pixel_size_um", "he_pixel_size_um",
                 "outputs", "seconds", "peak_memory_mb", "settings", "he_tiled"):  # the run.json contract
@@ -90,6 +91,25 @@ def test_chunked_reconstruct_streams_to_zarr_and_equals_the_api(many, tmp_path):
     bicubic = tifffile.imread(out / "sr_bicubic.ome.tif")
     np.testing.assert_allclose(bicubic, bicubic_upsample(lr, 2, mask_lr=mask), rtol=1e-6, atol=1e-6)
     assert (out / "figure.png").stat().st_size > 5_000
+    # the H&E-free control streamed chunk by chunk = the control of the whole stack
+    control = tifffile.imread(out / "sr_backprojection.ome.tif")
+    np.testing.assert_allclose(control, backprojection_upsample(lr, 2, mask_lr=mask), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(control.reshape(N_CHANNELS, 16, 2, 16, 2).mean(axis=(2, 4))[:, mask], lr[:, mask],
+                               rtol=1e-4, atol=1e-4)
+    # SMSDL's uncertainty (from the SMSDL store) and per-channel guidance, for every channel
+    with tifffile.TiffFile(out / "uncertainty_smsdl.ome.tif") as tif:
+        spread = tif.asarray()
+        assert 'PhysicalSizeX="5.0"' in tif.ome_metadata
+    assert spread.shape == sr.shape and spread.dtype == np.float32 and (spread >= 0).all()
+    np.testing.assert_array_equal(spread, zarr.open_array(str(out / "sr_smsdl.zarr"), path="uncertainty", mode="r")[:])
+    assert run["uncertainty"] == {"smsdl": str(out / "uncertainty_smsdl.ome.tif")}
+    guidance = run["guidance"]["smsdl"]
+    assert all(len(guidance[k]) == N_CHANNELS for k in ("gain", "gain_std", "used_histology"))
+    assert len(run["choices"]["smsdl"]) == 2  # one record per chunk of 64
+    fell = [run["channels"][i] for i, u in enumerate(guidance["used_histology"]) if not u]
+    line = next(x for x in printed.splitlines() if x.startswith("SMSDL used the H&E on"))
+    assert f"on {N_CHANNELS - len(fell)} of {N_CHANNELS} channels" in line
+    assert all(name in line for name in fell[:20])
 
     # the Python API with the same settings (features from the run's cache) gives the same stack
     settings = settings_from_args(build_parser().parse_args(argv))
@@ -106,10 +126,12 @@ def test_chunked_reconstruct_streams_to_zarr_and_equals_the_api(many, tmp_path):
     again = tmp_path / "again"
     assert run["project"] == str(tmp_path / "project")
     assert main(["reconstruct", "--project", str(tmp_path / "project"), "-o", str(again)]) == 0
-    for name in ("smsdl", "bicubic"):
+    for name in ("smsdl", "bicubic", "backprojection"):
         np.testing.assert_array_equal(tifffile.imread(again / f"sr_{name}.ome.tif"),
                                       tifffile.imread(out / f"sr_{name}.ome.tif"))
-    assert json.loads((again / "run.json").read_text())["channels"][79] == "ion 79"
+    np.testing.assert_array_equal(tifffile.imread(again / "uncertainty_smsdl.ome.tif"), spread)
+    rerun = json.loads((again / "run.json").read_text())
+    assert rerun["channels"][79] == "ion 79" and rerun["guidance"] == run["guidance"]
 
 
 def test_chunked_path_refuses_cnn_and_forced_chunks_with_a_whole_slide(many, sample_dir, tmp_path, capsys):

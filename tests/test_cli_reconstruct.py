@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -30,13 +31,14 @@ def small_pair(tmp_path_factory):
     return folder
 
 
-def test_benchmark_contract(small_pair, tmp_path):
+def test_benchmark_contract(small_pair, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["benchmark", "--he", str(small_pair / "he.png"), "--msi", str(small_pair / "truth.npy"),
             "--factor", "4", "--seed", "3", *QUICK, "-o", str(out)]
     assert main(argv) == 0
+    printed = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    for method in ("smsdl", "bicubic", "cnn"):
+    for method in ("smsdl", "bicubic", "backprojection", "cnn"):  # the H&E-free control is scored by default
         for metric in ("rmse", "ssim", "r2", "psnr", "pearson"):
             entry = metrics[method][metric]
             assert isinstance(entry["mean"], float) and len(entry["per_channel"]) == 5
@@ -45,17 +47,69 @@ def test_benchmark_contract(small_pair, tmp_path):
         stack = tifffile.imread(out / f"sr_{method}.ome.tif")
         assert stack.shape == (5, 32, 32) and stack.dtype == np.float32
     assert (out / "figure.png").stat().st_size > 10_000
+    # SMSDL's uncertainty: same shape and pixel size as its SR stack
+    with tifffile.TiffFile(out / "uncertainty_smsdl.ome.tif") as tif, tifffile.TiffFile(out / "sr_smsdl.ome.tif") as sr:
+        spread = tif.asarray()
+        assert spread.shape == sr.asarray().shape and spread.dtype == np.float32 and (spread >= 0).all()
+        size = re.compile(r'PhysicalSizeX="([^"]+)"')
+        assert size.findall(tif.ome_metadata) == size.findall(sr.ome_metadata) == ["1.0"]
+    assert not (out / "uncertainty_bicubic.ome.tif").exists()
+    guidance = metrics["smsdl"]["guidance"]
+    assert all(len(guidance[k]) == 5 for k in ("gain", "gain_std", "used_histology"))
+    assert "uncertainty_spearman" in metrics["smsdl"] and metrics["settings"]["force_histology"] is False
+    names = metrics["settings"]["channels"]
+    line = next(x for x in printed.splitlines() if x.startswith("SMSDL used the H&E on"))
+    used = sum(guidance["used_histology"])
+    assert f"on {used} of 5 channels" in line
+    assert all(names[i] in line for i, u in enumerate(guidance["used_histology"]) if not u)
+    assert "backprojection: RMSE" in printed
 
 
-def test_reconstruct_writes_sr_stack_with_mz_names(tmp_path):
+def test_benchmark_force_histology_and_method_choice(small_pair, tmp_path, capsys):
+    out = tmp_path / "forced"
+    argv = ["benchmark", "--he", str(small_pair / "he.png"), "--msi", str(small_pair / "truth.npy"),
+            "--factor", "4", *QUICK, "--methods", "smsdl,backprojection", "--force-histology", "-o", str(out)]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["smsdl"]["guidance"]["used_histology"] == [True] * 5  # no channel falls back
+    assert metrics["settings"]["force_histology"] is True
+    assert {"smsdl", "backprojection"} <= set(metrics) and "bicubic" not in metrics and "cnn" not in metrics
+    assert "on 5 of 5 channels; no channel fell back" in capsys.readouterr().out
+    # the control reproduces the measured block means of the tissue pixels
+    from napari_smsdl.evaluation import degrade
+
+    truth = np.load(small_pair / "truth.npy")
+    mask_hr = np.isfinite(truth).all(0) & (np.nan_to_num(truth) != 0).any(0)
+    lr, mask_lr = degrade(truth, mask_hr, 4)
+    control = tifffile.imread(out / "sr_backprojection.ome.tif")
+    np.testing.assert_allclose(control.reshape(5, 8, 4, 8, 4).mean(axis=(2, 4))[:, mask_lr], lr[:, mask_lr],
+                               rtol=1e-4, atol=1e-4)
+    assert main([*argv[:-2], "--methods", "smsdl,nope", "-o", str(out)]) != 0
+    assert "unknown method(s) nope" in capsys.readouterr().err
+
+
+def test_force_histology_sets_no_fallback_in_the_settings():
+    from napari_smsdl.cli import build_parser
+    from napari_smsdl.commands._common import settings_from_args
+
+    for command in ("benchmark", "reconstruct"):
+        base = [command, "--he", "h.png", "--msi", "m.npy", "--factor", "2", "-o", "o"]
+        assert settings_from_args(build_parser().parse_args(base)).regression.fallback is True
+        forced = settings_from_args(build_parser().parse_args([*base, "--force-histology"]))
+        assert forced.regression.fallback is False
+
+
+def test_reconstruct_writes_sr_stack_with_mz_names(tmp_path, capsys):
     from napari_smsdl.sample import write_sample
 
     sample = tmp_path / "sample"
     write_sample(sample)
     out = tmp_path / "sr"
     argv = ["reconstruct", "--he", str(sample / "he.png"), "--msi", str(sample / "msi.imzML"), "--mz", "760.5851",
-            "--mz", "885.5499", "--factor", "2", "--he-pixel-size", "2.5", "--baselines", "bicubic", *QUICK, "-o", str(out)]
+            "--mz", "885.5499", "--factor", "2", "--he-pixel-size", "2.5", "--baselines", "bicubic,backprojection", *QUICK,
+            "-o", str(out)]
     assert main(argv) == 0
+    printed = capsys.readouterr().out
     with tifffile.TiffFile(out / "sr_smsdl.ome.tif") as tif:
         stack = tif.asarray()
         ome = tif.ome_metadata
@@ -66,6 +120,19 @@ def test_reconstruct_writes_sr_stack_with_mz_names(tmp_path):
     assert run["sr_pixel_size_um"] == 20.0 and run["msi_pixel_size_um"] == 40.0
     # two channels: the in-memory path (nothing streamed to zarr), one process
     assert run["chunk_channels"] is None and run["world_size"] == 1 and not list(out.glob("*.zarr"))
+    # the H&E-free control, SMSDL's uncertainty and its per-channel guidance and held-out choices
+    control = tifffile.imread(out / "sr_backprojection.ome.tif")
+    assert control.shape == (2, 64, 64) and set(run["outputs"]) == {"smsdl", "bicubic", "backprojection"}
+    with tifffile.TiffFile(out / "uncertainty_smsdl.ome.tif") as tif:
+        assert tif.asarray().shape == (2, 64, 64) and 'PhysicalSizeX="20.0"' in tif.ome_metadata
+    assert run["uncertainty"] == {"smsdl": str(out / "uncertainty_smsdl.ome.tif")}
+    guidance = run["guidance"]["smsdl"]
+    assert len(guidance["gain"]) == len(guidance["gain_std"]) == len(guidance["used_histology"]) == 2
+    assert run["choices"]["smsdl"]["conservation"]["value"] in ("exact", "smooth", "none")
+    line = next(x for x in printed.splitlines() if x.startswith("SMSDL used the H&E on"))
+    assert all(run["channels"][i] in line for i, u in enumerate(guidance["used_histology"]) if not u)
+    assert main([*argv[:-2], "--baselines", "bilinear", "-o", str(out)]) != 0
+    assert "choose from bicubic, backprojection, cnn" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["truth too small", "missing H&E"])

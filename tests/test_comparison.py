@@ -118,3 +118,64 @@ def test_guide_level_and_level_transform():
     # level-0 point at physical 100 µm is level-2 pixel (200 + 0.5) * 0.25 - 0.5 = 49.625 → 99.25 µm at 2 µm/px
     np.testing.assert_allclose(t2.TransformPoint((0.0, 0.0)), (99.25, 49.25))
     assert transform_to_level(t0, level0_pixel_size_um=0.5, scale=1.0) is t0
+
+
+# ---------------------------------------------------------------------------- the H&E-free control and guidance
+GUIDANCE = {"gain": [0.125, -0.0625, 0.5], "gain_std": [0.03125, 0.25, 0.0625], "used_histology": [True, False, True]}
+
+
+def test_methods_are_ordered_and_labelled_with_the_control():
+    from napari_smsdl.evaluation import method_label
+    from napari_smsdl.evaluation._comparison import ordered_methods
+
+    assert ordered_methods(["cnn", "backprojection", "other", "bicubic", "smsdl"]) == [
+        "smsdl", "bicubic", "backprojection", "cnn", "other"]
+    assert method_label("backprojection") == "BI + back-projection (H&E-free)"
+
+
+def test_fallback_summary_names_the_channels_that_use_the_control():
+    from napari_smsdl.evaluation._comparison import fallback_summary
+
+    text = fallback_summary(GUIDANCE, ["a", "b", "c"], mz=(700.1, 800.2, 900.3))
+    assert text == ("SMSDL used the H&E on 2 of 3 channels; fell back to the H&E-free control "
+                    "(BI + back-projection) on: m/z 800.2000")
+    every = {**GUIDANCE, "used_histology": [True] * 3}
+    assert fallback_summary(every, ["a", "b", "c"]).endswith("no channel fell back to the H&E-free control")
+    many = {"used_histology": [False] * 25}
+    assert fallback_summary(many, [f"c{i}" for i in range(25)]).endswith("c19 and 5 more")
+    assert fallback_summary(None, ["a"]) is None and fallback_summary({}, ["a"]) is None
+
+
+def test_guidance_cells_per_channel_and_summary():
+    from napari_smsdl.evaluation._comparison import guidance_cells
+
+    assert guidance_cells(GUIDANCE, 0) == ("0.125 ± 0.031", "yes")
+    assert guidance_cells(GUIDANCE, 1) == ("-0.0625 ± 0.25", "no (control)")
+    gain, used = guidance_cells(GUIDANCE, None)
+    assert used == "2/3" and gain.startswith(f"{np.mean(GUIDANCE['gain']):.3g} ± ")
+    assert guidance_cells(None, 0) == ("—", "—") and guidance_cells(GUIDANCE, 7) == ("—", "—")
+    saved = {**GUIDANCE, "gain": [None, 0.5, 0.25]}  # a NaN gain comes back from JSON as null
+    assert guidance_cells(saved, 0)[0] == "—" and guidance_cells(saved, 1)[0] == "0.5 ± 0.25"
+
+
+def test_figure_has_a_column_for_the_he_free_control(tmp_path):
+    from napari_smsdl.evaluation import comparison_figure
+    from napari_smsdl.evaluation._figures import figure_columns
+
+    rng = np.random.default_rng(2)
+    stacks = {m: rng.uniform(0, 1, (2, 16, 12)).astype(np.float32) for m in ("cnn", "backprojection", "smsdl", "bicubic")}
+    truth = rng.uniform(0, 1, (2, 16, 12)).astype(np.float32)
+    columns = figure_columns(stacks, truth=truth)
+    titles = [t for t, _ in columns]
+    assert titles[:5] == ["ground truth", "SMSDL", "BI", "BI + back-projection (H&E-free)", "CNN"]
+    assert titles[5:] == ["|SMSDL - truth|", "|BI - truth|", "|BI + back-projection (H&E-free) - truth|", "|CNN - truth|"]
+    control = dict(columns)["BI + back-projection (H&E-free)"]
+    np.testing.assert_array_equal(control, stacks["backprojection"])
+    np.testing.assert_allclose(dict(columns)["|BI + back-projection (H&E-free) - truth|"],
+                               np.abs(stacks["backprojection"] - truth))
+    from PIL import Image
+
+    with_control = comparison_figure(tmp_path / "with.png", stacks, truth=truth)
+    without = comparison_figure(tmp_path / "without.png", {m: stacks[m] for m in ("smsdl", "bicubic", "cnn")},
+                                truth=truth)
+    assert Image.open(with_control).size[0] > Image.open(without).size[0]  # one more column each side

@@ -94,3 +94,31 @@ def test_metrics_csv_rows_and_values(tmp_path):
     assert float(rows[2]["rmse"]) < float(rows[5]["rmse"])  # less noise, lower error
     with pytest.raises(ValueError, match="channel names"):
         write_metrics_csv(tmp_path / "bad.csv", metrics, channel_names=["only one"])
+
+
+def test_guidance_csv_and_uncertainty_export(tmp_path):
+    """Export writes SMSDL's uncertainty beside its SR stack and the per-channel histology gain as CSV."""
+    from napari_smsdl.project import Project, export_results
+    from napari_smsdl.reconstruction import Reconstruction, Settings
+
+    rng = np.random.default_rng(3)
+    sr = {m: rng.uniform(0, 10, (2, 8, 8)).astype(np.float32) for m in ("smsdl", "bicubic", "backprojection")}
+    spread = rng.uniform(0, 1, (2, 8, 8)).astype(np.float32)
+    guidance = {"gain": [0.25, -0.125], "gain_std": [0.0625, 0.5], "used_histology": [True, False]}
+    recon = Reconstruction(sr, {}, np.zeros((16, 16, 3), np.float32), None, {}, Settings(factor=4),
+                           uncertainty={"smsdl": spread}, guidance={"smsdl": guidance})
+    project = Project.from_reconstruction(recon, lr_msi=rng.uniform(1, 10, (2, 2, 2)), channel_names=("m/z 1", "m/z 2"),
+                                          msi_pixel_size_um=40.0, he_pixel_size_um=2.5)
+    project = project.with_truth(rng.uniform(1, 10, (2, 8, 8)))
+    written = export_results(project, tmp_path / "out", formats=("ome-tiff", "csv"))
+    assert {"smsdl.ome.tif", "backprojection.ome.tif", "uncertainty_smsdl.ome.tif", "guidance.csv"} <= set(written)
+    with tifffile.TiffFile(tmp_path / "out" / "uncertainty_smsdl.ome.tif") as tif:
+        np.testing.assert_array_equal(tif.asarray(), spread)
+        assert 'PhysicalSizeX="10.0"' in tif.ome_metadata and 'Name="m/z 2"' in tif.ome_metadata
+    with (tmp_path / "out" / "guidance.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["method"], r["channel"], r["used_histology"]) for r in rows] == [
+        ("smsdl", "m/z 1", "true"), ("smsdl", "m/z 2", "false")]
+    assert float(rows[1]["histology_gain"]) == -0.125 and float(rows[0]["histology_gain_std"]) == 0.0625
+    with (tmp_path / "out" / "metrics.csv").open() as fh:
+        assert {r["method"] for r in csv.DictReader(fh)} == {"smsdl", "bicubic", "backprojection"}

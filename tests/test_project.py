@@ -23,6 +23,7 @@ from napari_smsdl.project import (
 from napari_smsdl.reconstruction import Reconstruction, Settings
 
 NAMES = ("m/z 734.5694", "m/z 885.5499")
+GUIDANCE = {"gain": [0.125, -0.0625], "gain_std": [0.03125, 0.25], "used_histology": [True, False]}
 
 
 @pytest.fixture
@@ -35,11 +36,15 @@ def project(tmp_path):
     rng = np.random.default_rng(0)
     lr = rng.uniform(1, 100, (2, 6, 5)).astype(np.float32)
     lr[:, 0, 0] = np.nan
-    sr = {m: rng.uniform(0, 100, (2, 24, 20)).astype(np.float32) for m in ("smsdl", "bicubic", "cnn")}
+    sr = {m: rng.uniform(0, 100, (2, 24, 20)).astype(np.float32) for m in ("smsdl", "bicubic", "backprojection", "cnn")}
     settings = Settings.preset("fast", factor=4, seed=3)
     recon = Reconstruction(
-        sr, {"smsdl": 1.5, "bicubic": 0.01, "cnn": 2.0}, rng.uniform(0, 1, (48, 40, 3)).astype(np.float32), None,
-        {"smsdl": [1.0, 0.5, 0.25], "cnn": []}, settings,
+        sr, {"smsdl": 1.5, "bicubic": 0.01, "backprojection": 0.02, "cnn": 2.0},
+        rng.uniform(0, 1, (48, 40, 3)).astype(np.float32), None, {"smsdl": [1.0, 0.5, 0.25], "cnn": []}, settings,
+        uncertainty={"smsdl": rng.uniform(0, 3, (2, 24, 20)).astype(np.float32)},
+        guidance={"smsdl": GUIDANCE},
+        choices={"smsdl": {"folds": 3, "pca_dims": {"value": 8, "how": "held-out linear fit"},
+                           "conservation": {"value": "exact", "how": "held-out error"}}},
     )
     he = tmp_path / "inputs" / "he.png"
     msi = tmp_path / "inputs" / "msi.imzML"
@@ -83,6 +88,10 @@ def _assert_same(a: Project, b: Project) -> None:
         for metric in ("rmse", "ssim", "r2", "psnr"):
             assert a.metrics[m][metric]["per_channel"] == pytest.approx(b.metrics[m][metric]["per_channel"])
     assert a.loss_history == b.loss_history and a.seconds == b.seconds
+    assert a.uncertainty.keys() == b.uncertainty.keys()
+    for m in a.uncertainty:
+        np.testing.assert_array_equal(np.asarray(a.uncertainty[m]), np.asarray(b.uncertainty[m]))
+    assert a.guidance == b.guidance and a.choices == b.choices
 
 
 def test_round_trip_is_exact(project, tmp_path):
@@ -103,7 +112,12 @@ def test_round_trip_is_exact(project, tmp_path):
     assert (back.cache_dir / "features-abc.npz").exists()
     # metrics CSV beside the JSON, one row per method and channel plus the means
     snapshot = back.weights_path.parents[1]
-    assert len((snapshot / "results" / "metrics.csv").read_text().splitlines()) == 1 + 3 * 3
+    assert len((snapshot / "results" / "metrics.csv").read_text().splitlines()) == 1 + 4 * 3
+    # SMSDL's uncertainty and guidance came back: the H&E-free control is a method like the others
+    assert back.methods == ("smsdl", "bicubic", "backprojection", "cnn") and back.fell_back == [1]
+    assert back.uncertainty["smsdl"].shape == back.sr["smsdl"].shape and back.guidance["smsdl"] == GUIDANCE
+    assert back.choices["smsdl"]["conservation"]["value"] == "exact"
+    assert {r.split(",")[0] for r in (snapshot / "results" / "metrics.csv").read_text().splitlines()[1:]} == set(back.sr)
 
 
 def test_input_records_detect_changes(project):
@@ -189,6 +203,52 @@ def test_settings_round_trip_through_dict():
     assert settings_from_dict({**s.to_dict(), "future_option": 1}) == s
 
 
+def test_old_regression_settings_are_dropped_with_a_log_line(caplog):
+    s = Settings.preset("fast", factor=4)
+    old = s.to_dict()
+    old["regression"] = {**old["regression"], "restarts": 3, "holdout": 0.1, "pixels_per_dim": 40,
+                         "conserve_mean": True}
+    with caplog.at_level("INFO", logger="napari_smsdl.project._format"):
+        assert settings_from_dict(old) == s
+    assert "conserve_mean, holdout, pixels_per_dim, restarts" in caplog.text
+
+
+def _rewrite_snapshot_file(folder, rel, text):
+    """Replace one snapshot file and fix its hash in the manifest (as an older version wrote it)."""
+    from napari_smsdl._files import sha256_file
+
+    manifest = json.loads((folder / PROJECT_FILE).read_text())
+    path = folder / manifest["snapshot"] / rel
+    path.write_text(text)
+    manifest["files"][rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    (folder / PROJECT_FILE).write_text(json.dumps(manifest))
+
+
+def test_a_project_saved_before_uncertainty_and_guidance_still_opens(project, tmp_path, caplog):
+    import dataclasses
+
+    old = dataclasses.replace(project, sr={m: project.sr[m] for m in ("smsdl", "bicubic", "cnn")},
+                              uncertainty={}, guidance={}, choices={})
+    folder = tmp_path / "old"
+    save_project(folder, old)
+    snapshot = folder / json.loads((folder / PROJECT_FILE).read_text())["snapshot"]
+    assert not (snapshot / "results" / "guidance.json").exists()
+    assert not list(snapshot.glob("results/uncertainty_*"))
+    params = json.loads((snapshot / "parameters.json").read_text())
+    del params["uncertainty"]  # the key did not exist
+    params["settings"]["regression"].update(restarts=3, conserve_mean=True, pixels_per_dim=40, holdout=0.1)
+    for key in ("folds", "patience", "conservation", "fallback"):
+        params["settings"]["regression"].pop(key)
+    _rewrite_snapshot_file(folder, "parameters.json", json.dumps(params))
+    with caplog.at_level("INFO"):
+        back = load_project(folder)
+    assert "restarts" in caplog.text
+    assert back.uncertainty == {} and back.guidance == {} and back.choices == {} and back.fell_back == []
+    assert back.methods == ("smsdl", "bicubic", "cnn")
+    np.testing.assert_array_equal(back.sr["cnn"], project.sr["cnn"])
+    assert back.settings.regression.steps == project.settings.regression.steps
+
+
 def test_real_reconstruction_round_trip(tmp_path):
     """A real (bicubic-only, so quick) reconstruction of the sample survives save and reopen."""
     from napari_smsdl.reconstruction import reconstruct
@@ -230,6 +290,9 @@ def test_cli_reconstruct_saves_and_reopens_a_project(tmp_path, capsys):
     assert p.weights_path is not None and p.weights_path.stat().st_size > 1000  # the trained ViTs
     assert list(p.cache_dir.glob("features-*.npz"))
     np.testing.assert_array_equal(p.sr["smsdl"], tifffile.imread(out / "sr_smsdl.ome.tif"))
+    np.testing.assert_array_equal(p.uncertainty["smsdl"], tifffile.imread(out / "uncertainty_smsdl.ome.tif"))
+    assert p.guidance["smsdl"] == run["guidance"]["smsdl"] and len(p.guidance["smsdl"]["gain"]) == 2
+    assert p.choices["smsdl"]["conservation"] == run["choices"]["smsdl"]["conservation"]
 
     again = tmp_path / "again"
     assert main(["reconstruct", "--project", str(folder), "-o", str(again)]) == 0
@@ -237,7 +300,10 @@ def test_cli_reconstruct_saves_and_reopens_a_project(tmp_path, capsys):
     for method in ("smsdl", "bicubic"):
         np.testing.assert_array_equal(tifffile.imread(again / f"sr_{method}.ome.tif"),
                                       tifffile.imread(out / f"sr_{method}.ome.tif"))
+    np.testing.assert_array_equal(tifffile.imread(again / "uncertainty_smsdl.ome.tif"),
+                                  tifffile.imread(out / "uncertainty_smsdl.ome.tif"))
     rerun = json.loads((again / "run.json").read_text())
+    assert rerun["guidance"] == run["guidance"] and set(rerun["uncertainty"]) == {"smsdl"}
     assert rerun["reopened"] is True and rerun["sr_pixel_size_um"] == run["sr_pixel_size_um"] == 20.0
     assert (again / "figure.png").exists()
 
@@ -263,9 +329,16 @@ def _lazy_project(tmp_path, n_channels=70):
                                 dtype="float32")
         arr[:] = rng.uniform(0, 100, arr.shape).astype(np.float32)
         sr[method] = zarr.open_array(str(tmp_path / f"sr_{method}.zarr"), mode="r")
+    spread = zarr.create_array(str(tmp_path / "uncertainty.zarr"), shape=(n_channels, 16, 12), chunks=(1, 16, 12),
+                               dtype="float32")
+    spread[:] = rng.uniform(0, 5, spread.shape).astype(np.float32)
+    guidance = {"gain": [float(g) for g in rng.normal(0, 0.1, n_channels)],
+                "gain_std": [0.01] * n_channels, "used_histology": [bool(i % 3) for i in range(n_channels)]}
     return Project(lr_msi=lr, channel_names=tuple(f"channel {i}" for i in range(n_channels)), msi_pixel_size_um=40.0,
                    he_pixel_size_um=2.5, settings=Settings.preset("fast", factor=4), sr=sr,
-                   seconds={"smsdl": 1.0, "bicubic": 0.1})
+                   seconds={"smsdl": 1.0, "bicubic": 0.1},
+                   uncertainty={"smsdl": zarr.open_array(str(tmp_path / "uncertainty.zarr"), mode="r")},
+                   guidance={"smsdl": guidance}, choices={"smsdl": [{"pca_dims": {"value": 8}}]})
 
 
 def test_lazy_project_scores_chosen_channels_and_saves_and_reopens_lazily(tmp_path):
@@ -301,6 +374,14 @@ def test_lazy_project_scores_chosen_channels_and_saves_and_reopens_lazily(tmp_pa
     np.testing.assert_array_equal(np.asarray(load_project(tmp_path / "proj").sr["bicubic"][69]),
                                   np.asarray(project.sr["bicubic"][69]))
     np.testing.assert_array_equal(np.asarray(again.sr["smsdl"][7]), np.asarray(project.sr["smsdl"][7]))
+    # the uncertainty is saved page by page and reopened lazily too; guidance and choices come back
+    assert isinstance(back.uncertainty["smsdl"], zarr.Array) and back.uncertainty["smsdl"].chunks[0] == 1
+    np.testing.assert_array_equal(np.asarray(back.uncertainty["smsdl"][:]), np.asarray(project.uncertainty["smsdl"][:]))
+    assert back.guidance == project.guidance and back.choices == project.choices
+    assert back.fell_back == [i for i in range(70) if i % 3 == 0]
+    few = back.subset([2, 3])  # a quick look at two channels: their uncertainty and guidance only
+    assert few.uncertainty["smsdl"].shape == (2, 16, 12) and few.guidance["smsdl"]["used_histology"] == [True, False]
+    np.testing.assert_array_equal(few.uncertainty["smsdl"][1], np.asarray(project.uncertainty["smsdl"][3]))
 
 
 def test_cnn_is_refused_on_the_many_channel_path():

@@ -171,6 +171,11 @@ def add_method_args(parser) -> None:
     parser.add_argument("--checkpoint", default=None, help="local ViT weights to use instead of self-supervised training")
     parser.add_argument("--cache-dir", default=None, help="feature cache folder (default OUTDIR/cache)")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
+    parser.add_argument(
+        "--force-histology", action="store_true",
+        help="use the H&E on every channel (default: channels whose held-out histology gain is not clearly "
+        "positive output the H&E-free control, bicubic + back-projection; the run says which)",
+    )
 
 
 def settings_from_args(args):
@@ -189,6 +194,8 @@ def settings_from_args(args):
         )
     if args.checkpoint:
         settings = dataclasses.replace(settings, features=dataclasses.replace(settings.features, checkpoint=args.checkpoint))
+    if getattr(args, "force_histology", False):
+        settings = dataclasses.replace(settings, regression=dataclasses.replace(settings.regression, fallback=False))
     return settings
 
 

@@ -1,8 +1,14 @@
-"""``smsdl benchmark``: degrade a real MSI by F, reconstruct it with SMSDL, BI and CNN, score all.
+"""``smsdl benchmark``: degrade a real MSI by F, reconstruct it with SMSDL, BI, the H&E-free control
+and the CNN, score all.
 
 Contract: ``smsdl benchmark --he HE_IMAGE --msi GROUND_TRUTH --factor F [--fast]
-[--transform FILE.tfm] [--seed N] -o OUTDIR`` writes ``metrics.json`` (method → metric →
-{"mean", "per_channel"}, plus "seconds"), the SR stacks as OME-TIFF and ``figure.png``.
+[--transform FILE.tfm] [--seed N] [--force-histology] -o OUTDIR`` writes ``metrics.json`` (method →
+metric → {"mean", "per_channel"}, plus "seconds"; ``backprojection`` is the H&E-free control, and
+``smsdl`` also holds ``guidance`` — the per-channel held-out histology gain and whether the channel
+used the histology — ``choices`` and ``uncertainty_spearman``), the SR stacks as OME-TIFF
+(``sr_<method>.ome.tif``), SMSDL's predictive standard deviation as ``uncertainty_smsdl.ome.tif``
+(same shape and pixel size as ``sr_smsdl.ome.tif``) and ``figure.png``. It prints one line naming
+the channels that fell back to the control (``--force-histology``: none do).
 
 Without ``--transform`` the H&E is taken to cover the MSI's field of view, and that start is
 refined on mutual information when that clearly helps (``--no-refine`` turns it off); the decision
@@ -30,16 +36,22 @@ from ._common import add_method_args, add_msi_channel_args, load_he, load_msi, l
 
 log = logging.getLogger(__name__)
 
+#: Methods scored by default (every one there is).
+DEFAULT_METHODS = "smsdl,bicubic,backprojection,cnn"
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "benchmark", help="score SMSDL, bicubic and CNN on a downsampled real MSI against its native resolution"
+        "benchmark", help="score SMSDL, bicubic, the H&E-free control and CNN on a downsampled real MSI against its "
+        "native resolution"
     )
     parser.add_argument("--he", required=True, help="H&E image (PNG/JPEG/TIFF/OME-TIFF/SVS)")
     parser.add_argument("--msi", required=True, help="ground truth: imzML, or .npy (rows, cols)/(channels, rows, cols)")
     add_method_args(parser)
     add_msi_channel_args(parser)
-    parser.add_argument("--methods", default="smsdl,bicubic,cnn", help="comma-separated subset of smsdl,bicubic,cnn")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated subset of {DEFAULT_METHODS} (backprojection: the H&E-free control, "
+                        "bicubic + back-projection to the measured block means)")
     parser.add_argument(
         "--no-refine", action="store_true",
         help="without --transform, use the same-field-of-view start as it is (default: refine it on mutual "
@@ -55,7 +67,9 @@ def run(args) -> int:
     from ..distributed import get_world_size, is_main_process
     from ..errors import InputError
     from ..evaluation import comparison_figure, run_benchmark
+    from ..evaluation._comparison import fallback_summary
     from ..io import write_tiff_stack
+    from ..reconstruction import Method
 
     start = time.perf_counter()
     main = is_main_process()
@@ -80,6 +94,10 @@ def run(args) -> int:
         he_px = truth_px * truth.shape[1] / he.shape[0]
     settings = settings_from_args(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = [m.value for m in Method]
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise InputError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(known)}")
     cache_dir = args.cache_dir or out / "cache"
     if not main:  # other ranks only take part in the distributed SMSDL training
         methods, cache_dir = [m for m in methods if m == "smsdl"], None
@@ -99,6 +117,9 @@ def run(args) -> int:
     sr_px = truth_px
     for name, stack in result.reconstruction.sr.items():
         write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=msi.channel_names, pixel_size_um=sr_px)
+    for name, stack in result.reconstruction.uncertainty.items():  # SMSDL's predictive std, on the SR grid
+        write_tiff_stack(out / f"uncertainty_{name}.ome.tif", stack, channel_names=msi.channel_names,
+                         pixel_size_um=sr_px)
     write_tiff_stack(out / "ground_truth.ome.tif", result.truth, channel_names=msi.channel_names, pixel_size_um=sr_px)
     write_tiff_stack(out / "lr_input.ome.tif", result.lr, channel_names=msi.channel_names, pixel_size_um=sr_px * args.factor)
     comparison_figure(
@@ -113,14 +134,17 @@ def run(args) -> int:
         "factor": args.factor, "preset": "fast" if args.fast else "default", "seed": args.seed,
         "channels": list(msi.channel_names), "truth_shape": list(result.truth.shape), "lr_shape": list(result.lr.shape),
         "transform": args.transform, "he_pixel_size_um": he_px, "truth_pixel_size_um": truth_px,
-        "world_size": get_world_size(),
+        "world_size": get_world_size(), "force_histology": not settings.regression.fallback,
         "registration": result.registration or {"start": "--transform" if args.transform else "same field of view",
                                                  "refinement": "not run"},
     }
     write_json_atomic(out / "metrics.json", metrics)
     for name in result.reconstruction.sr:
         m = result.metrics[name]
-        print(f"{name:>8}: RMSE {m['rmse']['mean']:.4f}  SSIM {m['ssim']['mean']:.4f}  R2 {m['r2']['mean']:.4f}  "
+        print(f"{name:>14}: RMSE {m['rmse']['mean']:.4f}  SSIM {m['ssim']['mean']:.4f}  R2 {m['r2']['mean']:.4f}  "
               f"PSNR {m['psnr']['mean']:.2f}  ({m['seconds']:.1f} s)")
+    summary = fallback_summary(result.reconstruction.guidance.get("smsdl"), msi.channel_names)
+    if summary:
+        print(summary)
     print(f"wrote {out / 'metrics.json'}, {out / 'figure.png'}")
     return 0

@@ -1,9 +1,14 @@
 """``smsdl reconstruct``: the real use: super-resolve an MSI with the H&E, no ground truth.
 
 ``smsdl reconstruct --he HE --msi MSI.imzML --factor F [--mz M ...|--peaks N] [--transform T.tfm]
-[--baselines bicubic,cnn] [--fast] [--chunk-channels N] -o OUTDIR`` writes ``sr_smsdl.ome.tif``
-(channel names = m/z, physical pixel size = MSI pixel size / F), the requested baselines,
-``figure.png`` and ``run.json`` (settings, timings, inputs).
+[--baselines bicubic,backprojection,cnn] [--fast] [--force-histology] [--chunk-channels N] -o OUTDIR``
+writes ``sr_smsdl.ome.tif`` (channel names = m/z, physical pixel size = MSI pixel size / F), SMSDL's
+predictive standard deviation ``uncertainty_smsdl.ome.tif`` (same shape and pixel size), the
+requested baselines (``backprojection`` is the H&E-free control: bicubic + back-projection to the
+measured block means), ``figure.png`` and ``run.json`` (settings, timings, inputs; ``guidance``:
+per channel the held-out histology gain ± std and whether the histology was used, ``choices``: the
+settings chosen from held-out LR pixels, ``uncertainty``: the uncertainty files). Channels whose
+gain is not clearly positive output the control (``--force-histology``: none); the run prints which.
 
 **Many channels.** An MSI with more than 64 channels (or any MSI with ``--chunk-channels N``) goes
 through :func:`napari_smsdl.reconstruction.reconstruct_many_channels`: the H&E features are computed once,
@@ -11,7 +16,7 @@ the SMSDL regression is trained N channels at a time (default 64) and its SR sta
 ``OUTDIR/sr_smsdl.zarr``; ``sr_smsdl.ome.tif`` is then written page by page from that store. An
 imzML's ion images are streamed to ``OUTDIR/msi_lr.zarr`` (a group of channels per pass over the
 file), a 3-D ``.npy`` stack is memory-mapped. Bicubic is streamed the same way
-(``sr_bicubic.zarr``); the CNN baseline (one network over all channels) is refused there, and
+(``sr_bicubic.zarr``, and the control ``sr_backprojection.zarr``); the CNN baseline (one network over all channels) is refused there, and
 ``--project`` saves a lazy project (SR stacks copied page by page, see :mod:`napari_smsdl.project`).
 ``--chunk-channels 0`` keeps the in-memory path whatever the number of channels. The figure shows
 the first channels.
@@ -59,7 +64,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--msi", required=True, help="MSI: imzML, or an ion-image stack (.npy/.tif/.csv/.txt)")
     add_method_args(parser)
     add_msi_channel_args(parser)
-    parser.add_argument("--baselines", default="", help="also run: comma-separated subset of bicubic,cnn")
+    parser.add_argument("--baselines", default="", help="also run: comma-separated subset of bicubic,backprojection,cnn "
+                        "(backprojection: the H&E-free control, bicubic + back-projection to the block means)")
     parser.add_argument("--tiled", action="store_true",
                         help="compute H&E features tile by tile from the (pyramidal) file, in bounded memory; "
                              "automatic for H&E images above 64 megapixels")
@@ -91,6 +97,7 @@ def run(args) -> int:
     from .. import distributed as dd
     from ..errors import InputError
     from ..evaluation import comparison_figure
+    from ..evaluation._comparison import fallback_summary
     from ..io import write_tiff_stack
     from ..reconstruction import CHUNKED_ABOVE_CHANNELS, DEFAULT_CHUNK_CHANNELS, Method, reconstruct
 
@@ -110,7 +117,7 @@ def run(args) -> int:
     methods = ["smsdl"] + [m.strip() for m in args.baselines.split(",") if m.strip()]
     unknown = [m for m in methods if m not in {x.value for x in Method}]
     if unknown:
-        raise InputError(f"unknown baseline(s) {', '.join(unknown)}: choose from bicubic, cnn")
+        raise InputError(f"unknown baseline(s) {', '.join(unknown)}: choose from bicubic, backprojection, cnn")
     chunk = getattr(args, "chunk_channels", None)
     if chunk is not None and chunk < 0:
         raise InputError(f"--chunk-channels must be 0 (in memory) or a positive number of channels, got {chunk}")
@@ -157,10 +164,15 @@ def run(args) -> int:
         )
         if not main:  # the other ranks only took part in the features and the channel chunks
             return 0
-        files = {}
+        files, uncertainty_files, guidance, choices = {}, {}, {}, {}
         for name, stack in many.sr.items():
             files[name] = str(write_tiff_stack(out / f"sr_{name}.ome.tif", stack.open(),
                                                channel_names=msi.channel_names, pixel_size_um=sr_px))
+            spread = stack.open_uncertainty()
+            if spread is not None:  # the SMSDL store: its predictive std, page by page
+                uncertainty_files[name] = str(write_tiff_stack(out / f"uncertainty_{name}.ome.tif", spread,
+                                                               channel_names=msi.channel_names, pixel_size_um=sr_px))
+                guidance[name], choices[name] = stack.guidance(), _store_choices(stack)
         shown = {name: stack.read(slice(0, FIGURE_CHANNELS)) for name, stack in many.sr.items()}
         comparison_figure(out / "figure.png", shown, channel_names=msi.channel_names[:FIGURE_CHANNELS],
                           max_channels=FIGURE_CHANNELS)
@@ -179,10 +191,14 @@ def run(args) -> int:
         )
         if not main:
             return 0
-        files = {}
+        files, uncertainty_files = {}, {}
         for name, stack in result.sr.items():
             files[name] = str(write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=msi.channel_names,
                                                pixel_size_um=sr_px))
+        for name, stack in result.uncertainty.items():
+            uncertainty_files[name] = str(write_tiff_stack(out / f"uncertainty_{name}.ome.tif", stack,
+                                                           channel_names=msi.channel_names, pixel_size_um=sr_px))
+        guidance, choices = dict(result.guidance), dict(result.choices)
         comparison_figure(out / "figure.png", result.sr, channel_names=msi.channel_names)
         seconds, used = dict(result.seconds), result.settings
         extra = {"chunk_channels": None}
@@ -190,16 +206,27 @@ def run(args) -> int:
         **info, "outputs": files, "seconds": {**seconds, "total": time.perf_counter() - start},
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "settings": used.to_dict(), "he_tiled": tiled, **extra, "world_size": dd.get_world_size(),
+        "uncertainty": uncertainty_files, "guidance": guidance, "choices": choices,
     }
     if args.project:
         saved = save_run_as_project(args, many if chunked else result, msi, msi_px=msi_px, he_px=he_px,
                                     transform=transform, out=out)
         run_info["project"] = str(saved.path)
     write_json_atomic(out / "run.json", run_info)
-    print(f"wrote {', '.join(files.values())} and {out / 'figure.png'}")
+    print(f"wrote {', '.join([*files.values(), *uncertainty_files.values()])} and {out / 'figure.png'}")
+    summary = fallback_summary(guidance.get("smsdl"), msi.channel_names)
+    if summary:
+        print(summary)
     if args.project:
         print(f"saved the project to {args.project}")
     return 0
+
+
+def _store_choices(stack):
+    """The held-out choices recorded in a chunked SMSDL store (one entry per chunk), or None."""
+    from ..project._project import store_choices
+
+    return store_choices(stack)
 
 
 def _refuse_cnn_on_chunked_path(args, methods, why: str) -> None:
@@ -254,6 +281,7 @@ def reopen(args, start: float) -> int:
     from ..evaluation import comparison_figure
     from ..io import write_tiff_stack
     from ..project import load_project
+    from ..project._store import _pageable
 
     project = load_project(args.project)
     out = Path(args.output)
@@ -263,6 +291,10 @@ def reopen(args, start: float) -> int:
     for name, stack in project.sr.items():
         files[name] = str(write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=names,
                                            pixel_size_um=project.sr_pixel_size_um))
+    uncertainty_files = {}
+    for name, stack in project.uncertainty.items():
+        uncertainty_files[name] = str(write_tiff_stack(out / f"uncertainty_{name}.ome.tif", _pageable(stack),
+                                                       channel_names=names, pixel_size_um=project.sr_pixel_size_um))
     # a lazy (many-channel) project: the figure shows its first channels, read from disk
     shown = project.subset(range(min(FIGURE_CHANNELS, len(names)))) if project.lazy else project
     comparison_figure(out / "figure.png", shown.sr, truth=shown.truth, mask=shown.mask_hr,
@@ -279,8 +311,14 @@ def reopen(args, start: float) -> int:
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "settings": project.settings.to_dict(),
         "project": str(project.path), "reopened": True, "saved_at": project.saved_at,
+        "uncertainty": uncertainty_files, "guidance": project.guidance, "choices": project.choices,
     })
     changed = [f"{role} {state}" for role, state in status.items() if state != "unchanged"]
     print(f"reopened {project.path} (saved {project.saved_at}); wrote {', '.join(files.values())} and "
           f"{out / 'figure.png'}" + (f"; inputs: {', '.join(changed)}" if changed else ""))
+    from ..evaluation._comparison import fallback_summary
+
+    summary = fallback_summary(project.guidance.get("smsdl"), names, project.mz)
+    if summary:
+        print(summary)
     return 0

@@ -25,8 +25,18 @@ METHOD_LABELS = {"lr": "LR", "truth": "ground truth", "smsdl": "SMSDL", "bicubic
                  "backprojection": "BI + back-projection (H&E-free)", "cnn": "CNN"}
 
 
+#: Display order of the methods: SMSDL, then BI, the H&E-free control and the CNN.
+METHOD_ORDER = ("smsdl", "bicubic", "backprojection", "cnn")
+
+
 def method_label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
+
+
+def ordered_methods(methods) -> list[str]:
+    """SMSDL first, then the baselines (BI, the H&E-free control, CNN), then anything else in the given order."""
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(methods, key=lambda m: rank.get(m, len(METHOD_ORDER)))
 
 
 def channel_label(index: int, channel_names: Sequence[str], mz: Sequence[float] | None = None) -> str:
@@ -34,6 +44,49 @@ def channel_label(index: int, channel_names: Sequence[str], mz: Sequence[float] 
     if mz is not None and index < len(mz) and mz[index] is not None:
         return f"m/z {float(mz[index]):.4f}"
     return str(channel_names[index])
+
+
+# ---------------------------------------------------------------------------- histology guidance
+def fallback_summary(guidance: dict | None, channel_names: Sequence[str], mz: Sequence[float] | None = None,
+                     max_named: int = 20) -> str | None:
+    """One sentence naming the channels whose output is the H&E-free control (None without guidance).
+
+    ``guidance`` is :meth:`napari_smsdl.reconstruction.Guidance.to_dict` (``used_histology`` per
+    channel); the CLI prints it and the Train widget shows it.
+    """
+    if not guidance or "used_histology" not in guidance:
+        return None
+    used = [bool(u) for u in guidance["used_histology"]]
+    n = len(channel_names)
+    fell = [channel_label(i, channel_names, mz) if i < n else f"channel {i}" for i, u in enumerate(used) if not u]
+    head = f"SMSDL used the H&E on {len(used) - len(fell)} of {len(used)} channels"
+    if not fell:
+        return head + "; no channel fell back to the H&E-free control"
+    shown = ", ".join(fell[:max_named]) + (f" and {len(fell) - max_named} more" if len(fell) > max_named else "")
+    return f"{head}; fell back to the H&E-free control (BI + back-projection) on: {shown}"
+
+
+def guidance_cells(guidance: dict | None, channel: int | None) -> tuple[str, str]:
+    """Table text of one channel's histology gain: (``"gain ± std"``, ``"yes"``/``"no (control)"``).
+
+    ``channel`` None gives the summary of every channel: the mean gain ± the std of the channels'
+    gains, and how many channels use the histology. ``("—", "—")`` without guidance.
+    """
+    if not guidance or not guidance.get("gain"):
+        return "—", "—"
+    gain = np.asarray(guidance["gain"], float)
+    std = np.asarray(guidance.get("gain_std", [np.nan] * len(gain)), float)
+    used = [bool(u) for u in guidance.get("used_histology", [True] * len(gain))]
+    if channel is None:
+        finite = gain[np.isfinite(gain)]
+        if not finite.size:
+            return "—", f"{sum(used)}/{len(used)}"
+        return f"{finite.mean():.3g} ± {finite.std():.2g}", f"{sum(used)}/{len(used)}"
+    c = int(channel)
+    if c >= len(gain):
+        return "—", "—"
+    text = "—" if not np.isfinite(gain[c]) else f"{gain[c]:.3g} ± {std[c]:.2g}"
+    return text, "yes" if used[c] else "no (control)"
 
 
 # ---------------------------------------------------------------------------- placement

@@ -28,9 +28,10 @@ def export_results(project, outdir: str | os.PathLike, *, formats: Sequence[str]
     outdir : path-like
         Created if needed.
     formats : sequence of str
-        Any of ``"ome-tiff"`` (``sr_<method>.ome.tif``, plus ``ground_truth.ome.tif`` when there is
-        one), ``"imzml"`` (``sr_<method>.imzML`` + ``.ibd``, continuous, at the SR pixel size; needs
-        m/z channels), ``"csv"`` (``metrics.csv``; needs a ground truth) and ``"png"``
+        Any of ``"ome-tiff"`` (``sr_<method>.ome.tif``, ``uncertainty_<method>.ome.tif`` — SMSDL's
+        predictive std, same grid — plus ``ground_truth.ome.tif`` when there is one), ``"imzml"`` (``sr_<method>.imzML`` + ``.ibd``, continuous, at the SR pixel size; needs
+        m/z channels), ``"csv"`` (``metrics.csv``; needs a ground truth; with ``guidance.csv``, the
+        per-channel histology gain, when the project has one) and ``"png"``
         (``figure.png``: LR, ground truth, methods and error maps per channel).
 
     Returns
@@ -54,6 +55,9 @@ def export_results(project, outdir: str | os.PathLike, *, formats: Sequence[str]
         for method, stack in project.sr.items():
             written[f"{method}.ome.tif"] = write_tiff_stack(out / f"sr_{method}.ome.tif", stack, channel_names=names,
                                                             pixel_size_um=sr_px)
+        for method, stack in project.uncertainty.items():
+            written[f"uncertainty_{method}.ome.tif"] = write_tiff_stack(
+                out / f"uncertainty_{method}.ome.tif", stack, channel_names=names, pixel_size_um=sr_px)
         if project.truth is not None:
             written["ground_truth.ome.tif"] = write_tiff_stack(out / "ground_truth.ome.tif", project.truth,
                                                                channel_names=names, pixel_size_um=sr_px)
@@ -62,6 +66,10 @@ def export_results(project, outdir: str | os.PathLike, *, formats: Sequence[str]
             written[f"{method}.imzML"] = write_sr_imzml(out / f"sr_{method}.imzML", stack, project.mz, sr_px)
     if "csv" in formats:
         written["metrics.csv"] = write_metrics_csv(out / "metrics.csv", project.metrics, channel_names=names)
+        if project.guidance:
+            from ..io._export import write_guidance_csv
+
+            written["guidance.csv"] = write_guidance_csv(out / "guidance.csv", project.guidance, channel_names=names)
     if "png" in formats:
         written["figure.png"] = comparison_figure(
             out / "figure.png", project.sr, truth=project.truth, mask=project.mask_hr, channel_names=names,
@@ -89,6 +97,7 @@ def export_project(project: Project, outdir: str | os.PathLike, *, formats: Sequ
                          "(it needs every channel of every SR pixel at once); export OME-TIFF instead")
     written: dict[str, Path] = {}
     paged = dataclasses.replace(project, sr={m: _pageable(v) for m, v in project.sr.items()},
+                                uncertainty={m: _pageable(v) for m, v in project.uncertainty.items()},
                                 truth=None if project.truth is None else _pageable(project.truth))
     rest = tuple(f for f in formats if f != "png")
     if rest:

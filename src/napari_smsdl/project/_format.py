@@ -11,7 +11,14 @@ Layout on disk::
         registration/transform.tfm, landmarks.csv, report.json
         weights/vit_weights.pt    the self-supervised ViT weights ({level: state_dict})
         results/sr_<method>.ome.tif, ground_truth.ome.tif, masks.npz,
+        results/uncertainty_<method>.ome.tif   predictive std of SMSDL (same grid as its SR stack)
+        results/guidance.json     per method: histology gain per channel, held-out choices
         results/metrics.json, metrics.csv, loss_history.json
+
+Projects saved before the uncertainty and guidance existed have neither file and still open (with
+empty ``uncertainty``/``guidance``/``choices``); regression settings they saved under names that no
+longer exist (``restarts``, ``holdout``, ``pixels_per_dim``, ``conserve_mean``) are dropped with a
+log line by :func:`settings_from_dict`.
 
 The manifest (``project.json``) names the format (``FORMAT``) and its version (``FORMAT_VERSION``;
 a newer version than this code reads is refused); :class:`InputRecord` is how an input file is
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -32,6 +40,8 @@ from .._files import sha256_file
 from ..errors import InputError
 from ..reconstruction import Settings
 
+
+log = logging.getLogger(__name__)
 
 PROJECT_FILE = "project.json"
 FORMAT = "napari-smsdl project"
@@ -53,11 +63,17 @@ MASKS = "results/masks.npz"
 METRICS_JSON = "results/metrics.json"
 METRICS_CSV = "results/metrics.csv"
 LOSS_HISTORY = "results/loss_history.json"
+GUIDANCE = "results/guidance.json"
 
 
 def sr_file(method: str) -> str:
     """Snapshot-relative path of a method's SR stack."""
     return f"results/sr_{method}.ome.tif"
+
+
+def uncertainty_file(method: str) -> str:
+    """Snapshot-relative path of a method's uncertainty (predictive std) stack."""
+    return f"results/uncertainty_{method}.ome.tif"
 
 # ---------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
@@ -122,13 +138,21 @@ def input_records(
 
 # ---------------------------------------------------------------------------- settings (de)serialisation
 def settings_from_dict(d: dict) -> Settings:
-    """Rebuild :class:`~napari_smsdl.reconstruction.Settings` from :meth:`Settings.to_dict` (unknown keys ignored)."""
+    """Rebuild :class:`~napari_smsdl.reconstruction.Settings` from :meth:`Settings.to_dict`.
+
+    Keys this version does not know (settings of an older version, e.g. the regression's
+    ``restarts``, ``holdout``, ``pixels_per_dim``, ``conserve_mean``) are dropped, with a log line.
+    """
     from ..features import FeatureParams
     from ..reconstruction import RegressionParams
 
     def pick(cls, values: dict):
         names = {f.name for f in dataclasses.fields(cls)}
-        return {k: v for k, v in (values or {}).items() if k in names}
+        values = values or {}
+        dropped = sorted(k for k in values if k not in names)
+        if dropped:
+            log.info("saved %s settings no longer used, dropped: %s", cls.__name__, ", ".join(dropped))
+        return {k: v for k, v in values.items() if k in names}
 
     top = pick(Settings, d)
     top["features"] = FeatureParams(**pick(FeatureParams, d.get("features", {})))

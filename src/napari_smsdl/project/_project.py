@@ -3,8 +3,10 @@
 A project holds the inputs (paths and SHA-256 of the files they came from, and the low-resolution
 MSI stack itself), the registration (landmarks, transform, report), the parameters
 (:class:`~napari_smsdl.reconstruction.Settings` and the pixel sizes), the trained ViT weights, the
-feature cache, and the results: the SR stack of every method, the ground truth and the metrics when
-there is one, the loss curves.
+feature cache, and the results: the SR stack of every method (``"backprojection"`` is the H&E-free
+control), SMSDL's predictive standard deviation (``uncertainty``), the per-channel histology gain and
+whether each channel used the histology (``guidance``), the settings chosen from held-out LR pixels
+(``choices``), the ground truth and the metrics when there is one, the loss curves.
 
 **Many channels.** A project made by the chunked path holds lazy (zarr) SR stacks
 (:attr:`Project.lazy`); scores against a ground truth are then computed for a few chosen channels
@@ -45,6 +47,28 @@ def read_channels(stack, channels: Sequence[int]) -> np.ndarray:
         return np.zeros((0, *tuple(stack.shape)[1:]), np.float32)
     return np.stack([np.asarray(stack[c], np.float32) for c in chans])
 
+
+def store_choices(stack):
+    """The held-out choices in a chunked SMSDL store's attributes (one entry per chunk), or None.
+
+    ``stack`` is a :class:`napari_smsdl.reconstruction.ManyChannelRun` ``sr`` entry (a ``ChannelStack``).
+    """
+    import zarr
+
+    return zarr.open_group(str(stack.path), mode="r").attrs.get("choices")
+
+
+def _cut_guidance(guidance: dict, chans: Sequence[int]) -> dict:
+    """Per-channel lists of every method's guidance cut to ``chans`` (other entries kept)."""
+    out = {}
+    for method, entry in guidance.items():
+        if not isinstance(entry, dict):
+            out[method] = entry
+            continue
+        out[method] = {k: ([v[c] for c in chans] if isinstance(v, list) and len(v) > max(chans, default=-1) else v)
+                       for k, v in entry.items()}
+    return out
+
 # ---------------------------------------------------------------------------- the project
 @dataclass(frozen=True, eq=False)
 class Project:
@@ -61,7 +85,8 @@ class Project:
     settings : Settings
         Everything that decided the reconstruction (``settings.factor`` is F).
     sr : dict
-        Method name (``"smsdl"``, ``"bicubic"``, ``"cnn"``) → (C, h·F, w·F) float32 in the MSI's units.
+        Method name (``"smsdl"``, ``"bicubic"``, ``"backprojection"`` (the H&E-free control), ``"cnn"``)
+        → (C, h·F, w·F) float32 in the MSI's units.
     mz : tuple of float or None
         One m/z per channel when the channels are m/z windows.
     seconds, loss_history : dict
@@ -87,6 +112,15 @@ class Project:
         The project folder this was loaded from or saved to.
     saved_at : str or None
         ISO time of the save.
+    uncertainty : dict
+        Method (``"smsdl"``) → (C, h·F, w·F) float32 predictive standard deviation, in the MSI's units,
+        on the grid of that method's SR stack (lazy, like ``sr``, for many channels).
+    guidance : dict
+        Method (``"smsdl"``) → ``{"gain": [...], "gain_std": [...], "used_histology": [...]}``, one
+        entry per channel (:meth:`napari_smsdl.reconstruction.Guidance.to_dict`).
+    choices : dict
+        Method (``"smsdl"``) → the settings chosen from held-out LR pixels and their scores (a list
+        of one such dict per chunk of channels for a many-channel run).
     """
 
     lr_msi: np.ndarray
@@ -111,6 +145,9 @@ class Project:
     cache_dir: Path | None = None
     path: Path | None = None
     saved_at: str | None = None
+    uncertainty: dict = field(default_factory=dict)
+    guidance: dict = field(default_factory=dict)
+    choices: dict = field(default_factory=dict)
 
     @property
     def factor(self) -> int:
@@ -124,6 +161,13 @@ class Project:
     @property
     def methods(self) -> tuple[str, ...]:
         return tuple(self.sr)
+
+    @property
+    def fell_back(self) -> list[int]:
+        """Channels whose SMSDL output is the H&E-free control (their held-out histology gain was not
+        clearly positive); empty without guidance."""
+        used = (self.guidance.get("smsdl") or {}).get("used_histology") or []
+        return [i for i, u in enumerate(used) if not u]
 
     @property
     def lazy(self) -> bool:
@@ -156,6 +200,9 @@ class Project:
             registration_report=registration_report, inputs=inputs, weights_path=weights_path, cache_dir=cache_dir,
             loss_history={str(k): [float(x) for x in v] for k, v in recon.loss_history.items()},
             guide_rgb=recon.guide_rgb,
+            uncertainty={str(k): np.asarray(v, np.float32) for k, v in getattr(recon, "uncertainty", {}).items()},
+            guidance={str(k): dict(v) for k, v in getattr(recon, "guidance", {}).items()},
+            choices={str(k): v for k, v in getattr(recon, "choices", {}).items()},
         )
 
     @classmethod
@@ -274,11 +321,23 @@ class Project:
         there is no loss history and no registered guide image (it would be F·k times the MSI).
         """
         order = [m for m in methods if m in run.sr] + [m for m in run.sr if m not in methods]
+        uncertainty, guidance, choices = {}, {}, {}
+        for m in order:
+            opener = getattr(run.sr[m], "open_uncertainty", None)
+            spread = opener() if opener is not None else None
+            if spread is None:
+                continue
+            uncertainty[str(m)] = spread
+            if run.sr[m].guidance() is not None:
+                guidance[str(m)] = dict(run.sr[m].guidance())
+            if store_choices(run.sr[m]) is not None:
+                choices[str(m)] = store_choices(run.sr[m])
         return cls._from_run(
             run.settings, {str(m): run.sr[m].open() for m in order}, run.seconds,
             lr_msi=lr_msi, channel_names=channel_names, msi_pixel_size_um=msi_pixel_size_um,
             he_pixel_size_um=he_pixel_size_um, mz=mz, mask_lr=mask_lr, transform=transform, landmarks=landmarks,
             registration_report=registration_report, inputs=inputs, weights_path=weights_path, cache_dir=cache_dir,
+            uncertainty=uncertainty, guidance=guidance, choices=choices,
         )
 
     def subset(self, channels: Sequence[int]) -> Project:
@@ -307,6 +366,8 @@ class Project:
             sr={m: read_channels(v, chans) for m, v in self.sr.items()},
             truth=None if self.truth is None else read_channels(self.truth, chans),
             metrics=cut_metrics(self.metrics),
+            uncertainty={m: read_channels(v, chans) for m, v in self.uncertainty.items()},
+            guidance=_cut_guidance(self.guidance, chans),
         )
 
     def input_status(self) -> dict[str, str]:

@@ -31,6 +31,7 @@ from ._format import (
     CACHE_DIR,
     FORMAT,
     FORMAT_VERSION,
+    GUIDANCE,
     GUIDE,
     LANDMARKS,
     LOSS_HISTORY,
@@ -51,6 +52,7 @@ from ._format import (
     _read_manifest,
     settings_from_dict,
     sr_file,
+    uncertainty_file,
 )
 from ._project import Project, is_lazy
 
@@ -126,6 +128,14 @@ def _write_snapshot(stage: Path, project: Project) -> None:
             raise InputError(f"method name {method!r} cannot be a file name")
         write_tiff_stack(stage / sr_file(method), _pageable(stack), channel_names=names,
                          pixel_size_um=project.sr_pixel_size_um)
+    for method, stack in project.uncertainty.items():
+        if method not in project.sr:
+            raise InputError(f"uncertainty of {method!r}, which has no SR stack")
+        write_tiff_stack(stage / uncertainty_file(method), _pageable(stack), channel_names=names,
+                         pixel_size_um=project.sr_pixel_size_um)
+    if project.guidance or project.choices:
+        (stage / GUIDANCE).write_text(json.dumps(jsonable({"guidance": project.guidance, "choices": project.choices}),
+                                                 indent=2), encoding="utf-8")
     if project.guide_rgb is not None:
         guide = np.asarray(project.guide_rgb)
         if guide.dtype != np.uint8:
@@ -158,6 +168,7 @@ def _write_snapshot(stage: Path, project: Project) -> None:
     parameters = {
         "settings": project.settings.to_dict(),
         "methods": list(project.sr),
+        "uncertainty": list(project.uncertainty),
         "factor": project.factor,
         "channel_names": names,
         "mz": None if project.mz is None else list(project.mz),
@@ -266,6 +277,8 @@ def save_project(directory: str | os.PathLike, project: Project) -> Project:
     if project.lazy:  # read on from the saved copy: the stores it came from may be an older snapshot, now removed
         n = len(project.channel_names)
         lazy["sr"] = {m: open_lazy_tiff(directory / snapshot / sr_file(m), n) for m in project.sr}
+        lazy["uncertainty"] = {m: open_lazy_tiff(directory / snapshot / uncertainty_file(m), n)
+                               for m in project.uncertainty}
         if project.truth is not None and TRUTH in files:
             lazy["truth"] = open_lazy_tiff(directory / snapshot / TRUTH, n)
     return dataclasses.replace(
@@ -370,6 +383,17 @@ def load_project(directory: str | os.PathLike, *, verify: bool = True) -> Projec
             continue
         stack = read_tiff(sr_file(method))
         sr[method] = np.asarray(stack, np.float32).reshape(len(names), *np.shape(stack)[-2:])
+    uncertainty = {}
+    for method in params.get("uncertainty", []):  # absent in projects saved before it existed
+        rel = uncertainty_file(method)
+        if rel not in files:
+            raise InputError(f"project snapshot has no {rel}", snap)
+        if lazy:
+            uncertainty[method] = open_lazy_tiff(snap / rel, len(names))
+        else:
+            stack = read_tiff(rel)
+            uncertainty[method] = np.asarray(stack, np.float32).reshape(len(names), *np.shape(stack)[-2:])
+    recorded = read_json(GUIDANCE, {}) or {}
     if lazy and TRUTH in files:
         truth = open_lazy_tiff(snap / TRUTH, len(names))
     else:
@@ -415,4 +439,7 @@ def load_project(directory: str | os.PathLike, *, verify: bool = True) -> Projec
         cache_dir=cache,
         path=directory,
         saved_at=manifest.get("saved_at"),
+        uncertainty=uncertainty,
+        guidance=dict(recorded.get("guidance") or {}),
+        choices=dict(recorded.get("choices") or {}),
     )

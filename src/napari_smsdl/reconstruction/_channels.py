@@ -299,6 +299,39 @@ def bicubic_channels(
     return _finish_sr_store(out, (n_ch, rows * factor, cols * factor), names, chunk_channels, start)
 
 
+def backprojection_channels(
+    lr_msi,
+    factor: int,
+    out: str | os.PathLike,
+    *,
+    mask_lr: np.ndarray | None = None,
+    channel_names: Sequence[str] | None = None,
+    chunk_channels: int = DEFAULT_CHUNK_CHANNELS,
+    should_stop: Callable[[], bool] | None = None,
+) -> ChannelStack:
+    """The H&E-free control of every channel, ``chunk_channels`` at a time, into the zarr group ``out``.
+
+    Same numbers as :func:`napari_smsdl.reconstruction.baselines.backprojection_upsample` (bicubic,
+    then exact back-projection to the block means of ``mask_lr``) on the whole stack: both steps work
+    channel by channel. Laid out and shared between torchrun ranks like :func:`bicubic_channels`.
+    """
+    from .baselines import backprojection_upsample
+
+    start = time.perf_counter()
+    n_ch, rows, cols = (int(s) for s in lr_msi.shape)
+    names = tuple(channel_names) if channel_names is not None else tuple(f"channel {i}" for i in range(n_ch))
+    mask_lr = mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
+    chunks = [(c0, min(c0 + chunk_channels, n_ch)) for c0 in range(0, n_ch, chunk_channels)]
+    sr_arr = _create_sr_store(out, (n_ch, rows * factor, cols * factor), min(chunk_channels, n_ch),
+                              rows * factor, names, factor)
+    for c0, c1 in dd.shard(chunks):
+        if should_stop is not None and should_stop():
+            raise Cancelled("H&E-free control cancelled")
+        lr = np.asarray(lr_msi[c0:c1], np.float32)
+        sr_arr[c0:c1] = backprojection_upsample(lr, factor, mask_lr=mask_lr).astype(np.float32)
+    return _finish_sr_store(out, (n_ch, rows * factor, cols * factor), names, chunk_channels, start)
+
+
 def _create_sr_store(out, shape, chunk_channels: int, block_rows: int, names, factor: int):
     """Rank 0 creates the zarr group ``out`` with an empty ``sr`` array; every rank opens it."""
     import zarr
@@ -396,7 +429,8 @@ def reconstruct_many_channels(
     settings : napari_smsdl.reconstruction.Settings
         Factor, feature and regression parameters, device (default ``Settings()``).
     methods : sequence of str
-        ``"smsdl"`` and/or ``"bicubic"``. The CNN baseline trains one network on every channel at
+        ``"smsdl"``, ``"bicubic"`` and/or ``"backprojection"`` (the H&E-free control,
+        :func:`backprojection_channels`, into ``out/sr_backprojection.zarr``). The CNN baseline trains one network on every channel at
         once and is refused here (:class:`napari_smsdl.errors.InputError`).
     transform, mask_lr, cache_dir, save_weights, progress, should_stop
         As :func:`napari_smsdl.reconstruction.reconstruct`.
@@ -440,6 +474,12 @@ def reconstruct_many_channels(
                                                     channel_names=names, chunk_channels=chunk_channels,
                                                     should_stop=should_stop)
         seconds[Method.BICUBIC.value] = time.perf_counter() - t0
+    if Method.BACKPROJECTION in methods:
+        t0 = time.perf_counter()
+        sr[Method.BACKPROJECTION.value] = backprojection_channels(
+            lr_msi, factor, out / "sr_backprojection.zarr", mask_lr=mask_lr, channel_names=names,
+            chunk_channels=chunk_channels, should_stop=should_stop)
+        seconds[Method.BACKPROJECTION.value] = time.perf_counter() - t0
     if Method.SMSDL in methods:
         t0 = time.perf_counter()
         if tiled:
