@@ -16,7 +16,6 @@ import numpy as np
 
 from ._channel_fit import CV_PATCH, ChannelProblem, FitTrace, LinearMap
 from ._channels import channel_targets, optical_features, predict, ridge_fit
-from ._stages import compose
 
 __all__ = ["ChannelContext"]
 
@@ -221,7 +220,6 @@ class ChannelContext:
         prob = self.problem
         ls = prob.local_shifts(lin, disp=disp, sigma=FINE_SIGMA, patch_px=CV_PATCH, iterations=3)
         n_r, n_c = ls["grid"]
-        tissue_frac = np.zeros((n_r, n_c))
         pid, _ = prob.patch_ids(CV_PATCH)
         t = tissue[prob.rows, prob.cols].astype(float)
         tissue_frac = (np.bincount(pid, t, n_r * n_c) / np.maximum(np.bincount(pid, None, n_r * n_c), 1)).reshape(

@@ -669,7 +669,11 @@ def iter_register(
         if ctx is not None:
             try:
                 misreg = ctx.misregistration_map(cur_affine, bspline, tissue)
-                confidence = ctx.confidence(cur_affine, bspline, model=params.channel_model, seed=params.seed)
+                if landmarks is not None and n_lm > 3 and not any(st["kept"] for st in stages[1:]):
+                    # the landmarks alone set the transform: its confidence comes from their fit (below)
+                    confidence = {"bootstrap_rms_msi_px": None, "n_boot": 0}
+                else:
+                    confidence = ctx.confidence(cur_affine, bspline, model=params.channel_model, seed=params.seed)
                 channel_final = ctx.score(_linear(cur_affine), None if bspline is None else ctx._disp(bspline))
             except (np.linalg.LinAlgError, ValueError) as exc:  # pragma: no cover - degenerate inputs
                 messages.append(f"no misregistration map: {exc}")

@@ -91,7 +91,7 @@ def sweep_start(
     min_overlap : float
         Smallest overlap, as a fraction of the acquired MSI pixels, a shift may have.
     """
-    from scipy.ndimage import gaussian_filter, map_coordinates
+    from scipy.ndimage import map_coordinates
 
     p = targets.pixel_size_um
     if coarse_px is None:
