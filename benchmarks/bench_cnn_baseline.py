@@ -3,7 +3,7 @@
 Datasets
 --------
 * ``built-in sample`` (``napari_smsdl.sample.make_sample``): noisy LR MSI (5, 32, 32) with a few
-  missing pixels, truth (5, 128, 128), H&E averaged onto the SR grid; F = 4.
+  missing pixels, truth (5, 128, 128), the H&E at 4 × 4 pixels per SR cell (SMSDL's guide); F = 4.
 * ``mouse-cerebellum`` (real, ``../shared/data/mouse-cerebellum``): ground truth = the UMAP image
   (3, 40, 36), tissue = any channel > 0; LR = block average over tissue pixels by F = 2 → (3, 20, 18)
   and F = 4 → (3, 10, 9) (``evaluation.degrade``: an LR pixel is tissue when at least half of its
@@ -18,9 +18,16 @@ Each method is scored with :func:`napari_smsdl.evaluation.score_stack`. The CNN 
 stabilised default settings and, for reference, with the published training
 (``DeepFereConfig.published``) at the same iteration budget.
 
+* ``--bladder``: the real bladder dev set (``../shared/data/mouse-bladder-dev``) through the
+  pipeline's protocol (:func:`run_bladder`): bicubic, the H&E-free control and CNN variants, all
+  conserved the same way; ``--variants before after`` compares the CNN before and after it got
+  SMSDL's guide and the wall-clock budget.
+
 Usage::
 
     python benchmarks/bench_cnn_baseline.py [--fast] [--seeds 0 1 2] [--no-published]
+    python benchmarks/bench_cnn_baseline.py --bladder 5:4 5:2 20:4 20:2 --variants before after \
+        --seeds 0 1 2          # merged into benchmarks/results/cnn_baseline.json under "bladder"
     python benchmarks/bench_cnn_baseline.py --markdown-only   # re-render the table from the JSON
 
 Writes ``benchmarks/results/cnn_baseline.json`` and ``docs/benchmarks/cnn_baseline.md``.
@@ -33,6 +40,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,13 +111,11 @@ def synthetic_dataset(factor: int = 4, size: int = 128) -> dict:
 
 def sample_dataset() -> dict:
     """The built-in sample (napari_smsdl.sample): noisy LR MSI (5, 32, 32) with missing pixels,
-    truth (5, 128, 128), H&E block-averaged onto the SR grid (4×4 H&E pixels per SR cell)."""
+    truth (5, 128, 128), the H&E at 4×4 pixels per SR cell (the guide SMSDL's features see)."""
     from napari_smsdl.sample import make_sample
 
     s = make_sample()
-    c, hh, ww = s.ground_truth.shape
-    k = s.he_rgb.shape[0] // hh
-    guide = s.he_rgb.reshape(hh, k, ww, k, 3).mean(axis=(1, 3)) / 255.0
+    guide = s.he_rgb[..., :3] / 255.0
     return dict(name=f"built-in sample F={s.factor}", truth=s.ground_truth, mask=s.mask_hr, lr=s.msi,
                 mask_lr=s.mask_lr, guide=guide.astype(np.float32), factor=s.factor)
 
@@ -235,6 +241,109 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+BLADDER = ROOT / ".." / "shared" / "data" / "mouse-bladder-dev"
+BLADDER_CHANNELS = {"5 ions": [0, 5, 10, 14, 19], "20 ions": list(range(20))}
+
+
+def _variant_config(name: str):
+    """The CNN variants of the bladder protocol.
+
+    ``before``: the CNN as it was before the budget (60 + 120 iterations, no time budget, the guide
+    averaged to one pixel per SR cell). ``after``: the default preset (iteration caps and the 75 s
+    wall-clock budget) on SMSDL's guide (k × k H&E pixels per SR cell). ``after_heldout``: the
+    same, with the returned iterate chosen on a held-out fold of blocked LR pixels.
+    """
+    from napari_smsdl.reconstruction.baselines.deepfere import DeepFereConfig, Preset
+
+    if name == "before":
+        return DeepFereConfig(iterations=120, warmup_iterations=60), False
+    cfg = DeepFereConfig.preset(Preset.DEFAULT)
+    if name == "after":
+        return cfg, True
+    if name == "after_heldout":
+        return replace(cfg, heldout_folds=5, patience=None), True
+    if name.startswith("w"):  # e.g. w32, w32_heldout, w32_lr1e-3: narrower networks in the same budget
+        parts = name.split("_")
+        width = int(parts[0][1:])
+        cfg = replace(cfg, width=width, mapping_width=min(64, width))
+        for p in parts[1:]:
+            if p == "heldout":
+                cfg = replace(cfg, heldout_folds=5)
+            elif p.startswith("lr"):
+                cfg = replace(cfg, lr=float(p[2:]))
+        return cfg, True
+    raise ValueError(name)
+
+
+def run_bladder(cases: list[tuple[str, int]], variants: list[str], seeds: list[int]) -> dict:
+    """The pipeline's protocol on the bladder dev set, CNN variants side by side.
+
+    Mirrors :func:`napari_smsdl.evaluation.run_benchmark` with ``refine=False`` (degrade the truth
+    by F, same-field-of-view guide from :func:`prepare_guide`, bicubic, the H&E-free control =
+    bicubic + exact back-projection, the CNN conserved with the same exact back-projection as the
+    pipeline gives it when SMSDL is not run) so that variants that the pipeline cannot express
+    (the CNN before this change) are scored on identical inputs.
+    """
+    import torch
+    from skimage import io
+
+    from napari_smsdl.evaluation import degrade
+    from napari_smsdl.reconstruction import prepare_guide
+    from napari_smsdl.reconstruction.baselines import Conservation, conserve
+    from napari_smsdl.reconstruction.baselines.deepfere import train_deepfere
+    from napari_smsdl.torch_setup import configure_threads
+
+    ions = np.load(BLADDER / "ions.npy")
+    he = io.imread(BLADDER / "optical.png")[..., :3]
+    out: dict = {"torch_threads": configure_threads(), "torch": torch.__version__,
+                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)", "cases": {}}
+    for chan_name, factor in cases:
+        truth = ions[BLADDER_CHANNELS[chan_name]].astype(np.float32)
+        mask_hr = np.isfinite(truth).all(0) & (truth != 0).any(0)
+        lr, mask_lr = degrade(truth, mask_hr, factor)
+        guide, k = prepare_guide(he, he_pixel_size_um=2.5, msi_shape=lr.shape[1:], msi_pixel_size_um=10.0 * factor,
+                                 factor=factor)
+        sr_shape = (lr.shape[1] * factor, lr.shape[2] * factor)
+        guide_sr = guide.reshape(sr_shape[0], k, sr_shape[1], k, 3).mean(axis=(1, 3))
+        truth_clean = np.where(mask_hr[None], truth, 0.0)
+        key = f"bladder {chan_name} F={factor}"
+        entry: dict = {"k": k, "lr_shape": list(lr.shape), "methods": {}}
+        bic = bicubic_upsample(lr, factor, mask_lr=mask_lr)
+        ctl = conserve(bic, lr, factor, mask_lr, Conservation.EXACT)
+        entry["methods"]["bicubic"] = _summ(score_stack(truth_clean, bic, mask_hr))
+        entry["methods"]["backprojection"] = _summ(score_stack(truth_clean, ctl, mask_hr))
+        print(f"== {key}: LR {lr.shape}, k = {k}", flush=True)
+        for mname in ("bicubic", "backprojection"):
+            m = entry["methods"][mname]
+            print(f"   {mname:16s} " + "  ".join(f"{q}={m[q]['mean']:.5f}" for q in ("rmse", "ssim", "r2")), flush=True)
+        for vname in variants:
+            cfg, fine = _variant_config(vname)
+            runs = []
+            for seed in seeds if vname != "before" else seeds[:1]:
+                t = time.perf_counter()
+                res = train_deepfere(lr, guide if fine else guide_sr, factor, mask_lr=mask_lr, seed=seed, config=cfg)
+                sr = conserve(res.sr, lr, factor, mask_lr, Conservation.EXACT)
+                secs = time.perf_counter() - t
+                sc = score_stack(truth_clean, sr, mask_hr)
+                raw = score_stack(truth_clean, res.sr, mask_hr)
+                runs.append({"seed": seed, "seconds": secs, "scores": _summ(sc),
+                             "unconserved": {q: raw[q]["mean"] for q in METRICS},
+                             "iterations_run": res.iterations_run, "warmup_run": res.warmup_run,
+                             "stopped_by": res.stopped_by, "best_iteration": res.best_iteration,
+                             "guide_cell_px": res.guide_cell_px, "moved_from_bicubic": res.moved_from_bicubic})
+                print(f"   {vname:16s} seed {seed}: {secs:.1f}s it {res.warmup_run}+{res.iterations_run} "
+                      f"({res.stopped_by}, best {res.best_iteration}) moved {res.moved_from_bicubic:.4f}  "
+                      + "  ".join(f"{q}={sc[q]['mean']:.5f}" for q in ("rmse", "ssim", "r2"))
+                      + "  | raw " + "  ".join(f"{q}={raw[q]['mean']:.5f}" for q in ("rmse", "ssim", "r2")), flush=True)
+            agg = {q: {"mean": float(np.mean([r["scores"][q]["mean"] for r in runs])),
+                       "std_over_seeds": float(np.std([r["scores"][q]["mean"] for r in runs]))} for q in METRICS}
+            entry["methods"][f"cnn_{vname}"] = {"seconds": float(np.mean([r["seconds"] for r in runs])),
+                                                "config": cfg.to_dict(), "guide": "k x k" if fine else "SR-cell mean",
+                                                **agg, "runs": runs}
+        out["cases"][key] = entry
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true", help="fast preset")
@@ -243,7 +352,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cnn_baseline.json")
     ap.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks" / "cnn_baseline.md")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the markdown from --out")
+    ap.add_argument("--bladder", nargs="*", metavar="CASE",
+                    help="bladder dev-set protocol instead: cases like '5:4' (5 ions, F = 4), '20:2'")
+    ap.add_argument("--variants", nargs="+", default=["before", "after"])
+    ap.add_argument("--bladder-out", type=Path, default=None,
+                    help="JSON for --bladder (default: merged into --out under 'bladder')")
     args = ap.parse_args()
+    if args.bladder is not None:
+        cases = [(f"{c.split(':')[0]} ions", int(c.split(":")[1])) for c in (args.bladder or ["5:4", "5:2", "20:4", "20:2"])]
+        res = run_bladder(cases, args.variants, args.seeds)
+        if args.bladder_out:
+            args.bladder_out.write_text(json.dumps(res, indent=1))
+        else:  # merged into the baselines' JSON under "bladder", case by case
+            results = json.loads(args.out.read_text()) if args.out.exists() else {}
+            results.setdefault("bladder", {}).update(res["cases"])
+            args.out.write_text(json.dumps(results, indent=1))
+            print(f"wrote {args.out} (key 'bladder')")
+        return
     if args.markdown_only:
         results = json.loads(args.out.read_text())
     else:

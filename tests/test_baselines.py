@@ -280,3 +280,87 @@ def test_cnn_divergence_is_rolled_back_not_returned():
     assert dead.best_iteration < wild.iterations
     for c in range(2):
         assert dead.sr[c].std() > 0.5 * lr[c].std()
+
+
+# ----------------------------------------------------------------------------- SMSDL's guide and the budget
+
+
+def _fine_guide(guide: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """The guide at k × k pixels per SR cell: each cell's colour plus sub-cell texture (zero mean)."""
+    rng = np.random.default_rng(seed)
+    fine = np.repeat(np.repeat(guide, k, axis=0), k, axis=1)
+    tex = 0.1 * rng.standard_normal(fine.shape).astype(np.float32)
+    hh, ww = guide.shape[:2]
+    tex -= np.repeat(np.repeat(tex.reshape(hh, k, ww, k, 3).mean(axis=(1, 3)), k, 0), k, 1)
+    return np.clip(fine + tex, 0, 1).astype(np.float32)
+
+
+def test_cnn_takes_smsdls_fine_guide_deterministically():
+    from napari_smsdl.reconstruction.baselines.deepfere import MappingHead
+
+    lr, guide, mask_lr, _ = _tiny_pair()
+    fine = _fine_guide(guide, 3)
+    assert fine.shape == (48, 48, 3)
+    a = train_deepfere(lr, fine, 2, mask_lr=mask_lr, config=FAST, seed=1, device="cpu")
+    b = train_deepfere(lr, fine, 2, mask_lr=mask_lr, config=FAST, seed=1, device="cpu")
+    assert a.guide_cell_px == 3
+    assert a.sr.shape == (2, 16, 16) and a.mapping.shape == (2, 16, 16)
+    assert np.isfinite(a.sr).all()
+    np.testing.assert_array_equal(a.sr, b.sr)  # same seed, same output
+    # the sub-cell pixels are used: the same cell means with other sub-cell texture give another output
+    other = train_deepfere(lr, _fine_guide(guide, 3, seed=5), 2, mask_lr=mask_lr, config=FAST, seed=1,
+                           device="cpu")
+    assert not np.array_equal(a.sr, other.sr)
+    # the old call (one guide pixel per SR cell) is k = 1
+    old = train_deepfere(lr, guide, 2, mask_lr=mask_lr, config=FAST, seed=1, device="cpu")
+    assert old.guide_cell_px == 1 and old.sr.shape == a.sr.shape
+    # the head folds k × k × 3 pixels into 3·k² channels
+    head = MappingHead(2, 8, cell_px=3)
+    assert head.net[0].in_channels == 27
+    with pytest.raises(InputError, match="guide"):
+        train_deepfere(lr, fine[:, :-1], 2, config=FAST)
+
+
+def test_cnn_time_budget_stops_training():
+    lr, guide, mask_lr, _ = _tiny_pair()
+    cfg = replace(FAST, iterations=10_000, warmup_iterations=10_000, time_budget_s=0.5, warmup_share=0.2)
+    res = train_deepfere(lr, guide, 2, mask_lr=mask_lr, config=cfg, device="cpu")
+    assert res.stopped_by == "time_budget"
+    assert 0 < res.warmup_run < 10_000 and 0 < res.iterations_run < 10_000
+    assert len(res.lr_loss_history) == res.iterations_run
+    assert len(res.loss_history) == res.warmup_run + res.iterations_run
+    # no budget: the iteration caps decide
+    full = train_deepfere(lr, guide, 2, mask_lr=mask_lr, config=FAST, device="cpu")
+    assert full.stopped_by == "iterations" and full.iterations_run == FAST.iterations
+    # the presets carry a budget in seconds (the same on every device)
+    from napari_smsdl.reconstruction.baselines.deepfere import PRESET_SECONDS, Preset
+
+    for p in Preset:
+        assert DeepFereConfig.preset(p).time_budget_s == PRESET_SECONDS[p] > 0
+
+
+def test_cnn_heldout_fold_picks_the_iterate_and_stops_on_patience():
+    lr, guide, mask_lr, _ = _tiny_pair(12, 12)
+    cfg = replace(FAST, iterations=200, heldout_folds=4, patience=3, lr=0.05, cosine_decay=False)
+    res = train_deepfere(lr, guide, 2, mask_lr=mask_lr, config=cfg, device="cpu")
+    assert len(res.heldout_loss_history) == res.iterations_run
+    assert res.stopped_by in ("patience", "iterations")
+    if res.stopped_by == "patience":
+        assert res.iterations_run < 200
+    if res.best_iteration < res.iterations_run:
+        assert res.heldout_loss_history[res.best_iteration] == min(res.heldout_loss_history)
+    a = train_deepfere(lr, guide, 2, mask_lr=mask_lr, config=replace(cfg, patience=None, iterations=8),
+                       device="cpu", seed=2)
+    b = train_deepfere(lr, guide, 2, mask_lr=mask_lr, config=replace(cfg, patience=None, iterations=8),
+                       device="cpu", seed=2)
+    np.testing.assert_array_equal(a.sr, b.sr)
+    assert a.heldout_loss_history == b.heldout_loss_history
+
+
+def test_cnn_explicit_iterations_switch_the_budget_off():
+    lr, guide, mask_lr, _ = _tiny_pair()
+    cfg = replace(FAST, warmup_iterations=2, time_budget_s=1e-9)
+    budgeted = train_deepfere(lr, guide, 2, mask_lr=mask_lr, config=cfg, device="cpu")
+    assert budgeted.stopped_by == "time_budget" and budgeted.iterations_run == 1
+    exact = train_deepfere(lr, guide, 2, mask_lr=mask_lr, config=cfg, iterations=7, device="cpu")
+    assert exact.stopped_by == "iterations" and exact.iterations_run == 7 and exact.warmup_run == 2

@@ -261,12 +261,22 @@ def reconstruct(
         from .baselines import train_deepfere
 
         t0 = time.perf_counter()
-        # the CNN sees the guide at the SR grid (one pixel per SR cell), as DeepFERE does
-        guide_sr = guide.reshape(sr_shape[0], k, sr_shape[1], k, 3).mean(axis=(1, 3))
+        # the CNN sees the same guide as SMSDL's features: k × k H&E pixels per SR cell (folded into
+        # 3·k² input channels of its mapping head), within its preset's wall-clock budget
         cnn = train_deepfere(
-            lr, guide_sr, factor, mask_lr=mask_lr, iterations=settings.cnn_iterations, seed=settings.seed,
+            lr, guide, factor, mask_lr=mask_lr, iterations=settings.cnn_iterations, seed=settings.seed,
             device=settings.device, progress=progress, should_stop=should_stop, preset=settings.cnn_preset,
         )
+        # what the budget allowed, and whether the CNN left its bicubic start at all (a label for outputs)
+        choices[Method.CNN.value] = {
+            "guide_cell_px": int(cnn.guide_cell_px), "warmup_run": int(cnn.warmup_run),
+            "iterations_run": int(cnn.iterations_run), "stopped_by": cnn.stopped_by,
+            "moved_from_bicubic": float(cnn.moved_from_bicubic), "conservation": conservation,
+            "equals_start": bool(cnn.moved_from_bicubic < 1e-3),
+        }
+        if cnn.moved_from_bicubic < 1e-3:
+            log.warning("the CNN returned (almost) its bicubic start (relative change %.1e after %d iterations)",
+                        cnn.moved_from_bicubic, cnn.iterations_run)
         # the same conservation as SMSDL (its held-out choice), so the two differ only in their guidance
         sr[Method.CNN.value] = conserve(np.asarray(cnn.sr, np.float32), lr, factor, mask_lr, conservation)
         history[Method.CNN.value] = list(getattr(cnn, "loss_history", []))

@@ -37,7 +37,7 @@ StopFn = Callable[[], bool]
 
 
 class Preset(Enum):
-    """Iteration budgets (SR 128×128, 5 channels, 2 CPU cores: about 20 s and 2 min)."""
+    """Training budgets: an iteration cap and a wall-clock cap in seconds (whichever comes first)."""
 
     FAST = "fast"
     DEFAULT = "default"
@@ -57,8 +57,10 @@ class CorrGuide(Enum):
     MAPPING = "mapping"  # the mapping head's output (as the published ion-mode trainer does)
 
 
-#: (mapping-head warm-up, joint) iterations per preset.
-PRESET_ITERATIONS = {Preset.FAST: (10, 20), Preset.DEFAULT: (60, 120)}
+#: (mapping-head warm-up, joint) iteration caps per preset.
+PRESET_ITERATIONS = {Preset.FAST: (10, 60), Preset.DEFAULT: (60, 400)}
+#: Wall-clock budget of the whole training (warm-up + joint) per preset, in seconds, on any device.
+PRESET_SECONDS = {Preset.FAST: 15.0, Preset.DEFAULT: 75.0}
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,25 @@ class DeepFereConfig:
     width, mapping_width : int
         Feature widths of the U-Net (published 128) and of the mapping head (published 64);
         smaller only for quick tests.
+    time_budget_s : float or None
+        Wall-clock budget of the whole training in seconds (None: iterations only). The same
+        number applies on every device, so a GPU runs more iterations in it than a CPU. Training
+        stops at whichever comes first, the iteration caps or the budget; the warm-up may use at
+        most ``warmup_share`` of it, and the cosine decay follows the larger of the two progress
+        fractions (iterations done / cap, seconds spent / budget), so it reaches its floor when the
+        budget runs out. With a budget the iteration count (and hence the output) depends on the
+        machine's speed; ``DeepFereResult.iterations_run`` records it.
+    warmup_share : float
+        Largest share of ``time_budget_s`` the mapping-head warm-up may take.
+    heldout_folds : int
+        0: the LR losses use every tissue LR pixel and the returned iterate is the one with the
+        lowest LR loss (``best_of_lr_loss``). n ≥ 2: the LR tissue pixels are split into n
+        spatially blocked folds (:func:`napari_smsdl.reconstruction._heldout.blocked_folds`, seeded
+        by ``seed``); fold 0 is held out of both LR losses, and the returned iterate (and the
+        rollback's reference) is the one with the lowest MSE(D(fusion), LR) on the held-out fold.
+    patience : int or None
+        With held-out folds: stop when the held-out loss has not improved for this many joint
+        iterations (None: never stop early).
     """
 
     iterations: int = PRESET_ITERATIONS[Preset.DEFAULT][1]
@@ -139,6 +160,10 @@ class DeepFereConfig:
     window: int = 16
     width: int = 128
     mapping_width: int = 64
+    time_budget_s: float | None = None
+    warmup_share: float = 0.25
+    heldout_folds: int = 0
+    patience: int | None = None
 
     @classmethod
     def published(cls, iterations: int = 2000, warmup_iterations: int = 1000) -> DeepFereConfig:
@@ -164,9 +189,10 @@ class DeepFereConfig:
 
     @classmethod
     def preset(cls, preset: Preset | str) -> DeepFereConfig:
+        """The default training with a preset's iteration caps and wall-clock budget."""
         p = Preset(preset)
         warmup, joint = PRESET_ITERATIONS[p]
-        return cls(iterations=joint, warmup_iterations=warmup)
+        return cls(iterations=joint, warmup_iterations=warmup, time_budget_s=PRESET_SECONDS[p])
 
     def to_dict(self) -> dict:
         """Plain JSON-able settings (enums as their values)."""
@@ -205,6 +231,18 @@ class DeepFereResult:
         before clipping).
     rollbacks : tuple of int
         Joint iterations at which a divergence was undone (see ``DeepFereConfig.rollback``).
+    warmup_run, iterations_run : int
+        Warm-up and joint iterations actually run (fewer than configured when the time budget or
+        the held-out patience stopped training).
+    stopped_by : str
+        ``"iterations"``, ``"time_budget"`` or ``"patience"``.
+    guide_cell_px : int
+        k: guide pixels per SR cell side that the mapping head saw (k × k × 3 inputs per cell).
+    heldout_loss_history : tuple of float
+        With held-out folds: MSE(D(fusion), LR) on the held-out fold per joint iteration.
+    moved_from_bicubic : float
+        RMS difference between the returned SR image and its bicubic start over tissue SR pixels,
+        relative to the RMS of the bicubic image there (0: the CNN returned its starting point).
     """
 
     sr: np.ndarray
@@ -216,6 +254,12 @@ class DeepFereResult:
     device: str
     diagnostics: dict[str, tuple[float, ...]] = field(default_factory=dict)
     rollbacks: tuple[int, ...] = ()
+    warmup_run: int = 0
+    iterations_run: int = 0
+    stopped_by: str = "iterations"
+    guide_cell_px: int = 1
+    heldout_loss_history: tuple[float, ...] = ()
+    moved_from_bicubic: float = 0.0
 
 
 # ----------------------------------------------------------------------------- networks
@@ -235,11 +279,16 @@ def _act() -> nn.Module:
 
 
 class MappingHead(nn.Module):
-    """H&E (3 ch) → MSI-like (C ch): five Conv3×3 + LeakyReLU(0.2) blocks, 64 features."""
+    """H&E (3 ch) → MSI-like (C ch): five Conv3×3 + LeakyReLU(0.2) blocks, 64 features.
 
-    def __init__(self, n_out: int, width: int = 64):
+    With ``cell_px`` = k > 1 the input is the guide at k × k pixels per SR cell, folded
+    space-to-depth into 3·k² channels per SR cell (``pixel_unshuffle``), so the first convolution
+    sees every H&E pixel of its 3 × 3 SR cells (for k = 1 this is the published head).
+    """
+
+    def __init__(self, n_out: int, width: int = 64, cell_px: int = 1):
         super().__init__()
-        chans = [3, width, width, width, width, n_out]
+        chans = [3 * cell_px * cell_px, width, width, width, width, n_out]
         layers: list[nn.Module] = []
         for a, b in zip(chans[:-1], chans[1:]):
             layers += [nn.Conv2d(a, b, 3, padding=1), _act()]
@@ -431,14 +480,17 @@ def train_deepfere(
     ----------
     lr : ndarray, shape (C, h, w)
         Low-resolution MSI, any non-negative intensity unit; NaN allowed outside tissue.
-    guide_rgb : ndarray, shape (h·F, w·F, 3)
-        H&E resampled onto the SR grid, float in [0, 1].
+    guide_rgb : ndarray, shape (h·F·k, w·F·k, 3)
+        H&E resampled onto the SR grid refined k times (k ≥ 1 H&E pixels per SR cell side, as
+        :func:`napari_smsdl.reconstruction.prepare_guide` makes it for SMSDL), float in [0, 1].
+        k is read from the shape; k = 1 is the SR grid itself (the published input).
     factor : int
         Upsampling factor F.
     mask_lr : ndarray of bool, shape (h, w), optional
         Tissue pixels of the LR grid; default: pixels finite in every channel.
     iterations : int, optional
-        Joint training iterations; overrides ``config.iterations`` / the preset.
+        Joint training iterations; overrides ``config.iterations`` / the preset and switches the
+        wall-clock budget off, so that exactly this many run (reproducible on any machine).
     seed : int
         Seeds torch (weights, window positions); results repeat on the same device.
     device : str
@@ -451,7 +503,8 @@ def train_deepfere(
     config : DeepFereConfig, optional
         Training settings (default: the stabilised :class:`DeepFereConfig`).
     preset : Preset or str, optional
-        ``"fast"`` (~20 s on the 128×128 sample) or ``"default"`` (~2 min), used when no config.
+        ``"fast"`` (15 s budget) or ``"default"`` (75 s budget), used when no config; see
+        ``PRESET_ITERATIONS`` and ``PRESET_SECONDS``.
     background : float or None
         Value written to SR pixels whose LR pixel is not tissue; ``None`` (default) keeps the
         network's output there (it starts from the nearest-tissue-filled bicubic image), which is
@@ -464,8 +517,8 @@ def train_deepfere(
     """
     f = _check_factor(factor)
     cfg = config if config is not None else (DeepFereConfig.preset(preset) if preset else DeepFereConfig())
-    if iterations is not None:
-        cfg = replace(cfg, iterations=int(iterations))
+    if iterations is not None:  # an explicit count is run exactly: no wall-clock budget
+        cfg = replace(cfg, iterations=int(iterations), time_budget_s=None)
     lr_a = np.asarray(lr, dtype=np.float64)
     if lr_a.ndim == 2:
         lr_a = lr_a[None]
@@ -473,8 +526,12 @@ def train_deepfere(
         raise InputError(f"the LR stack must have shape (C, h, w), got {lr_a.shape}")
     c, h, w = lr_a.shape
     g = np.asarray(guide_rgb, dtype=np.float32)
-    if g.shape != (h * f, w * f, 3):
-        raise InputError(f"the guide must have shape {(h * f, w * f, 3)} (SR grid, RGB), got {g.shape}")
+    kc = g.shape[0] // (h * f) if g.ndim == 3 and h * f > 0 else 0
+    if kc < 1 or g.shape != (h * f * kc, w * f * kc, 3):
+        raise InputError(
+            f"the guide must have shape (h·F·k, w·F·k, 3) = {(h * f, w * f, 3)} × k (SR grid refined k times, "
+            f"RGB), got {g.shape}"
+        )
     m_lr = np.isfinite(lr_a).all(axis=0) if mask_lr is None else np.asarray(mask_lr, dtype=bool)
     if m_lr.shape != (h, w) or not m_lr.any():
         raise InputError(f"mask_lr must be a non-empty (h, w) = {(h, w)} boolean mask")
@@ -482,6 +539,7 @@ def train_deepfere(
         raise InputError("the LR stack has NaN or infinite values on tissue pixels")
 
     t0 = time.perf_counter()
+    budget = cfg.time_budget_s
     dev = _pick_device(device)
     torch.manual_seed(seed)
     if dev.type == "cuda":
@@ -494,6 +552,14 @@ def train_deepfere(
     ch_max = lr_clean[:, m_lr].max(axis=1)
     scale = np.where(ch_max > 0, ch_max * cfg.headroom, 1.0)
     lr_n = lr_clean / scale[:, None, None]
+    m_train = m_lr
+    m_held = np.zeros_like(m_lr)
+    if cfg.heldout_folds >= 2:
+        from .._heldout import blocked_folds
+
+        folds = blocked_folds(m_lr, cfg.heldout_folds, seed=seed)
+        m_held = folds == 0
+        m_train = m_lr & ~m_held
     bic_n = bicubic_upsample(lr_n, f, mask_lr=m_lr, background=None).astype(np.float64)
     m_sr = upsample_mask(m_lr, f)
     if not cfg.tissue_only:
@@ -504,23 +570,33 @@ def train_deepfere(
     # that its deepest 3×3 convolutions still have 2×2 maps to reflect; crop afterwards.
     mult = 2**5
     bic_p, pads = _pad_to_multiple(bic_n, mult, 2 * mult)
-    guide_p, _ = _pad_to_multiple(g.transpose(2, 0, 1), mult, 2 * mult)
-    top, _, left, _ = pads
+    top, bottom, left, right = pads
     hh, ww = h * f, w * f
+    g_chw = g.transpose(2, 0, 1)
+    guide_sr = g_chw.reshape(3, hh, kc, ww, kc).mean(axis=(2, 4)) if kc > 1 else g_chw
+    # the mapping head's input: the fine guide mirror-padded by k × the SR padding, folded k × k → channels
+    fine_p = np.pad(g_chw, [(0, 0), (top * kc, bottom * kc), (left * kc, right * kc)], mode="symmetric")
+    guide_sr_p = np.pad(guide_sr, [(0, 0), (top, bottom), (left, right)], mode="symmetric")
 
     def crop(x: torch.Tensor) -> torch.Tensor:
         return x[:, :, top : top + hh, left : left + ww]
 
     as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=dev)[None]  # noqa: E731
     bic_t = as_t(bic_p)
-    guide_t = as_t(guide_p)
+    guide_t = as_t(guide_sr_p)  # the guide on the SR grid (structure loss with CorrGuide.HE)
+    map_in = tf.pixel_unshuffle(as_t(fine_p), kc) if kc > 1 else guide_t
     lr_t = as_t(lr_n)
-    m_lr_t = as_t(m_lr[None].astype(np.float32)) if cfg.tissue_only else torch.ones((1, 1, h, w), device=dev)
+    if cfg.tissue_only:
+        m_lr_t = as_t(m_train[None].astype(np.float32))
+    else:
+        m_lr_t = as_t((~m_held)[None].astype(np.float32))
+    m_held_t = as_t(m_held[None].astype(np.float32))
+    use_held = bool(m_held.any())
     m_sr_t = as_t(m_sr[None].astype(np.float32))
     eps = 1e-3
     base_logit = torch.logit(bic_t.clamp(eps, 1 - eps)) if cfg.residual else None
 
-    mapping = MappingHead(c, cfg.mapping_width).to(dev)
+    mapping = MappingHead(c, cfg.mapping_width, kc).to(dev)
     fusion = SkipUNet(2 * c, c, width=cfg.width).to(dev)
     if cfg.residual:
         nn.init.zeros_(fusion.head.weight)
@@ -532,7 +608,7 @@ def train_deepfere(
     win = min(cfg.window, hh, ww)
 
     def fuse() -> tuple[torch.Tensor, torch.Tensor]:
-        y = mapping(guide_t)
+        y = mapping(map_in)
         z = fusion(torch.cat([bic_t, y], dim=1))
         out = torch.sigmoid(z + base_logit) if base_logit is not None else torch.sigmoid(z)
         return crop(out), crop(y)
@@ -543,12 +619,22 @@ def train_deepfere(
         if progress is not None and (i % 5 == 0 or i == total):
             progress("cnn", i, total)
 
+    def elapsed() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
     losses: list[float] = []
+    stopped_by = "iterations"
+    warmup_run = 0
     # Warm-up: the mapping head alone learns H&E → LR-consistent MSI (published: 1000 iterations).
     for i in range(cfg.warmup_iterations):
+        if budget is not None and elapsed() >= cfg.warmup_share * budget:
+            break
         check_stop(i)
+        warmup_run += 1
         opt.zero_grad(set_to_none=True)
-        y = crop(mapping(guide_t))
+        y = crop(mapping(map_in))
         loss = _masked_mse(down(y), lr_t, m_lr_t)
         loss.backward()
         if cfg.grad_clip:
@@ -556,13 +642,23 @@ def train_deepfere(
         opt.step()
         losses.append(float(loss.detach()))
 
+    t_joint = elapsed()
+
+    def progress_at(i: int) -> float:
+        """Fraction of the joint budget used: iterations or seconds, whichever is further."""
+        p = i / max(cfg.iterations, 1)
+        if budget is not None:
+            p = max(p, (elapsed() - t_joint) / max(budget - t_joint, 1e-9))
+        return min(p, 1.0)
+
     def lr_at(i: int) -> float:
         if not cfg.cosine_decay:
             return cfg.lr
         lo = 0.05 * cfg.lr
-        return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * i / max(cfg.iterations, 1)))
+        return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * progress_at(i)))
 
     lr_hist: list[float] = []
+    held_hist: list[float] = []
     diag: dict[str, list[float]] = {
         k: [] for k in ("map", "fuse", "corr", "saturated", "contrast", "mean", "grad_norm")
     }
@@ -570,16 +666,37 @@ def train_deepfere(
     best_loss, best_i, best_out, best_state = math.inf, -1, None, None
     lr_scale = 1.0
     rollbacks: list[int] = []
+    iterations_run = 0
+    since_best = 0
+
+    def selection_loss(out: torch.Tensor, l_fuse: torch.Tensor) -> float:
+        """What picks the returned iterate: the held-out fold's LR MSE, else the training one."""
+        if use_held:
+            with torch.no_grad():
+                return float(_masked_mse(down(out), lr_t, m_held_t))
+        return float(l_fuse.detach())
+
     for i in range(cfg.iterations):
+        if budget is not None and i > 0 and elapsed() >= budget:
+            stopped_by = "time_budget"
+            break
+        if cfg.patience is not None and use_held and since_best > cfg.patience:
+            stopped_by = "patience"
+            break
         check_stop(cfg.warmup_iterations + i)
+        iterations_run += 1
         for group in opt.param_groups:
             group["lr"] = lr_scale * lr_at(i)
         opt.zero_grad(set_to_none=True)
         out, y = fuse()
         l_map = _masked_mse(down(y), lr_t, m_lr_t)
         l_fuse = _masked_mse(down(out), lr_t, m_lr_t)
-        lf = float(l_fuse.detach())
+        lf = selection_loss(out, l_fuse)
+        if use_held:
+            held_hist.append(lf)
+        since_best += 1
         if cfg.best_of_lr_loss and lf < best_loss:
+            since_best = 0
             # `out` comes from the current (not yet stepped) weights: remember both.
             best_loss, best_i, best_out = lf, i, out.detach().clone()
             if cfg.rollback:
@@ -598,7 +715,7 @@ def train_deepfere(
             out, y = fuse()
             l_map = _masked_mse(down(y), lr_t, m_lr_t)
             l_fuse = _masked_mse(down(out), lr_t, m_lr_t)
-            lf = float(l_fuse.detach())
+            lf = selection_loss(out, l_fuse)
         loss = l_map + l_fuse
         l_corr = torch.zeros((), device=dev)
         if cfg.corr_weight > 0:
@@ -611,7 +728,7 @@ def train_deepfere(
         with torch.no_grad():
             o_t = out[0][:, m_sr_bool]
             diag["map"].append(float(l_map.detach()))
-            diag["fuse"].append(lf)
+            diag["fuse"].append(float(l_fuse.detach()))
             diag["corr"].append(float(l_corr.detach()))
             diag["saturated"].append(float(((o_t < 0.01) | (o_t > 0.99)).float().mean()))
             diag["contrast"].append(float(o_t.std(dim=1).mean()))
@@ -621,16 +738,20 @@ def train_deepfere(
         diag["grad_norm"].append(float(gnorm))
         opt.step()
         losses.append(float(loss.detach()))
-        lr_hist.append(lf)
+        lr_hist.append(float(l_fuse.detach()))
     check_stop(total)
 
     with torch.no_grad():
         out_last, y_last = fuse()
-        final_l = float(_masked_mse(down(out_last), lr_t, m_lr_t))
+        final_l = selection_loss(out_last, _masked_mse(down(out_last), lr_t, m_lr_t))
     if cfg.best_of_lr_loss and best_out is not None and best_loss < final_l:
         chosen, best_i = best_out, best_i
     else:
-        chosen, best_i = out_last, cfg.iterations
+        chosen, best_i = out_last, iterations_run
+
+    with torch.no_grad():
+        start = crop(bic_t)[0][:, m_sr_bool]
+        moved = float(((chosen[0][:, m_sr_bool] - start) ** 2).mean().sqrt() / (start**2).mean().sqrt().clamp_min(1e-12))
 
     sr = chosen[0].cpu().numpy().astype(np.float64) * scale[:, None, None]
     mapping_np = y_last[0].cpu().numpy().astype(np.float64) * scale[:, None, None]
@@ -647,4 +768,10 @@ def train_deepfere(
         device=str(dev),
         diagnostics={k: tuple(v) for k, v in diag.items()},
         rollbacks=tuple(rollbacks),
+        warmup_run=warmup_run,
+        iterations_run=iterations_run,
+        stopped_by=stopped_by,
+        guide_cell_px=kc,
+        heldout_loss_history=tuple(held_hist),
+        moved_from_bicubic=moved,
     )
