@@ -31,6 +31,7 @@ TOP_LEVEL = {
     "torch_setup": "foundation",
     "distributed": "foundation",
     "_reader": "io",  # the napari reader: files → layer data (no napari import)
+    "_writer": "io",  # the napari writers: layer data → files (no napari import)
     "sample": "app",
     "_sample_data": "app",
     "cli": "app",
