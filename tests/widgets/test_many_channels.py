@@ -77,12 +77,18 @@ def test_many_channels_train_compare_export_and_reopen(many_viewer, make_napari_
     # ---- Train: the chunked path, on a worker, with progress
     stages = []
     train.progressed.connect(lambda stage, done, total: stages.append(stage))
-    worker = train.start(SETTINGS, methods=("smsdl", "bicubic"), cache_dir=tmp_path / "cache")
+    worker = train.start(SETTINGS, methods=("smsdl", "bicubic", "backprojection"), cache_dir=tmp_path / "cache")
     assert worker is not None and train.busy and "chunk by chunk" in train.status.value
     _wait(qtbot, train)
     assert train.last_error is None, train.last_error
     project = train.project
-    assert project.lazy and list(project.sr) == ["smsdl", "bicubic"]
+    assert project.lazy and list(project.sr) == ["smsdl", "bicubic", "backprojection"]
+    # the H&E-free control streamed too; SMSDL's uncertainty is a lazy layer; guidance for every channel
+    assert isinstance(project.sr["backprojection"], zarr.Array) and (train.run_dir / "sr_backprojection.zarr").is_dir()
+    spread = train.uncertainty_layer
+    assert spread is not None and spread.data is project.uncertainty["smsdl"] and isinstance(spread.data, zarr.Array)
+    assert spread.data.shape == (N_CHANNELS, 64, 64) and tuple(spread.scale) == (1.0, 10.0, 10.0)
+    assert len(project.guidance["smsdl"]["used_histology"]) == N_CHANNELS and "SMSDL used the H&E on" in train.status.value
     assert "SMSDL channel chunks" in stages and any(s.startswith("SMSDL channels 65-80 of 80") for s in stages)
     smsdl = project.sr["smsdl"]
     assert isinstance(smsdl, zarr.Array) and smsdl.shape == (N_CHANNELS, 64, 64)
@@ -99,14 +105,15 @@ def test_many_channels_train_compare_export_and_reopen(many_viewer, make_napari_
     assert compare.project is not None and compare.project.sr is project.sr
     row = compare.rows[0]
     by_method = {lay.metadata["method"]: lay for lay in row}
-    assert set(by_method) == {"lr", "truth", "smsdl", "bicubic"}
+    assert set(by_method) == {"lr", "truth", "smsdl", "bicubic", "backprojection"}
+    np.testing.assert_allclose(by_method["smsdl"].translate, spread.translate)
     assert by_method["smsdl"].data is smsdl and by_method["bicubic"].data is project.sr["bicubic"]
     assert tuple(by_method["smsdl"].scale) == (1.0, 10.0, 10.0) and by_method["lr"].data.shape == (N_CHANNELS, 16, 16)
     assert "not loaded whole" in compare.status.value
     scored = compare.project.metrics["smsdl"]
     assert scored["scored_channels"] == list(range(LAZY_SCORED_CHANNELS))
     assert np.isfinite(scored["ssim"]["per_channel"][0]) and np.isnan(scored["ssim"]["per_channel"][70])
-    assert compare.metrics_table.rowCount() == 2 * (LAZY_SCORED_CHANNELS + 1)
+    assert compare.metrics_table.rowCount() == 3 * (LAZY_SCORED_CHANNELS + 1)
     truth = viewer.layers[MANY_TRUTH].data
     sr_mask = tissue_mask_sr(compare.project)
     viewer.dims.set_point(0, 70.0)  # the slider moves to channel 70: its own contrast limits
@@ -131,6 +138,8 @@ def test_many_channels_train_compare_export_and_reopen(many_viewer, make_napari_
     written = tifffile.imread(tmp_path / "out" / "sr_smsdl.ome.tif")
     np.testing.assert_array_equal(written, np.asarray(smsdl[:]))
     assert (tmp_path / "out" / "figure.png").is_file() and (tmp_path / "out" / "metrics.csv").is_file()
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "uncertainty_smsdl.ome.tif"),
+                                  np.asarray(project.uncertainty["smsdl"][:]))
 
     # ---- the project saves (page by page) and reopens lazily, in a new viewer
     export.save_project(tmp_path / "proj")
@@ -140,6 +149,7 @@ def test_many_channels_train_compare_export_and_reopen(many_viewer, make_napari_
     back = load_project(tmp_path / "proj")
     assert back.lazy and isinstance(back.sr["smsdl"], zarr.Array) and back.sr["smsdl"].chunks[0] == 1
     np.testing.assert_array_equal(np.asarray(back.sr["bicubic"][79]), np.asarray(project.sr["bicubic"][79]))
+    assert isinstance(back.uncertainty["smsdl"], zarr.Array) and back.guidance == project.guidance
     viewer2 = make_napari_viewer()
     export2 = ExportWidget(viewer2)
     qtbot.addWidget(export2)

@@ -86,7 +86,7 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
     assert train.channels.value == [0, 1, 2, 3, 4] and train.factor.value == 4  # from the sample's metadata
     assert compare.truth.value is viewer.layers[TRUTH]  # the sample's ground truth is found by its metadata
 
-    # ---- Train: two channels, all three methods, on a worker
+    # ---- Train: two channels, all four methods (the H&E-free control included), on a worker
     train.channels.value = [0, 4]
     worker = train.start(TINY, cache_dir=tmp_path / "cache")
     assert worker is not None and train.busy
@@ -94,7 +94,17 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
     _wait(qtbot, train)
     assert train.last_error is None, train.last_error
     project = train.project
-    assert set(project.sr) == {"smsdl", "bicubic", "cnn"}
+    assert set(project.sr) == {"smsdl", "bicubic", "backprojection", "cnn"}
+    # SMSDL's uncertainty came back as a (hidden) layer on the SR grid; the status names the fallbacks
+    assert project.uncertainty["smsdl"].shape == project.sr["smsdl"].shape
+    spread = viewer.layers["uncertainty (SMSDL)"]
+    assert spread is train.uncertainty_layer and not spread.visible and spread.metadata["role"] == "uncertainty"
+    np.testing.assert_array_equal(spread.data, project.uncertainty["smsdl"])
+    used = project.guidance["smsdl"]["used_histology"]
+    assert len(used) == 2 and f"SMSDL used the H&E on {sum(used)} of 2 channels" in train.status.value
+    for c, u in enumerate(used):
+        assert (f"m/z {project.mz[c]:.4f}" in train.status.value.split("fell back")[-1]) == (not u)
+    assert spread not in [v for _, v in train._msi_layers()]  # never offered as an MSI to train on
     assert all(s.shape == (2, 4 * N, 4 * N) for s in project.sr.values())
     assert project.mz == pytest.approx((734.5694, 885.5499)) and project.sr_pixel_size_um == 10.0
     assert len(train.plot.steps) >= 3  # the live loss curve got points while training ran
@@ -108,12 +118,26 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
     truth, mask_hr = sample.ground_truth[:, crop_hr[0], crop_hr[1]], sample.mask_hr[crop_hr]
     expected = score_stack(truth[[0, 4]], project.sr["smsdl"], mask_hr)
     assert shown.metrics["smsdl"]["ssim"]["per_channel"] == pytest.approx(expected["ssim"]["per_channel"])
-    assert compare.metrics_table.rowCount() == 3 * (2 + 1)  # 3 methods × (2 channels + mean)
+    assert compare.metrics_table.rowCount() == 4 * (2 + 1)  # 4 methods × (2 channels + mean)
+    table = compare.metrics_table
+    headers = [table.horizontalHeaderItem(j).text() for j in range(table.columnCount())]
+    assert headers[-2:] == ["histology gain", "H&E used"]
+    cells = [[table.item(i, j).text() for j in range(table.columnCount())] for i in range(table.rowCount())]
+    gain = project.guidance["smsdl"]
+    assert cells[0][:2] == ["SMSDL", "m/z 734.5694"]
+    assert cells[0][-2:] == [f"{gain['gain'][0]:.3g} ± {gain['gain_std'][0]:.2g}",
+                             "yes" if gain["used_histology"][0] else "no (control)"]
+    assert cells[2][-1] == f"{sum(gain['used_histology'])}/2"  # SMSDL's mean row
+    assert [r[0] for r in cells[6:9]] == ["BI + back-projection (H&E-free)"] * 3 and cells[6][-2:] == ["—", "—"]
     assert viewer.layers[MSI].metadata[LAYER_METADATA_KEY] is shown  # what Export will save
     row = compare.rows[0]
-    assert [lay.name for lay in row] == [f"{PREFIX}{m} · m/z 734.5694" for m in ("LR", "ground truth", "SMSDL", "BI", "CNN")]
+    assert [lay.name for lay in row] == [f"{PREFIX}{m} · m/z 734.5694" for m in
+                                         ("LR", "ground truth", "SMSDL", "BI", "BI + back-projection (H&E-free)", "CNN")]
     smsdl = viewer.layers[f"{PREFIX}SMSDL · m/z 734.5694"]
     np.testing.assert_allclose(smsdl.scale[-2:], (10.0, 10.0))
+    np.testing.assert_allclose(spread.scale[-2:], smsdl.scale[-2:])  # the uncertainty sits on the SMSDL grid
+    np.testing.assert_allclose(spread.translate[-2:], smsdl.translate[-2:])
+    assert spread not in [v for _, v in compare._truth_choices()]  # nor as a ground truth
     # SR pixel corners on the MSI's: the MSI (40 µm) starts at (640, 320) µm, its pixel centres 20 µm in
     np.testing.assert_allclose(smsdl.translate[-2:], (R0 * 40.0 + 5.0, C0 * 40.0 + 5.0))
     np.testing.assert_array_equal(smsdl.data, project.sr["smsdl"][0])
@@ -129,12 +153,12 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
 
     # ---- grid view: one channel per row, one column per image, nothing else shown
     compare.set_grid(True, rows="channels")
-    assert viewer.canvas.grid.enabled and tuple(viewer.canvas.grid.shape) == (2, 5)
+    assert viewer.canvas.grid.enabled and tuple(viewer.canvas.grid.shape) == (2, 6)
     assert {lay.name for lay in viewer.layers if lay.visible} == {lay.name for r in compare.rows.values() for lay in r}
     visible = [lay.name for lay in viewer.layers if lay.visible]  # grid cells follow this order
-    assert visible[:5] == [lay.name for lay in compare.rows[0]]
+    assert visible[:6] == [lay.name for lay in compare.rows[0]]
     compare.set_grid(True, rows="methods")
-    assert tuple(viewer.canvas.grid.shape) == (5, 2)
+    assert tuple(viewer.canvas.grid.shape) == (6, 2)
     visible = [lay.name for lay in viewer.layers if lay.visible]
     assert visible[:2] == [compare.rows[0][0].name, compare.rows[1][0].name]  # LR of both channels first
     compare.set_grid(False)
@@ -177,9 +201,13 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
     ds = open_imzml(out / "sr_cnn.imzML")
     assert ds.pixel_size_um == pytest.approx(10.0) and ds.shape == (4 * N, 4 * N)
     np.testing.assert_allclose(ds.ion_images(list(project.mz), "5ppm").data, project.sr["cnn"], rtol=1e-6)
+    with tifffile.TiffFile(out / "uncertainty_smsdl.ome.tif") as tif:
+        np.testing.assert_array_equal(tif.asarray(), project.uncertainty["smsdl"])
+        assert 'PhysicalSizeX="10.0"' in tif.ome_metadata
+    assert (out / "sr_backprojection.ome.tif").exists() and (out / "guidance.csv").exists()
     with (out / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 3 * 3
+    assert len(rows) == 4 * 3 and {r["method"] for r in rows} == set(project.sr)
     first = next(r for r in rows if r["method"] == "smsdl")
     assert float(first["ssim"]) == pytest.approx(expected["ssim"]["per_channel"][0])
     assert (out / "figure.png").stat().st_size > 10_000
@@ -204,6 +232,9 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
         np.testing.assert_array_equal(reopened.sr[method], project.sr[method])
     assert reopened.metrics["cnn"]["rmse"]["per_channel"] == pytest.approx(shown.metrics["cnn"]["rmse"]["per_channel"])
     assert reopened.settings == project.settings
+    np.testing.assert_array_equal(reopened.uncertainty["smsdl"], project.uncertainty["smsdl"])
+    assert reopened.guidance == project.guidance
+    np.testing.assert_array_equal(viewer2.layers["uncertainty (SMSDL)"].data, project.uncertainty["smsdl"])
     after = _compare_data(viewer2)
     assert set(after) == set(before)
     for name, data in before.items():
@@ -211,7 +242,7 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
             np.testing.assert_allclose(after[name] / 255.0, data, atol=1 / 255)
         else:
             np.testing.assert_array_equal(after[name], data)
-    assert compare2.project is not None and compare2.metrics_table.rowCount() == 9  # Compare followed the reopen
+    assert compare2.project is not None and compare2.metrics_table.rowCount() == 12  # Compare followed the reopen
     msi2 = viewer2.layers["project (MSI)"]
     np.testing.assert_allclose(msi2.scale[-2:], (40.0, 40.0))
     np.testing.assert_array_equal(msi2.data, project.lr_msi, strict=False)

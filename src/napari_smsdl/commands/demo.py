@@ -2,11 +2,13 @@
 
 * With a display, napari opens with the sample loaded (H&E, measured MSI, ground truth) and the
   Load, Register, Train, Compare and Export & project widgets docked; Train is set to the fast
-  preset, so pressing Start shows SMSDL, BI and CNN side by side within a couple of minutes.
+  preset, so pressing Start shows SMSDL, BI, the H&E-free control and CNN side by side within a
+  couple of minutes.
 * With no display (neither ``DISPLAY`` nor ``WAYLAND_DISPLAY``, or one Qt cannot open) or with
   ``--headless``, the benchmark runs on the sample with the fast preset (the ground truth
   block-averaged by F = 4, reconstructed by every method, scored) and writes ``figure.png``,
-  ``metrics.json`` and the SR stacks (OME-TIFF) into DIR (default ``demo-output``).
+  ``metrics.json``, the SR stacks and SMSDL's uncertainty (OME-TIFF) into DIR (default
+  ``demo-output``), and says which channels fell back to the H&E-free control.
 
 Also runnable as ``python -m napari_smsdl.commands.demo`` (what ``make demo`` calls).
 """
@@ -59,7 +61,8 @@ def display_available(env: Mapping[str, str] | None = None, *, probe: bool = Tru
     return proc.returncode == 0
 
 
-def run_headless(outdir: str | os.PathLike, *, settings=None, methods=("smsdl", "bicubic", "cnn")) -> dict:
+def run_headless(outdir: str | os.PathLike, *, settings=None,
+                 methods=("smsdl", "bicubic", "backprojection", "cnn")) -> dict:
     """Run the benchmark on the built-in sample and write ``figure.png`` and ``metrics.json``.
 
     ``settings`` defaults to the fast preset. Returns the metrics (method → metric → mean and
@@ -91,6 +94,8 @@ def run_headless(outdir: str | os.PathLike, *, settings=None, methods=("smsdl", 
     names = [f"m/z {mz:.4f}" for mz in sample.mz]
     for name, stack in result.reconstruction.sr.items():
         write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=names, pixel_size_um=truth_px)
+    for name, stack in result.reconstruction.uncertainty.items():
+        write_tiff_stack(out / f"uncertainty_{name}.ome.tif", stack, channel_names=names, pixel_size_um=truth_px)
     comparison_figure(out / "figure.png", result.reconstruction.sr, truth=result.truth, mask=result.mask_hr,
                       channel_names=names, lr=result.lr)
     write_metrics_csv(out / "metrics.csv", result.metrics, channel_names=names)
@@ -106,8 +111,13 @@ def run_headless(outdir: str | os.PathLike, *, settings=None, methods=("smsdl", 
     write_json_atomic(out / "metrics.json", jsonable(metrics))
     for name in result.reconstruction.sr:
         m = result.metrics[name]
-        print(f"{name:>8}: RMSE {m['rmse']['mean']:.4f}  SSIM {m['ssim']['mean']:.4f}  R2 {m['r2']['mean']:.4f}  "
+        print(f"{name:>14}: RMSE {m['rmse']['mean']:.4f}  SSIM {m['ssim']['mean']:.4f}  R2 {m['r2']['mean']:.4f}  "
               f"PSNR {m['psnr']['mean']:.2f}  ({m['seconds']:.1f} s)")
+    from ..evaluation._comparison import fallback_summary
+
+    summary = fallback_summary(result.reconstruction.guidance.get("smsdl"), names)
+    if summary:
+        print(summary)
     print(f"wrote {out / 'figure.png'} and {out / 'metrics.json'}")
     return metrics
 

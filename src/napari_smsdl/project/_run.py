@@ -40,8 +40,8 @@ def check_methods_for_channels(methods: Sequence[str], n_channels: int, chunk_ch
     if "cnn" in methods and uses_chunked_path(n_channels, chunk_channels):
         raise InputError(
             f"the CNN baseline is not run for {int(n_channels)} channels: above {CHUNKED_ABOVE_CHANNELS} channels "
-            "SMSDL and BI are trained chunk by chunk and streamed to disk, while the CNN trains one network on "
-            f"every channel at once; untick CNN, or select at most {CHUNKED_ABOVE_CHANNELS} channels for it"
+            "SMSDL, BI and the H&E-free control are computed chunk by chunk and streamed to disk, while the CNN "
+            f"trains one network on every channel at once; untick CNN, or select at most {CHUNKED_ABOVE_CHANNELS} channels for it"
         )
 
 def reconstruct_project(
@@ -52,7 +52,7 @@ def reconstruct_project(
     msi_pixel_size_um: float,
     he_pixel_size_um: float,
     settings: Settings,
-    methods: Sequence[str] = ("smsdl", "bicubic", "cnn"),
+    methods: Sequence[str] = ("smsdl", "bicubic", "backprojection", "cnn"),
     mz: Sequence[float] | None = None,
     transform=None,
     landmarks=None,
@@ -71,10 +71,11 @@ def reconstruct_project(
 
     Many channels (:func:`uses_chunked_path`: more than ``reconstruction.CHUNKED_ABOVE_CHANNELS``, or
     ``chunk_channels`` > 0) go through :func:`napari_smsdl.reconstruction.reconstruct_many_channels`
-    instead: SMSDL and BI chunk by chunk (``chunk_channels`` per chunk, default
+    instead: SMSDL, BI and the control chunk by chunk (``chunk_channels`` per chunk, default
     ``reconstruction.DEFAULT_CHUNK_CHANNELS``) into zarr stores in ``run_dir`` (a new temporary folder
     when None), and the project's ``sr`` values are those lazy arrays; the CNN baseline is refused
-    there (:func:`check_methods_for_channels`) and ``on_loss`` is not called.
+    there (:func:`check_methods_for_channels`) and ``on_loss`` is not called. ``"backprojection"`` is
+    the H&E-free control (bicubic + back-projection to the block means) on both paths.
 
     ``lr_msi`` is (C, h, w) with NaN where not acquired; ``transform`` maps MSI physical µm to H&E
     physical µm (None: the H&E covers the MSI field of view). The trained ViT weights are written to

@@ -1,4 +1,4 @@
-"""The **Compare** dock widget: SMSDL, BI, CNN (and the ground truth) side by side, in µm.
+"""The **Compare** dock widget: SMSDL, BI, the H&E-free control, CNN (and the ground truth) side by side, in µm.
 
 An adapter only: the reconstruction is the :class:`~napari_smsdl.project.Project` the Train widget
 (or a reopened project) left on the MSI layer's ``metadata["smsdl_project"]``; the maths is in
@@ -11,7 +11,9 @@ in µm over the registered H&E (scale = MSI pixel / F, pixel corners shared with
 puts one channel per row; difference maps (method − ground truth, or − BI) use a diverging
 colormap with symmetric limits. Clicking the canvas lists, for the pixel under the cursor, the
 value of every method and of the LR pixel it came from. k-means segments of an SR stack become a
-Labels layer.
+Labels layer. The metrics table also shows, per channel, SMSDL's held-out histology gain ± its std
+over folds and whether the channel used the histology (where it did not, SMSDL's output is the H&E-free
+control, BI + back-projection); without a ground truth it shows only that.
 
 **Many channels.** A project whose SR stacks are lazy (zarr arrays: more than 64 channels, see
 :mod:`napari_smsdl.project`) is never loaded whole: each column becomes one (channels, rows, cols)
@@ -64,7 +66,9 @@ from ..evaluation import (
     shared_limits,
     tissue_mask_sr,
 )
+from ..evaluation._comparison import fallback_summary, guidance_cells, ordered_methods  # noqa: F401 (re-exported)
 from ..project import LAYER_METADATA_KEY, LAZY_SCORED_CHANNELS, Project, read_channels
+from ..project._layers import UNCERTAINTY_ROLE
 from ._jobs import ErrorDisplay
 from ._layers import _last2, set_selection
 
@@ -86,7 +90,9 @@ TOOLTIPS = {
     "show": "Add the comparison layers (existing ones are replaced).",
     "grid": "Grid view: one channel per row, one method per column.",
     "differences": "Add difference maps: method − reference, diverging colours, symmetric limits.",
-    "reference": "Reference of the difference maps.",
+    "reference": "Reference of the difference maps (the H&E-free control: what the histology changed).",
+    "metrics": "Scores against the ground truth; 'histology gain': 1 − held-out error with the H&E / without it "
+               "(± std over folds); 'H&E used': no = the channel's SMSDL output is the H&E-free control.",
     "n_segments": "Number of tissue segments (k-means on the SR stack's channels).",
     "segment_method": "Which SR stack to segment.",
     "segment": "Cluster the SR stack into tissue segments (a Labels layer).",
@@ -94,7 +100,9 @@ TOOLTIPS = {
 }
 
 METRIC_COLUMNS = ("rmse", "ssim", "r2", "psnr")
-METRIC_HEADERS = ("method", "channel", "RMSE", "SSIM", "R²", "PSNR (dB)")
+#: The last two columns: SMSDL's held-out histology gain (± its std over folds) and whether the
+#: channel used the histology (else its output is the H&E-free control).
+METRIC_HEADERS = ("method", "channel", "RMSE", "SSIM", "R²", "PSNR (dB)", "histology gain", "H&E used")
 
 
 def _fmt(value: float) -> str:
@@ -301,12 +309,6 @@ def _follow_channel(viewer, comparison: list, difference: list, reference, diffs
     event.connect(on_step)
 
 
-def ordered_methods(methods) -> list[str]:
-    """SMSDL first, then the baselines (BI, CNN), then anything else in the given order."""
-    rank = {"smsdl": 0, "bicubic": 1, "backprojection": 2, "cnn": 3}
-    return sorted(methods, key=lambda m: rank.get(m, 3))
-
-
 def remove_comparison_layers(viewer) -> None:
     with _batched(viewer):
         for layer in [lay for lay in viewer.layers if lay.name.startswith(PREFIX)]:
@@ -362,11 +364,16 @@ def arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str = "auto")
         ordered = [lay for row in rows.values() for lay in row]
         if by == "methods":
             ordered = [row[j] for j in range(n_cols) for row in rows.values() if j < len(row)]
-        # grid cells follow the layer order (hidden layers take no cell): one reorder of the whole list
+        # grid cells follow the layer order (hidden layers take no cell): the other layers first, then
+        # the grid's in reading order. One single move per misplaced layer, front to back (napari's
+        # move_multiple with a whole permutation moves past the end for some orders, e.g. 6 columns
+        # by methods)
         chosen = {id(lay) for lay in ordered}
-        order = [i for i, lay in enumerate(viewer.layers) if id(lay) not in chosen]
-        order += [viewer.layers.index(lay) for lay in ordered]
-        viewer.layers.move_multiple(order, 0)
+        desired = [lay for lay in viewer.layers if id(lay) not in chosen] + ordered
+        for position, layer in enumerate(desired):
+            current = viewer.layers.index(layer)
+            if current != position:  # every layer before `position` is already in place: current > position
+                viewer.layers.move(current, position)
         for layer in viewer.layers:
             layer.visible = id(layer) in shown
         shape = (len(rows), n_cols) if by == "channels" else (n_cols, len(rows))
@@ -422,7 +429,8 @@ class CompareWidget(ErrorDisplay, QWidget):
         self.show_button = PushButton(text="Show", tooltip=tip["show"])
         self.grid = CheckBox(value=False, text="grid view", tooltip=tip["grid"])
         self.differences = CheckBox(value=False, text="difference maps", tooltip=tip["differences"])
-        self.reference = ComboBox(label="reference", choices=[("ground truth", "truth"), ("BI", "bicubic")],
+        self.reference = ComboBox(label="reference", choices=[("ground truth", "truth"), ("BI", "bicubic"),
+                                                              (method_label("backprojection"), "backprojection")],
                                   value="bicubic", tooltip=tip["reference"])
         self.n_segments = SpinBox(value=4, min=2, max=32, label="segments", tooltip=tip["n_segments"])
         self.segment_method = ComboBox(label="segment", choices=self._method_choices, tooltip=tip["segment_method"])
@@ -437,6 +445,7 @@ class CompareWidget(ErrorDisplay, QWidget):
 
         self.metrics_table = QTableWidget(0, len(METRIC_HEADERS))
         self.metrics_table.setHorizontalHeaderLabels(METRIC_HEADERS)
+        self.metrics_table.setToolTip(tip["metrics"])
         self._setup_table(self.metrics_table)
         self.pixel_table = QTableWidget(0, 1)
         self.pixel_table.setHorizontalHeaderLabels(["channel"])
@@ -500,7 +509,7 @@ class CompareWidget(ErrorDisplay, QWidget):
             choices.append(("stored in the project", FROM_PROJECT))
         for lay in self.viewer.layers:
             if isinstance(lay, Image) and not lay.rgb and not lay.name.startswith(PREFIX) and lay is not self.source.value \
-                    and np.ndim(lay.data[0] if lay.multiscale else lay.data) in (2, 3):
+                    and lay.metadata.get("role") != UNCERTAINTY_ROLE and np.ndim(lay.data[0] if lay.multiscale else lay.data) in (2, 3):
                 choices.append((lay.name, lay))
         return choices
 
@@ -668,20 +677,30 @@ class CompareWidget(ErrorDisplay, QWidget):
 
     def _fill_metrics(self, project: Project, channels: Sequence[int]) -> None:
         table = self.metrics_table
-        if not project.metrics:
-            table.setRowCount(0)
-            return
         labels = [channel_label(k, project.channel_names, project.mz) for k in range(len(project.channel_names))]
-        metrics = {m: project.metrics[m] for m in ordered_methods(project.metrics)}
-        mean_label = "mean (all channels)"
-        scored = self._scored(project)
-        if scored is not None:  # lazy: only some channels were scored
-            channels = [c for c in channels if c in scored]
-            mean_label = f"mean ({len(scored)} scored channels)"
-        rows = metrics_rows(metrics, labels, channels, columns=METRIC_COLUMNS, mean_label=mean_label)
+        guidance = project.guidance or {}
+        if not project.metrics:  # no ground truth: SMSDL's histology gain per channel is all there is to show
+            rows = [(method_label(m), labels[c], *([np.nan] * len(METRIC_COLUMNS)), m, c)
+                    for m in ordered_methods(guidance) for c in channels]
+            rows += [(method_label(m), "all channels", *([np.nan] * len(METRIC_COLUMNS)), m, None)
+                     for m in ordered_methods(guidance)]
+        else:
+            metrics = {m: project.metrics[m] for m in ordered_methods(project.metrics)}
+            mean_label = "mean (all channels)"
+            scored = self._scored(project)
+            if scored is not None:  # lazy: only some channels were scored
+                channels = [c for c in channels if c in scored]
+                mean_label = f"mean ({len(scored)} scored channels)"
+            rows = []
+            for method in metrics:  # metrics_rows gives each method its channels, then its mean
+                part = metrics_rows({method: metrics[method]}, labels, channels, columns=METRIC_COLUMNS,
+                                    mean_label=mean_label)
+                rows += [(*r, method, c) for r, c in zip(part, [*channels, None], strict=False)]
         table.setRowCount(len(rows))
         for i, row in enumerate(rows):
-            cells = (row[0], row[1], *(_fmt(v) for v in row[2:]))
+            *values, method, channel = row
+            gain, used = guidance_cells(guidance.get(method), channel) if method in guidance else ("—", "—")
+            cells = (values[0], values[1], *(_fmt(v) for v in values[2:]), gain, used)
             for j, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 if j >= 2:

@@ -1,7 +1,9 @@
 """The **Export & project** dock widget: write results, save the session as a project, reopen one.
 
 An adapter only: exports are :func:`napari_smsdl.project.export_results` (OME-TIFF with physical
-pixel size and m/z channel names, continuous imzML at the SR pixel size, metrics CSV, figure PNG);
+pixel size and m/z channel names — every method's SR stack and SMSDL's uncertainty,
+``uncertainty_smsdl.ome.tif`` — continuous imzML at the SR pixel size, metrics CSV with the
+per-channel histology gain beside it, figure PNG);
 projects are :func:`napari_smsdl.project.save_project` / :func:`~napari_smsdl.project.load_project`.
 The reconstruction is the :class:`~napari_smsdl.project.Project` on the MSI layer's
 ``metadata["smsdl_project"]`` (left there by Train, scored by Compare). Reopening a project adds
@@ -51,10 +53,12 @@ if TYPE_CHECKING:
 TOOLTIPS = {
     "source": "The MSI layer whose reconstruction is exported or saved.",
     "folder": "Folder the exports are written to.",
-    "ome": "SR stacks (and the ground truth) as float32 OME-TIFF: µm pixel size, m/z channel names.",
+    "ome": "SR stacks of every method (the H&E-free control included), SMSDL's uncertainty and the ground truth "
+           "as float32 OME-TIFF: µm pixel size, m/z channel names.",
     "imzml": "SR stacks as continuous imzML at the SR pixel size (one spectrum per SR pixel); not for "
     "many-channel runs whose stacks stay on disk.",
-    "csv": "Metrics per method and channel (needs a ground truth chosen in Compare).",
+    "csv": "Metrics per method and channel (needs a ground truth chosen in Compare), and the per-channel "
+           "histology gain (guidance.csv).",
     "png": "The comparison figure: LR, ground truth, methods and error maps per channel.",
     "export": "Write the chosen files into the folder.",
     "project_folder": "The project folder (created when saving).",

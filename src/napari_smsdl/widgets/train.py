@@ -4,7 +4,10 @@ An adapter only: inputs come from the H&E and MSI layers (and the registration t
 accepted, stored on the MSI layer), the work is :func:`napari_smsdl.project.reconstruct_project`
 (which calls :func:`napari_smsdl.reconstruction.reconstruct`), and the result, a
 :class:`~napari_smsdl.project.Project`, is stored on the MSI layer's
-``metadata["smsdl_project"]`` for the Compare and Export widgets.
+``metadata["smsdl_project"]`` for the Compare and Export widgets. When a run ends the status line
+names the channels that fell back to the H&E-free control (their held-out histology gain was not
+clearly positive; "force H&E" turns the fallback off), and SMSDL's uncertainty is added as the
+(hidden) image layer ``"uncertainty (SMSDL)"``, on the SMSDL layers' grid.
 
 The job runs on a napari ``thread_worker``; the core's ``progress`` and ``on_loss`` callbacks are
 relayed to the main thread by Qt signals and drive one progress bar per stage in napari's activity
@@ -64,6 +67,8 @@ from ..project import (
     reconstruct_project,
     uses_chunked_path,
 )
+from ..evaluation._comparison import fallback_summary
+from ..project._layers import UNCERTAINTY_LAYER, UNCERTAINTY_ROLE, uncertainty_layer
 from ..reconstruction import Settings
 from ._jobs import JobRunner
 from ._layers import HeMsiLayers, _last2, set_selection
@@ -230,6 +235,9 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         Stage → the napari ``progress`` bar of the running stage (in the activity dock).
     run_dir : Path or None
         Folder of the last run (ViT weights; the zarr SR stores of a many-channel run).
+    uncertainty_layer : napari.layers.Image or None
+        The layer ``"uncertainty (SMSDL)"`` the last run added (SMSDL's predictive std, placed like
+        the SMSDL layers; hidden when added).
     """
 
     _widget_name = "Train"
@@ -255,6 +263,7 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         self._started_at = 0.0
         self.progress_bars: dict = {}
         self.run_dir: Path | None = None
+        self.uncertainty_layer = None
         self._relay = _Relay()
         self._relay.progressed.connect(self._on_progress)
         self._relay.loss.connect(self._on_loss)
@@ -335,7 +344,7 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         return [(lay.name, lay) for lay in self._image_layers() if lay.rgb]
 
     def _msi_layers(self, *_: Any) -> list:
-        layers = [lay for lay in self._image_layers() if not lay.rgb]
+        layers = [lay for lay in self._image_layers() if not lay.rgb and lay.metadata.get("role") != UNCERTAINTY_ROLE]
         # the measured MSI first: a ground truth or reference stack is not what one trains on
         layers.sort(key=lambda lay: lay.metadata.get("kind") == "ground_truth" or lay.metadata.get("role") == "reference")
         return [(lay.name, lay) for lay in layers]
@@ -600,10 +609,29 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         msi = self.msi_layer.value
         if msi is not None:
             msi.metadata = {**msi.metadata, LAYER_METADATA_KEY: project}  # emits metadata: Compare follows
+            self._add_uncertainty_layer(project, msi)
         self.plot.show_histories(project.loss_history)
         done = ", ".join(f"{m} {project.seconds.get(m, 0):.1f} s" for m in project.sr)
         where = (f" {len(project.channel_names)} channels: the SR stacks stay on disk in {self.run_dir} "
                  "(read one channel at a time)." if project.lazy else "")
-        self.status.value = (f"Done in {seconds:.0f} s ({done}); SR pixel {project.sr_pixel_size_um:g} µm.{where} "
-                             "Open Compare to look at the results.")
+        fallback = fallback_summary(project.guidance.get("smsdl"), project.channel_names, project.mz)
+        fallback = f" {fallback}." if fallback else ""
+        spread = (f" Its uncertainty is the hidden layer '{UNCERTAINTY_LAYER}'."
+                  if self.uncertainty_layer is not None else "")
+        self.status.value = (f"Done in {seconds:.0f} s ({done}); SR pixel {project.sr_pixel_size_um:g} µm.{where}"
+                             f"{fallback}{spread} Open Compare to look at the results.")
         self.trained.emit(project)
+
+    def _add_uncertainty_layer(self, project: Project, msi) -> None:
+        """SMSDL's uncertainty as an image layer placed like the SMSDL layers (replacing an older one)."""
+        from napari.layers import Layer
+
+        self.uncertainty_layer = None
+        data = uncertainty_layer(project, msi_scale_rc=_last2(msi.scale), msi_translate_rc=_last2(msi.translate))
+        if data is None:
+            return
+        stack, kwargs, kind = data
+        if kwargs["name"] in self.viewer.layers:
+            self.viewer.layers.remove(kwargs["name"])
+        self.uncertainty_layer = Layer.create(stack, kwargs, kind)
+        self.viewer.layers.append(self.uncertainty_layer)
