@@ -5,14 +5,14 @@
 * ``_store``: atomic saving and (lazy) reopening;
 * ``_run``: a reconstruction run straight into a project;
 * ``_export``: exporting results (files and figure);
-* ``_layers``: a project as napari layer data.
+* ``_layers``: a project as napari layer data (SMSDL's uncertainty included).
 
 The widgets and ``smsdl reconstruct --project`` share it.
 """
 
 from ._export import EXPORT_FORMATS, export_project, export_results
 from ._format import PROJECT_FILE, InputRecord, input_records, settings_from_dict
-from ._layers import LAYER_METADATA_KEY, project_layers
+from ._layers import LAYER_METADATA_KEY, UNCERTAINTY_LAYER, UNCERTAINTY_ROLE, project_layers, uncertainty_layer
 from ._project import LAZY_SCORED_CHANNELS, Project, is_lazy, read_channels
 from ._run import check_methods_for_channels, reconstruct_project, uses_chunked_path
 from ._store import is_project, load_project, open_lazy_tiff, save_project
@@ -23,6 +23,8 @@ __all__ = [
     "LAYER_METADATA_KEY",
     "LAZY_SCORED_CHANNELS",
     "PROJECT_FILE",
+    "UNCERTAINTY_LAYER",
+    "UNCERTAINTY_ROLE",
     "Project",
     "check_methods_for_channels",
     "export_project",
@@ -37,5 +39,6 @@ __all__ = [
     "reconstruct_project",
     "save_project",
     "settings_from_dict",
+    "uncertainty_layer",
     "uses_chunked_path",
 ]

@@ -67,8 +67,7 @@ from ..evaluation import (
     tissue_mask_sr,
 )
 from ..evaluation._comparison import fallback_summary, guidance_cells, ordered_methods  # noqa: F401 (re-exported)
-from ..project import LAYER_METADATA_KEY, LAZY_SCORED_CHANNELS, Project, read_channels
-from ..project._layers import UNCERTAINTY_ROLE
+from ..project import LAYER_METADATA_KEY, LAZY_SCORED_CHANNELS, UNCERTAINTY_ROLE, Project, read_channels
 from ._jobs import ErrorDisplay
 from ._layers import _last2, set_selection
 

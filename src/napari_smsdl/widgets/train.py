@@ -61,14 +61,16 @@ from ..errors import InputError
 from ..evaluation import channel_label, he_level_for_guide, placement_transform, transform_to_level
 from ..project import (
     LAYER_METADATA_KEY,
+    UNCERTAINTY_LAYER,
+    UNCERTAINTY_ROLE,
     Project,
     check_methods_for_channels,
     input_records,
     reconstruct_project,
+    uncertainty_layer,
     uses_chunked_path,
 )
 from ..evaluation._comparison import fallback_summary
-from ..project._layers import UNCERTAINTY_LAYER, UNCERTAINTY_ROLE, uncertainty_layer
 from ..reconstruction import Settings
 from ._jobs import JobRunner
 from ._layers import HeMsiLayers, _last2, set_selection
