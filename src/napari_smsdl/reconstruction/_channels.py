@@ -332,6 +332,50 @@ def backprojection_channels(
     return _finish_sr_store(out, (n_ch, rows * factor, cols * factor), names, chunk_channels, start)
 
 
+def cnn_channels(
+    lr_msi,
+    guide: np.ndarray,
+    out: str | os.PathLike,
+    *,
+    settings: Settings,
+    mask_lr: np.ndarray | None = None,
+    channel_names: Sequence[str] | None = None,
+    chunk_channels: int = DEFAULT_CHUNK_CHANNELS,
+    progress: Callable[[str, int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> ChannelStack:
+    """The CNN baseline, one network per chunk of ``chunk_channels`` channels, into the zarr group ``out``.
+
+    Each chunk is :func:`napari_smsdl.reconstruction.run_cnn` (the in-memory path's CNN) on those
+    channels; chunks are shared between torchrun ranks like :func:`bicubic_channels`. The
+    conservation is the regression's when it is fixed, else exact (the chunked SMSDL chooses per
+    chunk; the CNN gets the control's).
+    """
+    from ._pipeline import run_cnn
+    from .baselines import bicubic_upsample
+
+    start = time.perf_counter()
+    factor = int(settings.factor)
+    n_ch, rows, cols = (int(s) for s in lr_msi.shape)
+    names = tuple(channel_names) if channel_names is not None else tuple(f"channel {i}" for i in range(n_ch))
+    mask_lr = mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
+    conservation = settings.regression.conservation if settings.regression.conservation != "auto" else "exact"
+    chunks = [(c0, min(c0 + chunk_channels, n_ch)) for c0 in range(0, n_ch, chunk_channels)]
+    sr_arr = _create_sr_store(out, (n_ch, rows * factor, cols * factor), min(chunk_channels, n_ch),
+                              rows * factor, names, factor)
+    mine = dd.shard(chunks)
+    for i, (c0, c1) in enumerate(mine):
+        if should_stop is not None and should_stop():
+            raise Cancelled("CNN channel reconstruction cancelled")
+        lr = np.asarray(lr_msi[c0:c1], np.float32)
+        bicubic = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=mask_lr)
+        sr_arr[c0:c1], _, _ = run_cnn(lr, guide, factor, mask_lr=mask_lr, bicubic=bicubic, settings=settings,
+                                      conservation=conservation, should_stop=should_stop)
+        if progress is not None:
+            progress("CNN channel chunks", i + 1, len(mine))
+    return _finish_sr_store(out, (n_ch, rows * factor, cols * factor), names, chunk_channels, start)
+
+
 def _create_sr_store(out, shape, chunk_channels: int, block_rows: int, names, factor: int):
     """Rank 0 creates the zarr group ``out`` with an empty ``sr`` array; every rank opens it."""
     import zarr
@@ -452,11 +496,6 @@ def reconstruct_many_channels(
 
     settings = settings or Settings()
     methods = [Method(m) for m in methods]
-    if Method.CNN in methods:
-        raise InputError(
-            "the CNN baseline trains one network on all channels at once and is not run on the chunked "
-            f"many-channel path ({int(lr_msi.shape[0])} channels); choose at most {CHUNKED_ABOVE_CHANNELS} channels for it"
-        )
     n_ch, rows, cols = (int(s) for s in lr_msi.shape)
     factor = check_factor(settings.factor)
     if chunk_channels < 1:
@@ -480,35 +519,51 @@ def reconstruct_many_channels(
             lr_msi, factor, out / "sr_backprojection.zarr", mask_lr=mask_lr, channel_names=names,
             chunk_channels=chunk_channels, should_stop=should_stop)
         seconds[Method.BACKPROJECTION.value] = time.perf_counter() - t0
-    if Method.SMSDL in methods:
+    guide = None
+    if Method.CNN in methods and not tiled:  # the guide on every rank: each trains its own CNN chunks
+        guide, _ = prepare_guide(he_rgb, he_pixel_size_um=he_pixel_size_um, msi_shape=(rows, cols),
+                                 msi_pixel_size_um=msi_pixel_size_um, factor=factor, transform=transform,
+                                 max_cell_px=settings.max_cell_px)
+    features = None
+    if Method.SMSDL in methods or (Method.CNN in methods and tiled):
         t0 = time.perf_counter()
         if tiled:
             store = tiled_feature_store(he_rgb, (rows, cols), msi_pixel_size_um, he_pixel_size_um, transform, settings,
                                         cache_dir, save_weights, progress, should_stop)
             features, from_cache = store.open(), store.from_cache  # streamed, never whole in memory
+            if Method.CNN in methods:  # whole slide: each SR cell's mean colour (the last 3 features)
+                guide = np.clip(np.asarray(features[-3:], np.float32).transpose(1, 2, 0), 0, 1)
         else:
             data = None
             if dd.is_main_process():
-                guide, _ = prepare_guide(
-                    he_rgb, he_pixel_size_um=he_pixel_size_um, msi_shape=(rows, cols),
-                    msi_pixel_size_um=msi_pixel_size_um, factor=factor, transform=transform,
-                    max_cell_px=settings.max_cell_px,
-                )
+                if guide is None:
+                    guide, _ = prepare_guide(
+                        he_rgb, he_pixel_size_um=he_pixel_size_um, msi_shape=(rows, cols),
+                        msi_pixel_size_um=msi_pixel_size_um, factor=factor, transform=transform,
+                        max_cell_px=settings.max_cell_px,
+                    )
                 maps = extract_features(
                     guide, sr_shape=(rows * factor, cols * factor), factor=factor, params=settings.features,
                     cache_dir=cache_dir, device=settings.device, save_weights=save_weights, progress=progress,
                     should_stop=should_stop, distributed=False,  # rank 0 alone; the others wait below
                 )
                 data, from_cache = maps.data, maps.from_cache
-                del guide
             features = dd.broadcast_array(data)  # the other ranks wait here while rank 0 computes
             from_cache = bool(dd.broadcast_object(from_cache))
         seconds["features"] = time.perf_counter() - t0
+    if Method.SMSDL in methods:
+        t0 = time.perf_counter()
         stack = reconstruct_channels(
             features, lr_msi, factor, out / "sr_smsdl.zarr", mask_lr=mask_lr, channel_names=names,
             chunk_channels=chunk_channels, params=settings.regression, device=settings.device, progress=progress,
             should_stop=should_stop,
         )
         sr[Method.SMSDL.value] = stack
-        seconds[Method.SMSDL.value] = time.perf_counter() - t0
+        seconds[Method.SMSDL.value] = time.perf_counter() - t0 + seconds.get("features", 0.0)
+    if Method.CNN in methods:
+        t0 = time.perf_counter()
+        sr[Method.CNN.value] = cnn_channels(lr_msi, guide, out / "sr_cnn.zarr", settings=settings, mask_lr=mask_lr,
+                                            channel_names=names, chunk_channels=chunk_channels, progress=progress,
+                                            should_stop=should_stop)
+        seconds[Method.CNN.value] = time.perf_counter() - t0
     return ManyChannelRun(sr, seconds, settings, from_cache, tiled)
