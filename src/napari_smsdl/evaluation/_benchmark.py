@@ -151,6 +151,7 @@ def run_benchmark(
         metrics[name] = {**scores, "seconds": float(recon.seconds[name])}
         if name in recon.guidance:
             metrics[name]["guidance"] = recon.guidance[name]
+        if name in recon.choices:
             metrics[name]["choices"] = recon.choices[name]
         if name in recon.uncertainty:
             metrics[name]["uncertainty_spearman"] = uncertainty_rank_correlation(
