@@ -241,11 +241,15 @@ def test_torchrun_reconstruct_matches_one_process(many, sample_dir, tmp_path):
     one, two = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("one", "two"))
     assert two["world_size"] == 2 and one["world_size"] == 1 and two["chunk_channels"] == 40
     files = {"run.json", "figure.png", "sr_smsdl.ome.tif", "sr_bicubic.ome.tif", "sr_smsdl.zarr", "sr_bicubic.zarr",
-             "cache", "vit_weights.pt"}
+             "uncertainty_smsdl.ome.tif", "cache", "vit_weights.pt"}
     assert set(os.listdir(tmp_path / "two")) == set(os.listdir(tmp_path / "one")) == files
-    for name in ("smsdl", "bicubic"):
-        a, b = (tifffile.imread(tmp_path / d / f"sr_{name}.ome.tif") for d in ("one", "two"))
+    for name in ("sr_smsdl", "sr_bicubic", "uncertainty_smsdl"):
+        a, b = (tifffile.imread(tmp_path / d / f"{name}.ome.tif") for d in ("one", "two"))
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(a.max()))
+    # every rank's chunk's guidance, merged in channel order by rank 0; the fallback line printed once
+    assert len(two["guidance"]["smsdl"]["used_histology"]) == N_CHANNELS
+    assert two["guidance"]["smsdl"]["used_histology"] == one["guidance"]["smsdl"]["used_histology"]
+    assert proc.stdout.count("SMSDL used the H&E on") == 1
 
     in_memory = ["reconstruct", "--he", str(sample_dir / "he.png"), "--msi", str(sample_dir / "msi.imzML"),
                  "--mz", "760.5851", "--mz", "885.5499", "--mz", "734.5694", "--factor", "2", "--he-pixel-size", "2.5",
