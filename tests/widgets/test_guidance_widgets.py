@@ -27,6 +27,9 @@ GUIDANCE = {"gain": [0.125, -0.0625], "gain_std": [0.03125, 0.25], "used_histolo
 def viewer(make_napari_viewer):
     from napari.layers import Layer
 
+    from napari_smsdl.widgets.train import preload_torch
+
+    preload_torch()  # as Train.start does: a later torch/timm import in this process must not load triton
     viewer = make_napari_viewer()
     for data, kwargs, kind in crop_sample_layers():
         viewer.add_layer(Layer.create(data, kwargs, kind))
