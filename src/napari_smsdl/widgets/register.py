@@ -473,6 +473,9 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
         stage, done, total = item
         if not self.busy:  # a progress event queued before the result/cancel arrived late: ignore it
             return
+        # the status first: the progress bar's calls below may process queued events, among them the
+        # result, whose summary must then stay the last word (not this progress line)
+        self.status.value = f"Registering: {stage} ({done}/{total})"
         pbar = self._pbar  # set_description may process events that close the bar (cancel, done)
         if pbar is not None and not self._stop.is_set():
             pbar.total = total
@@ -480,7 +483,6 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
             pbar.set_description(f"Registering: {stage}")
             if self._pbar is pbar:
                 pbar.refresh()
-        self.status.value = f"Registering: {stage} ({done}/{total})"
 
     def _set_busy(self, busy: bool, message: str | None = None) -> None:
         if not busy and self._pbar is not None:
