@@ -134,14 +134,13 @@ def test_chunked_reconstruct_streams_to_zarr_and_equals_the_api(many, tmp_path, 
     assert rerun["channels"][79] == "ion 79" and rerun["guidance"] == run["guidance"]
 
 
-def test_chunked_path_refuses_cnn_and_forced_chunks_with_a_whole_slide(many, sample_dir, tmp_path, capsys):
-    assert main(_argv(many, tmp_path / "refused", "--baselines", "bicubic,cnn")) == 2
-    err = capsys.readouterr().err
-    assert "--baselines cnn is not run on the chunked many-channel path (80 channels, more than 64)" in err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "refused" / "sr_smsdl.zarr").exists()
-    assert main(_argv(many, tmp_path / "early", "--baselines", "cnn", "--chunk-channels", "8")) == 2
-    assert "(--chunk-channels 8)" in capsys.readouterr().err
-    assert not (tmp_path / "early").exists()  # refused before anything was read or written
+def test_chunked_path_runs_every_method_and_forced_chunks_with_a_whole_slide(many, sample_dir, tmp_path):
+    # 80 channels (two chunks of 64 + 16) with the CNN too: every method runs on the chunked path
+    out = tmp_path / "all"
+    assert main(_argv(many, out, "--baselines", "bicubic,cnn", "--cnn-iterations", "1")) == 0
+    for name in ("smsdl", "bicubic", "cnn"):
+        assert tifffile.imread(out / f"sr_{name}.ome.tif").shape == (N_CHANNELS, 32, 32)
+    assert np.isfinite(tifffile.imread(out / "sr_cnn.ome.tif")).all()
 
     # --chunk-channels forces the chunked path below the threshold; here with a whole-slide H&E
     # (tiled features read from their zarr store) and the imzML's ion images streamed to zarr

@@ -384,14 +384,11 @@ def test_lazy_project_scores_chosen_channels_and_saves_and_reopens_lazily(tmp_pa
     np.testing.assert_array_equal(few.uncertainty["smsdl"][1], np.asarray(project.uncertainty["smsdl"][3]))
 
 
-def test_cnn_is_refused_on_the_many_channel_path():
+def test_the_chunked_path_is_taken_above_the_threshold_or_when_asked():
     from napari_smsdl.reconstruction import CHUNKED_ABOVE_CHANNELS
 
     assert not proj.uses_chunked_path(CHUNKED_ABOVE_CHANNELS) and proj.uses_chunked_path(CHUNKED_ABOVE_CHANNELS + 1)
     assert proj.uses_chunked_path(3, 2) and not proj.uses_chunked_path(500, 0)
-    proj.check_methods_for_channels(["smsdl", "cnn"], CHUNKED_ABOVE_CHANNELS)
-    with pytest.raises(InputError, match="CNN baseline is not run for 65 channels"):
-        proj.check_methods_for_channels(["smsdl", "cnn"], 65)
 
 
 def test_lazy_project_with_truth_reopens_from_the_cli(tmp_path):

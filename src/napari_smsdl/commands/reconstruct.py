@@ -122,16 +122,12 @@ def run(args) -> int:
     if chunk is not None and chunk < 0:
         raise InputError(f"--chunk-channels must be 0 (in memory) or a positive number of channels, got {chunk}")
     out = Path(args.output)
-    if chunk:  # refuse the CNN before reading anything
-        _refuse_cnn_on_chunked_path(args, methods, f"--chunk-channels {chunk}")
     out.mkdir(parents=True, exist_ok=True)
     lazy_above = None if chunk == 0 else (0 if chunk else CHUNKED_ABOVE_CHANNELS)
     msi = load_msi(args.msi, args, lazy_above=lazy_above, store=out / "msi_lr.zarr",
                    chunk_channels=chunk or DEFAULT_CHUNK_CHANNELS)
     n_channels = int(msi.data.shape[0])
     chunked = bool(chunk) or (chunk is None and n_channels > CHUNKED_ABOVE_CHANNELS)
-    if chunked and not chunk:
-        _refuse_cnn_on_chunked_path(args, methods, f"{n_channels} channels, more than {CHUNKED_ABOVE_CHANNELS}")
     he, he_px = load_he(args.he, pixel_size_um=args.he_pixel_size, tiled=True if args.tiled else None)
     msi_px = args.msi_pixel_size or msi.pixel_size_um
     transform = load_transform_arg(args.transform)
@@ -227,16 +223,6 @@ def _store_choices(stack):
     from ..project._project import store_choices
 
     return store_choices(stack)
-
-
-def _refuse_cnn_on_chunked_path(args, methods, why: str) -> None:
-    """InputError for the CNN baseline, which the chunked many-channel path does not run."""
-    from ..errors import InputError
-
-    if "cnn" in methods:
-        raise InputError(f"--baselines cnn is not run on the chunked many-channel path ({why}): the CNN trains one "
-                         "network on every channel at once; pick at most 64 channels (--mz/--peaks) or give "
-                         "--chunk-channels 0", args.msi)
 
 
 def save_run_as_project(args, result, msi, *, msi_px: float, he_px: float, transform, out: Path):

@@ -14,7 +14,7 @@ from ._export import EXPORT_FORMATS, export_project, export_results
 from ._format import PROJECT_FILE, InputRecord, input_records, settings_from_dict
 from ._layers import LAYER_METADATA_KEY, UNCERTAINTY_LAYER, UNCERTAINTY_ROLE, project_layers, uncertainty_layer
 from ._project import LAZY_SCORED_CHANNELS, Project, is_lazy, read_channels
-from ._run import check_methods_for_channels, reconstruct_project, uses_chunked_path
+from ._run import reconstruct_project, uses_chunked_path
 from ._store import is_project, load_project, open_lazy_tiff, save_project
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "UNCERTAINTY_LAYER",
     "UNCERTAINTY_ROLE",
     "Project",
-    "check_methods_for_channels",
     "export_project",
     "export_results",
     "input_records",

@@ -32,18 +32,6 @@ def uses_chunked_path(n_channels: int, chunk_channels: int | None = None) -> boo
     return int(n_channels) > CHUNKED_ABOVE_CHANNELS
 
 
-def check_methods_for_channels(methods: Sequence[str], n_channels: int, chunk_channels: int | None = None) -> None:
-    """Raise :class:`InputError` for a method the many-channel path does not run (the CNN baseline)."""
-    from ..reconstruction import CHUNKED_ABOVE_CHANNELS
-
-    methods = [str(getattr(m, "value", m)) for m in methods]
-    if "cnn" in methods and uses_chunked_path(n_channels, chunk_channels):
-        raise InputError(
-            f"the CNN baseline is not run for {int(n_channels)} channels: above {CHUNKED_ABOVE_CHANNELS} channels "
-            "SMSDL, BI and the H&E-free control are computed chunk by chunk and streamed to disk, while the CNN "
-            f"trains one network on every channel at once; untick CNN, or select at most {CHUNKED_ABOVE_CHANNELS} channels for it"
-        )
-
 def reconstruct_project(
     lr_msi: np.ndarray,
     he_rgb: np.ndarray,
@@ -73,8 +61,8 @@ def reconstruct_project(
     ``chunk_channels`` > 0) go through :func:`napari_smsdl.reconstruction.reconstruct_many_channels`
     instead: SMSDL, BI and the control chunk by chunk (``chunk_channels`` per chunk, default
     ``reconstruction.DEFAULT_CHUNK_CHANNELS``) into zarr stores in ``run_dir`` (a new temporary folder
-    when None), and the project's ``sr`` values are those lazy arrays; the CNN baseline is refused
-    there (:func:`check_methods_for_channels`) and ``on_loss`` is not called. ``"backprojection"`` is
+    when None), and the project's ``sr`` values are those lazy arrays; every method runs
+    there (the CNN one network per chunk) and ``on_loss`` is not called. ``"backprojection"`` is
     the H&E-free control (bicubic + back-projection to the block means) on both paths.
 
     ``lr_msi`` is (C, h, w) with NaN where not acquired; ``transform`` maps MSI physical µm to H&E
@@ -96,7 +84,6 @@ def reconstruct_project(
     if uses_chunked_path(n_channels, chunk_channels):
         from ..reconstruction import DEFAULT_CHUNK_CHANNELS, reconstruct_many_channels
 
-        check_methods_for_channels(methods, n_channels, chunk_channels)
         if run_dir is None:
             import tempfile
 

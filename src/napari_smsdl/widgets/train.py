@@ -64,7 +64,6 @@ from ..project import (
     UNCERTAINTY_LAYER,
     UNCERTAINTY_ROLE,
     Project,
-    check_methods_for_channels,
     input_records,
     reconstruct_project,
     uncertainty_layer,
@@ -515,7 +514,6 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
             if not methods:
                 raise InputError("no method chosen: tick SMSDL and/or a baseline")
             n_channels = len(kwargs["lr_msi"])
-            check_methods_for_channels(methods, n_channels)  # the CNN is refused on the many-channel path
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self._on_error(exc)
             return None
