@@ -265,50 +265,21 @@ class ManyChannelRun:
     tiled: bool
 
 
-def bicubic_channels(
-    lr_msi,
-    factor: int,
-    out: str | os.PathLike,
-    *,
-    mask_lr: np.ndarray | None = None,
-    channel_names: Sequence[str] | None = None,
-    chunk_channels: int = DEFAULT_CHUNK_CHANNELS,
-    should_stop: Callable[[], bool] | None = None,
-) -> ChannelStack:
+def bicubic_channels(lr_msi, factor: int, out: str | os.PathLike, **kwargs) -> ChannelStack:
     """Bicubic baseline of every channel, ``chunk_channels`` at a time, into the zarr group ``out``.
 
     Same numbers as :func:`napari_smsdl.reconstruction.baselines.bicubic_upsample` on the whole stack (it works
     channel by channel); the ``sr`` array is laid out as :func:`reconstruct_channels` lays out its
     own. Under torchrun the chunks are shared round robin between ranks, like the SMSDL chunks:
-    every rank must call it.
+    every rank must call it. Keywords as :func:`_chunk_by_chunk`.
     """
     from .baselines import bicubic_upsample
 
-    start = time.perf_counter()
-    n_ch, rows, cols = (int(s) for s in lr_msi.shape)
-    names = tuple(channel_names) if channel_names is not None else tuple(f"channel {i}" for i in range(n_ch))
-    mask_lr = mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
-    chunks = [(c0, min(c0 + chunk_channels, n_ch)) for c0 in range(0, n_ch, chunk_channels)]
-    sr_arr = _create_sr_store(out, (n_ch, rows * factor, cols * factor), min(chunk_channels, n_ch),
-                              rows * factor, names, factor)
-    for c0, c1 in dd.shard(chunks):
-        if should_stop is not None and should_stop():
-            raise Cancelled("bicubic channel upsampling cancelled")
-        lr = np.nan_to_num(np.asarray(lr_msi[c0:c1], np.float32))
-        sr_arr[c0:c1] = bicubic_upsample(lr, factor, mask_lr=mask_lr).astype(np.float32)
-    return _finish_sr_store(out, (n_ch, rows * factor, cols * factor), names, chunk_channels, start)
+    return _chunk_by_chunk(lambda lr, mask: bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=mask),
+                           lr_msi, factor, out, what="bicubic channel upsampling", **kwargs)
 
 
-def backprojection_channels(
-    lr_msi,
-    factor: int,
-    out: str | os.PathLike,
-    *,
-    mask_lr: np.ndarray | None = None,
-    channel_names: Sequence[str] | None = None,
-    chunk_channels: int = DEFAULT_CHUNK_CHANNELS,
-    should_stop: Callable[[], bool] | None = None,
-) -> ChannelStack:
+def backprojection_channels(lr_msi, factor: int, out: str | os.PathLike, **kwargs) -> ChannelStack:
     """The H&E-free control of every channel, ``chunk_channels`` at a time, into the zarr group ``out``.
 
     Same numbers as :func:`napari_smsdl.reconstruction.baselines.backprojection_upsample` (bicubic,
@@ -317,6 +288,23 @@ def backprojection_channels(
     """
     from .baselines import backprojection_upsample
 
+    return _chunk_by_chunk(lambda lr, mask: backprojection_upsample(lr, factor, mask_lr=mask),
+                           lr_msi, factor, out, what="H&E-free control", **kwargs)
+
+
+def _chunk_by_chunk(
+    method: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    lr_msi,
+    factor: int,
+    out: str | os.PathLike,
+    *,
+    what: str,
+    mask_lr: np.ndarray | None = None,
+    channel_names: Sequence[str] | None = None,
+    chunk_channels: int = DEFAULT_CHUNK_CHANNELS,
+    should_stop: Callable[[], bool] | None = None,
+) -> ChannelStack:
+    """``method(lr chunk, mask)`` on every chunk of channels (this rank's share), into ``out/sr``."""
     start = time.perf_counter()
     n_ch, rows, cols = (int(s) for s in lr_msi.shape)
     names = tuple(channel_names) if channel_names is not None else tuple(f"channel {i}" for i in range(n_ch))
@@ -326,11 +314,9 @@ def backprojection_channels(
                               rows * factor, names, factor)
     for c0, c1 in dd.shard(chunks):
         if should_stop is not None and should_stop():
-            raise Cancelled("H&E-free control cancelled")
-        lr = np.asarray(lr_msi[c0:c1], np.float32)
-        sr_arr[c0:c1] = backprojection_upsample(lr, factor, mask_lr=mask_lr).astype(np.float32)
+            raise Cancelled(f"{what} cancelled")
+        sr_arr[c0:c1] = np.asarray(method(np.asarray(lr_msi[c0:c1], np.float32), mask_lr), np.float32)
     return _finish_sr_store(out, (n_ch, rows * factor, cols * factor), names, chunk_channels, start)
-
 
 def cnn_channels(
     lr_msi,
