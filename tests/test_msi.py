@@ -223,3 +223,20 @@ def test_peaks_outside_all_windows_never_count(tmp_path):
     ds = open_imzml(write_imzml(tmp_path / "edges.imzML", spectra, mode="processed"))
     image = ds.ion_images([500.0, 501.0], "0.001da").data
     np.testing.assert_array_equal(image[:, 0, :], [[1.0, 0.0], [0.0, 4.0]])
+
+
+def test_mz_outside_the_files_range_is_refused_with_the_range(imzml_file):
+    from napari_smsdl.errors import InputError
+
+    path = imzml_file[0]
+    ds = open_imzml(path)
+    low, high = ds.mz_range
+    with pytest.raises(InputError, match=r"outside the file's m/z range") as err:
+        ds.ion_images([high + 50.0], "10ppm")
+    assert f"{low:.4f}" in str(err.value) and path.name in str(err.value)
+    inside = ds.ion_images([(low + high) / 2], "10ppm")  # inside the range: allowed even where it is empty
+    assert inside.data.shape[0] == 1
+    with pytest.raises(InputError, match="cannot read tolerance '-5ppm'"):
+        ds.ion_images([low], "-5ppm")
+    with pytest.raises(InputError, match="tolerance must be positive"):
+        ds.ion_images([low], "0ppm")

@@ -479,6 +479,14 @@ class ImzMLDataset:
         if any(w is None for w in windows):
             windows = make_windows([float(m) for m in mz], tol)
         sums = self.window_sums(windows)
+        empty = [w for w, col in zip(windows, np.asarray(sums).reshape(len(sums), -1).T) if not np.nansum(np.abs(col))]
+        if empty:  # only then is the m/z range worth a pass over the spectra
+            low, high = self.mz_range
+            outside = [w for w in empty if w.high < low or w.low > high]
+            if outside:
+                raise InputError(
+                    f"m/z {', '.join(f'{w.center:g}' for w in outside)} outside the file's m/z range "
+                    f"{low:.4f}–{high:.4f}: the ion image would be all zero", self.path)
         norm = Normalization(norm)
         if norm is not Normalization.NONE:
             factor = self._spectrum_stats()["tic" if norm is Normalization.TIC else "rms"]
