@@ -67,3 +67,15 @@ def test_empty_or_tiny_msi_is_refused_before_training():
     one[:, 3, 3] = 1.0
     with pytest.raises(InputError, match="only 1 tissue pixels"):
         reconstruct(one, he, he_pixel_size_um=2.5, msi_pixel_size_um=20.0, settings=Settings(factor=4))
+
+
+def test_a_duplicated_landmark_pair_is_refused_naming_it():
+    from napari_smsdl.errors import RegistrationError
+    from napari_smsdl.registration import LandmarkPairs
+
+    he = np.array([[10.0, 10.0], [10.0, 200.0], [150.0, 40.0], [120.0, 180.0]])
+    msi = he / 4.0
+    LandmarkPairs(he, msi).validate()
+    dup_he, dup_msi = np.vstack([he, he[2:3]]), np.vstack([msi, msi[2:3]])
+    with pytest.raises(RegistrationError, match="H&E landmark 3 appears more than once"):
+        LandmarkPairs(dup_he, dup_msi).validate(source="pairs.csv")

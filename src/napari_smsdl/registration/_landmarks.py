@@ -71,6 +71,15 @@ class LandmarkPairs:
         if not (np.isfinite(self.he_rc).all() and np.isfinite(self.msi_rc).all()):
             raise RegistrationError("landmarks contain NaN or infinite coordinates", source)
         for name, pts in (("H&E", self.he_rc), ("MSI", self.msi_rc)):
+            _, first, counts = np.unique(np.round(np.asarray(pts, float), 6), axis=0, return_index=True,
+                                         return_counts=True)
+            if (counts > 1).any():  # a repeated point is one constraint counted twice, and skews the fit
+                dup = sorted(int(i) + 1 for i in first[counts > 1])
+                raise RegistrationError(
+                    f"{name} landmark{'s' if len(dup) > 1 else ''} {', '.join(map(str, dup))} "
+                    f"appear{'' if len(dup) > 1 else 's'} more than once (a duplicated pair); remove the copies",
+                    source,
+                )
             if _collinear(pts):
                 raise RegistrationError(
                     f"the {name} landmarks are collinear (or coincide); an affine needs 3 points not on one line",
