@@ -180,9 +180,6 @@ def write_metrics_csv(
     one row per method with channel ``mean``. Numbers are written with full precision (``repr``);
     a metric missing for a method is left empty.
     """
-    import csv
-    import io
-
     rows = []
     for method, scores in metrics.items():
         if not isinstance(scores, dict):
@@ -197,9 +194,17 @@ def write_metrics_csv(
         for c in range(n_ch):
             rows.append([method, names[c], *(_num(scores, m, c) for m in CSV_METRICS)])
         rows.append([method, "mean", *(_num(scores, m, None) for m in CSV_METRICS)])
+    return _write_csv_atomic(path, ["method", "channel", *CSV_METRICS], rows)
+
+
+def _write_csv_atomic(path: str | os.PathLike, header: list, rows: list) -> Path:
+    """Write a header and rows as CSV to a temporary file beside ``path``, then rename it into place."""
+    import csv
+    import io
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "channel", *CSV_METRICS])
+    writer.writerow(header)
     writer.writerows(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,9 +244,6 @@ def write_guidance_csv(
     1 − held-out MSE with the histology / held-out MSE without it (mean over folds, ± its std over
     folds); ``used_histology`` is ``false`` where the output is the H&E-free control.
     """
-    import csv
-    import io
-
     rows = []
     for method, entry in guidance.items():
         if not isinstance(entry, dict) or "gain" not in entry:
@@ -255,16 +257,7 @@ def write_guidance_csv(
         for c in range(len(gain)):
             rows.append([method, names[c], _maybe(gain[c]), _maybe(std[c]),
                          "" if used[c] is None else str(bool(used[c])).lower()])
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "channel", "histology_gain", "histology_gain_std", "used_histology"])
-    writer.writerows(rows)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return _write_csv_atomic(path, ["method", "channel", "histology_gain", "histology_gain_std", "used_histology"], rows)
 
 
 def _maybe(value) -> str:

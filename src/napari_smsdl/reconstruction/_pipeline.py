@@ -251,11 +251,14 @@ def reconstruct(
         choices[Method.SMSDL.value] = result.choices
         seconds[Method.SMSDL.value] = time.perf_counter() - t0 + guide_seconds
         conservation = result.choices["conservation"]["value"]
+        control = result.control  # the H&E-free control SMSDL fell back to: computed there already
     else:
         conservation = settings.regression.conservation if settings.regression.conservation != "auto" else "exact"
+        control = None
     if Method.BACKPROJECTION in methods:
         t0 = time.perf_counter()
-        sr[Method.BACKPROJECTION.value] = conserve(bicubic, lr, factor, mask_lr, Conservation.EXACT)
+        sr[Method.BACKPROJECTION.value] = (control if control is not None
+                                           else conserve(bicubic, lr, factor, mask_lr, Conservation.EXACT))
         seconds[Method.BACKPROJECTION.value] = bicubic_seconds + time.perf_counter() - t0
     if Method.CNN in methods:
         t0 = time.perf_counter()
