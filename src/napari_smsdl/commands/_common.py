@@ -205,3 +205,12 @@ def load_transform_arg(path: str | None):
     from ..registration import load_transform
 
     return load_transform(path)
+
+
+def add_output_args(parser, *, what: str = "output folder") -> None:
+    """``-o OUTDIR`` and ``--overwrite``: an output folder is written as a unit (see ``_files.output_folder``)."""
+    parser.add_argument("-o", "--output", required=True, help=f"{what} (written whole at the end; "
+                        "refused when it already holds a run, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous run in the output folder (the old one stays whole until the "
+                        "new one is complete)")

@@ -26,13 +26,17 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from pathlib import Path
 
-import numpy as np
-
-from .._files import write_json_atomic
-
-from ._common import add_method_args, add_msi_channel_args, load_he, load_msi, load_transform_arg, settings_from_args
+from .._files import check_writable_dir, output_folder, write_json_atomic
+from ._common import (
+    add_method_args,
+    add_msi_channel_args,
+    add_output_args,
+    load_he,
+    load_msi,
+    load_transform_arg,
+    settings_from_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +61,46 @@ def add_parser(subparsers) -> None:
         help="without --transform, use the same-field-of-view start as it is (default: refine it on mutual "
         "information and keep the refinement only when it clearly helps; the decision is in metrics.json)",
     )
-    parser.add_argument("-o", "--output", required=True, help="output folder")
+    add_output_args(parser)
     parser.set_defaults(func=run, torchrun=True)
 
 
 
-
 def run(args) -> int:
-    from ..distributed import get_world_size, is_main_process
-    from ..errors import InputError
-    from ..evaluation import comparison_figure, run_benchmark
+    from ..distributed import is_main_process
     from ..evaluation._comparison import fallback_summary
-    from ..io import write_tiff_stack
-    from ..reconstruction import Method
 
     start = time.perf_counter()
     main = is_main_process()
-    out = Path(args.output)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    if args.cache_dir:
+        check_writable_dir(args.cache_dir, option="--cache-dir")
+    # checked and staged before any work; written whole at the end (metrics.json last)
+    with output_folder(args.output, overwrite=args.overwrite, carry=() if args.cache_dir else ("cache",)) as folder:
+        result = _run(args, folder, start=start, main=main)
+    if result is None:
+        return 0
+    msi, result = result
+    out = folder.target
+    for name in result.reconstruction.sr:
+        m = result.metrics[name]
+        print(f"{name:>14}: RMSE {m['rmse']['mean']:.4f}  SSIM {m['ssim']['mean']:.4f}  R2 {m['r2']['mean']:.4f}  "
+              f"PSNR {m['psnr']['mean']:.2f}  ({m['seconds']:.1f} s)")
+    summary = fallback_summary(result.reconstruction.guidance.get("smsdl"), msi.channel_names)
+    if summary:
+        print(summary)
+    print(f"wrote {out / 'metrics.json'}, {out / 'figure.png'}")
+    return 0
+
+
+def _run(args, folder, *, start: float, main: bool):
+    """The benchmark, writing into the staging folder ``folder.path``; (msi, result) on rank 0, else None."""
+    from ..distributed import get_world_size
+    from ..errors import InputError
+    from ..evaluation import comparison_figure, run_benchmark
+    from ..io import write_tiff_stack
+    from ..reconstruction import Method
+
+    out = folder.path
     msi = load_msi(args.msi, args)
     he, he_px = load_he(args.he, pixel_size_um=args.he_pixel_size)
     truth = msi.data
@@ -102,7 +127,7 @@ def run(args) -> int:
     if not main:  # other ranks only take part in the distributed SMSDL training
         methods, cache_dir = [m for m in methods if m == "smsdl"], None
         if not methods:
-            return 0
+            return None
 
     def progress(stage, done, total):
         if done == total or done == 1:
@@ -113,7 +138,7 @@ def run(args) -> int:
         transform=transform, methods=methods, cache_dir=cache_dir, refine=not args.no_refine, progress=progress,
     )
     if not main:
-        return 0
+        return None
     sr_px = truth_px
     for name, stack in result.reconstruction.sr.items():
         write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=msi.channel_names, pixel_size_um=sr_px)
@@ -138,13 +163,5 @@ def run(args) -> int:
         "registration": result.registration or {"start": "--transform" if args.transform else "same field of view",
                                                  "refinement": "not run"},
     }
-    write_json_atomic(out / "metrics.json", metrics)
-    for name in result.reconstruction.sr:
-        m = result.metrics[name]
-        print(f"{name:>14}: RMSE {m['rmse']['mean']:.4f}  SSIM {m['ssim']['mean']:.4f}  R2 {m['r2']['mean']:.4f}  "
-              f"PSNR {m['psnr']['mean']:.2f}  ({m['seconds']:.1f} s)")
-    summary = fallback_summary(result.reconstruction.guidance.get("smsdl"), msi.channel_names)
-    if summary:
-        print(summary)
-    print(f"wrote {out / 'metrics.json'}, {out / 'figure.png'}")
-    return 0
+    write_json_atomic(out / "metrics.json", metrics)  # last: its presence marks a finished run
+    return msi, result

@@ -37,6 +37,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"headless output folder (default {DEFAULT_OUTPUT})")
     parser.add_argument("--headless", action="store_true", help="run the benchmark without opening napari")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace a previous run in the output folder (the default {DEFAULT_OUTPUT} is "
+                        "always replaced: it is the demo's own)")
     parser.set_defaults(func=run)
 
 
@@ -62,12 +65,29 @@ def display_available(env: Mapping[str, str] | None = None, *, probe: bool = Tru
 
 
 def run_headless(outdir: str | os.PathLike, *, settings=None,
-                 methods=("smsdl", "bicubic", "backprojection", "cnn")) -> dict:
+                 methods=("smsdl", "bicubic", "backprojection", "cnn"), overwrite: bool = True) -> dict:
     """Run the benchmark on the built-in sample and write ``figure.png`` and ``metrics.json``.
 
-    ``settings`` defaults to the fast preset. Returns the metrics (method → metric → mean and
-    per-channel values, plus ``seconds``).
+    ``settings`` defaults to the fast preset. The folder is written as a unit (staged, renamed into
+    place, ``metrics.json`` last); a previous run there is replaced only with ``overwrite``.
+    Returns the metrics (method → metric → mean and per-channel values, plus ``seconds``).
     """
+    from .._files import output_folder
+
+    with output_folder(outdir, overwrite=overwrite) as folder:
+        metrics = _run_headless(folder.path, settings=settings, methods=methods)
+    out = folder.target
+    for name in metrics["settings"]["methods"]:
+        m = metrics[name]
+        print(f"{name:>14}: RMSE {m['rmse']['mean']:.4f}  SSIM {m['ssim']['mean']:.4f}  R2 {m['r2']['mean']:.4f}  "
+              f"PSNR {m['psnr']['mean']:.2f}  ({m['seconds']:.1f} s)")
+    if metrics["settings"].get("fallback_summary"):
+        print(metrics["settings"]["fallback_summary"])
+    print(f"wrote {out / 'figure.png'} and {out / 'metrics.json'}")
+    return metrics
+
+
+def _run_headless(out: Path, *, settings, methods) -> dict:
     from .._files import jsonable
     from ..evaluation import comparison_figure, run_benchmark
     from ..io import write_metrics_csv, write_tiff_stack
@@ -75,9 +95,9 @@ def run_headless(outdir: str | os.PathLike, *, settings=None,
     from ..sample import make_sample
     from .benchmark import write_json_atomic
 
+    from ..evaluation._comparison import fallback_summary
+
     start = time.perf_counter()
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
     sample = make_sample()
     settings = settings or Settings.preset("fast", factor=sample.factor)
     truth_px = sample.msi_pixel_size_um / sample.factor
@@ -107,18 +127,10 @@ def run_headless(outdir: str | os.PathLike, *, settings=None,
         "factor": sample.factor, "channels": names, "truth_pixel_size_um": truth_px,
         "msi_pixel_size_um": sample.msi_pixel_size_um, "he_pixel_size_um": sample.he_pixel_size_um,
         "reconstruction": result.reconstruction.settings.to_dict(),
+        "methods": list(result.reconstruction.sr),
+        "fallback_summary": fallback_summary(result.reconstruction.guidance.get("smsdl"), names),
     }
-    write_json_atomic(out / "metrics.json", jsonable(metrics))
-    for name in result.reconstruction.sr:
-        m = result.metrics[name]
-        print(f"{name:>14}: RMSE {m['rmse']['mean']:.4f}  SSIM {m['ssim']['mean']:.4f}  R2 {m['r2']['mean']:.4f}  "
-              f"PSNR {m['psnr']['mean']:.2f}  ({m['seconds']:.1f} s)")
-    from ..evaluation._comparison import fallback_summary
-
-    summary = fallback_summary(result.reconstruction.guidance.get("smsdl"), names)
-    if summary:
-        print(summary)
-    print(f"wrote {out / 'figure.png'} and {out / 'metrics.json'}")
+    write_json_atomic(out / "metrics.json", jsonable(metrics))  # last: it marks a finished run
     return metrics
 
 
@@ -151,7 +163,8 @@ def run(args) -> int:
     if args.headless or not display_available():
         if not args.headless:
             print("no display: running the demo headless (benchmark on the sample, fast preset)")
-        run_headless(args.output)
+        # the default folder is the demo's own: a second `make demo` replaces it
+        run_headless(args.output, overwrite=args.overwrite or args.output == DEFAULT_OUTPUT)
         return 0
     import napari
 

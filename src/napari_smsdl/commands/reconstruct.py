@@ -38,6 +38,7 @@ writes the same outputs from its stored results, without computing anything agai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
@@ -45,8 +46,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .._files import write_json_atomic
-from ._common import add_method_args, add_msi_channel_args, load_he, load_msi, load_transform_arg, settings_from_args
+from .._files import check_writable_dir, output_folder, write_json_atomic
+from ._common import (
+    add_method_args,
+    add_msi_channel_args,
+    add_output_args,
+    load_he,
+    load_msi,
+    load_transform_arg,
+    settings_from_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +83,7 @@ def add_parser(subparsers) -> None:
         help=f"train SMSDL N channels at a time and stream the SR stack to OUTDIR/sr_smsdl.zarr (many channels); "
         f"automatic with N={DEFAULT_CHUNK_CHANNELS} above {CHUNKED_ABOVE_CHANNELS} channels, 0 = always in memory",
     )
-    parser.add_argument("-o", "--output", required=True, help="output folder")
+    add_output_args(parser)
     parser.add_argument(
         "--project", default=None, metavar="DIR",
         help="also save the run as a project folder; without --he/--msi/--factor, reopen that project and "
@@ -96,10 +105,7 @@ def _log_progress(stage: str, done: int, total: int) -> None:
 def run(args) -> int:
     from .. import distributed as dd
     from ..errors import InputError
-    from ..evaluation import comparison_figure
-    from ..evaluation._comparison import fallback_summary
-    from ..io import write_tiff_stack
-    from ..reconstruction import CHUNKED_ABOVE_CHANNELS, DEFAULT_CHUNK_CHANNELS, Method, reconstruct
+    from ..reconstruction import Method
 
     start = time.perf_counter()
     missing = [f"--{name}" for name in REOPEN_OPTIONAL if getattr(args, name, None) is None]
@@ -121,8 +127,31 @@ def run(args) -> int:
     chunk = getattr(args, "chunk_channels", None)
     if chunk is not None and chunk < 0:
         raise InputError(f"--chunk-channels must be 0 (in memory) or a positive number of channels, got {chunk}")
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.cache_dir:
+        check_writable_dir(args.cache_dir, option="--cache-dir")
+    with contextlib.ExitStack() as stack:
+        if args.project and main:  # one writer at a time, and a read-only folder found now, not at the end
+            from ..project._store import project_lock
+
+            stack.enter_context(project_lock(args.project))
+        # the old cache is carried over so a rerun with --overwrite need not recompute the features
+        folder = stack.enter_context(output_folder(args.output, overwrite=args.overwrite,
+                                                   carry=() if args.cache_dir else ("cache",)))
+        outcome = _run(args, folder, start=start, main=main, methods=methods, chunk=chunk)
+    if main:  # after the commit: the paths printed exist
+        _report(args, folder, *outcome)
+    return 0
+
+
+def _run(args, folder, *, start: float, main: bool, methods: list[str], chunk: int | None):
+    """The run itself, writing into the staging folder ``folder.path`` (``run.json`` last)."""
+    from .. import distributed as dd
+    from ..errors import InputError
+    from ..evaluation import comparison_figure
+    from ..io import write_tiff_stack
+    from ..reconstruction import CHUNKED_ABOVE_CHANNELS, DEFAULT_CHUNK_CHANNELS, reconstruct
+
+    out = folder.path
     lazy_above = None if chunk == 0 else (0 if chunk else CHUNKED_ABOVE_CHANNELS)
     msi = load_msi(args.msi, args, lazy_above=lazy_above, store=out / "msi_lr.zarr",
                    chunk_channels=chunk or DEFAULT_CHUNK_CHANNELS)
@@ -159,22 +188,23 @@ def run(args) -> int:
             progress=_log_progress,
         )
         if not main:  # the other ranks only took part in the features and the channel chunks
-            return 0
+            return None
         files, uncertainty_files, guidance, choices = {}, {}, {}, {}
         for name, stack in many.sr.items():
-            files[name] = str(write_tiff_stack(out / f"sr_{name}.ome.tif", stack.open(),
-                                               channel_names=msi.channel_names, pixel_size_um=sr_px))
+            files[name] = str(folder.final(write_tiff_stack(out / f"sr_{name}.ome.tif", stack.open(),
+                                                            channel_names=msi.channel_names, pixel_size_um=sr_px)))
             spread = stack.open_uncertainty()
             if spread is not None:  # the SMSDL store: its predictive std, page by page
-                uncertainty_files[name] = str(write_tiff_stack(out / f"uncertainty_{name}.ome.tif", spread,
-                                                               channel_names=msi.channel_names, pixel_size_um=sr_px))
+                uncertainty_files[name] = str(folder.final(write_tiff_stack(
+                    out / f"uncertainty_{name}.ome.tif", spread, channel_names=msi.channel_names, pixel_size_um=sr_px)))
                 guidance[name], choices[name] = stack.guidance(), _store_choices(stack)
         shown = {name: stack.read(slice(0, FIGURE_CHANNELS)) for name, stack in many.sr.items()}
         comparison_figure(out / "figure.png", shown, channel_names=msi.channel_names[:FIGURE_CHANNELS],
                           max_channels=FIGURE_CHANNELS)
         seconds, used = dict(many.seconds), many.settings
         extra = {"chunk_channels": chunk or DEFAULT_CHUNK_CHANNELS,
-                 "zarr": {name: str(stack.path) for name, stack in many.sr.items()}, "msi_store": msi.store}
+                 "zarr": {name: str(folder.final(stack.path)) for name, stack in many.sr.items()},
+                 "msi_store": None if msi.store is None else str(folder.final(msi.store))}
     else:
         if not main:  # the other ranks only take part in the distributed SMSDL training
             methods, weights = ["smsdl"], None
@@ -186,14 +216,14 @@ def run(args) -> int:
             progress=_log_progress,
         )
         if not main:
-            return 0
+            return None
         files, uncertainty_files = {}, {}
         for name, stack in result.sr.items():
-            files[name] = str(write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=msi.channel_names,
-                                               pixel_size_um=sr_px))
+            files[name] = str(folder.final(write_tiff_stack(out / f"sr_{name}.ome.tif", stack,
+                                                            channel_names=msi.channel_names, pixel_size_um=sr_px)))
         for name, stack in result.uncertainty.items():
-            uncertainty_files[name] = str(write_tiff_stack(out / f"uncertainty_{name}.ome.tif", stack,
-                                                           channel_names=msi.channel_names, pixel_size_um=sr_px))
+            uncertainty_files[name] = str(folder.final(write_tiff_stack(
+                out / f"uncertainty_{name}.ome.tif", stack, channel_names=msi.channel_names, pixel_size_um=sr_px)))
         guidance, choices = dict(result.guidance), dict(result.choices)
         comparison_figure(out / "figure.png", result.sr, channel_names=msi.channel_names)
         seconds, used = dict(result.seconds), result.settings
@@ -208,14 +238,19 @@ def run(args) -> int:
         saved = save_run_as_project(args, many if chunked else result, msi, msi_px=msi_px, he_px=he_px,
                                     transform=transform, out=out)
         run_info["project"] = str(saved.path)
-    write_json_atomic(out / "run.json", run_info)
-    print(f"wrote {', '.join([*files.values(), *uncertainty_files.values()])} and {out / 'figure.png'}")
-    summary = fallback_summary(guidance.get("smsdl"), msi.channel_names)
+    write_json_atomic(out / "run.json", run_info)  # last: its presence marks a finished run
+    return [*files.values(), *uncertainty_files.values()], guidance.get("smsdl"), msi.channel_names
+
+
+def _report(args, folder, written, guidance, channel_names) -> None:
+    from ..evaluation._comparison import fallback_summary
+
+    print(f"wrote {', '.join(written)} and {folder.target / 'figure.png'}")
+    summary = fallback_summary(guidance, channel_names)
     if summary:
         print(summary)
     if args.project:
         print(f"saved the project to {args.project}")
-    return 0
 
 
 def _store_choices(stack):
@@ -264,23 +299,39 @@ def save_run_as_project(args, result, msi, *, msi_px: float, he_px: float, trans
 
 def reopen(args, start: float) -> int:
     """Reopen ``--project DIR`` and write its stored results to ``-o`` like a run does."""
+    from ..project import is_project, load_project
+
+    if not is_project(args.project):
+        load_project(args.project)  # raises its one-line reason (no folder, no manifest) before -o is checked
+    with output_folder(args.output, overwrite=args.overwrite) as folder:  # checked before the project is read
+        project = load_project(args.project)
+        files, summary = _write_reopened(project, folder, start)
+    status = project.input_status()
+    changed = [f"{role} {state}" for role, state in status.items() if state != "unchanged"]
+    print(f"reopened {project.path} (saved {project.saved_at}); wrote {', '.join(files.values())} and "
+          f"{folder.target / 'figure.png'}" + (f"; inputs: {', '.join(changed)}" if changed else ""))
+    if summary:
+        print(summary)
+    return 0
+
+
+def _write_reopened(project, folder, start: float):
     from ..evaluation import comparison_figure
+    from ..evaluation._comparison import fallback_summary
     from ..io import write_tiff_stack
-    from ..project import load_project
     from ..project._store import _pageable
 
-    project = load_project(args.project)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder.path
     names = list(project.channel_names)
     files = {}
     for name, stack in project.sr.items():
-        files[name] = str(write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=names,
-                                           pixel_size_um=project.sr_pixel_size_um))
+        files[name] = str(folder.final(write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=names,
+                                                        pixel_size_um=project.sr_pixel_size_um)))
     uncertainty_files = {}
     for name, stack in project.uncertainty.items():
-        uncertainty_files[name] = str(write_tiff_stack(out / f"uncertainty_{name}.ome.tif", _pageable(stack),
-                                                       channel_names=names, pixel_size_um=project.sr_pixel_size_um))
+        uncertainty_files[name] = str(folder.final(write_tiff_stack(
+            out / f"uncertainty_{name}.ome.tif", _pageable(stack), channel_names=names,
+            pixel_size_um=project.sr_pixel_size_um)))
     # a lazy (many-channel) project: the figure shows its first channels, read from disk
     shown = project.subset(range(min(FIGURE_CHANNELS, len(names)))) if project.lazy else project
     comparison_figure(out / "figure.png", shown.sr, truth=shown.truth, mask=shown.mask_hr,
@@ -298,13 +349,5 @@ def reopen(args, start: float) -> int:
         "settings": project.settings.to_dict(),
         "project": str(project.path), "reopened": True, "saved_at": project.saved_at,
         "uncertainty": uncertainty_files, "guidance": project.guidance, "choices": project.choices,
-    })
-    changed = [f"{role} {state}" for role, state in status.items() if state != "unchanged"]
-    print(f"reopened {project.path} (saved {project.saved_at}); wrote {', '.join(files.values())} and "
-          f"{out / 'figure.png'}" + (f"; inputs: {', '.join(changed)}" if changed else ""))
-    from ..evaluation._comparison import fallback_summary
-
-    summary = fallback_summary(project.guidance.get("smsdl"), names, project.mz)
-    if summary:
-        print(summary)
-    return 0
+    })  # last: its presence marks a finished run
+    return files, fallback_summary(project.guidance.get("smsdl"), names, project.mz)

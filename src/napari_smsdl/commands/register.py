@@ -61,7 +61,12 @@ def add_parser(subparsers) -> None:
         help="CSV with header he_row,he_col,msi_row,msi_col (pixel coordinates); "
         "without it the start is 'same field of view'",
     )
-    parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                        help="output folder (written whole at the end; refused when it already holds a "
+                        "registration, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous registration in OUTDIR (the old one stays whole until the new one "
+                        "is complete)")
     parser.add_argument(
         "--he-feature",
         choices=[m.value for m in MovingFeature],
@@ -144,17 +149,47 @@ def load_he_image(path: str | Path, *, pixel_size_um: float | None, msi_pixel_si
 
 
 def run(args) -> int:
-    from ..errors import InputError, RegistrationError
-    from ..registration import RegistrationParams, read_landmarks_csv, register, save_registration
-    from ..registration._levels import landmarks_to_level, result_to_level0
+    from .._files import output_folder
+    from ..registration import read_landmarks_csv, save_registration
 
     t0 = time.perf_counter()
     he_size = _positive(args.he_pixel_size, "--he-pixel-size")
     msi_size = _positive(args.msi_pixel_size, "--msi-pixel-size")
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise InputError("output exists and is not a folder", out)
     landmarks = read_landmarks_csv(args.landmarks) if args.landmarks else None
+    # checked and staged before the work; written whole at the end (report.json last)
+    with output_folder(args.output, overwrite=args.overwrite) as folder:
+        result = _register(args, he_size, msi_size, landmarks)
+        written = {name: folder.final(path) for name, path in
+                   save_registration(result, folder.path, images=args.images).items()}
+    rep = result.report
+    loo = rep["loo_error_msi_px"]
+    held = (
+        f"held-out landmark error median {loo['median']:.2f} / p90 {loo['p90']:.2f} MSI px"
+        if loo
+        else "no held-out error"
+    )
+    trust = ""
+    if rep.get("confidence_msi_px") is not None and rep.get("misregistration_msi_px"):
+        mis = rep["misregistration_msi_px"]
+        trust = (
+            f"; confidence {rep['confidence_msi_px']:.2f} MSI px, local misregistration median "
+            f"{mis['median']:.2f} / p90 {mis['p90']:.2f} MSI px"
+        )
+    print(
+        f"{rep['final']}; {held}; {rep['folds_in_tissue']} folded pixel(s) in tissue{trust}; "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    for message in rep["messages"]:
+        print(f"note: {message}")
+    print(f"wrote {written['transform']} and {written['report']}")
+    return 0
+
+
+def _register(args, he_size: float | None, msi_size: float | None, landmarks):
+    """Read the images and register them (the result with its H&E side at level 0)."""
+    from ..errors import InputError, RegistrationError
+    from ..registration import RegistrationParams, register
+    from ..registration._levels import landmarks_to_level, result_to_level0
 
     msi, msi_size = load_msi_image(args.msi, pixel_size_um=msi_size)
     if msi_size is None:
@@ -189,29 +224,6 @@ def run(args) -> int:
         if args.landmarks and exc.path is None and "landmark" in exc.problem:
             raise RegistrationError(exc.problem, args.landmarks) from exc
         raise
-    result = result_to_level0(
+    return result_to_level0(
         result, level0_pixel_size_um=he_level_size * scale, scale=scale, landmarks_level0=landmarks_level0
     )
-    written = save_registration(result, out, images=args.images)
-    rep = result.report
-    loo = rep["loo_error_msi_px"]
-    held = (
-        f"held-out landmark error median {loo['median']:.2f} / p90 {loo['p90']:.2f} MSI px"
-        if loo
-        else "no held-out error"
-    )
-    trust = ""
-    if rep.get("confidence_msi_px") is not None and rep.get("misregistration_msi_px"):
-        mis = rep["misregistration_msi_px"]
-        trust = (
-            f"; confidence {rep['confidence_msi_px']:.2f} MSI px, local misregistration median "
-            f"{mis['median']:.2f} / p90 {mis['p90']:.2f} MSI px"
-        )
-    print(
-        f"{rep['final']}; {held}; {rep['folds_in_tissue']} folded pixel(s) in tissue{trust}; "
-        f"{time.perf_counter() - t0:.1f} s"
-    )
-    for message in rep["messages"]:
-        print(f"note: {message}")
-    print(f"wrote {written['transform']} and {written['report']}")
-    return 0

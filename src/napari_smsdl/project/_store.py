@@ -6,6 +6,14 @@ A crash at any point leaves either the previous manifest with its intact snapsho
 with its complete snapshot; leftovers of an interrupted save are removed by the next save.
 :func:`load_project` checks every file against the manifest's hashes.
 
+Several processes: a writer holds an OS lock on ``DIR/.smsdl-write.lock`` for its whole save
+(:func:`project_lock`; the CLI takes it before the work starts), so a second writer waits up to
+``$SMSDL_LOCK_TIMEOUT`` seconds (default 30) and then refuses, naming the project. The swap (the
+rename, the new manifest, the removal of the old snapshot) runs under an exclusive lock on
+``DIR/.smsdl-read.lock`` that :func:`load_project` holds shared while it reads, so a reader sees the
+old save or the new one, never a snapshot being removed. Staging folders carry the writer's pid and
+a random part; only those of dead processes are removed.
+
 A lazy (many-channel) project is saved page by page (its OME-TIFFs are never held whole;
 ``parameters.json`` records ``"lazy": true``) and reopened lazily: its stacks are zarr views of the
 OME-TIFFs (``tifffile`` ``aszarr``, :func:`open_lazy_tiff`).
@@ -13,6 +21,7 @@ OME-TIFFs (``tifffile`` ``aszarr``, :func:`open_lazy_tiff`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -25,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._files import jsonable, sha256_file
+from .._files import LockTimeout, file_lock, jsonable, lock_holder, lock_timeout, sha256_file, test_save_delay
 from ..errors import InputError
 from ._format import (
     CACHE_DIR,
@@ -205,6 +214,33 @@ def _copy_cache(source: Path | None, target: Path) -> list[str]:
     return names
 
 
+WRITE_LOCK = ".smsdl-write.lock"
+READ_LOCK = ".smsdl-read.lock"
+
+
+@contextlib.contextmanager
+def project_lock(directory: str | os.PathLike, *, timeout: float | None = None):
+    """Hold the writer's lock of the project folder ``directory`` (created if needed).
+
+    A second writer (another process, or another thread) waits up to ``timeout`` seconds (default
+    ``$SMSDL_LOCK_TIMEOUT`` or 30 s) and then gets an :class:`InputError` naming the project and the
+    process holding it. Re-entrant: :func:`save_project` inside it does not wait for itself. Also
+    proves the folder writable before any work (a clear error instead of a failure at the end).
+    """
+    from .._files import check_writable_dir
+
+    directory = check_writable_dir(Path(directory).expanduser(), option="--project")
+    wait = lock_timeout(timeout)
+    try:
+        with file_lock(directory / WRITE_LOCK, timeout=wait):
+            yield directory
+    except LockTimeout as exc:
+        holder = lock_holder(directory / WRITE_LOCK)
+        who = f"process {holder}" if holder and holder != str(os.getpid()) else "another process"
+        raise InputError(f"--project: being written by {who} (waited {wait:g} s); wait for it to finish, "
+                         f"or choose another project folder", directory) from exc
+
+
 def save_project(directory: str | os.PathLike, project: Project) -> Project:
     """Save ``project`` into the folder ``directory`` (created if needed), atomically.
 
@@ -219,6 +255,11 @@ def save_project(directory: str | os.PathLike, project: Project) -> Project:
     """
     directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
+    with project_lock(directory):
+        return _save_locked(directory, project)
+
+
+def _save_locked(directory: Path, project: Project) -> Project:
     previous = _read_manifest(directory)
     number = 1
     if previous is not None:
@@ -227,23 +268,21 @@ def save_project(directory: str | os.PathLike, project: Project) -> Project:
     existing = [int(m.group(1)) for p in directory.iterdir() if (m := SNAPSHOT_RE.match(p.name))]
     number = max([number, *(n + 1 for n in existing)])
     snapshot = f"save-{number:04d}"
-    stage = directory / f"{STAGING_PREFIX}{snapshot}-{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
+    # unique per process and save: a clean-up never takes another writer's folder for its own
+    stage = directory / f"{STAGING_PREFIX}{snapshot}-{os.getpid()}-{os.urandom(3).hex()}"
     stage.mkdir()
     try:
         _write_snapshot(stage, project)
         _fsync_tree(stage)
-        os.rename(stage, directory / snapshot)
+        test_save_delay(f"project {directory}")
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    _fsync_dir(directory)
     cache_names = _copy_cache(project.cache_dir, directory / CACHE_DIR)
     files = {}
-    for path in sorted((directory / snapshot).rglob("*")):
+    for path in sorted(stage.rglob("*")):
         if path.is_file():
-            rel = path.relative_to(directory / snapshot).as_posix()
+            rel = path.relative_to(stage).as_posix()
             files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     saved_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     manifest = {
@@ -269,9 +308,20 @@ def save_project(directory: str | os.PathLike, project: Project) -> Project:
         fh.write(json.dumps(jsonable(manifest), indent=2))
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, directory / PROJECT_FILE)
-    _fsync_dir(directory)
-    _remove_leftovers(directory, keep=snapshot)
+    try:
+        # readers hold this lock shared while they load: none sees the old snapshot go mid-read
+        with file_lock(directory / READ_LOCK, timeout=max(lock_timeout(), 300.0)):
+            os.rename(stage, directory / snapshot)
+            _fsync_dir(directory)
+            os.replace(tmp, directory / PROJECT_FILE)
+            _fsync_dir(directory)
+            _remove_leftovers(directory, keep=snapshot)
+    except BaseException:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+        if tmp.exists():
+            tmp.unlink()
+        raise
     log.info("project saved to %s (%s, %d files)", directory, snapshot, len(files))
     lazy = {}
     if project.lazy:  # read on from the saved copy: the stores it came from may be an older snapshot, now removed
@@ -292,11 +342,17 @@ def save_project(directory: str | os.PathLike, project: Project) -> Project:
 
 
 def _remove_leftovers(directory: Path, *, keep: str) -> None:
-    """Remove older snapshots and staging folders of interrupted saves (never anything else)."""
+    """Remove older snapshots and staging folders of interrupted saves (never anything else).
+
+    Called with the writer's lock held: every writer stages under that lock, so any other staging
+    folder is what a killed save left behind, not a save in progress.
+    """
     for path in directory.iterdir():
         if not path.is_dir() or path.name == keep:
             continue
-        if path.name.startswith(STAGING_PREFIX) or (SNAPSHOT_RE.match(path.name) and (path / PARAMETERS).exists()):
+        if path.name.startswith(STAGING_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+        elif SNAPSHOT_RE.match(path.name) and (path / PARAMETERS).exists():
             shutil.rmtree(path, ignore_errors=True)
         elif SNAPSHOT_RE.match(path.name) and not any(path.iterdir()):
             path.rmdir()
@@ -308,6 +364,20 @@ def is_project(directory: str | os.PathLike) -> bool:
 
 
 def load_project(directory: str | os.PathLike, *, verify: bool = True) -> Project:
+    """Reopen a project saved by :func:`save_project` (see :func:`_load_project`); while it reads, a
+    writer in another process cannot swap the snapshot (the shared read lock)."""
+    folder = Path(directory).expanduser()
+    folder = folder.parent if folder.name == PROJECT_FILE else folder
+    if not folder.is_dir():
+        raise InputError("project folder not found", folder)
+    try:
+        with file_lock(folder / READ_LOCK, shared=True, timeout=max(lock_timeout(), 300.0), required=False):
+            return _load_project(folder, verify=verify)
+    except LockTimeout as exc:
+        raise InputError(f"a save into this project did not finish its swap ({exc}); try again", folder) from exc
+
+
+def _load_project(directory: str | os.PathLike, *, verify: bool = True) -> Project:
     """Reopen a project saved by :func:`save_project`.
 
     Parameters

@@ -33,7 +33,7 @@ def save_registration(result, outdir: str | os.PathLike, *, images: bool = False
     ``SimpleITK.ReadTransform``), ``affine.tfm`` (its affine part), ``report.json``, ``params.json``,
     ``landmarks.csv`` (when there were landmarks), ``misregistration.npy`` (the local misregistration
     map, (rows, cols) float32 MSI px, NaN outside tissue patches, when there is one), and with ``images=True`` float32/uint8 TIFFs of the
-    warped H&E, checkerboard and Jacobian map.
+    warped H&E, checkerboard and Jacobian map. ``report.json`` is written last.
 
     Returns
     -------
@@ -49,8 +49,6 @@ def save_registration(result, outdir: str | os.PathLike, *, images: bool = False
     written["transform"] = out / TRANSFORM_FILE
     sitk.WriteTransform(result.affine, str(out / AFFINE_FILE))
     written["affine"] = out / AFFINE_FILE
-    (out / REPORT_FILE).write_text(json.dumps(_jsonable(result.report), indent=2))
-    written["report"] = out / REPORT_FILE
     (out / PARAMS_FILE).write_text(json.dumps(result.params.to_dict(), indent=2))
     written["params"] = out / PARAMS_FILE
     if getattr(result, "misregistration", None) is not None:
@@ -77,6 +75,9 @@ def save_registration(result, outdir: str | os.PathLike, *, images: bool = False
         path = out / "jacobian.tif"
         tifffile.imwrite(path, result.jacobian.astype(np.float32), resolution=msi_res, resolutionunit="CENTIMETER")
         written["jacobian"] = path
+    # last: a report.json marks a finished registration (the CLI refuses to write over one)
+    (out / REPORT_FILE).write_text(json.dumps(_jsonable(result.report), indent=2))
+    written["report"] = out / REPORT_FILE
     return written
 
 
