@@ -240,3 +240,68 @@ def test_mz_outside_the_files_range_is_refused_with_the_range(imzml_file):
         ds.ion_images([low], "-5ppm")
     with pytest.raises(InputError, match="tolerance must be positive"):
         ds.ion_images([low], "0ppm")
+
+
+def _write_typed(path, values, dtype, mode="processed"):
+    """An imzML whose intensities are stored as ``dtype`` (pyimzML's writer, which takes intensity_dtype)."""
+    from pyimzml.ImzMLWriter import ImzMLWriter
+
+    mz = np.array([100.0, 200.0, 300.0])
+    with ImzMLWriter(str(path), intensity_dtype=dtype, mode=mode) as writer:
+        for i, v in enumerate(values):
+            writer.addSpectrum(mz, np.asarray(v, dtype), (i + 1, 1))
+    return mz
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("mode", ["processed", "continuous"])
+def test_every_intensity_type_pyimzml_writes_reads_its_values(tmp_path, dtype, mode):
+    values = [[3, 7, 120], [0, 9, 2047]]
+    _write_typed(tmp_path / "t.imzML", values, dtype, mode)
+    ds = open_imzml(tmp_path / "t.imzML")
+    assert ds.intensity_dtype == np.dtype(dtype)
+    for i, v in enumerate(values):
+        np.testing.assert_array_equal(ds.spectrum(i).intensity, v)
+    np.testing.assert_array_equal(ds.ion_images([300.0], "0.5da").data[0], [[120, 2047]])
+
+
+@pytest.mark.parametrize(("name", "accession", "dtype"), [("16-bit integer", "IMS:1100001", "<i2"),
+                                                         ("8-bit integer", "IMS:1100000", "<i1")])
+def test_small_integer_intensities_read_their_values_not_float32_garbage(tmp_path, name, accession, dtype):
+    """Issue 16 item 8: a "16-bit integer" file read as float32 gave values like 3.3e-32.
+
+    pyimzML's writer cannot write 8/16-bit integers, so a 16-bit float file (same item size for
+    16 bits) is written and its intensity bytes and declaration rewritten as the standard spells them.
+    """
+    import re
+
+    values = [np.array([3, -7, 120], dtype), np.array([5, 9, 100], dtype)]
+    path = tmp_path / "t.imzML"
+    size = np.dtype(dtype).itemsize
+    _write_typed(path, [v.astype(np.float16) for v in values], np.float16)
+    parser = ImzMLParser(str(path))
+    ibd = bytearray(path.with_suffix(".ibd").read_bytes())
+    for offset, v in zip(parser.intensityOffsets, values):
+        ibd[offset : offset + 2 * len(v)] = b"\0" * 2 * len(v)
+        ibd[offset : offset + size * len(v)] = v.tobytes()
+    path.with_suffix(".ibd").write_bytes(bytes(ibd))
+    xml = path.read_text()
+    xml = xml.replace('accession="MS:1000520" name="16-bit float"', f'accession="{accession}" name="{name}"')
+    if size == 1:  # one byte per value: the encoded lengths halve
+        xml = re.sub(r'(name="encoded length" value=")(\d+)"', lambda m: f'{m.group(1)}{int(m.group(2)) // 2}"', xml)
+    path.write_text(xml)
+    ds = open_imzml(path)
+    assert ds.intensity_dtype == np.dtype(dtype)
+    for i, v in enumerate(values):
+        np.testing.assert_array_equal(ds.spectrum(i).intensity, v)
+    np.testing.assert_array_equal(ds.tic_image(), [[116, 114]])
+
+
+def test_an_unsupported_intensity_type_is_refused_by_name(tmp_path):
+    path = tmp_path / "t.imzML"
+    _write_typed(path, [[1, 2, 3]], np.float32)
+    path.write_text(path.read_text().replace('accession="MS:1000521" name="32-bit float"',
+                                             'accession="IMS:9999999" name="12-bit integer"'))
+    with pytest.raises(ImzMLError, match="intensity array data type '12-bit integer' is not supported") as err:
+        open_imzml(path)
+    assert str(path) in str(err.value) and "16-bit integer" in str(err.value)

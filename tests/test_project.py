@@ -419,3 +419,49 @@ def test_lazy_scores_do_not_depend_on_the_channels_scored_with_them(tmp_path):
     with_other = project.with_truth(truth, channels=[3, 4]).metrics["smsdl"]["rmse"]["per_channel"][3]
     in_memory = score_stack(truth, np.asarray(project.sr["smsdl"][:]), np.ones((16, 12), bool))["rmse"]["per_channel"][3]
     assert alone == pytest.approx(with_other) and alone == pytest.approx(in_memory)
+
+
+_SAVER = """
+import sys
+import numpy as np
+from napari_smsdl.project import Project, save_project
+from napari_smsdl.reconstruction import Reconstruction, Settings
+
+folder, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(n):
+    rng = np.random.default_rng(seed * 100 + i)
+    sr = {"smsdl": np.full((2, 24, 20), seed * 100 + i, np.float32)}
+    recon = Reconstruction(sr, {"smsdl": 0.1}, rng.uniform(0, 1, (24, 20, 3)).astype(np.float32), None,
+                           {"smsdl": []}, Settings.preset("fast", factor=4))
+    p = Project.from_reconstruction(recon, lr_msi=rng.uniform(1, 2, (2, 6, 5)).astype(np.float32),
+                                    channel_names=("a", "b"), msi_pixel_size_um=40.0, he_pixel_size_um=2.5)
+    save_project(folder, p)
+print("done", flush=True)
+"""
+
+
+def test_two_processes_saving_at_once_both_succeed_and_a_reader_sees_only_complete_saves(project, tmp_path):
+    """Issue 16 item 2: two writers used to fail about half the time (one's clean-up removed the other's
+    staging folder) and a reader saw a broken state; now the writers take turns and every load is whole."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "proj"
+    save_project(folder, project)
+    writers = [subprocess.Popen([sys.executable, "-c", _SAVER, str(folder), str(seed), "4"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    loads, seen = 0, set()
+    while any(w.poll() is None for w in writers) or loads == 0:
+        p = load_project(folder)  # raises on a missing or changed file: never a half-swapped save
+        value = float(p.sr["smsdl"].flat[0])
+        assert np.all(p.sr["smsdl"] == value) or "bicubic" in p.sr  # one save's stack, not a mix
+        seen.add(value)
+        loads += 1
+    for w in writers:
+        out, err = w.communicate()
+        assert w.returncode == 0 and out.strip() == "done", err[-2000:]
+    final = load_project(folder)
+    assert float(final.sr["smsdl"].flat[0]) in {103.0, 203.0}  # the last save of one of the writers
+    assert not [p for p in folder.iterdir() if p.name.startswith(".staging-")]
+    assert len([p for p in folder.iterdir() if p.name.startswith("save-")]) == 1
+    assert loads >= 1

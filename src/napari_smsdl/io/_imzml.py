@@ -48,7 +48,47 @@ REGION_MIN_GAP_PX = 3
 
 logger = logging.getLogger(__name__)
 
-_PRECISION_DTYPES = {"f": np.float32, "d": np.float64, "i": np.int32, "l": np.int64}
+#: Binary data types of the imzML standard (PSI-MS and imzML controlled vocabularies), by name.
+#: pyimzML's parser knows only the 32/64-bit ones and leaves the others undetermined, so the
+#: declared names are read here. Values are little-endian, as the standard requires.
+IMZML_DTYPES = {
+    "8-bit integer": np.dtype("<i1"),    # IMS:1100000
+    "16-bit integer": np.dtype("<i2"),   # IMS:1100001
+    "32-bit integer": np.dtype("<i4"),   # MS:1000519 / IMS:1000141
+    "64-bit integer": np.dtype("<i8"),   # MS:1000522 / IMS:1000142
+    "16-bit float": np.dtype("<f2"),     # MS:1000520
+    "32-bit float": np.dtype("<f4"),     # MS:1000521
+    "64-bit float": np.dtype("<f8"),     # MS:1000523
+}
+_BIT_TYPE = re.compile(r"\d+-bit\s+\w+", re.IGNORECASE)
+
+
+_PYIMZML_CODES = {"f": "32-bit float", "d": "64-bit float", "i": "32-bit integer", "l": "64-bit integer"}
+
+
+def _declared_dtype(parser, array: str, path: Path, pyimzml_code: str | None = None) -> np.dtype:
+    """The binary data type that the imzML declares for ``array`` ("m/z array"/"intensity array").
+
+    Read from the referenceable parameter group holding ``array`` (where imzML declares it);
+    refused by name when it is not one of :data:`IMZML_DTYPES` or not declared at all.
+    """
+    declared = []
+    for group in parser.metadata.referenceable_param_groups.values():
+        names = list(getattr(group, "param_by_name", {}) or {})
+        raw = [p[3] for p in getattr(group, "cv_params", ()) if len(p) > 3 and p[3]]
+        if array not in names:
+            continue
+        declared += [n for n in [*names, *raw] if isinstance(n, str) and _BIT_TYPE.fullmatch(n.strip())]
+    known = [IMZML_DTYPES[n.strip().lower()] for n in declared if n.strip().lower() in IMZML_DTYPES]
+    if known:
+        return known[0]
+    if not declared and pyimzml_code in _PYIMZML_CODES:  # declared where pyimzML found it, not in a group
+        return IMZML_DTYPES[_PYIMZML_CODES[pyimzml_code]]
+    supported = ", ".join(IMZML_DTYPES)
+    if declared:
+        raise ImzMLError(f"{array} data type {declared[0]!r} is not supported (the imzML standard's types are "
+                         f"{supported})", path)
+    raise ImzMLError(f"no data type declared for the {array} (expected one of {supported})", path)
 
 
 class Normalization(str, enum.Enum):
@@ -738,8 +778,8 @@ def open_imzml(path: str | os.PathLike, *, pixel_size_um: float | None = None,
     for group in meta.referenceable_param_groups.values():
         if "zlib compression" in group:
             raise ImzMLError("zlib-compressed binary data is not supported; export uncompressed", path)
-    mz_dtype = np.dtype(_PRECISION_DTYPES.get(parser.mzPrecision, np.float64))
-    int_dtype = np.dtype(_PRECISION_DTYPES.get(parser.intensityPrecision, np.float32))
+    mz_dtype = _declared_dtype(parser, "m/z array", path, getattr(parser, "mzPrecision", None))
+    int_dtype = _declared_dtype(parser, "intensity array", path, getattr(parser, "intensityPrecision", None))
 
     coords = np.asarray(parser.coordinates, dtype=np.int64)
     x, y = coords[:, 0], coords[:, 1]
