@@ -4,13 +4,20 @@
 * ``_project``: the :class:`Project` in memory (eager or lazy stacks);
 * ``_store``: atomic saving and (lazy) reopening;
 * ``_run``: a reconstruction run straight into a project;
-* ``_export``: exporting results (files and figure);
+* ``_export``: exporting results (files, figure, one SpatialData ``.zarr``);
 * ``_layers``: a project as napari layer data (SMSDL's uncertainty included).
 
 The widgets and ``smsdl reconstruct --project`` share it.
 """
 
-from ._export import EXPORT_FORMATS, export_project, export_results
+from ._export import (
+    DEFAULT_EXPORT_FORMATS,
+    EXPORT_FORMATS,
+    export_project,
+    export_results,
+    export_spatialdata,
+    he_to_um_matrix,
+)
 from ._format import PROJECT_FILE, InputRecord, input_records, settings_from_dict
 from ._layers import LAYER_METADATA_KEY, UNCERTAINTY_LAYER, UNCERTAINTY_ROLE, project_layers, uncertainty_layer
 from ._project import LAZY_SCORED_CHANNELS, Project, is_lazy, read_channels
@@ -18,6 +25,7 @@ from ._run import reconstruct_project, uses_chunked_path
 from ._store import is_project, load_project, open_lazy_tiff, save_project
 
 __all__ = [
+    "DEFAULT_EXPORT_FORMATS",
     "EXPORT_FORMATS",
     "InputRecord",
     "LAYER_METADATA_KEY",
@@ -28,6 +36,8 @@ __all__ = [
     "Project",
     "export_project",
     "export_results",
+    "export_spatialdata",
+    "he_to_um_matrix",
     "input_records",
     "is_lazy",
     "is_project",

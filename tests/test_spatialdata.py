@@ -1,0 +1,198 @@
+"""SpatialData export and import, read back with spatialdata itself.
+
+The export is checked element by element (shapes, channel names, values, the µm transforms) and
+the H&E's affine against the registration: a marked H&E pixel must land, through the exported
+transform, on the MSI pixel the registration maps it to. The import reads stores written by
+spatialdata's own models (an image and a table), and our export, as ``smsdl reconstruct --msi``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+sd = pytest.importorskip("spatialdata")
+ad = pytest.importorskip("anndata")
+
+from spatialdata.transformations import get_transformation  # noqa: E402
+
+from napari_smsdl.errors import InputError  # noqa: E402
+
+MZ = (760.5851, 734.5694, 885.5499)
+NAMES = tuple(f"m/z {m:.4f}" for m in MZ)
+F, MSI_PX, HE_PX = 4, 20.0, 2.0
+
+
+def _matrix_yx(element, cs="global"):
+    t = get_transformation(element, to_coordinate_system=cs)
+    return np.asarray(t.to_affine_matrix(input_axes=("y", "x"), output_axes=("y", "x")), float)
+
+
+def _scale0(element):
+    from napari_smsdl.io._spatialdata import _scale0
+
+    return _scale0(element)
+
+
+def _affine_transform(scale=0.5, angle_deg=7.0, shift=(31.0, -12.5)):
+    """A rotation-scale-shift from MSI µm to H&E µm (x, y), as `smsdl register` writes one."""
+    import SimpleITK as sitk
+
+    a = np.deg2rad(angle_deg)
+    m = scale * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    tx = sitk.AffineTransform(2)
+    tx.SetMatrix(m.ravel().tolist())
+    tx.SetTranslation(shift)
+    return tx
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A small in-memory project: 3 m/z, a 6 × 5 MSI at 20 µm, F = 4, an H&E file registered by an affine."""
+    from skimage import io as skio
+
+    from napari_smsdl.project import Project, input_records
+    from napari_smsdl.reconstruction import Reconstruction, Settings
+
+    rng = np.random.default_rng(7)
+    lr = rng.uniform(1, 10, (3, 6, 5)).astype(np.float32)
+    lr[:, 0, 0] = np.nan  # not acquired
+    sr = {m: rng.uniform(0, 10, (3, 24, 20)).astype(np.float32) for m in ("smsdl", "bicubic", "backprojection", "cnn")}
+    sr["smsdl"][:, 0:4, 0:4] = np.nan  # the SR pixels of the missing MSI pixel
+    spread = rng.uniform(0, 1, (3, 24, 20)).astype(np.float32)
+    he = np.full((90, 80, 3), 230, np.uint8)
+    he[40, 30] = (10, 200, 20)  # a marked pixel to follow through the transform
+    he_path = tmp_path / "he.png"
+    skio.imsave(he_path, he, check_contrast=False)
+    guide = rng.uniform(0, 1, (24 * 2, 20 * 2, 3)).astype(np.float32)
+    recon = Reconstruction(sr, {"smsdl": 1.5}, guide, None, {}, Settings(factor=F),
+                           uncertainty={"smsdl": spread},
+                           guidance={"smsdl": {"gain": [0.1, 0.2, -0.1], "gain_std": [0.01] * 3,
+                                               "used_histology": [True, True, False]}})
+    return Project.from_reconstruction(
+        recon, lr_msi=lr, channel_names=NAMES, mz=MZ, msi_pixel_size_um=MSI_PX, he_pixel_size_um=HE_PX,
+        transform=_affine_transform(), inputs=input_records(he_path=he_path),
+    )
+
+
+def test_export_round_trip(tmp_path, project):
+    from napari_smsdl.project import export_spatialdata
+
+    path = export_spatialdata(project, tmp_path / "out.zarr")
+    sdata = sd.read_zarr(path)
+    expected = {"msi", "sr_smsdl", "sr_bicubic", "sr_backprojection", "sr_cnn", "uncertainty_smsdl", "he"}
+    assert set(sdata.images) == expected
+    g = MSI_PX / F
+    for name in expected - {"he"}:
+        image = sdata.images[name]
+        assert list(image.coords["c"].values) == list(NAMES)
+        assert tuple(image.dims) == ("c", "y", "x")
+        np.testing.assert_allclose(_matrix_yx(image), np.diag([MSI_PX if name == "msi" else g] * 2 + [1.0]))
+    np.testing.assert_array_equal(np.asarray(sdata.images["msi"].data), project.lr_msi)
+    for method, stack in project.sr.items():
+        np.testing.assert_array_equal(np.asarray(sdata.images[f"sr_{method}"].data), stack)
+    np.testing.assert_array_equal(np.asarray(sdata.images["uncertainty_smsdl"].data), project.uncertainty["smsdl"])
+    # same extent in µm: the MSI grid and every SR grid cover one field
+    extents = {n: sd.get_extent(sdata.images[n], coordinate_system="global") for n in ("msi", "sr_smsdl")}
+    assert extents["msi"] == extents["sr_smsdl"] == {"y": (0.0, 6 * MSI_PX), "x": (0.0, 5 * MSI_PX)}
+    facts = sdata.attrs["napari_smsdl"]
+    assert facts["sr_pixel_size_um"] == g and facts["mz"] == list(MZ) and facts["units"] == "micrometer"
+    assert facts["registration"]["affine"] == "exact" and "AffineTransform" in facts["registration"]["transform_parameters"]
+    assert facts["guidance"]["smsdl"]["used_histology"] == [True, True, False]
+
+
+def test_export_he_affine_follows_the_registration(tmp_path, project):
+    """The marked H&E pixel, mapped by the exported affine, lands where the registration puts it."""
+    from napari_smsdl.project import export_spatialdata
+
+    sdata = sd.read_zarr(export_spatialdata(project, tmp_path / "out.zarr"))
+    he = sdata.images["he"]
+    assert len(he.children) >= 1  # multiscale (a DataTree), even when small
+    level0 = np.asarray(_scale0(he).data)
+    assert level0.shape == (3, 90, 80) and tuple(level0[:, 40, 30]) == (10, 200, 20)
+    m = _matrix_yx(he)
+    # centre of H&E pixel (40, 30): intrinsic (40.5, 30.5); its H&E physical µm (x, y) = (30 hp, 40 hp)
+    got_um = m @ np.array([40.5, 30.5, 1.0])
+    tx = _affine_transform()
+    inverse = tx.GetInverse()
+    x_msi, y_msi = inverse.TransformPoint((30 * HE_PX, 40 * HE_PX))  # MSI physical (pixel centres at k·p)
+    np.testing.assert_allclose(got_um[:2], [y_msi + MSI_PX / 2, x_msi + MSI_PX / 2], atol=1e-9)
+
+
+def test_export_table_is_sr_pixels_by_mz(tmp_path, project):
+    from napari_smsdl.project import export_spatialdata
+
+    sdata = sd.read_zarr(export_spatialdata(project, tmp_path / "out.zarr"))
+    table = sdata.tables["table"]
+    assert table.shape == (24 * 20 - 16, 3)  # the 16 SR pixels without data are left out
+    assert list(table.var_names) == list(NAMES) and list(table.var["mz"]) == list(MZ)
+    attrs = table.uns["spatialdata_attrs"]
+    assert attrs["region"] == "sr_smsdl" and attrs["instance_key"] == "instance_id"
+    rows, cols = table.obs["row"].to_numpy(), table.obs["col"].to_numpy()
+    np.testing.assert_array_equal(table.obs["instance_id"].to_numpy(), rows * 20 + cols)
+    np.testing.assert_array_equal(np.asarray(table.X), project.sr["smsdl"][:, rows, cols].T)
+    g = MSI_PX / F
+    np.testing.assert_allclose(table.obsm["spatial"], np.column_stack([(cols + 0.5) * g, (rows + 0.5) * g]))
+
+
+def test_export_registered_he_when_input_changed(tmp_path, project):
+    from napari_smsdl.project import export_spatialdata
+
+    project.input_path("he").write_bytes(b"changed")
+    sdata = sd.read_zarr(export_spatialdata(project, tmp_path / "out.zarr"))
+    g_k = MSI_PX / F / 2  # the guide image refines the SR grid twice
+    np.testing.assert_allclose(_matrix_yx(sdata.images["he"]), np.diag([g_k, g_k, 1.0]))
+    assert "registered" in sdata.attrs["napari_smsdl"]["he"]["source"]
+    with pytest.raises(InputError, match="changed"):
+        export_spatialdata(project, tmp_path / "again.zarr", he="input")
+
+
+def test_export_refuses_an_existing_store(tmp_path, project):
+    from napari_smsdl.project import export_spatialdata
+
+    target = tmp_path / "out.zarr"
+    target.mkdir()
+    with pytest.raises(InputError, match="already exists"):
+        export_spatialdata(project, target)
+
+
+def test_deformable_registration_is_recorded_as_an_approximate_affine(project):
+    import SimpleITK as sitk
+
+    from napari_smsdl.project import he_to_um_matrix
+
+    grid = sitk.Image([40, 40], sitk.sitkFloat32)
+    grid.SetSpacing((5.0, 5.0))
+    grid.SetOrigin((-10.0, -10.0))
+    bspline = sitk.BSplineTransformInitializer(grid, [3, 3], 3)
+    params = np.zeros(bspline.GetNumberOfParameters())
+    params[7] = 3.0  # one control point pushed 3 µm
+    bspline.SetParameters(params.tolist())
+    composite = sitk.CompositeTransform([_affine_transform(), bspline])
+    matrix, facts = he_to_um_matrix(composite, msi_shape_rc=(6, 5), msi_pixel_size_um=MSI_PX, he_shape_rc=(90, 80),
+                                    he_pixel_size_um=HE_PX)
+    exact, _ = he_to_um_matrix(_affine_transform(), msi_shape_rc=(6, 5), msi_pixel_size_um=MSI_PX,
+                               he_shape_rc=(90, 80), he_pixel_size_um=HE_PX)
+    assert facts["affine"].startswith("least-squares") and 0 < facts["max_residual_um"] < 5
+    assert "BSpline" in facts["transform_parameters"]
+    assert np.abs(matrix - exact).max() > 1e-6  # the deformation moved the fit
+
+
+def test_missing_extra_names_it(monkeypatch, tmp_path):
+    import builtins
+
+    from napari_smsdl.io import write_spatialdata
+
+    real = builtins.__import__
+
+    def no_spatialdata(name, *args, **kwargs):
+        if name == "spatialdata" or name.startswith("spatialdata."):
+            raise ImportError("No module named 'spatialdata'", name="spatialdata")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_spatialdata)
+    with pytest.raises(InputError, match=r"napari-smsdl\[spatialdata\]"):
+        write_spatialdata(tmp_path / "x.zarr", msi=np.zeros((1, 2, 2)), channel_names=["a"], msi_pixel_size_um=1,
+                          factor=2)
