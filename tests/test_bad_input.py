@@ -284,3 +284,53 @@ def test_a_run_killed_while_saving_its_project_leaves_project_and_output_whole(t
     # the next save into the project takes over: the dead writer's lock and staging folder are gone
     save_project(project, _project(seed=2))
     assert not [p for p in project.iterdir() if p.name.startswith(".staging-")]
+
+
+# ---------------------------------------------------------------------------- item 6: ion and H&E messages
+def test_ion_into_a_folder_an_existing_file_and_a_negative_tolerance(imzml_file, tmp_path, capsys):
+    import tifffile
+
+    path, _, _ = imzml_file
+    folder = tmp_path / "ions"
+    folder.mkdir()
+    assert main(["ion", str(path), "--mz", "500", "--tol", "0.5da", "-o", str(folder)]) == 0
+    written = folder / f"{path.stem}_ions.ome.tif"
+    assert sorted(p.name for p in folder.iterdir()) == [written.name]  # a sensible name, no temporary left
+    assert tifffile.imread(written).shape == (6, 8)
+    capsys.readouterr()
+    assert main(["ion", str(path), "--mz", "500", "--tol", "0.5da", "-o", str(folder)]) == 2
+    line = _err_line(capsys)
+    assert str(written) in line and "already exists" in line and "--overwrite" in line
+    assert main(["ion", str(path), "--mz", "500", "--tol", "0.5da", "-o", str(written), "--overwrite"]) == 0
+    capsys.readouterr()
+    (tmp_path / "afile").write_text("x")
+    assert main(["ion", str(path), "--mz", "500", "-o", str(tmp_path / "afile" / "x.tif")]) == 2
+    line = _err_line(capsys)
+    assert str(tmp_path / "afile") in line and "not a folder" in line and "File exists" not in line
+    for argv in (["ion", str(path), "--mz", "500", "--tol", "-5ppm", "-o", str(tmp_path / "t.tif")],
+                 ["reconstruct", "--he", "x.png", "--msi", str(path), "--factor", "4", "--tol", "-5ppm", "-o", "o"]):
+        code = main(argv) if argv[0] == "ion" else None
+        if code is None:  # reconstruct checks it while reading the command line (argparse, exit 2)
+            with pytest.raises(SystemExit) as exit_info:
+                main(argv)
+            code = exit_info.value.code
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "must be positive" in err and "-5ppm" in err and "expected one argument" not in err
+    assert not (tmp_path / "t.tif").exists()
+
+
+def test_tiny_and_unreadable_histology_messages_name_the_file(tmp_path, capsys):
+    from skimage import io as skio
+
+    skio.imsave(tmp_path / "tiny.png", np.zeros((1, 1, 3), np.uint8), check_contrast=False)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really" * 8)
+    np.save(tmp_path / "msi.npy", np.random.default_rng(0).random((2, 16, 16)).astype(np.float32))
+    for he, expected in (("tiny.png", "1 × 1 pixels"), ("bad.png", "cannot read this image")):
+        for command in ("reconstruct", "register"):
+            extra = ["--factor", "4"] if command == "reconstruct" else ["--he-pixel-size", "1", "--msi-pixel-size", "4"]
+            assert main([command, "--he", str(tmp_path / he), "--msi", str(tmp_path / "msi.npy"), *extra,
+                         "-o", str(tmp_path / f"out-{command}")]) == 2
+            line = _err_line(capsys)
+            assert str(tmp_path / he) in line and expected in line and "SimpleITK" not in line, line
+            assert not (tmp_path / f"out-{command}").exists() and _siblings(tmp_path / f"out-{command}") == []

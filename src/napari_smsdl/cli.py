@@ -18,7 +18,7 @@ import logging
 import sys
 
 # Sub-command modules, in the order ``smsdl --help`` lists them.
-COMMANDS = ("info", "ion", "sample", "register", "reconstruct", "benchmark", "demo")
+COMMANDS = ("info", "ion", "sample", "register", "reconstruct", "benchmark", "demo", "export")
 
 log = logging.getLogger("napari_smsdl")
 
@@ -41,10 +41,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Option strings (of the parser and its sub-commands) that take one value."""
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _value_options(sub)
+        elif action.option_strings and action.nargs is None:
+            found.update(action.option_strings)
+    return found
+
+
+def join_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--tol -5ppm`` → ``--tol=-5ppm``: argparse reads a value that starts with '-' and is not a
+    plain number as the next option ("expected one argument"); joined, the value reaches the
+    command, which says what is wrong with it."""
+    options, out, i = _value_options(parser), [], 0
+    while i < len(argv):
+        token = argv[i]
+        if (token in options and i + 1 < len(argv) and argv[i + 1][:1] == "-" and len(argv[i + 1]) > 1
+                and (argv[i + 1][1].isdigit() or argv[i + 1][1] == ".")):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_dash_values(parser, argv))
     from . import distributed
 
     env = distributed.env_from_environment()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,22 @@ class MsiInput:
 def add_msi_channel_args(parser) -> None:
     parser.add_argument("--mz", type=float, action="append", default=[], help="m/z channel (repeatable; imzML input)")
     parser.add_argument("--peaks", type=int, default=5, help="with imzML and no --mz: the N strongest peaks (default 5)")
-    parser.add_argument("--tol", default="10ppm", help="m/z window half-width, e.g. 10ppm or 0.01da")
+    parser.add_argument("--tol", default="10ppm", type=_tolerance, help="m/z window half-width, e.g. 10ppm or 0.01da")
     parser.add_argument("--norm", choices=["none", "tic", "rms"], default="none", help="per-pixel normalisation")
     parser.add_argument("--shape", default=None, help="ROWSxCOLS, for a CSV/TXT table of pixels × channels")
+
+
+def _tolerance(text: str) -> str:
+    """argparse type of --tol: checked when the command line is read, kept as the text given."""
+    import argparse
+
+    from ..io import parse_tolerance
+
+    try:
+        parse_tolerance(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
 
 
 #: Memory for the ion images of one pass over an imzML when they are streamed to zarr (bytes).
@@ -40,7 +56,9 @@ MSI_PASS_BYTES = 1 << 30
 
 def load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Path | None = None,
              chunk_channels: int = 64) -> MsiInput:
-    """Read an imzML (ion images of --mz or the strongest peaks) or an ion stack (.npy/.tif/.csv/.txt).
+    """Read an imzML (ion images of --mz or the strongest peaks), an ion stack (.npy/.tif/.csv/.txt) or a
+    SpatialData store (``X.zarr``, or ``X.zarr/images/NAME``, ``X.zarr/tables/NAME``: every channel, or
+    those within --tol of each --mz; see :func:`napari_smsdl.io.read_spatialdata_msi`).
 
     With ``lazy_above`` and more channels than that, the stack is not built in memory: an imzML's
     ion images are computed a group of channels per pass over the file (as many as fit in
@@ -50,6 +68,15 @@ def load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Pat
     other ranks open it.
     """
     p = Path(path)
+    from ..io import is_spatialdata
+
+    if is_spatialdata(p):  # a SpatialData store: an image of m/z channels or a pixels x m/z table
+        from ..io import read_spatialdata_msi
+
+        got = read_spatialdata_msi(p, mz=list(getattr(args, "mz", []) or []), tol=getattr(args, "tol", "10ppm"),
+                                   pixel_size_um=getattr(args, "msi_pixel_size", None))
+        log.info("read the MSI %s from %s: %d channels of %d x %d", got.element, p, *got.stack.data.shape)
+        return MsiInput(got.stack.data, got.stack.channel_names, got.stack.pixel_size_um, got.mz)
     if p.suffix.lower() == ".imzml":
         from ..io import make_windows, open_imzml
 

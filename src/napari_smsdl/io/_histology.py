@@ -148,7 +148,10 @@ def open_histology(path: str | os.PathLike, *, pixel_size_um: float | None = Non
             store = series.aszarr()
             group = zarr.open(store, mode="r")
         except Exception as exc:  # noqa: BLE001 - tifffile raises many types on corrupt files
-            raise InputError(f"cannot read TIFF ({' '.join(str(exc).split())})", path) from exc
+            # the library's own text ("list index out of range") says nothing to a user: debug log only
+            log.debug("tifffile could not open %s: %r", path, exc)
+            raise InputError("cannot read TIFF: the file is damaged, truncated or not a TIFF "
+                             "(--debug shows the reader's error)", path) from exc
         if hasattr(group, "shape"):  # a single level opens as an array
             levels = (group,)
         else:
@@ -159,8 +162,11 @@ def open_histology(path: str | os.PathLike, *, pixel_size_um: float | None = Non
         from skimage import io as skio
 
         data = skio.imread(path)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot read image ({' '.join(str(exc).split())})", path) from exc
+    except Exception as exc:  # noqa: BLE001 - imageio/SimpleITK/PIL each raise their own types
+        log.debug("could not read %s: %r", path, exc)
+        raise InputError(f"cannot read this image: the file is damaged, truncated or not a {path.suffix.upper()[1:] or 'known'} "
+                         "image (readable: PNG, JPEG, BMP, TIFF, OME-TIFF, SVS; --debug shows the reader's error)",
+                         path) from exc
     return HistologyImage(path, (to_rgb_uint8(data, path),), pixel_size_um)
 
 

@@ -116,14 +116,14 @@ def parse_tolerance(text: str | float) -> tuple[float, str]:
     """Parse ``"10ppm"``, ``"0.01da"`` (or a bare number, read as Da) into ``(value, unit)``."""
     if isinstance(text, (int, float)):
         return float(text), "da"
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*(ppm|da|mda)?\s*", text.lower())
+    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*(ppm|da|mda)?\s*", text.lower())
     if not match:
         raise InputError(f"cannot read tolerance {text!r}: expected e.g. '10ppm' or '0.01da'")
     value, unit = float(match.group(1)), match.group(2) or "da"
     if unit == "mda":
         value, unit = value / 1000.0, "da"
     if value <= 0:
-        raise InputError(f"tolerance must be positive, got {text!r}")
+        raise InputError(f"the m/z tolerance must be positive (a half-width), got {text!r}: e.g. 10ppm or 0.01da")
     return value, unit
 
 
