@@ -196,3 +196,117 @@ def test_missing_extra_names_it(monkeypatch, tmp_path):
     with pytest.raises(InputError, match=r"napari-smsdl\[spatialdata\]"):
         write_spatialdata(tmp_path / "x.zarr", msi=np.zeros((1, 2, 2)), channel_names=["a"], msi_pixel_size_um=1,
                           factor=2)
+
+
+# ---------------------------------------------------------------------------- the CLI and --msi
+QUICK = ["--fast", "--ssl-steps", "2", "--regression-steps", "10"]
+
+
+@pytest.fixture(scope="module")
+def sd_inputs(tmp_path_factory):
+    """An H&E PNG and the same field's MSI as a SpatialData image written by spatialdata's own model."""
+    from skimage import io as skio
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Scale
+
+    from napari_smsdl.sample import make_sample
+
+    s = make_sample()
+    folder = tmp_path_factory.mktemp("sd_inputs")
+    skio.imsave(folder / "he.png", s.he_rgb[:64, :64], check_contrast=False)
+    lr = s.ground_truth[:3, :16, :16].astype(np.float32)
+    image = Image2DModel.parse(lr, dims=("c", "y", "x"), c_coords=list(NAMES),
+                               transformations={"global": Scale([10.0, 10.0], axes=("y", "x"))})
+    sd.SpatialData(images={"maldi": image}).write(folder / "msi.zarr")
+    return folder, lr
+
+
+def test_cli_reconstruct_reads_spatialdata_msi_and_writes_spatialdata(sd_inputs, tmp_path, capsys):
+    from napari_smsdl.cli import main
+
+    folder, lr = sd_inputs
+    out, store, project = tmp_path / "run", tmp_path / "result.zarr", tmp_path / "project"
+    argv = ["reconstruct", "--he", str(folder / "he.png"), "--msi", str(folder / "msi.zarr"), "--factor", "2",
+            *QUICK, "--baselines", "bicubic", "--spatialdata", str(store), "--project", str(project), "-o", str(out)]
+    assert main(argv) == 0
+    assert f"wrote the SpatialData store {store}" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert run["channels"] == list(NAMES) and run["mz"] == list(MZ) and run["msi_pixel_size_um"] == 10.0
+    assert run["spatialdata"] == str(store)
+    sdata = sd.read_zarr(store)
+    assert {"msi", "sr_smsdl", "sr_bicubic", "uncertainty_smsdl", "he"} <= set(sdata.images)
+    np.testing.assert_allclose(np.asarray(sdata.images["msi"].data), lr)
+    import tifffile
+
+    np.testing.assert_array_equal(np.asarray(sdata.images["sr_smsdl"].data), tifffile.imread(out / "sr_smsdl.ome.tif"))
+    np.testing.assert_allclose(_matrix_yx(sdata.images["sr_smsdl"]), np.diag([5.0, 5.0, 1.0]))
+    assert sdata.tables["table"].shape == (32 * 32, 3)
+
+    # smsdl export PROJECT: the same store again from the saved project; an existing one is refused
+    again = tmp_path / "again.zarr"
+    assert main(["export", str(project), "--spatialdata", str(again)]) == 0
+    back = sd.read_zarr(again)
+    np.testing.assert_array_equal(np.asarray(back.images["sr_bicubic"].data), np.asarray(sdata.images["sr_bicubic"].data))
+    np.testing.assert_array_equal(np.asarray(back.tables["table"].X), np.asarray(sdata.tables["table"].X))
+    capsys.readouterr()
+    assert main(["export", str(project), "--spatialdata", str(again)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(project), "--spatialdata", str(again), "--overwrite", "--he", "none"]) == 0
+    assert "he" not in sd.read_zarr(again).images
+
+
+def test_msi_from_a_spatialdata_table(tmp_path):
+    """A pixels x m/z table with obsm['spatial'] (as imzML converters write it), sparse, with gaps."""
+    import pandas as pd
+    import scipy.sparse
+    from spatialdata.models import TableModel
+
+    from napari_smsdl.io import read_spatialdata_msi
+
+    rng = np.random.default_rng(2)
+    rows, cols, px = 5, 7, 25.0
+    rr, cc = np.mgrid[:rows, :cols]
+    keep = np.ones(rows * cols, bool)
+    keep[[3, 17]] = False  # two pixels not acquired
+    mz = np.array([700.0, 700.004, 760.5851, 885.5499])
+    dense = rng.uniform(0, 5, (rows * cols, 4)).astype(np.float32)
+    table = ad.AnnData(X=scipy.sparse.csr_matrix(dense[keep]), var=pd.DataFrame({"mz": mz}, index=[f"b{i}" for i in range(4)]))
+    # pixel centres in µm, offset from the origin as instruments write them
+    table.obsm["spatial"] = np.column_stack([cc.ravel()[keep] * px + 1000.0, rr.ravel()[keep] * px + 500.0])
+    table.obs["region"] = pd.Categorical(["pixels"] * int(keep.sum()))
+    table.obs["instance_id"] = np.flatnonzero(keep)
+    table = TableModel.parse(table, region="pixels", region_key="region", instance_key="instance_id")
+    sd.SpatialData(tables={"msi_table": table}).write(tmp_path / "t.zarr")
+
+    got = read_spatialdata_msi(tmp_path / "t.zarr")
+    assert got.element == "tables/msi_table" and got.stack.pixel_size_um == px and got.mz == tuple(mz)
+    expected = dense.T.reshape(4, rows, cols).copy()
+    expected[:, ~keep.reshape(rows, cols)] = np.nan
+    np.testing.assert_array_equal(got.stack.data, expected)
+    # --mz 700 with 10 ppm sums the two bins within 7 mDa; an m/z outside the range is refused with it
+    summed = read_spatialdata_msi(tmp_path / "t.zarr", mz=[700.002, 885.5499], tol="10ppm")
+    assert summed.stack.channel_names == ("m/z 700.0020", "m/z 885.5499")
+    np.testing.assert_allclose(summed.stack.data[0], expected[0] + expected[1], rtol=1e-6)
+    with pytest.raises(InputError, match="m/z range is 700.0000-885.5499"):
+        read_spatialdata_msi(tmp_path / "t.zarr", mz=[500.0])
+
+
+def test_msi_store_errors_name_the_problem(tmp_path, sd_inputs, project):
+    from napari_smsdl.io import read_spatialdata_msi
+    from napari_smsdl.project import export_spatialdata
+
+    with pytest.raises(InputError, match="not a SpatialData store"):
+        read_spatialdata_msi(tmp_path / "nothing.zarr")
+    # our own export holds many m/z images: "msi" is the one read; any other by its path
+    store = export_spatialdata(project, tmp_path / "ours.zarr")
+    assert read_spatialdata_msi(store).element == "images/msi"
+    sr = read_spatialdata_msi(store / "images" / "sr_bicubic")
+    assert sr.stack.pixel_size_um == MSI_PX / F and sr.mz == MZ
+    np.testing.assert_array_equal(sr.stack.data, project.sr["bicubic"])
+    from spatialdata.models import Image2DModel
+
+    two = {n: Image2DModel.parse(np.ones((2, 4, 4), np.float32), dims=("c", "y", "x"), c_coords=["100.5", "200.5"])
+           for n in ("a", "b")}
+    sd.SpatialData(images=two).write(tmp_path / "two.zarr")
+    with pytest.raises(InputError, match=r"several MSI candidates; give one of .*two.zarr/images/a"):
+        read_spatialdata_msi(tmp_path / "two.zarr")

@@ -34,6 +34,11 @@ with their SHA-256, transform and landmarks, parameters, ViT weights, feature ca
 which the napari plugin's Export & project widget reopens. Without ``--he``/``--msi`` (and
 ``--factor``), ``smsdl reconstruct --project DIR -o OUTDIR`` reopens a saved project instead and
 writes the same outputs from its stored results, without computing anything again.
+
+``--spatialdata OUT.zarr`` also writes the run (or the reopened project) as one SpatialData store:
+H&E, MSI, every SR stack and uncertainty in one µm coordinate system, and a table of SMSDL's SR
+pixels × m/z (:func:`napari_smsdl.project.export_spatialdata`; needs ``napari-smsdl[spatialdata]``).
+``--msi`` also takes a SpatialData store holding an image of m/z channels or a table of m/z.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ def add_parser(subparsers) -> None:
 
     parser = subparsers.add_parser("reconstruct", help="super-resolve an MSI guided by its H&E (SMSDL-Net)")
     parser.add_argument("--he", required=True, help="H&E image (PNG/JPEG/TIFF/OME-TIFF/SVS)")
-    parser.add_argument("--msi", required=True, help="MSI: imzML, or an ion-image stack (.npy/.tif/.csv/.txt)")
+    parser.add_argument("--msi", required=True, help="MSI: imzML, an ion-image stack (.npy/.tif/.csv/.txt) or a SpatialData .zarr")
     add_method_args(parser)
     add_msi_channel_args(parser)
     parser.add_argument("--baselines", default="", help="also run: comma-separated subset of bicubic,backprojection,cnn "
@@ -84,6 +89,11 @@ def add_parser(subparsers) -> None:
         f"automatic with N={DEFAULT_CHUNK_CHANNELS} above {CHUNKED_ABOVE_CHANNELS} channels, 0 = always in memory",
     )
     add_output_args(parser)
+    parser.add_argument(
+        "--spatialdata", default=None, metavar="OUT.zarr",
+        help="also write every image and an SR pixels x m/z table as one SpatialData store "
+        "(needs napari-smsdl[spatialdata]; see `smsdl export`)",
+    )
     parser.add_argument(
         "--project", default=None, metavar="DIR",
         help="also save the run as a project folder; without --he/--msi/--factor, reopen that project and "
@@ -129,6 +139,7 @@ def run(args) -> int:
         raise InputError(f"--chunk-channels must be 0 (in memory) or a positive number of channels, got {chunk}")
     if args.cache_dir:
         check_writable_dir(args.cache_dir, option="--cache-dir")
+    check_spatialdata_arg(args)
     with contextlib.ExitStack() as stack:
         if args.project and main:  # one writer at a time, and a read-only folder found now, not at the end
             from ..project._store import project_lock
@@ -238,6 +249,12 @@ def _run(args, folder, *, start: float, main: bool, methods: list[str], chunk: i
         saved = save_run_as_project(args, many if chunked else result, msi, msi_px=msi_px, he_px=he_px,
                                     transform=transform, out=out)
         run_info["project"] = str(saved.path)
+    if getattr(args, "spatialdata", None):
+        from ..project import export_spatialdata
+
+        project = run_project(args, many if chunked else result, msi, msi_px=msi_px, he_px=he_px,
+                              transform=transform, out=out)
+        run_info["spatialdata"] = str(export_spatialdata(project, args.spatialdata, overwrite=args.overwrite))
     write_json_atomic(out / "run.json", run_info)  # last: its presence marks a finished run
     return [*files.values(), *uncertainty_files.values()], guidance.get("smsdl"), msi.channel_names
 
@@ -251,6 +268,25 @@ def _report(args, folder, written, guidance, channel_names) -> None:
         print(summary)
     if args.project:
         print(f"saved the project to {args.project}")
+    if getattr(args, "spatialdata", None):
+        print(f"wrote the SpatialData store {args.spatialdata}")
+
+
+def check_spatialdata_arg(args) -> None:
+    """``--spatialdata OUT.zarr``: a .zarr path, free (or ``--overwrite``), and the extra installed,
+    all found before the work."""
+    target = getattr(args, "spatialdata", None)
+    if not target:
+        return
+    from ..errors import InputError
+    from ..io._spatialdata import _import_spatialdata
+
+    path = Path(target)
+    if path.suffix.lower() != ".zarr":
+        raise InputError("--spatialdata: the store must end in .zarr", path)
+    if path.exists() and not args.overwrite:
+        raise InputError("--spatialdata: already exists; choose another path or add --overwrite", path)
+    _import_spatialdata()
 
 
 def _store_choices(stack):
@@ -267,7 +303,15 @@ def save_run_as_project(args, result, msi, *, msi_px: float, he_px: float, trans
     :class:`napari_smsdl.reconstruction.ManyChannelRun` (a lazy project: the SR stacks are copied page
     by page; the LR stack is held in memory while saving).
     """
-    from ..project import Project, input_records, save_project
+    from ..project import save_project
+
+    return save_project(args.project, run_project(args, result, msi, msi_px=msi_px, he_px=he_px,
+                                                  transform=transform, out=out))
+
+
+def run_project(args, result, msi, *, msi_px: float, he_px: float, transform, out: Path):
+    """A finished run as an (unsaved) :class:`napari_smsdl.project.Project`, as :func:`save_run_as_project` saves it."""
+    from ..project import Project, input_records
     from ..reconstruction import ManyChannelRun
 
     landmarks = report = None
@@ -294,7 +338,7 @@ def save_run_as_project(args, result, msi, *, msi_px: float, he_px: float, trans
                                              **common)
     else:
         project = Project.from_reconstruction(result, lr_msi=msi.data, **common)
-    return save_project(args.project, project)
+    return project
 
 
 def reopen(args, start: float) -> int:
@@ -303,9 +347,14 @@ def reopen(args, start: float) -> int:
 
     if not is_project(args.project):
         load_project(args.project)  # raises its one-line reason (no folder, no manifest) before -o is checked
+    check_spatialdata_arg(args)
     with output_folder(args.output, overwrite=args.overwrite) as folder:  # checked before the project is read
         project = load_project(args.project)
         files, summary = _write_reopened(project, folder, start)
+        if getattr(args, "spatialdata", None):
+            from ..project import export_spatialdata
+
+            files["spatialdata"] = str(export_spatialdata(project, args.spatialdata, overwrite=args.overwrite))
     status = project.input_status()
     changed = [f"{role} {state}" for role, state in status.items() if state != "unchanged"]
     print(f"reopened {project.path} (saved {project.saved_at}); wrote {', '.join(files.values())} and "

@@ -219,12 +219,28 @@ def write_spatialdata(
             facts["table"] = f"SR pixels of {sr_element(table_method)} x channels"
     sdata = sd.SpatialData(images=images, tables=tables)
     sdata.attrs[ATTRS_KEY] = _jsonable(facts)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    sdata.write(out)
+    _write_whole(sdata, out)
     return out
+
+
+def _write_whole(sdata, out: Path) -> None:
+    """Write the store beside ``out`` and rename it into place: a failed write leaves no half store,
+    and an old store at ``out`` stays whole until the new one is complete."""
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        sdata.write(stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _he_image(he, he_to_um_yx: np.ndarray, Image2DModel, Affine):
@@ -482,6 +498,6 @@ def _select_mz(data, names, channel_mz, wanted: list[float], tol: str, store: Pa
         if not len(inside):
             raise InputError(f"no channel of {name!r} within {window.label} ({window.low:.4f}-{window.high:.4f}); "
                              f"its m/z range is {centres.min():.4f}-{centres.max():.4f}", store)
-        out.append(np.nansum(data[inside], axis=0) if len(inside) > 1 else data[inside[0]])
+        out.append(data[inside].sum(axis=0))  # NaN (a pixel not acquired) stays NaN
         labels.append(window.label)
     return np.stack(out).astype(np.float32), labels, tuple(float(m) for m in wanted)
