@@ -107,6 +107,9 @@ class ExportWidget(JobRunner, QWidget):
         self.imzml = CheckBox(value=True, text="imzML (continuous, SR pixel size)", tooltip=tip["imzml"])
         self.csv = CheckBox(value=True, text="metrics CSV", tooltip=tip["csv"])
         self.png = CheckBox(value=True, text="figure PNG", tooltip=tip["png"])
+        self.spatialdata = CheckBox(value=False, text="SpatialData (results.zarr)",
+                                    tooltip="H&E, MSI, every SR stack and an SR pixels x m/z table in one µm "
+                                    "coordinate system (needs napari-smsdl[spatialdata])")
         self.export_button = PushButton(text="Export", tooltip=tip["export"])
         self.project_folder = FileEdit(mode="d", label="project", tooltip=tip["project_folder"])
         self.save_button = PushButton(text="Save project", tooltip=tip["save"])
@@ -116,7 +119,7 @@ class ExportWidget(JobRunner, QWidget):
         self.status.native.setContentsMargins(9, 0, 9, 6)
 
         exports = Container(widgets=[self.source, self.folder, self.ome, self.imzml, self.csv, self.png,
-                                     self.export_button])
+                                     self.spatialdata, self.export_button])
         project_row = Container(widgets=[self.save_button, self.open_button], layout="horizontal", labels=False)
         projects = Container(widgets=[self.project_folder, project_row])
         layout = QVBoxLayout(self)
@@ -186,7 +189,8 @@ class ExportWidget(JobRunner, QWidget):
                 return None
             self.folder.value = folder
         if formats is None:
-            ticked = [("ome-tiff", self.ome), ("imzml", self.imzml), ("csv", self.csv), ("png", self.png)]
+            ticked = [("ome-tiff", self.ome), ("imzml", self.imzml), ("csv", self.csv), ("png", self.png),
+                      ("spatialdata", self.spatialdata)]
             formats = [name for name, box in ticked if box.value and box.enabled]
         formats = [f for f in formats if f in EXPORT_FORMATS]
         return self._run(export_project, project, folder, formats=tuple(formats), on_returned=self._on_exported,
