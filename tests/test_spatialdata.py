@@ -310,3 +310,24 @@ def test_msi_store_errors_name_the_problem(tmp_path, sd_inputs, project):
     sd.SpatialData(images=two).write(tmp_path / "two.zarr")
     with pytest.raises(InputError, match=r"several MSI candidates; give one of .*two.zarr/images/a"):
         read_spatialdata_msi(tmp_path / "two.zarr")
+
+
+@pytest.mark.gui
+def test_export_widget_writes_spatialdata(make_napari_viewer, qtbot, tmp_path, project):
+    from napari_smsdl.project import LAYER_METADATA_KEY
+    from napari_smsdl.widgets.export import ExportWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(project.lr_msi, name="msi", metadata={LAYER_METADATA_KEY: project})
+    export = ExportWidget(viewer)
+    qtbot.addWidget(export)
+    assert export.spatialdata.value is False  # needs the extra: off unless ticked
+    export.spatialdata.value = True
+    for box in (export.ome, export.imzml, export.csv, export.png):
+        box.value = False
+    export.export(tmp_path / "out")
+    qtbot.waitUntil(lambda: not export.busy, timeout=60_000)
+    assert export.last_error is None, export.last_error
+    sdata = sd.read_zarr(tmp_path / "out" / "results.zarr")
+    np.testing.assert_array_equal(np.asarray(sdata.images["sr_cnn"].data), project.sr["cnn"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.zarr"]
