@@ -14,6 +14,11 @@ them into ``benchmarks/results/guided.json`` and ``docs/benchmarks/guided.md``.
 
     python benchmarks/bench_guided.py [--only bladder4,bladder2,mouse2,mouse4,sample4] [--seeds 0,1,2]
                                       [--methods smsdl,bicubic,backprojection,cnn] [--no-ablation] [--merge] [--report]
+
+The fallback study (``--forced``): SMSDL with the histology forced on every channel and the control,
+per channel, with both ground-truth-free gains (held-out, scale transfer), written to
+``benchmarks/results/guided/forced/<case>_s<seed>.json``; ``--rules`` then scores fallback rules
+offline against the true per-channel gain (1 − MSE(SMSDL forced) / MSE(control) on the truth).
 """
 
 from __future__ import annotations
@@ -93,6 +98,72 @@ def run_case(name: str, seed: int, methods: list[str], ablation: bool) -> dict:
     return entry
 
 
+def run_forced(name: str, seed: int) -> dict:
+    """SMSDL forced on every channel vs the control, with the per-channel gains of both checks."""
+    from napari_smsdl.evaluation import run_benchmark
+    from napari_smsdl.reconstruction import Settings
+
+    truth, he, factor, truth_px, he_px, names = load_case(name)
+    settings = Settings.preset("default", factor=factor, seed=seed)
+    settings = dataclasses.replace(settings, regression=dataclasses.replace(settings.regression, fallback=False))
+    t0 = time.perf_counter()
+    bench = run_benchmark(truth, he, factor=factor, truth_pixel_size_um=truth_px, he_pixel_size_um=he_px,
+                          settings=settings, methods=["smsdl", "backprojection"], cache_dir=OUT / "cache", refine=False)
+    s, c = bench.metrics["smsdl"], bench.metrics["backprojection"]
+    ch = s["choices"]
+    return {"case": name, "seed": seed, "factor": factor, "channels": names, "wall_seconds": time.perf_counter() - t0,
+            "smsdl_seconds": s["seconds"], "forced": {k: s[k]["per_channel"] for k in METRICS},
+            "control": {k: c[k]["per_channel"] for k in METRICS}, "guidance": s["guidance"],
+            "held_out_clear": [bool(g - 2.0 * sd / np.sqrt(ch["folds"]) > 0)
+                               for g, sd in zip(s["guidance"]["gain"], s["guidance"]["gain_std"])],
+            "scale_transfer": ch.get("scale_transfer"), "gain_over_control": ch["gain_over_control"],
+            "uncertainty_spearman": s["uncertainty_spearman"]}
+
+
+#: fallback rules scored offline: (held-out clearly positive, scale clearly positive or None) → use
+RULES = {
+    "held-out only": lambda h, sc: h,
+    "scale only (held-out where absent)": lambda h, sc: h if sc is None else sc,
+    "both (held-out where absent)": lambda h, sc: h if sc is None else h & sc,
+    "either (held-out where absent)": lambda h, sc: h if sc is None else h | sc,
+}
+
+
+def rules() -> None:
+    """Per rule: agreement with the true per-channel gain's sign, and the margin over the control."""
+    files = sorted((OUT / "forced").glob("*_s*.json"))
+    entries = [json.loads(f.read_text()) for f in files]
+    print(f"{len(entries)} forced runs: " + ", ".join(f"{e['case']}_s{e['seed']}" for e in entries))
+    for e in entries:
+        st = e["scale_transfer"] or {}
+        true = 1 - np.square(e["forced"]["rmse"]) / np.square(e["control"]["rmse"])
+        print(f"\n{e['case']} s{e['seed']}: smsdl {e['smsdl_seconds']:.0f} s, scale check "
+              f"{st.get('seconds', float('nan')):.1f} s ({'available' if st.get('available') else st.get('reason')})")
+        g = e["guidance"]
+        for i, name in enumerate(e["channels"]):
+            sg = f"{g['scale_gain'][i]:+.3f} ± {g['scale_gain_std'][i]:.3f}" if "scale_gain" in g else "—"
+            print(f"  {name[:12]:>12}: true {true[i]:+.4f} (dSSIM {e['forced']['ssim'][i] - e['control']['ssim'][i]:+.4f})"
+                  f" | held-out {g['gain'][i]:+.3f} ± {g['gain_std'][i]:.3f} | scale {sg}")
+    print("\n| rule | agrees with the true sign | wrongly uses | wrongly falls back | case: SMSDL − control RMSE / SSIM / R² |")
+    print("|---|---|---|---|---|")
+    for rule, f in RULES.items():
+        agree = total = wrong_use = wrong_back = 0
+        cells = []
+        for e in entries:
+            h = np.array(e["held_out_clear"], bool)
+            st = e["scale_transfer"] or {}
+            sc = np.array(st["clearly_positive"], bool) if st.get("available") else None
+            use = f(h, sc)
+            true = 1 - np.square(e["forced"]["rmse"]) / np.square(e["control"]["rmse"]) > 0
+            agree += int((use == true).sum())
+            wrong_use += int((use & ~true).sum())
+            wrong_back += int((~use & true).sum())
+            total += len(use)
+            d = [np.mean(np.where(use, e["forced"][k], e["control"][k])) - np.mean(e["control"][k]) for k in METRICS]
+            cells.append(f"{e['case']}_s{e['seed']} {d[0]:+.4f}/{d[1]:+.4f}/{d[2]:+.4f} ({int(use.sum())}/{len(use)})")
+        print(f"| {rule} | {agree}/{total} | {wrong_use} | {wrong_back} | " + "; ".join(cells) + " |")
+
+
 def _mean_std(values) -> tuple[float, float]:
     a = np.asarray(values, float)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
@@ -157,9 +228,27 @@ def main() -> None:
     parser.add_argument("--methods", default="smsdl,bicubic,backprojection,cnn")
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--report", action="store_true", help="only aggregate the case files")
+    parser.add_argument("--forced", action="store_true", help="the fallback study: SMSDL forced vs the control")
+    parser.add_argument("--rules", action="store_true", help="only score fallback rules on the --forced results")
     parser.add_argument("--merge", action="store_true",
                         help="run only --methods on cases already written and merge them in (e.g. a changed CNN)")
     args = parser.parse_args()
+    if args.rules:
+        return rules()
+    if args.forced:
+        from napari_smsdl.torch_setup import configure_threads
+
+        configure_threads()
+        (OUT / "forced").mkdir(parents=True, exist_ok=True)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for case in args.only.split(","):
+                path = OUT / "forced" / f"{case}_s{seed}.json"
+                if path.exists() or (case.startswith(("bladder", "mouse")) and not SHARED.exists()):
+                    continue
+                entry = run_forced(case, seed)
+                path.write_text(json.dumps(entry, indent=1))
+                print(case, seed, f"{entry['wall_seconds']:.0f} s", flush=True)
+        return rules()
     if not args.report:
         from napari_smsdl.torch_setup import configure_threads
 

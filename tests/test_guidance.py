@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
@@ -73,3 +75,48 @@ def test_fallback_triggers_on_noise_and_not_on_a_channel_the_features_explain():
                                                       fallback=False))
     assert forced.guidance.used_histology == [True, True]
     np.testing.assert_array_equal(forced.sr, forced.guided)
+
+
+def _explained_and_noise(factor: int, rows: int, cols: int, seed: int = 0):
+    """Smooth feature fields on the SR grid, an LR channel they explain and one of pure noise."""
+    rng = np.random.default_rng(seed)
+    fields = np.stack([gaussian_filter(rng.normal(size=(rows * factor, cols * factor)), 1.5) for _ in range(6)])
+    fields /= fields.std(axis=(1, 2), keepdims=True)
+    explained = block_mean(np.log1p(np.exp(2.0 * fields[0] + fields[1])), factor)
+    noise = rng.gamma(4.0, 0.25, size=(rows, cols))
+    return fields.astype(np.float32), np.stack([explained, noise]).astype(np.float32)
+
+
+def test_scale_transfer_pools_once_more_and_says_when_the_image_is_too_small():
+    from napari_smsdl.reconstruction._scale_check import pool_inputs, scale_check_size
+
+    fields, lr = _explained_and_noise(2, 12, 13)
+    mask = np.ones((12, 13), bool)
+    mask[0, 0] = False  # one LR pixel off tissue: its LLR pixel is the mean of the other three
+    inputs = pool_inputs(fields.reshape(6, -1), lr, mask, 2)
+    assert inputs.llr.shape == (2, 6, 6) and inputs.lr.shape == (2, 12, 12)  # cropped to a multiple of F
+    np.testing.assert_allclose(inputs.llr[:, 1:, 1:], block_mean(lr[:, :12, :12], 2)[:, 1:, 1:], rtol=1e-6)
+    np.testing.assert_allclose(inputs.llr[:, 0, 0], lr[:, [0, 1, 1], [1, 0, 1]].mean(1), rtol=1e-6)
+    assert not inputs.score_lr[0, 0] and inputs.score_lr.sum() == 143
+    assert inputs.features.shape == (6, 144) and abs(inputs.features[0].std() - 1) < 1e-3
+    ok, why = scale_check_size(mask, 2, folds=5)  # 6 x 6 LLR pixels: 4 tiles of 3 x 3, 10 needed
+    assert not ok and "held-out gain decides alone" in why
+    assert scale_check_size(np.ones((30, 30), bool), 2, folds=5)[0]  # 15 x 15: 25 tiles
+
+
+def test_scale_transfer_gain_is_deterministic_and_separates_explained_from_noise():
+    """LR 30 x 30, F = 2: the LLR → LR fit sees within-pixel detail the features explain, not noise."""
+    fields, lr = _explained_and_noise(2, 30, 30)
+    params = RegressionParams(hidden=32, steps=300, patience=100, folds=5, pca_dims=6, seed=0)
+    mask = np.ones((30, 30), bool)
+    a = train_regression(fields, lr, 2, mask_lr=mask, params=params)
+    b = train_regression(fields, lr, 2, mask_lr=mask, params=params)
+    ga, gb = a.guidance.to_dict(), b.guidance.to_dict()
+    assert ga == gb  # same seed, same gains and decisions
+    assert a.choices["scale_transfer"]["available"]
+    assert set(ga) == {"gain", "gain_std", "used_histology", "scale_gain", "scale_gain_std"}
+    assert ga["scale_gain"][0] > 0.2 and a.extra["scale_clearly_positive"] == [True, False]
+    assert ga["used_histology"] == [True, False] and a.guidance.fell_back == [1]
+    np.testing.assert_array_equal(a.sr[1], a.control[1])
+    other = train_regression(fields, lr, 2, mask_lr=mask, params=dataclasses.replace(params, seed=1))
+    assert other.guidance.to_dict()["scale_gain"] != ga["scale_gain"]  # the seed drives the folds and networks

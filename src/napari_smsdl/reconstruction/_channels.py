@@ -399,6 +399,9 @@ def _record_guidance(out, per_chunk: dict, n_ch: int) -> None:
         return
     chunks = {int(k): v for part in merged for k, v in part.items()}
     guidance = {"gain": [], "gain_std": [], "used_histology": []}
+    # the scale-transfer gain exists for every chunk or none (it depends on the tissue mask only)
+    if all("scale_gain" in chunks[c0]["guidance"] for c0 in chunks):
+        guidance.update(scale_gain=[], scale_gain_std=[])
     for c0 in sorted(chunks):
         for key in guidance:
             guidance[key] += chunks[c0]["guidance"][key]

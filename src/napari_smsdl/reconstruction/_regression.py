@@ -29,6 +29,7 @@ with rank 0's weights. :mod:`._channels` calls :func:`fit_guided` on chunks of m
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ import numpy as np
 from ..errors import Cancelled, InputError
 from ..torch_setup import get_device
 from ._heldout import blocked_folds, choose_pca_dims, held_out_mse
+from ._scale_check import pool_inputs, scale_check_size, scale_gain
 from ._uncertainty import uncertainty_map
 from .baselines.backprojection import Conservation, block_mean, conserve
 
@@ -95,10 +97,18 @@ class Guidance:
     gain: list
     gain_std: list
     used_histology: list
+    #: the scale-transfer gain over the control and its standard deviation over the LLR folds
+    #: (:mod:`._scale_check`); None where the LR image is too small for the check
+    scale_gain: list | None = None
+    scale_gain_std: list | None = None
 
     def to_dict(self) -> dict:
-        return {"gain": [float(g) for g in self.gain], "gain_std": [float(s) for s in self.gain_std],
-                "used_histology": [bool(u) for u in self.used_histology]}
+        out = {"gain": [float(g) for g in self.gain], "gain_std": [float(s) for s in self.gain_std],
+               "used_histology": [bool(u) for u in self.used_histology]}
+        if self.scale_gain is not None:
+            out["scale_gain"] = [float(g) for g in self.scale_gain]
+            out["scale_gain_std"] = [float(s) for s in self.scale_gain_std]
+        return out
 
     @property
     def fell_back(self) -> list[int]:
@@ -230,6 +240,8 @@ def fit_guided(
     distributed: bool = False,
     stage: str = "SMSDL regression",
     pca_dims: int | None = None,
+    scale_check: bool = True,
+    reference: bool = True,
 ) -> RegressionResult:
     """SMSDL on one set of channels, from standardised features (the core of both paths).
 
@@ -247,6 +259,11 @@ def fit_guided(
     pca_dims : int, optional
         Use this many leading components instead of choosing (the chunked path chooses once, on
         its first chunk, so every chunk shares one feature space).
+    scale_check : bool
+        Run the scale-transfer check (:mod:`._scale_check`) where the LR image is large enough.
+    reference : bool
+        Train the histology-free reference network per fold (the held-out gain's denominator);
+        without it the gain is over the H&E-free control (the scale-transfer fit needs no more).
     """
     import torch
 
@@ -296,18 +313,21 @@ def fit_guided(
         fold_pred = _predict(net, x, n_ch, rows * factor, cols * factor) * scale[:, None, None]
         fold_control = conserve(bic, lr, factor, train, Conservation.EXACT)
         err_control[i] = held_out_mse(block_mean(fold_control, factor) / scale[:, None, None], target, held_out)
-        # the same network without the histology: what the measurement alone supports
-        x_free = torch.from_numpy(_design_matrix(feats[:0], bic, scale, params) if params.use_bicubic_input
-                                  else np.ones((x.shape[0], 1), np.float32)).to(dev)
-        net_free, _, _ = _fit(x_free, target, train, held_out, factor, params, dev, seed=params.seed + 1000 * i + 1,
-                              should_stop=should_stop, distributed=distributed)
-        free_pred = _predict(net_free, x_free, n_ch, rows * factor, cols * factor) * scale[:, None, None]
-        del x_free, net_free
+        if reference:  # the same network without the histology: what the measurement alone supports
+            x_free = torch.from_numpy(_design_matrix(feats[:0], bic, scale, params) if params.use_bicubic_input
+                                      else np.ones((x.shape[0], 1), np.float32)).to(dev)
+            net_free, _, _ = _fit(x_free, target, train, held_out, factor, params, dev,
+                                  seed=params.seed + 1000 * i + 1, should_stop=should_stop, distributed=distributed)
+            free_pred = _predict(net_free, x_free, n_ch, rows * factor, cols * factor) * scale[:, None, None]
+            del x_free, net_free
         for m in modes:
             pooled = block_mean(conserve(fold_pred, lr, factor, train, m), factor) / scale[:, None, None]
             err[m.value][i] = held_out_mse(pooled, target, held_out)
-            pooled = block_mean(conserve(free_pred, lr, factor, train, m), factor) / scale[:, None, None]
-            err_free[m.value][i] = held_out_mse(pooled, target, held_out)
+            if reference:
+                pooled = block_mean(conserve(free_pred, lr, factor, train, m), factor) / scale[:, None, None]
+                err_free[m.value][i] = held_out_mse(pooled, target, held_out)
+            else:
+                err_free[m.value][i] = err_control[i]
         full_pred = _predict(net, x_full, n_ch, rows * factor, cols * factor) * scale[:, None, None]
         _welford(i, full_pred, mean, m2)
         _welford(i, fold_control, c_mean, c_m2)
@@ -319,16 +339,25 @@ def fit_guided(
     choices["steps"] = {"best_per_fold": best_steps, "most": params.steps, "patience": params.patience,
                         "how": "early stopping on each fold's held-out pixels"}
     with np.errstate(divide="ignore", invalid="ignore"):
-        reference = err_free[mode.value]
-        gains = np.where(reference > 1e-12, 1.0 - err[mode.value] / reference, 0.0)
+        denominator = err_free[mode.value]
+        gains = np.where(denominator > 1e-12, 1.0 - err[mode.value] / denominator, 0.0)
         over_control = np.where(err_control > 1e-12, 1.0 - err[mode.value] / err_control, 0.0)
     gain, gain_std = gains.mean(0), gains.std(0, ddof=1)
     choices["gain_over_control"] = over_control.mean(0).tolist()
     clearly = gain - GAIN_STANDARD_ERRORS * gain_std / np.sqrt(n_folds) > 0
-    used = clearly if params.fallback else np.ones(n_ch, bool)
-    guidance = Guidance(gain.tolist(), gain_std.tolist(), used.tolist())
     control = conserve(bic_full, lr, factor, mask_lr, Conservation.EXACT)
     guided = conserve(mean, lr, factor, mask_lr, mode)
+    extra = {"clearly_positive": clearly.tolist()}
+    scale_gain = scale_std = None
+    if scale_check:
+        check = _scale_transfer(feats, lr, factor, mask_lr, params, mode, device=str(dev), progress=progress,
+                                should_stop=should_stop, distributed=distributed)
+        choices["scale_transfer"] = check
+        if check["available"]:
+            scale_gain, scale_std = check.pop("gain"), check.pop("gain_std")
+            extra["scale_clearly_positive"] = check["clearly_positive"]
+    used = _decide(clearly, extra.get("scale_clearly_positive")) if params.fallback else np.ones(n_ch, bool)
+    guidance = Guidance(gain.tolist(), gain_std.tolist(), used.tolist(), scale_gain, scale_std)
     sr = np.where(used[:, None, None], guided, control).astype(np.float32)
     spread = np.sqrt(np.where(used[:, None, None], m2, c_m2) / (n_folds - 1))
     uncertainty = uncertainty_map(sr, spread, lr, mask_lr, factor)
@@ -338,7 +367,40 @@ def fit_guided(
     if progress is not None:
         progress(stage, n_folds * params.steps, n_folds * params.steps)
     return RegressionResult(sr, guided.astype(np.float32), control, uncertainty, guidance, choices, history,
-                            time.perf_counter() - start, str(dev), {"clearly_positive": clearly.tolist()})
+                            time.perf_counter() - start, str(dev), extra)
+
+
+def _decide(held_out_clear: np.ndarray, scale_clear: list | None) -> np.ndarray:
+    """Per channel: use the histology? (the fallback rule; see the module notes)."""
+    return np.asarray(held_out_clear, bool)  # the scale-transfer check is recorded, not yet used
+
+
+def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, mode: Conservation, *, device, progress,
+                    should_stop, distributed) -> dict:
+    """The scale-transfer check (:mod:`._scale_check`): the same fit LLR → LR, scored on the measured LR.
+
+    The LLR fit has F² fewer pixels; its batch is F² times smaller so a step covers the same share
+    of the image as in the main fit (the same early-stopping dynamics), and it gets the main fit's
+    conservation and components, so only the scale differs.
+    """
+    ok, why = scale_check_size(mask_lr, factor, params.folds)
+    if not ok:
+        log.info("scale-transfer check skipped: %s", why)
+        return {"available": False, "reason": why}
+    t0 = time.perf_counter()
+    inputs = pool_inputs(feats, lr, mask_lr, factor)
+    inner = dataclasses.replace(params, fallback=False, conservation=mode.value,
+                                batch_pixels=max(1, params.batch_pixels // factor**2))
+    fit = fit_guided(inputs.features, inputs.llr, factor, mask_lr=inputs.mask_llr, params=inner, device=device,
+                     progress=progress, should_stop=should_stop, distributed=distributed,
+                     stage="SMSDL scale-transfer check", pca_dims=inputs.features.shape[0], scale_check=False,
+                     reference=False)
+    folds_llr = blocked_folds(inputs.mask_llr, params.folds, seed=params.seed)
+    gain, std, per_fold = scale_gain(fit.guided, fit.control, inputs, folds_llr, factor)
+    clearly = gain - GAIN_STANDARD_ERRORS * std / np.sqrt(params.folds) > 0
+    return {"available": True, "how": why, "gain": gain.tolist(), "gain_std": std.tolist(),
+            "per_fold": per_fold.tolist(), "clearly_positive": clearly.tolist(),
+            "best_steps": fit.choices["steps"]["best_per_fold"], "seconds": time.perf_counter() - t0}
 
 
 def _choose_conservation(err: dict) -> Conservation:

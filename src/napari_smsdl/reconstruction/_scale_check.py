@@ -1,0 +1,113 @@
+"""Scale transfer: a ground-truth-free test of the detail SMSDL puts *inside* an MSI pixel.
+
+The held-out folds (:mod:`._heldout`) score predictions across a gap at the LR scale, so they say
+how well a model interpolates between measured pixels, not whether the structure it draws within
+a pixel is right. Scale transfer tests exactly that, on a real target: pool the measured LR image
+once more by F (LR → LLR, block means over tissue), pool the SR-grid features to the LR grid the
+same way, run the same SMSDL fit and the same H&E-free control LLR → LR, and score both against
+the measured LR pixels, which neither method saw (they only saw their F × F means). That is the SR
+task one scale up; per channel, the scale-transfer gain is 1 − MSE(SMSDL) / MSE(control).
+
+Its uncertainty comes from the LLR fit's own spatially blocked folds: the gain is computed on the
+LR pixels under each fold's LLR pixels, and the spread of those fold gains is its standard
+deviation — the same statistic as the held-out gain's, so both are judged by one criterion.
+
+The pooled image is F² times smaller, so the check needs a large enough LR image: the LLR tissue
+must hold at least two fold tiles per fold (:func:`scale_check_size`, the condition under which
+:func:`._heldout.blocked_folds` deals tiles rather than single pixels). Below that it is skipped,
+with the reason, and the held-out gain decides alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._heldout import FOLD_TILE
+from .baselines.backprojection import block_mean
+
+
+@dataclass(frozen=True)
+class ScaleInputs:
+    """The scale-transfer task: features on the LR grid, the LLR measurement and what is scored.
+
+    ``features`` (D, h'·w') are the SR-grid features pooled to the (cropped) LR grid of shape
+    (h', w') = (h // F · F, w // F · F); ``llr`` (C, h'/F, w'/F) the pooled measurement (0 off
+    tissue); ``mask_llr`` its tissue pixels; ``lr`` (C, h', w') the measured LR pixels (the
+    target) and ``score_lr`` (h', w') the LR tissue pixels under LLR tissue pixels.
+    """
+
+    features: np.ndarray
+    llr: np.ndarray
+    mask_llr: np.ndarray
+    lr: np.ndarray
+    score_lr: np.ndarray
+
+
+def scale_check_size(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE) -> tuple[bool, str]:
+    """(whether the LR image is large enough for the check, a sentence saying why or why not)."""
+    mask_llr = _pool_mask(np.asarray(mask_lr, bool), factor)
+    h, w = mask_llr.shape
+    rr, cc = np.mgrid[0:h, 0:w]
+    tiles = len(np.unique(((rr // tile) * (-(-w // tile)) + cc // tile)[mask_llr])) if mask_llr.any() else 0
+    needed = 2 * folds
+    if tiles < needed:
+        return False, (f"the LR image pooled by {factor} has {int(mask_llr.sum())} tissue pixels in {tiles} tiles of "
+                       f"{tile} x {tile}; the scale-transfer check needs {needed} ({folds} folds of 2), so the "
+                       "held-out gain decides alone")
+    return True, (f"LLR grid {h} x {w} with {int(mask_llr.sum())} tissue pixels in {tiles} tiles of {tile} x {tile}")
+
+
+def _pool_mask(mask_lr: np.ndarray, factor: int) -> np.ndarray:
+    """LLR tissue: pixels whose F × F block of LR pixels is at least half tissue (as the benchmark degrades)."""
+    h, w = (mask_lr.shape[0] // factor) * factor, (mask_lr.shape[1] // factor) * factor
+    counts = mask_lr[:h, :w].reshape(h // factor, factor, w // factor, factor).sum(axis=(1, 3))
+    return counts >= factor * factor / 2
+
+
+def pool_inputs(features: np.ndarray, lr: np.ndarray, mask_lr: np.ndarray, factor: int) -> ScaleInputs:
+    """Pool the SR-grid features (D, h·F·w·F) and the LR measurement (C, h, w) once more by F.
+
+    LLR pixels are means over their tissue LR pixels. The pooled features are recentred and scaled
+    so the leading component has unit spread, as on the SR grid (pooling shrinks it), keeping the
+    components' relative scale.
+    """
+    f = factor
+    lr = np.nan_to_num(np.asarray(lr, np.float64))
+    m = np.asarray(mask_lr, bool)
+    n_ch, rows, cols = lr.shape
+    h, w = (rows // f) * f, (cols // f) * f
+    feats = np.asarray(features, np.float32).reshape(-1, rows * f, cols * f)[:, : h * f, : w * f]
+    pooled = block_mean(feats.astype(np.float64), f).reshape(feats.shape[0], -1)
+    pooled -= pooled.mean(axis=1, keepdims=True)
+    pooled /= pooled[0].std() + 1e-6
+    lr_c, m_c = lr[:, :h, :w], m[:h, :w]
+    on = np.where(m_c[None], lr_c, 0.0).reshape(n_ch, h // f, f, w // f, f).sum(axis=(2, 4))
+    counts = m_c.reshape(h // f, f, w // f, f).sum(axis=(1, 3))
+    mask_llr = counts >= f * f / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        llr = np.where(mask_llr[None] & (counts > 0), on / np.maximum(counts, 1), 0.0)
+    score = m_c & np.repeat(np.repeat(mask_llr, f, axis=0), f, axis=1)
+    return ScaleInputs(pooled.astype(np.float32), llr.astype(np.float32), mask_llr, lr_c.astype(np.float32), score)
+
+
+def scale_gain(smsdl_lr: np.ndarray, control_lr: np.ndarray, inputs: ScaleInputs, folds_llr: np.ndarray,
+               factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel: (mean gain over the LLR folds, its standard deviation, the per-fold gains (k, C)).
+
+    A fold's gain is 1 − (squared error of SMSDL) / (squared error of the control), summed over
+    the scored LR pixels under that fold's LLR pixels; 0 where the control is already exact.
+    """
+    f = factor
+    err_s = (np.asarray(smsdl_lr, np.float64) - inputs.lr) ** 2
+    err_c = (np.asarray(control_lr, np.float64) - inputs.lr) ** 2
+    fold_lr = np.repeat(np.repeat(folds_llr, f, axis=0), f, axis=1)
+    n_folds = int(folds_llr.max()) + 1
+    gains = np.zeros((n_folds, err_s.shape[0]))
+    for i in range(n_folds):
+        sel = inputs.score_lr & (fold_lr == i)
+        s, c = err_s[:, sel].sum(axis=1), err_c[:, sel].sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gains[i] = np.where(c > 0, 1.0 - s / c, 0.0)
+    return gains.mean(axis=0), gains.std(axis=0, ddof=1), gains
