@@ -129,14 +129,13 @@ def _run(args, folder, *, start: float, main: bool):
         if not methods:
             return None
 
-    def progress(stage, done, total):
-        if done == total or done == 1:
-            log.info("%s: %d/%d", stage, done, total)
+    from ._progress import cli_progress
 
-    result = run_benchmark(
-        truth, he, factor=args.factor, truth_pixel_size_um=truth_px, he_pixel_size_um=he_px, settings=settings,
-        transform=transform, methods=methods, cache_dir=cache_dir, refine=not args.no_refine, progress=progress,
-    )
+    with cli_progress() as progress:
+        result = run_benchmark(
+            truth, he, factor=args.factor, truth_pixel_size_um=truth_px, he_pixel_size_um=he_px, settings=settings,
+            transform=transform, methods=methods, cache_dir=cache_dir, refine=not args.no_refine, progress=progress,
+        )
     if not main:
         return None
     sr_px = truth_px

@@ -102,15 +102,14 @@ def _run_headless(out: Path, *, settings, methods) -> dict:
     settings = settings or Settings.preset("fast", factor=sample.factor)
     truth_px = sample.msi_pixel_size_um / sample.factor
 
-    def progress(stage, done, total):
-        if done == total:
-            log.info("%s: done", stage)
+    from ._progress import cli_progress
 
-    result = run_benchmark(
-        sample.ground_truth, sample.he_rgb, factor=sample.factor, truth_pixel_size_um=truth_px,
-        he_pixel_size_um=sample.he_pixel_size_um, settings=settings, mask_hr=sample.mask_hr, methods=methods,
-        cache_dir=out / "cache", progress=progress,
-    )
+    with cli_progress() as progress:
+        result = run_benchmark(
+            sample.ground_truth, sample.he_rgb, factor=sample.factor, truth_pixel_size_um=truth_px,
+            he_pixel_size_um=sample.he_pixel_size_um, settings=settings, mask_hr=sample.mask_hr, methods=methods,
+            cache_dir=out / "cache", progress=progress,
+        )
     names = [f"m/z {mz:.4f}" for mz in sample.mz]
     for name, stack in result.reconstruction.sr.items():
         write_tiff_stack(out / f"sr_{name}.ome.tif", stack, channel_names=names, pixel_size_um=truth_px)

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from .._files import check_writable_dir, output_folder, write_json_atomic
+from ._progress import cli_progress
 from ._common import (
     add_method_args,
     add_msi_channel_args,
@@ -105,11 +106,6 @@ def add_parser(subparsers) -> None:
         if action.dest in REOPEN_OPTIONAL:
             action.required = False
     parser.set_defaults(func=run, _parser=parser, torchrun=True)
-
-
-def _log_progress(stage: str, done: int, total: int) -> None:
-    if done == total or done == 1:
-        log.info("%s: %d/%d", stage, done, total)
 
 
 def run(args) -> int:
@@ -192,12 +188,13 @@ def _run(args, folder, *, start: float, main: bool, methods: list[str], chunk: i
     if chunked:
         from ..reconstruction import reconstruct_many_channels
 
-        many = reconstruct_many_channels(
-            msi.data, he, he_pixel_size_um=he_px, msi_pixel_size_um=msi_px, out=out, settings=settings,
-            methods=methods, transform=transform, channel_names=msi.channel_names,
-            chunk_channels=chunk or DEFAULT_CHUNK_CHANNELS, cache_dir=cache_dir, save_weights=weights,
-            progress=_log_progress,
-        )
+        with cli_progress() as progress:
+            many = reconstruct_many_channels(
+                msi.data, he, he_pixel_size_um=he_px, msi_pixel_size_um=msi_px, out=out, settings=settings,
+                methods=methods, transform=transform, channel_names=msi.channel_names,
+                chunk_channels=chunk or DEFAULT_CHUNK_CHANNELS, cache_dir=cache_dir, save_weights=weights,
+                progress=progress,
+            )
         if not main:  # the other ranks only took part in the features and the channel chunks
             return None
         files, uncertainty_files, guidance, choices = {}, {}, {}, {}
@@ -221,11 +218,12 @@ def _run(args, folder, *, start: float, main: bool, methods: list[str], chunk: i
             methods, weights = ["smsdl"], None
             if not tiled:  # tiled features share one store between the ranks; in memory, rank 0 caches
                 cache_dir = None
-        result = reconstruct(
-            msi.data, he, he_pixel_size_um=he_px, msi_pixel_size_um=msi_px, settings=settings, methods=methods,
-            transform=transform, cache_dir=cache_dir, save_weights=weights,
-            progress=_log_progress,
-        )
+        with cli_progress() as progress:
+            result = reconstruct(
+                msi.data, he, he_pixel_size_um=he_px, msi_pixel_size_um=msi_px, settings=settings, methods=methods,
+                transform=transform, cache_dir=cache_dir, save_weights=weights,
+                progress=progress,
+            )
         if not main:
             return None
         files, uncertainty_files = {}, {}

@@ -212,14 +212,18 @@ def _register(args, he_size: float | None, msi_size: float | None, landmarks):
         criterion=args.criterion,
     )
     try:
-        result = register(
-            msi,
-            he,
-            fixed_pixel_size_um=msi_size,
-            moving_pixel_size_um=he_level_size,
-            landmarks=landmarks,
-            params=params,
-        )
+        from ._progress import cli_progress
+
+        with cli_progress() as progress:
+            result = register(
+                msi,
+                he,
+                fixed_pixel_size_um=msi_size,
+                moving_pixel_size_um=he_level_size,
+                landmarks=landmarks,
+                params=params,
+                progress=progress,
+            )
     except RegistrationError as exc:
         if args.landmarks and exc.path is None and "landmark" in exc.problem:
             raise RegistrationError(exc.problem, args.landmarks) from exc
