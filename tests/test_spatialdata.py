@@ -331,3 +331,52 @@ def test_export_widget_writes_spatialdata(make_napari_viewer, qtbot, tmp_path, p
     sdata = sd.read_zarr(tmp_path / "out" / "results.zarr")
     np.testing.assert_array_equal(np.asarray(sdata.images["sr_cnn"].data), project.sr["cnn"])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.zarr"]
+
+
+# ---------------------------------------------------------------------------- the tutorial's section
+def _tutorial_blocks() -> list[str]:
+    """The python code blocks of docs/tutorial.md's "Take it further" section, in order."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "tutorial.md").read_text(encoding="utf-8")
+    section = text.split("## Take it further", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.fixture
+def exported(tmp_path, project, monkeypatch):
+    from napari_smsdl.project import export_spatialdata
+
+    export_spatialdata(project, tmp_path / "results.zarr")
+    monkeypatch.chdir(tmp_path)
+    return project
+
+
+def test_tutorial_opens_the_store_and_runs_scanpy(exported):
+    pytest.importorskip("scanpy")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    blocks = _tutorial_blocks()
+    assert len(blocks) == 3
+    ns: dict = {}
+    exec(compile(blocks[0], "tutorial: open", "exec"), ns)
+    assert set(ns["sdata"].images) >= {"he", "msi", "sr_smsdl"}
+    exec(compile(blocks[2], "tutorial: scanpy", "exec"), ns)
+    adata, segments = ns["adata"], ns["segments"]
+    assert adata.obsm["X_pca"].shape == (24 * 20 - 16, 2)
+    assert segments.shape == (24, 20) and set(np.unique(segments)) == {0, 1, 2, 3}
+    assert (segments[:4, :4] == 0).all()  # the SR pixels without data stay unsegmented
+
+
+@pytest.mark.gui
+def test_tutorial_napari_spatialdata(exported, make_napari_viewer):
+    pytest.importorskip("napari_spatialdata")
+    blocks = _tutorial_blocks()
+    ns: dict = {}
+    exec(compile(blocks[0], "tutorial: open", "exec"), ns)
+    # as shown, but headless: the test must not enter napari's event loop
+    code = blocks[1].replace("Interactive(sdata)", "viewer = Interactive(sdata, headless=True)")
+    exec(compile(code, "tutorial: napari-spatialdata", "exec"), ns)
+    assert ns["viewer"] is not None
