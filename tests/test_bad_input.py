@@ -334,3 +334,45 @@ def test_tiny_and_unreadable_histology_messages_name_the_file(tmp_path, capsys):
             line = _err_line(capsys)
             assert str(tmp_path / he) in line and expected in line and "SimpleITK" not in line, line
             assert not (tmp_path / f"out-{command}").exists() and _siblings(tmp_path / f"out-{command}") == []
+
+
+# ---------------------------------------------------------------------------- item 4: a huge H&E
+@pytest.fixture
+def flat_tiff(tmp_path):
+    """A 3000 × 2000 tiled, compressed TIFF without a pyramid whose pixels encode their position."""
+    import tifffile
+
+    rows, cols = np.mgrid[0:3000, 0:2000]
+    rgb = np.stack([rows % 251, cols % 241, (rows // 251 + cols // 241) % 256], axis=-1).astype(np.uint8)
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, rgb, tile=(256, 256), compression="zlib", photometric="rgb",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    return path, rgb
+
+
+def test_registration_reads_a_strided_level_of_a_file_without_pyramid(flat_tiff, monkeypatch):
+    from napari_smsdl.commands.register import load_he_image
+    from napari_smsdl.io import open_histology
+
+    path, rgb = flat_tiff
+    monkeypatch.setenv("SMSDL_READ_BUDGET_GIB", str(1e6 / 2**30))  # 1 MB: level 0 (18 MB) is over it
+    image = open_histology(path, pixel_size_um=0.5)
+    with pytest.raises(InputError) as err:
+        image.read(0)
+    text = str(err.value)
+    assert str(path) in text and "3000 × 2000" in text and "0.0168 GiB" in text and "SMSDL_READ_BUDGET_GIB" in text
+    # MSI pixel 40 µm: registration wants 5 µm, every 10th pixel, block centres (first = 4)
+    got, size_um, scale = load_he_image(path, pixel_size_um=0.5, msi_pixel_size_um=40.0)
+    np.testing.assert_array_equal(got, rgb[4::10, 4::10])
+    assert scale == 0.1 and size_um == pytest.approx(5.0)
+
+
+def test_a_read_over_the_budget_is_refused_with_the_numbers(flat_tiff, tmp_path, capsys, monkeypatch):
+    path, _ = flat_tiff
+    np.save(tmp_path / "msi.npy", np.ones((16, 16), np.float32))
+    monkeypatch.setenv("SMSDL_READ_BUDGET_GIB", str(1e5 / 2**30))  # 100 kB: even every 10th pixel (180 kB) is over
+    assert main(["register", "--he", str(path), "--msi", str(tmp_path / "msi.npy"), "--he-pixel-size", "0.5",
+                 "--msi-pixel-size", "40", "-o", str(tmp_path / "reg")]) == 2
+    line = _err_line(capsys)
+    assert "every 10th pixel of level 0 (300 × 200)" in line and "GiB" in line and "pyramidal" in line
+    assert not (tmp_path / "reg").exists()

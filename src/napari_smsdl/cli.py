@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, SmsdlError):
             message = str(exc)
+        elif isinstance(exc, MemoryError):  # its own text is empty
+            message = (f"out of memory ({exc or 'an allocation failed'}); for a large H&E use a pyramidal TIFF or "
+                       "--tiled, for many channels --chunk-channels; --debug shows where")
         elif isinstance(exc, OSError) and exc.filename:
             message = f"{exc.filename}: {exc.strerror or exc}"
         else:

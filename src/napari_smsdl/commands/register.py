@@ -134,17 +134,18 @@ def load_msi_image(path: str | Path, *, pixel_size_um: float | None = None) -> t
 
 def load_he_image(path: str | Path, *, pixel_size_um: float | None, msi_pixel_size_um: float):
     """The H&E at the pyramid level that registration needs: (rgb uint8, level pixel size µm, level-0 → level scale)."""
+    import dataclasses
+
     from ..errors import InputError
     from ..io import open_histology
-    from ..registration._levels import choose_he_level
+    from ..registration._levels import HE_LEVEL_FRACTION
 
     image = open_histology(path)
     size0 = pixel_size_um or image.pixel_size_um
     if size0 is None:
         raise InputError("no pixel size in the file's metadata; give --he-pixel-size", path)
-    level = choose_he_level([lv.shape[0] for lv in image.levels], size0, msi_pixel_size_um)
-    rgb = image.read(level)
-    scale = rgb.shape[0] / image.levels[0].shape[0]
+    # the pyramid level, or a strided read of a file without one, at the resolution registration uses
+    rgb, scale = dataclasses.replace(image, pixel_size_um=size0).read_reduced(HE_LEVEL_FRACTION * msi_pixel_size_um)
     return rgb, size0 / scale, scale
 
 

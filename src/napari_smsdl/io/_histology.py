@@ -58,10 +58,74 @@ class HistologyImage:
         return best
 
     def read(self, level: int = 0, region_rc: tuple[slice, slice] | None = None) -> np.ndarray:
-        """Read a level (or a region of it) into memory as uint8 RGB (rows, cols, 3)."""
+        """Read a level (or a region of it) into memory as uint8 RGB (rows, cols, 3).
+
+        A whole level larger than the read budget (:func:`read_budget_bytes`) is refused with the
+        numbers and what to do, instead of an allocation of tens of GiB or a ``MemoryError``.
+        """
         arr = self.levels[level]
+        if region_rc is None:
+            rows, cols = (int(n) for n in arr.shape[:2])
+            check_read_budget(rows * cols * 3, f"level {level} whole ({rows} × {cols} pixels)", self.path)
         data = np.asarray(arr[region_rc] if region_rc is not None else arr[:])
         return to_rgb_uint8(data, self.path)
+
+    def read_reduced(self, target_pixel_size_um: float) -> tuple[np.ndarray, float]:
+        """The image at about ``target_pixel_size_um`` (never coarser), bounded by the read budget.
+
+        The coarsest pyramid level whose pixel is at most the target is read; when that level is
+        still much finer (a file without a pyramid), every ``step``-th pixel of it is read, taken at
+        the centre of each ``step`` × ``step`` block (``step`` = target / level pixel, rounded down),
+        so a 100 000² scan needs only the pixels registration uses. Needs ``pixel_size_um``.
+
+        Returns
+        -------
+        rgb : (rows, cols, 3) uint8
+        scale : float
+            Its size relative to level 0 (rows / level-0 rows, exactly ``1 / (level factor × step)``).
+        """
+        if self.pixel_size_um is None:
+            raise InputError("no pixel size in the file's metadata; give it (e.g. --he-pixel-size)", self.path)
+        level = self.best_level(target_pixel_size_um)
+        arr = self.levels[level]
+        level_scale = arr.shape[0] / self.levels[0].shape[0]
+        step = max(1, int(target_pixel_size_um * 1.0001 // self.level_pixel_size_um(level)))
+        if step == 1:
+            return self.read(level), level_scale
+        rows, cols = (int(n) for n in arr.shape[:2])
+        first = (step - 1) // 2  # the centre of each block (for odd steps exactly)
+        out_rows, out_cols = len(range(first, rows, step)), len(range(first, cols, step))
+        check_read_budget(out_rows * out_cols * 3, f"every {step}th pixel of level {level} ({out_rows} × {out_cols})",
+                          self.path)
+        log.info("%s: reading every %dth pixel of level %d (%d x %d -> %d x %d): no pyramid level this coarse",
+                 self.path, step, level, rows, cols, out_rows, out_cols)
+        band = max(step, (64 * 2**20 // max(cols * 3, 1)) // step * step)  # bands of whole rows: bounded reads
+        blocks = [np.asarray(arr[r0 + first : min(r0 + band, rows) : step, first::step]) for r0 in range(0, rows, band)]
+        return to_rgb_uint8(np.concatenate([b for b in blocks if b.shape[0]]), self.path), level_scale / step
+
+
+#: Environment variable: the most GiB an image read whole may take (default :data:`DEFAULT_READ_BUDGET_GIB`).
+READ_BUDGET_ENV = "SMSDL_READ_BUDGET_GIB"
+DEFAULT_READ_BUDGET_GIB = 4.0
+
+
+def read_budget_bytes() -> int:
+    """The read budget in bytes: ``$SMSDL_READ_BUDGET_GIB`` GiB, default 4 GiB."""
+    try:
+        gib = float(os.environ.get(READ_BUDGET_ENV, DEFAULT_READ_BUDGET_GIB))
+    except ValueError:
+        gib = DEFAULT_READ_BUDGET_GIB
+    return int(gib * 2**30)
+
+
+def check_read_budget(n_bytes: int, what: str, path) -> None:
+    """Refuse, with the numbers and how to proceed, a read of ``n_bytes`` over the budget."""
+    budget = read_budget_bytes()
+    if n_bytes > budget:
+        raise InputError(
+            f"reading {what} needs {n_bytes / 2**30:.3g} GiB, more than the read budget of {budget / 2**30:.3g} GiB; "
+            f"save it as a pyramidal tiled TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid), use the tiled path "
+            f"(--tiled), or raise {READ_BUDGET_ENV}", path)
 
 
 def to_rgb_uint8(data, path: str | Path | None = None) -> np.ndarray:
