@@ -166,12 +166,12 @@ class OutputFolder:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"{option}: cannot create the folder above it ({_reason(exc)})", self.target) from exc
-        self._recover()
-        self._check_target()
-        if staging is not None:  # another torchrun rank: rank 0 created it
+        if staging is not None:  # another torchrun rank: rank 0 checked the place and created it
             self.path = Path(staging)
             self._owner = False
             return
+        self._recover()
+        self._check_target()
         self._owner = True
         self.path = parent / f"{self._prefix}{os.getpid()}-{os.urandom(3).hex()}"
         try:
@@ -275,12 +275,20 @@ def output_folder(target: str | os.PathLike, *, overwrite: bool = False, option:
     name and never commit.
     """
     from . import distributed as dd
+    from .errors import InputError
 
-    if dd.is_distributed():
-        folder = OutputFolder(target, overwrite=overwrite, option=option, carry=carry) if dd.is_main_process() else None
-        name = dd.broadcast_object(None if folder is None else str(folder.path))
-        if folder is None:
-            folder = OutputFolder(target, overwrite=True, option=option, staging=name)
+    if dd.is_distributed() and dd.is_main_process():
+        try:
+            folder = OutputFolder(target, overwrite=overwrite, option=option, carry=carry)
+        except InputError as exc:  # every rank stops with the same message instead of waiting
+            dd.broadcast_object((None, exc.problem, None if exc.path is None else str(exc.path)))
+            raise
+        dd.broadcast_object((str(folder.path), None, None))
+    elif dd.is_distributed():
+        name, problem, where = dd.broadcast_object(None)
+        if problem is not None:
+            raise InputError(problem, where)
+        folder = OutputFolder(target, overwrite=True, option=option, staging=name)
     else:
         folder = OutputFolder(target, overwrite=overwrite, option=option, carry=carry)
     try:
