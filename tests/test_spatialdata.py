@@ -371,12 +371,19 @@ def test_tutorial_opens_the_store_and_runs_scanpy(exported):
 
 
 @pytest.mark.gui
-def test_tutorial_napari_spatialdata(exported, make_napari_viewer):
+def test_tutorial_napari_spatialdata(exported, qtbot):
     pytest.importorskip("napari_spatialdata")
     blocks = _tutorial_blocks()
     ns: dict = {}
     exec(compile(blocks[0], "tutorial: open", "exec"), ns)
     # as shown, but headless: the test must not enter napari's event loop
-    code = blocks[1].replace("Interactive(sdata)", "viewer = Interactive(sdata, headless=True)")
+    code = blocks[1].replace("Interactive(sdata)", "interactive = Interactive(sdata, headless=True)")
     exec(compile(code, "tutorial: napari-spatialdata", "exec"), ns)
-    assert ns["viewer"] is not None
+    interactive = ns["interactive"]
+    try:
+        widget = interactive._sdata_widget  # the element list offers the store's coordinate system
+        assert "global" in [widget.coordinate_system_widget.item(i).text()
+                            for i in range(widget.coordinate_system_widget.count())]
+    finally:
+        qtbot.wait(200)
+        interactive._viewer.close()
