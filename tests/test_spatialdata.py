@@ -387,3 +387,39 @@ def test_tutorial_napari_spatialdata(exported, qtbot):
     finally:
         qtbot.wait(200)
         interactive._viewer.close()
+
+
+# ---------------------------------------------------------------------------- many channels (lazy stacks)
+def test_lazy_project_exports_from_its_zarr_stores(tmp_path, project, monkeypatch):
+    """A many-channel project's SR stacks are zarr arrays on disk: exported channel by channel, same values;
+    above TABLE_MAX_VALUES the table is left out and the attributes say so."""
+    import dataclasses
+
+    import zarr
+
+    import napari_smsdl.io._spatialdata as sdmod
+    from napari_smsdl.project import export_project
+
+    def on_disk(name, stack):
+        arr = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=stack.shape, chunks=(1, *stack.shape[1:]),
+                                dtype="float32")
+        arr[:] = stack
+        return zarr.open_array(str(tmp_path / f"{name}.zarr"), mode="r")
+
+    lazy = dataclasses.replace(project, sr={m: on_disk(m, v) for m, v in project.sr.items()},
+                               uncertainty={"smsdl": on_disk("u", project.uncertainty["smsdl"])}, guide_rgb=None)
+    assert lazy.lazy
+    written = export_project(lazy, tmp_path / "out", formats=("spatialdata",))
+    sdata = sd.read_zarr(written["results.zarr"])
+    for method, stack in project.sr.items():
+        np.testing.assert_array_equal(np.asarray(sdata.images[f"sr_{method}"].data), stack)
+    table = sdata.tables["table"]
+    rows, cols = table.obs["row"].to_numpy(), table.obs["col"].to_numpy()
+    np.testing.assert_array_equal(np.asarray(table.X), project.sr["smsdl"][:, rows, cols].T)
+    assert sdata.tables["table"].shape == (24 * 20 - 16, 3)
+
+    monkeypatch.setattr(sdmod, "TABLE_MAX_VALUES", 100)
+    written = export_project(lazy, tmp_path / "small", formats=("spatialdata",))
+    sdata = sd.read_zarr(written["results.zarr"])
+    assert "table" not in sdata.tables
+    assert sdata.attrs["napari_smsdl"]["table"].startswith("left out: 1440 values")
