@@ -72,6 +72,7 @@ def run(args) -> int:
 
     start = time.perf_counter()
     main = is_main_process()
+    _methods(args.methods)  # a typo is refused before the output folder is touched
     if args.cache_dir:
         check_writable_dir(args.cache_dir, option="--cache-dir")
     # checked and staged before any work; written whole at the end (metrics.json last)
@@ -92,13 +93,24 @@ def run(args) -> int:
     return 0
 
 
+def _methods(text: str) -> list[str]:
+    from ..errors import InputError
+    from ..reconstruction import Method
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    known = [m.value for m in Method]
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise InputError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+    return methods
+
+
 def _run(args, folder, *, start: float, main: bool):
     """The benchmark, writing into the staging folder ``folder.path``; (msi, result) on rank 0, else None."""
     from ..distributed import get_world_size
     from ..errors import InputError
     from ..evaluation import comparison_figure, run_benchmark
     from ..io import write_tiff_stack
-    from ..reconstruction import Method
 
     out = folder.path
     msi = load_msi(args.msi, args)
@@ -118,11 +130,7 @@ def _run(args, folder, *, start: float, main: bool):
         # same field of view: the H&E spans the MSI grid
         he_px = truth_px * truth.shape[1] / he.shape[0]
     settings = settings_from_args(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = [m.value for m in Method]
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-        raise InputError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+    methods = _methods(args.methods)
     cache_dir = args.cache_dir or out / "cache"
     if not main:  # other ranks only take part in the distributed SMSDL training
         methods, cache_dir = [m for m in methods if m == "smsdl"], None
