@@ -423,3 +423,42 @@ def test_lazy_project_exports_from_its_zarr_stores(tmp_path, project, monkeypatc
     sdata = sd.read_zarr(written["results.zarr"])
     assert "table" not in sdata.tables
     assert sdata.attrs["napari_smsdl"]["table"].startswith("left out: 1440 values")
+
+
+def test_cli_register_reads_a_spatialdata_msi(tmp_path):
+    """`smsdl register --msi STORE.zarr` takes the MSI and its pixel size (no --msi-pixel-size) from the store."""
+    from skimage import data
+    from skimage import io as skio
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Scale
+
+    from napari_smsdl.cli import main
+    from napari_smsdl.registration import write_landmarks_csv
+    from napari_smsdl.registration._synthetic import make_synthetic_pair
+
+    he = data.immunohistochemistry()[128:384, 128:384]
+    pair = make_synthetic_pair(he, moving_pixel_size_um=1.0, fixed_pixel_size_um=8.0, seed=4, deformation_msi_px=1.5)
+    skio.imsave(tmp_path / "he.png", pair.moving_rgb, check_contrast=False)
+    write_landmarks_csv(pair.landmarks, tmp_path / "pairs.csv")
+    msi = np.asarray(pair.fixed_msi, np.float32)
+    msi = msi[None] if msi.ndim == 2 else msi
+    image = Image2DModel.parse(msi, dims=("c", "y", "x"), c_coords=[f"m/z {700 + i}.0000" for i in range(len(msi))],
+                               transformations={"global": Scale([8.0, 8.0], axes=("y", "x"))})
+    sd.SpatialData(images={"msi": image}).write(tmp_path / "msi.zarr")
+    out = tmp_path / "reg"
+    argv = ["register", "--he", str(tmp_path / "he.png"), "--msi", str(tmp_path / "msi.zarr"), "--he-pixel-size", "1",
+            "--landmarks", str(tmp_path / "pairs.csv"), "--no-bspline", "--threads", "2", "-o", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["fixed"]["pixel_size_um"] == 8.0
+    # the same registration as from the .npy with its pixel size given
+    np.save(tmp_path / "msi.npy", pair.fixed_msi)
+    argv_npy = [a if a != str(tmp_path / "msi.zarr") else str(tmp_path / "msi.npy") for a in argv]
+    argv_npy[argv_npy.index("-o") + 1] = str(tmp_path / "reg_npy")
+    assert main([*argv_npy, "--msi-pixel-size", "8"]) == 0
+    import SimpleITK as sitk
+
+    a = sitk.ReadTransform(str(out / "transform.tfm"))
+    b = sitk.ReadTransform(str(tmp_path / "reg_npy" / "transform.tfm"))
+    points = [(x, y) for x in (0.0, 90.0, 180.0) for y in (0.0, 90.0, 180.0)]
+    np.testing.assert_allclose([a.TransformPoint(p) for p in points], [b.TransformPoint(p) for p in points], atol=1e-6)

@@ -118,8 +118,16 @@ def _positive(value, option: str) -> float | None:
 
 
 def load_msi_image(path: str | Path, *, pixel_size_um: float | None = None) -> tuple[np.ndarray, float | None]:
-    """The MSI to register: an imzML's TIC image, or an image/stack file. ((rows, cols) or (C, rows, cols), µm)."""
+    """The MSI to register: an imzML's TIC image, an image/stack file, or a SpatialData store's MSI
+    (:func:`napari_smsdl.io.read_spatialdata_msi`). ((rows, cols) or (C, rows, cols), µm)."""
     path = Path(path)
+    from ..io import is_spatialdata
+
+    if is_spatialdata(path):
+        from ..io import read_spatialdata_msi
+
+        stack = read_spatialdata_msi(path, pixel_size_um=pixel_size_um).stack
+        return (stack.data[0] if stack.data.shape[0] == 1 else stack.data), stack.pixel_size_um
     if path.suffix.lower() == ".imzml":
         from ..io import open_imzml
 
