@@ -15,7 +15,7 @@ import pytest
 
 from napari_smsdl._reader import read_imzml
 from napari_smsdl.cli import main
-from napari_smsdl.errors import ImzMLError
+from napari_smsdl.errors import ImzMLError, InputError
 from napari_smsdl.io import open_imzml
 
 AXIS = np.array([500.0, 550.0, 600.0, 650.0, 700.0])
@@ -184,3 +184,26 @@ def test_info_json_reports_geometry(tmp_path, capsys):
         {"origin": [1, 1], "shape": [3, 4], "n_spectra": 12},
         {"origin": [21, 11], "shape": [4, 5], "n_spectra": 20},
     ]
+
+
+def test_region_option_of_the_commands_reads_one_region(tmp_path, capsys):
+    """Issue 15 leftover: `--region K` on the commands that read an MSI (ion, reconstruct, benchmark)."""
+    import tifffile
+
+    path = _two_regions(tmp_path)
+    assert main(["ion", str(path), "--mz", "700", "--tol", "0.01da", "--region", "1", "-o", str(tmp_path / "r1.tif")]) == 0
+    image = tifffile.imread(tmp_path / "r1.tif")
+    rows, cols = np.mgrid[0:4, 0:5]
+    np.testing.assert_array_equal(image, 1000.0 + 10 * (rows + 11) + (cols + 21))
+    assert main(["ion", str(path), "--mz", "700", "--region", "5", "-o", str(tmp_path / "r5.tif")]) == 2
+    assert "region 5 does not exist: the file has 2" in capsys.readouterr().err
+    # the MSI-reading helper of reconstruct/benchmark: the region's grid, and refused on a non-imzML input
+    from napari_smsdl.commands._common import add_msi_channel_args, load_msi
+
+    parser = argparse.ArgumentParser()
+    add_msi_channel_args(parser)
+    msi = load_msi(str(path), parser.parse_args(["--mz", "700", "--tol", "0.01da", "--region", "0"]))
+    assert msi.data.shape == (1, 3, 4)
+    np.save(tmp_path / "stack.npy", np.ones((2, 4, 4), np.float32))
+    with pytest.raises(InputError, match="--region selects a region of an imzML file"):
+        load_msi(str(tmp_path / "stack.npy"), parser.parse_args(["--region", "0"]))

@@ -35,6 +35,19 @@ def add_msi_channel_args(parser) -> None:
     parser.add_argument("--tol", default="10ppm", type=_tolerance, help="m/z window half-width, e.g. 10ppm or 0.01da")
     parser.add_argument("--norm", choices=["none", "tic", "rms"], default="none", help="per-pixel normalisation")
     parser.add_argument("--shape", default=None, help="ROWSxCOLS, for a CSV/TXT table of pixels × channels")
+    add_region_arg(parser)
+
+
+def add_region_arg(parser) -> None:
+    parser.add_argument("--region", type=int, default=None, metavar="K",
+                        help="imzML with several acquired regions: use region K alone, on its own grid "
+                        "(`smsdl info FILE --json` lists them, from 0; default: all, in place)")
+
+
+def check_region(path, region: int | None) -> None:
+    """--region is for imzML files (before any work)."""
+    if region is not None and Path(path).suffix.lower() != ".imzml":
+        raise InputError("--region selects a region of an imzML file; this MSI is not one", path)
 
 
 def _tolerance(text: str) -> str:
@@ -68,6 +81,7 @@ def load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Pat
     other ranks open it.
     """
     p = Path(path)
+    check_region(p, getattr(args, "region", None))
     from ..io import is_spatialdata
 
     if is_spatialdata(p):  # a SpatialData store: an image of m/z channels or a pixels x m/z table
@@ -80,7 +94,7 @@ def load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Pat
     if p.suffix.lower() == ".imzml":
         from ..io import make_windows, open_imzml
 
-        ds = open_imzml(p, pixel_size_um=getattr(args, "msi_pixel_size", None))
+        ds = open_imzml(p, pixel_size_um=getattr(args, "msi_pixel_size", None), region=getattr(args, "region", None))
         mz = list(args.mz) or [float(m) for m in ds.pick_peaks(args.peaks)]
         if lazy_above is not None and len(mz) > lazy_above and store is not None:
             windows = make_windows(mz, args.tol)

@@ -20,6 +20,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True,
                         help="output TIFF (channels, rows, cols) float32, or a folder to write FILE_ions.ome.tif into")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    from ._common import add_region_arg
+
+    add_region_arg(parser)
     parser.set_defaults(func=run)
 
 
@@ -44,7 +47,7 @@ def run(args) -> int:
     if args.peaks < 0:
         raise InputError(f"--peaks must be a positive number of peaks, got {args.peaks}")
     target = output_file(args.output, args.file, overwrite=args.overwrite)
-    ds = open_imzml(args.file)
+    ds = open_imzml(args.file, region=args.region)
     mz = list(args.mz)
     if args.peaks:
         mz += [float(m) for m in ds.pick_peaks(args.peaks)]
