@@ -462,3 +462,23 @@ def test_cli_register_reads_a_spatialdata_msi(tmp_path):
     b = sitk.ReadTransform(str(tmp_path / "reg_npy" / "transform.tfm"))
     points = [(x, y) for x in (0.0, 90.0, 180.0) for y in (0.0, 90.0, 180.0)]
     np.testing.assert_allclose([a.TransformPoint(p) for p in points], [b.TransformPoint(p) for p in points], atol=1e-6)
+
+
+def test_what_counts_as_an_mz_channel(tmp_path):
+    from spatialdata.models import Image2DModel
+
+    from napari_smsdl.io import read_spatialdata_msi
+    from napari_smsdl.io._spatialdata import mz_from_name
+
+    assert [mz_from_name(n) for n in ("m/z 885.5499", "mz_760.58", "MZ:700", "734.5694")] == [885.5499, 760.58, 700.0,
+                                                                                            734.5694]
+    assert [mz_from_name(n) for n in ("0", "12", "channel 1", "r", "m/z")] == [None] * 5
+    # channels named 0, 1 (spatialdata's default) are not m/z: such a store holds no MSI candidate
+    plain = Image2DModel.parse(np.ones((2, 4, 4), np.float32), dims=("c", "y", "x"))
+    sd.SpatialData(images={"tic": plain}).write(tmp_path / "plain.zarr")
+    with pytest.raises(InputError, match="no image with m/z channel names"):
+        read_spatialdata_msi(tmp_path / "plain.zarr")
+    # asked for by its path it is read; with only the default identity transform its pixel size is unknown
+    got = read_spatialdata_msi(tmp_path / "plain.zarr/images/tic")
+    assert got.stack.pixel_size_um is None and got.mz is None and got.stack.channel_names == ("0", "1")
+    assert read_spatialdata_msi(tmp_path / "plain.zarr/images/tic", pixel_size_um=12.5).stack.pixel_size_um == 12.5

@@ -46,7 +46,10 @@ TABLE_MAX_VALUES = 1 << 28
 #: Coordinate systems tried first, in this order, when reading a pixel size.
 _UM_SYSTEMS = ("global", "um", "micrometer", "micron", "microns")
 
-_MZ_RE = re.compile(r"^\s*(?:m/?z)?\s*[_:= ]?\s*([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*$", re.IGNORECASE)
+# "m/z 885.5499", "mz_885.55", "885.5499": a prefix or a decimal point; bare integers ("0", "1": what
+# spatialdata names channels by default) are not taken for m/z
+_MZ_PREFIXED = re.compile(r"^\s*m/?z\s*[_:= ]?\s*([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*$", re.IGNORECASE)
+_MZ_DECIMAL = re.compile(r"^\s*([0-9]+\.[0-9]+)\s*$")
 
 EXTRA_HINT = "install the optional extra: pip install 'napari-smsdl[spatialdata]'"
 
@@ -72,7 +75,7 @@ def uncertainty_element(method: str) -> str:
 
 def mz_from_name(name: str) -> float | None:
     """The m/z of a channel name such as ``"m/z 885.5499"``, ``"885.55"`` or ``"mz_885.55"``; else None."""
-    match = _MZ_RE.match(str(name))
+    match = _MZ_PREFIXED.match(str(name)) or _MZ_DECIMAL.match(str(name))
     return float(match.group(1)) if match else None
 
 
@@ -360,7 +363,8 @@ def read_spatialdata_msi(
         Window half-width (``"10ppm"``, ``"0.01da"``), as for imzML.
     pixel_size_um : float, optional
         Overrides the pixel size read from the store: an image's scale to its µm coordinate system
-        (``"global"`` first), or a table's smallest coordinate spacing.
+        (``"global"`` first; None when it has only the default identity), or a table's smallest
+        coordinate spacing.
     """
     store, element = _split_element(Path(path))
     if store is None:
@@ -434,9 +438,9 @@ def _pixel_size_from_transform(element) -> float | None:
     order = [s for s in _UM_SYSTEMS if s in systems] + [s for s in systems if s not in _UM_SYSTEMS]
     for system in order:
         m = np.asarray(systems[system].to_affine_matrix(input_axes=("y", "x"), output_axes=("y", "x")), float)
-        sy, sx = np.hypot(m[0, 0], m[1, 0]), np.hypot(m[0, 1], m[1, 1])
-        if np.isclose(sy, 1.0) and np.isclose(sx, 1.0) and system not in _UM_SYSTEMS:
+        if np.allclose(m, np.eye(3)):  # the default identity: pixels, not µm
             continue
+        sy, sx = np.hypot(m[0, 0], m[1, 0]), np.hypot(m[0, 1], m[1, 1])
         if not np.isclose(sy, sx, rtol=1e-6):
             raise InputError(f"pixels of {sy:g} x {sx:g} (y x) in coordinate system {system!r}: only square "
                              "pixels are supported")
