@@ -140,7 +140,7 @@ def run(args) -> int:
         if args.project and main:  # one writer at a time, and a read-only folder found now, not at the end
             from ..project._store import project_lock
 
-            stack.enter_context(project_lock(args.project))
+            stack.enter_context(project_lock(args.project, option="--project"))
         # the old cache is carried over so a rerun with --overwrite need not recompute the features
         folder = stack.enter_context(output_folder(args.output, overwrite=args.overwrite,
                                                    carry=() if args.cache_dir else ("cache",)))

@@ -219,7 +219,7 @@ READ_LOCK = ".smsdl-read.lock"
 
 
 @contextlib.contextmanager
-def project_lock(directory: str | os.PathLike, *, timeout: float | None = None):
+def project_lock(directory: str | os.PathLike, *, timeout: float | None = None, option: str = "project folder"):
     """Hold the writer's lock of the project folder ``directory`` (created if needed).
 
     A second writer (another process, or another thread) waits up to ``timeout`` seconds (default
@@ -229,7 +229,7 @@ def project_lock(directory: str | os.PathLike, *, timeout: float | None = None):
     """
     from .._files import check_writable_dir
 
-    directory = check_writable_dir(Path(directory).expanduser(), option="--project")
+    directory = check_writable_dir(Path(directory).expanduser(), option=option)
     wait = lock_timeout(timeout)
     try:
         with file_lock(directory / WRITE_LOCK, timeout=wait):
@@ -237,7 +237,7 @@ def project_lock(directory: str | os.PathLike, *, timeout: float | None = None):
     except LockTimeout as exc:
         holder = lock_holder(directory / WRITE_LOCK)
         who = f"process {holder}" if holder and holder != str(os.getpid()) else "another process"
-        raise InputError(f"--project: being written by {who} (waited {wait:g} s); wait for it to finish, "
+        raise InputError(f"{option}: being written by {who} (waited {wait:g} s); wait for it to finish, "
                          f"or choose another project folder", directory) from exc
 
 
