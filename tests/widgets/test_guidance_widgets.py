@@ -85,14 +85,13 @@ def test_train_names_the_fallbacks_and_adds_the_uncertainty_layer(viewer, qtbot,
     assert labels == ["lr", "smsdl", "bicubic", "backprojection", "cnn"]
     # grid view with the sample's ground truth: 6 columns (LR, truth, 4 methods), either way round
     compare.show_results(truth="sample ground truth (10 µm)")
-    for rows, shape in (("channels", (2, 6)), ("methods", (6, 2))):
+    for rows, corner in (("channels", (1, 5)), ("methods", (5, 1))):
         compare.set_grid(True, rows=rows)
-        assert tuple(viewer.canvas.grid.shape) == shape and compare.last_error is None
-        visible = [lay.name for lay in viewer.layers if lay.visible]
-        expected = [lay.name for row in compare.rows.values() for lay in row]
-        if rows == "methods":
-            expected = [row[j].name for j in range(6) for row in compare.rows.values()]
-        assert visible == expected
+        tiles = compare.tiles
+        assert max(tiles) == corner and len(tiles) == 12 and compare.last_error is None
+        expected = {(i, j) if rows == "channels" else (j, i): lay
+                    for i, row in enumerate(compare.rows.values()) for j, lay in enumerate(row)}
+        assert tiles == expected
     compare.set_grid(False)
     compare.show_results(truth=None)
     compare.reference.value = "backprojection"  # what the histology changed, against the control

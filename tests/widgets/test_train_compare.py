@@ -18,7 +18,7 @@ import tifffile
 from napari_smsdl.features import FeatureParams
 from napari_smsdl.project import LAYER_METADATA_KEY
 from napari_smsdl.reconstruction import RegressionParams, Settings
-from napari_smsdl.widgets.compare import GUIDE_NAME, PREFIX, CompareWidget
+from napari_smsdl.widgets.compare import GUIDE_NAME, LABELS_NAME, PREFIX, CompareWidget
 from napari_smsdl.widgets.export import ExportWidget
 from napari_smsdl.widgets.train import FeatureSource, TrainWidget
 
@@ -151,18 +151,28 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
     assert all(tuple(lay.contrast_limits) == (0.0, 123.0) for lay in row)
     assert tuple(compare.rows[1][0].contrast_limits) != (0.0, 123.0)  # another channel is independent
 
-    # ---- grid view: one channel per row, one column per image, nothing else shown
+    # ---- grid view: one channel per tile row, one column per image, nothing else shown, labels on the canvas
     compare.set_grid(True, rows="channels")
-    assert viewer.canvas.grid.enabled and tuple(viewer.canvas.grid.shape) == (2, 6)
-    assert {lay.name for lay in viewer.layers if lay.visible} == {lay.name for r in compare.rows.values() for lay in r}
-    visible = [lay.name for lay in viewer.layers if lay.visible]  # grid cells follow this order
-    assert visible[:6] == [lay.name for lay in compare.rows[0]]
+    tiles = compare.tiles
+    assert not viewer.canvas.grid.enabled and max(tiles) == (1, 5) and len(tiles) == 12
+    assert [tiles[(0, j)].name for j in range(6)] == [lay.name for lay in compare.rows[0]]
+    tiled = {lay.name for r in compare.rows.values() for lay in r} | {LABELS_NAME}
+    assert {lay.name for lay in viewer.layers if lay.visible} == tiled
+    text = list(viewer.layers[LABELS_NAME].features["label"])
+    assert text == ["LR", "ground truth", "SMSDL", "BI", "BI + back-projection (H&E-free)", "CNN",
+                    "m/z 734.5694", "m/z 885.5499"]
+    lr, smsdl0 = tiles[(0, 0)], tiles[(0, 2)]
+    assert lr.translate[-2] == pytest.approx(R0 * 40.0 + 20.0)  # the first tile stays in place
+    assert smsdl0.translate[-1] - smsdl.metadata["home_translate"][-1] == pytest.approx(2 * 640.0 * 1.12)
+    # a click on a tile reads the pixel of that tile's own place
+    hit = compare.inspect_pixel((840.0, 500.0 + 2 * 640.0 * 1.12))["hit"]
+    assert hit.sr_rc == (20, 18)
     compare.set_grid(True, rows="methods")
-    assert tuple(viewer.canvas.grid.shape) == (6, 2)
-    visible = [lay.name for lay in viewer.layers if lay.visible]
-    assert visible[:2] == [compare.rows[0][0].name, compare.rows[1][0].name]  # LR of both channels first
+    tiles = compare.tiles
+    assert max(tiles) == (5, 1) and [tiles[(0, c)] for c in (0, 1)] == [compare.rows[0][0], compare.rows[1][0]]
     compare.set_grid(False)
-    assert not viewer.canvas.grid.enabled and guide.visible
+    assert not compare.tiles and guide.visible and LABELS_NAME not in viewer.layers
+    np.testing.assert_allclose(smsdl.translate[-2:], (R0 * 40.0 + 5.0, C0 * 40.0 + 5.0))  # back home
 
     # ---- difference maps against the ground truth
     compare.reference.value = "truth"

@@ -8,7 +8,8 @@ An adapter only: the reconstruction is the :class:`~napari_smsdl.project.Project
 For each chosen channel it adds one 2-D layer per column: the measured MSI (LR), the ground truth
 when there is one, and every method, all with the same colormap and linked contrast limits, placed
 in µm over the registered H&E (scale = MSI pixel / F, pixel corners shared with the MSI). Grid view
-puts one channel per row; difference maps (method − ground truth, or − BI) use a diverging
+tiles the layers side by side in µm (one channel per row, the method names above the columns) in one
+batch; difference maps (method − ground truth, or − BI) use a diverging
 colormap with symmetric limits. Clicking the canvas lists, for the pixel under the cursor, the
 value of every method and of the LR pixel it came from. k-means segments of an SR stack become a
 Labels layer. The metrics table also shows, per channel, SMSDL's held-out histology gain ± its std
@@ -33,6 +34,7 @@ Every action is a method with explicit arguments::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -89,7 +91,8 @@ TOOLTIPS = {
     "show": "Add the comparison layers (existing ones are replaced).",
     "grid": "Grid view: one channel per row, one method per column.",
     "differences": "Add difference maps: method − reference, diverging colours, symmetric limits.",
-    "reference": "Reference of the difference maps (the H&E-free control: what the histology changed).",
+    "reference": "Reference of the difference maps: the ground truth when one is chosen (the error maps), else BI; "
+                 "the H&E-free control shows what the histology changed.",
     "metrics": "Scores against the ground truth; 'histology gain': 1 − held-out error with the H&E / without it "
                "(± std over folds); 'H&E used': no = the channel's SMSDL output is the H&E-free control.",
     "n_segments": "Number of tissue segments (k-means on the SR stack's channels).",
@@ -160,12 +163,35 @@ def add_comparison_layers(
                                       grid=grid, grid_by=grid_by)
 
 
-def _batched(viewer):
-    """One scene-graph update (and one of napari's garbage collections) for many layer changes."""
-    import contextlib
+_BATCH_DEPTH: dict[int, int] = {}
 
-    batched = getattr(viewer.layers, "batched_update", None)
-    return batched() if batched is not None else contextlib.nullcontext()
+
+@contextlib.contextmanager
+def _batched(viewer):
+    """One scene-graph rebuild (and one of napari's garbage collections) for many layer changes.
+
+    Re-entrant: napari's ``batched_update`` resumes the canvas at the end of *every* batch, so an
+    inner batch (removing the old layers inside a rebuild) would switch the pause off for the rest
+    of the outer one, and every later append, move or ``visible`` change would rebuild the whole
+    grid again (minutes for a grid of 50 layers). Only the outermost batch here begins and ends one.
+    """
+    layers = viewer.layers
+    batched = getattr(layers, "batched_update", None)
+    key = id(layers)
+    depth = _BATCH_DEPTH.get(key, 0)
+    if batched is None or depth:
+        _BATCH_DEPTH[key] = depth + 1
+        try:
+            yield
+        finally:
+            _BATCH_DEPTH[key] = depth
+        return
+    _BATCH_DEPTH[key] = 1
+    try:
+        with batched():
+            yield
+    finally:
+        _BATCH_DEPTH.pop(key, None)
 
 
 def _add_comparison_layers(viewer, project, msi_layer, *, channels, differences, grid, grid_by) -> dict[int, list]:
@@ -187,8 +213,6 @@ def _add_comparison_layers(viewer, project, msi_layer, *, channels, differences,
         viewer.layers.append(guide)
         added.append(guide)
     mask = tissue_mask_sr(project)
-    diffs = difference_stacks(project, differences) if differences else {}
-    diffs = {m: np.where(mask[None], d, np.nan).astype(np.float32) for m, d in diffs.items()}  # tissue only
     rows: dict[int, list] = {}
     for c in chans:
         label = channel_label(c, project.channel_names, project.mz)
@@ -208,22 +232,64 @@ def _add_comparison_layers(viewer, project, msi_layer, *, channels, differences,
                           "pixel_size_um": project.msi_pixel_size_um if method == "lr" else project.sr_pixel_size_um},
             )
             row.append(layer)
-        if diffs:
-            ref_label = method_label(differences)
-            d_limits = shared_limits([next(iter(diffs.values()))[c]], mask=mask, symmetric=True)
-            for method in ordered_methods(diffs):
-                stack = diffs[method]
-                row.append(Image(
-                    stack[c], name=f"{PREFIX}{method_label(method)} − {ref_label} · {label}", colormap=DIFF_COLORMAP,
-                    contrast_limits=d_limits, **sr_place,
-                    metadata={"role": "difference", "method": method, "reference": differences, "channel": c},
-                ))
         for layer in row:
+            layer.metadata["home_translate"] = tuple(layer.translate)  # grid tiles are offsets from here
             viewer.layers.append(layer)
         rows[c] = row
-        _link_limits([lay for lay in row if lay.metadata["role"] == "comparison"])
-        _link_limits([lay for lay in row if lay.metadata["role"] == "difference"])
+        _link_limits(row)
+    if differences:
+        _append_difference_layers(viewer, project, msi_layer, rows, differences)
     arrange(viewer, rows, grid=grid, grid_by=grid_by)
+    return rows
+
+
+def _append_difference_layers(viewer, project, msi_layer, rows: dict[int, list], differences: str) -> None:
+    """Append the difference maps (method − ``differences``) to every row (in-memory project)."""
+    from napari.layers import Image
+
+    sr_place = refined_placement(_last2(msi_layer.scale), _last2(msi_layer.translate), project.factor)
+    mask = tissue_mask_sr(project)
+    diffs = difference_stacks(project, differences)
+    diffs = {m: np.where(mask[None], d, np.nan).astype(np.float32) for m, d in diffs.items()}  # tissue only
+    if not diffs:
+        return
+    ref_label = method_label(differences)
+    for c, row in rows.items():
+        label = channel_label(c, project.channel_names, project.mz)
+        d_limits = shared_limits([next(iter(diffs.values()))[c]], mask=mask, symmetric=True)
+        added = []
+        for method in ordered_methods(diffs):
+            layer = Image(
+                diffs[method][c], name=f"{PREFIX}{method_label(method)} − {ref_label} · {label}",
+                colormap=DIFF_COLORMAP, contrast_limits=d_limits, **sr_place, visible=False,
+                metadata={"role": "difference", "method": method, "reference": differences, "channel": c},
+            )
+            layer.metadata["home_translate"] = tuple(layer.translate)
+            viewer.layers.append(layer)
+            added.append(layer)
+        row.extend(added)
+        _link_limits(added)
+
+
+def set_differences(viewer, project, msi_layer, rows: dict[int, list], differences: str | None, *, grid: bool,
+                    grid_by: str = "auto") -> dict[int, list]:
+    """Add or remove only the difference maps of ``rows`` (the other layers stay), in one batch.
+
+    The comparison layers are not rebuilt: toggling difference maps costs the difference layers
+    alone. A lazy (many-channel) project is rebuilt as a whole (one row of stack layers).
+    """
+    with _batched(viewer):
+        for row in rows.values():
+            stale = [lay for lay in row if lay.metadata.get("role") == "difference"
+                     and lay.metadata.get("reference") != differences]
+            for layer in stale:
+                row.remove(layer)
+                if layer in viewer.layers:
+                    viewer.layers.remove(layer)
+        have = any(lay.metadata.get("role") == "difference" for row in rows.values() for lay in row)
+        if differences and not have:
+            _append_difference_layers(viewer, project, msi_layer, rows, differences)
+        arrange(viewer, rows, grid=grid, grid_by=grid_by)
     return rows
 
 
@@ -270,6 +336,7 @@ def _add_lazy_layers(viewer, project, msi_layer, *, channels, differences, grid,
                           "lazy": True},
             ))
     for layer in row:
+        layer.metadata["home_translate"] = tuple(layer.translate)  # grid tiles are offsets from here
         viewer.layers.append(layer)
     comparison = [lay for lay in row if lay.metadata["role"] == "comparison"]
     difference = [lay for lay in row if lay.metadata["role"] == "difference"]
@@ -345,54 +412,125 @@ def grid_rows(viewer, n_channels: int, n_columns: int, image_shape_rc: Sequence[
     return "methods" if image_px(n_columns, n_channels) > 1.2 * image_px(n_channels, n_columns) else "channels"
 
 
-def arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str = "auto") -> None:
+#: Gap between grid tiles, as a fraction of a tile's height / width (room for the column labels).
+GRID_GAP = 0.12
+LABELS_NAME = PREFIX + "grid labels"
+
+
+def arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str = "auto") -> dict[tuple[int, int], Any]:
     """Overlay (H&E, with the first channel's SMSDL on top) or grid view.
 
-    In grid view ``grid_by="channels"`` puts one channel per row (one method per column),
-    ``"methods"`` one method per row; ``"auto"`` picks what shows the images larger on this canvas.
+    Grid view tiles the comparison layers in world space, one tile per layer (``grid_by="channels"``:
+    one channel per tile row, one method per column; ``"methods"``: one method per row; ``"auto"``:
+    whichever shows the images larger on this canvas), with the column and row names written on the
+    canvas (a Points layer, :data:`LABELS_NAME`). napari's own grid is not used: it recomputes every
+    layer's cell for every layer and every cell (O(n^4) in the number of layers; minutes for the 50
+    layers of a 5-channel comparison with difference maps), whereas a tile is one ``translate``.
+    Everything happens in one batch: napari rebuilds its scene once.
+
+    Returns ``{(tile row, tile col): layer}`` in grid view (empty for the overlay).
     """
-    canvas_grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
-    shown = {id(lay) for row in rows.values() for lay in row}
-    n_cols = max((len(row) for row in rows.values()), default=1)
-    if grid:
-        first = next(iter(rows.values()), [])
-        shape_rc = np.shape(first[-1].data)[-2:] if first else (1, 1)
-        by = grid_rows(viewer, len(rows), n_cols, shape_rc) if grid_by == "auto" else grid_by
-        if by not in ("channels", "methods"):
-            raise ValueError(f"grid_by must be 'auto', 'channels' or 'methods', got {grid_by!r}")
-        ordered = [lay for row in rows.values() for lay in row]
-        if by == "methods":
-            ordered = [row[j] for j in range(n_cols) for row in rows.values() if j < len(row)]
-        # grid cells follow the layer order (hidden layers take no cell): the other layers first, then
-        # the grid's in reading order. One single move per misplaced layer, front to back (napari's
-        # move_multiple with a whole permutation moves past the end for some orders, e.g. 6 columns
-        # by methods)
-        chosen = {id(lay) for lay in ordered}
-        desired = [lay for lay in viewer.layers if id(lay) not in chosen] + ordered
-        for position, layer in enumerate(desired):
-            current = viewer.layers.index(layer)
-            if current != position:  # every layer before `position` is already in place: current > position
-                viewer.layers.move(current, position)
-        for layer in viewer.layers:
-            layer.visible = id(layer) in shown
-        shape = (len(rows), n_cols) if by == "channels" else (n_cols, len(rows))
-        if len(rows) <= 1 and grid_by == "auto":
-            shape = (-1, -1)  # one channel: napari's near-square grid shows the images largest
-        canvas_grid.shape = shape if rows else (-1, -1)
-        canvas_grid.enabled = True
-    else:
-        canvas_grid.enabled = False
-        canvas_grid.shape = (-1, -1)
+    with _batched(viewer):
+        tiles = _arrange(viewer, rows, grid=grid, grid_by=grid_by)
+    viewer.reset_view()  # after the batch: the camera fits what is shown
+    return tiles
+
+
+def _home(layer) -> np.ndarray:
+    """The layer's own placement (translate) when not tiled, recorded when it was made."""
+    return np.asarray(layer.metadata.get("home_translate", layer.translate), float)
+
+
+def _extent_rc(layer) -> np.ndarray:
+    """World (rows, cols) size of a layer's last two axes in µm."""
+    return np.asarray(np.shape(layer.data)[-2:], float) * _last2(layer.scale)
+
+
+def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str) -> dict[tuple[int, int], Any]:
+    if hasattr(viewer, "canvas"):
+        viewer.canvas.grid.enabled = False  # a grid left on by an older version or the user
+    row_layers = [lay for row in rows.values() for lay in row]
+    shown = {id(lay) for lay in row_layers}
+    for layer in row_layers:  # back home first: tiles are offsets from there
+        layer.metadata["grid_tile"] = None
+        home = _home(layer)
+        if not np.array_equal(np.asarray(layer.translate, float), home):
+            layer.translate = home
+    if LABELS_NAME in viewer.layers:
+        viewer.layers.remove(LABELS_NAME)
+    if not grid:
         first = next(iter(rows.values()), [])
         top = next((lay for lay in first if lay.metadata.get("method") == "smsdl"), first[-1] if first else None)
-        for row in rows.values():
-            for layer in row:
+        for layer in row_layers:
+            if layer.visible != (layer is top):
                 layer.visible = layer is top
         if top is not None:
             top.opacity = 0.85
         if GUIDE_NAME in viewer.layers:
             viewer.layers[GUIDE_NAME].visible = True
-    viewer.reset_view()
+        return {}
+    n_cols = max((len(row) for row in rows.values()), default=1)
+    first = next(iter(rows.values()), [])
+    shape_rc = np.shape(first[-1].data)[-2:] if first else (1, 1)
+    by = grid_rows(viewer, len(rows), n_cols, shape_rc) if grid_by == "auto" else grid_by
+    if by not in ("channels", "methods"):
+        raise ValueError(f"grid_by must be 'auto', 'channels' or 'methods', got {grid_by!r}")
+    for layer in viewer.layers:
+        if layer.visible != (id(layer) in shown):
+            layer.visible = id(layer) in shown
+    if not row_layers:
+        return {}
+    size = np.max([_extent_rc(lay) for lay in row_layers], axis=0)
+    step = size * (1.0 + GRID_GAP)
+    corner = _home(first[-1])[-2:] - _last2(first[-1].scale) / 2  # the shared pixel corner of the row
+    tiles: dict[tuple[int, int], Any] = {}
+    col_names: dict[int, str] = {}
+    row_names: dict[int, str] = {}
+    for i, row in enumerate(rows.values()):
+        for j, layer in enumerate(row):
+            r, c = (i, j) if by == "channels" else (j, i)
+            offset = np.array([r, c], float) * step
+            tiles[(r, c)] = layer
+            layer.metadata["grid_tile"] = (r, c)
+            translate = _home(layer)
+            translate[-2:] += offset
+            layer.translate = translate
+            what, _, channel = layer.name[len(PREFIX):].rpartition(" · ")
+            col_names.setdefault(c, what if by == "channels" else channel)
+            row_names.setdefault(r, channel if by == "channels" else what)
+    _add_grid_labels(viewer, corner, size, step, col_names, row_names)
+    return tiles
+
+
+def _add_grid_labels(viewer, corner, size, step, col_names: dict, row_names: dict) -> None:
+    """Column names above the tiles, row names in a tile-wide margin left of them, as canvas text.
+
+    A 2-D Points layer (invisible points, text only), so it shows on every slice of a channel stack.
+    """
+    from napari.layers import Points
+
+    gap = step - size
+    coords = [(corner[0] - gap[0] * 0.5, corner[1] + c * step[1] + size[1] / 2) for c in col_names]
+    coords += [(corner[0] + r * step[0] + size[0] / 2, corner[1] - gap[1] - size[1] / 2) for r in row_names]
+    texts = list(col_names.values()) + list(row_names.values())
+    labels = Points(np.asarray(coords, float).reshape(-1, 2), name=LABELS_NAME, size=0.0, face_color="transparent",
+                    border_width=0.0, features={"label": texts},
+                    text={"string": "{label}", "color": "white", "size": 10, "anchor": "center"},
+                    metadata={"role": "grid_labels"})
+    viewer.layers.append(labels)
+
+
+def fit_table(table: QTableWidget, *, max_rows: int = 20, max_width: int = 640) -> None:
+    """Size a table to show all its rows (up to ``max_rows``) and columns (up to ``max_width`` px)."""
+    table.resizeColumnsToContents()
+    table.resizeRowsToContents()
+    frame = 2 * table.frameWidth()
+    rows = sum(table.rowHeight(i) for i in range(min(table.rowCount(), max_rows)))
+    height = table.horizontalHeader().height() + rows + frame
+    if table.rowCount() > max_rows or table.horizontalHeader().length() + frame > max_width:
+        height += table.horizontalScrollBar().sizeHint().height()
+    table.setFixedHeight(max(height, 60))
+    table.setMinimumWidth(min(table.horizontalHeader().length() + frame, max_width))
 
 
 class CompareWidget(ErrorDisplay, QWidget):
@@ -468,8 +606,10 @@ class CompareWidget(ErrorDisplay, QWidget):
         self.show_button.changed.connect(lambda: self.show_results())
         self._grid_by = "auto"
         self.grid.changed.connect(lambda value: self.set_grid(bool(value), rows=self._grid_by))
-        self.differences.changed.connect(lambda *_: self._refresh_if_shown())
-        self.reference.changed.connect(lambda *_: self.differences.value and self._refresh_if_shown())
+        self.differences.changed.connect(lambda *_: self._update_differences())
+        self.reference.changed.connect(self._on_reference)
+        self._reference_by_user = False
+        self.truth.changed.connect(lambda *_: self._default_reference())
         self.segment_button.changed.connect(lambda: self.segment())
         self.viewer.layers.events.inserted.connect(self._on_inserted)
         self.viewer.layers.events.removed.connect(self._reset_choices)
@@ -480,6 +620,7 @@ class CompareWidget(ErrorDisplay, QWidget):
             self._watch(layer)
         self._reset_choices()
         self._on_source(self.source.value)
+        self._default_reference()
 
     @staticmethod
     def _setup_table(table: QTableWidget) -> None:
@@ -624,11 +765,7 @@ class CompareWidget(ErrorDisplay, QWidget):
         self.project = project
         if msi_layer.metadata.get(LAYER_METADATA_KEY) is not project:
             msi_layer.metadata = {**msi_layer.metadata, LAYER_METADATA_KEY: project}  # Export saves this one
-        reference = self.reference.value if self.differences.value else None
-        if reference == "truth" and project.truth is None:
-            reference = "bicubic" if "bicubic" in project.sr else None
-        if reference is not None and reference not in ("truth", *project.sr):
-            reference = None
+        reference = self._reference(project)
         self.rows = add_comparison_layers(self.viewer, project, msi_layer, channels=chosen, differences=reference,
                                           grid=bool(self.grid.value), grid_by=self._grid_by)
         self._fill_metrics(project, chosen)
@@ -658,9 +795,49 @@ class CompareWidget(ErrorDisplay, QWidget):
         first = next(iter((project.metrics or {}).values()), None)
         return None if not isinstance(first, dict) else first.get("scored_channels")
 
+    def _reference(self, project: Project) -> str | None:
+        """The reference of the difference maps (None: no difference maps)."""
+        reference = self.reference.value if self.differences.value else None
+        if reference == "truth" and project.truth is None:
+            reference = "bicubic" if "bicubic" in project.sr else None
+        if reference is not None and reference not in ("truth", *project.sr):
+            reference = None
+        return reference
+
+    def _on_reference(self, *_: Any) -> None:
+        if not getattr(self, "_setting_reference", False):
+            self._reference_by_user = True  # a choice made in the widget stays
+        if self.differences.value:
+            self._update_differences()
+
+    def _default_reference(self) -> None:
+        """Difference maps reference the ground truth when one is chosen (else BI), unless picked by hand."""
+        if self._reference_by_user:
+            return
+        wanted = "truth" if self.truth.value is not None else "bicubic"
+        if self.reference.value != wanted:
+            self._setting_reference = True
+            try:
+                self.reference.value = wanted
+            finally:
+                self._setting_reference = False
+
     def _refresh_if_shown(self) -> None:
         if self.rows:
             self.show_results(self.project)
+
+    def _update_differences(self) -> None:
+        """Difference maps on or off (or a new reference): only the difference layers change."""
+        project, msi = self.project, self.source.value
+        if not self.rows or project is None or msi is None or project.lazy \
+                or any(lay not in self.viewer.layers for row in self.rows.values() for lay in row):
+            self._refresh_if_shown()
+            return
+        try:
+            set_differences(self.viewer, project, msi, self.rows, self._reference(project),
+                            grid=bool(self.grid.value), grid_by=self._grid_by)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            self._on_error(exc)
 
     def set_grid(self, enabled: bool, *, rows: str = "auto") -> None:
         """Grid view or overlay on the H&E.
@@ -673,6 +850,12 @@ class CompareWidget(ErrorDisplay, QWidget):
             self.grid.value = enabled  # calls back here through the checkbox
             return
         arrange(self.viewer, self.rows, grid=enabled, grid_by=rows)
+
+    @property
+    def tiles(self) -> dict[tuple[int, int], Any]:
+        """Grid view: ``{(tile row, tile col): layer}`` of the shown layers (empty for the overlay)."""
+        return {lay.metadata["grid_tile"]: lay for row in self.rows.values() for lay in row
+                if lay.metadata.get("grid_tile") is not None}
 
     def _fill_metrics(self, project: Project, channels: Sequence[int]) -> None:
         table = self.metrics_table
@@ -705,7 +888,7 @@ class CompareWidget(ErrorDisplay, QWidget):
                 if j >= 2:
                     item.setTextAlignment(int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter))
                 table.setItem(i, j, item)
-        table.resizeColumnsToContents()
+        fit_table(table)
 
     # ------------------------------------------------------------------ pixel values
     def _on_click(self, viewer, event) -> None:
@@ -722,6 +905,7 @@ class CompareWidget(ErrorDisplay, QWidget):
         project, msi = self.project, self.source.value
         if project is None or msi is None:
             return None
+        world_rc_um = self._untiled(world_rc_um)
         hit = locate_pixel(world_rc_um, msi_scale_rc=_last2(msi.scale), msi_translate_rc=_last2(msi.translate),
                            lr_shape_rc=project.lr_msi.shape[1:], factor=project.factor)
         if hit is None:
@@ -739,6 +923,18 @@ class CompareWidget(ErrorDisplay, QWidget):
         self._fill_pixel_table(project, hit, chans, values)
         self._mark_pixel(hit)
         return self.picked
+
+    def _untiled(self, world_rc_um: Sequence[float]) -> np.ndarray:
+        """A point on a grid tile mapped back to the layers' own placement (unchanged outside the grid)."""
+        point = np.asarray(world_rc_um, float)[-2:]
+        for layer in (lay for row in self.rows.values() for lay in row):
+            offset = (np.asarray(layer.translate, float) - _home(layer))[-2:]
+            if not offset.any():
+                continue
+            corner = np.asarray(layer.translate, float)[-2:] - _last2(layer.scale) / 2
+            if np.all(point >= corner) and np.all(point < corner + _extent_rc(layer)):
+                return point - offset
+        return point
 
     def _fill_pixel_table(self, project: Project, hit: PixelHit, chans: list[int], values: dict) -> None:
         headers = ["channel", *(method_label(k) + (f" {hit.lr_rc}" if k == "lr" else "") for k in values)]
