@@ -207,3 +207,7 @@ def test_region_option_of_the_commands_reads_one_region(tmp_path, capsys):
     np.save(tmp_path / "stack.npy", np.ones((2, 4, 4), np.float32))
     with pytest.raises(InputError, match="--region selects a region of an imzML file"):
         load_msi(str(tmp_path / "stack.npy"), parser.parse_args(["--region", "0"]))
+    from napari_smsdl.commands.register import load_msi_image
+
+    tic, size = load_msi_image(path, region=1)  # `smsdl register --region 1`: that region's TIC
+    assert tic.shape == (4, 5) and size == 20.0

@@ -80,6 +80,9 @@ def add_parser(subparsers) -> None:
         help="for a multi-channel MSI stack: tic, pc1, ion (with --msi-channel) or auto",
     )
     parser.add_argument("--msi-channel", type=int, default=0, help="channel for --msi-feature ion (default 0)")
+    from ._common import add_region_arg
+
+    add_region_arg(parser)
     parser.add_argument("--no-affine-refinement", action="store_true", help="skip the mutual-information affine stage")
     parser.add_argument("--no-bspline", action="store_true", help="skip the B-spline stage (affine only)")
     parser.add_argument(
@@ -117,10 +120,14 @@ def _positive(value, option: str) -> float | None:
     return float(value)
 
 
-def load_msi_image(path: str | Path, *, pixel_size_um: float | None = None) -> tuple[np.ndarray, float | None]:
+def load_msi_image(path: str | Path, *, pixel_size_um: float | None = None,
+                   region: int | None = None) -> tuple[np.ndarray, float | None]:
     """The MSI to register: an imzML's TIC image, an image/stack file, or a SpatialData store's MSI
     (:func:`napari_smsdl.io.read_spatialdata_msi`). ((rows, cols) or (C, rows, cols), µm)."""
     path = Path(path)
+    from ._common import check_region
+
+    check_region(path, region)
     from ..io import is_spatialdata
 
     if is_spatialdata(path):
@@ -131,7 +138,7 @@ def load_msi_image(path: str | Path, *, pixel_size_um: float | None = None) -> t
     if path.suffix.lower() == ".imzml":
         from ..io import open_imzml
 
-        ds = open_imzml(path, pixel_size_um=pixel_size_um)
+        ds = open_imzml(path, pixel_size_um=pixel_size_um, region=region)
         return ds.tic_image(), (pixel_size_um or ds.pixel_size_um)
     from ..io import read_ion_stack
 
@@ -200,7 +207,7 @@ def _register(args, he_size: float | None, msi_size: float | None, landmarks):
     from ..registration import RegistrationParams, register
     from ..registration._levels import landmarks_to_level, result_to_level0
 
-    msi, msi_size = load_msi_image(args.msi, pixel_size_um=msi_size)
+    msi, msi_size = load_msi_image(args.msi, pixel_size_um=msi_size, region=getattr(args, "region", None))
     if msi_size is None:
         raise InputError("no pixel size in the file's metadata; give --msi-pixel-size", args.msi)
     he, he_level_size, scale = load_he_image(args.he, pixel_size_um=he_size, msi_pixel_size_um=msi_size)
