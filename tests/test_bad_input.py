@@ -376,3 +376,31 @@ def test_a_read_over_the_budget_is_refused_with_the_numbers(flat_tiff, tmp_path,
     line = _err_line(capsys)
     assert "every 10th pixel of level 0 (300 × 200)" in line and "GiB" in line and "pyramidal" in line
     assert not (tmp_path / "reg").exists()
+
+
+# ---------------------------------------------------------------------------- item 5 through the CLI
+def test_factor_zero_tiny_and_empty_msi_are_refused_and_leave_nothing(tmp_path, capsys):
+    from skimage import io as skio
+
+    skio.imsave(tmp_path / "he.png", np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8),
+                check_contrast=False)
+    np.save(tmp_path / "msi.npy", np.random.default_rng(1).random((2, 16, 16)).astype(np.float32))
+    np.save(tmp_path / "one.npy", np.ones((2, 1, 1), np.float32))
+    np.save(tmp_path / "zero.npy", np.zeros((16, 16), np.float32))
+    he, out = str(tmp_path / "he.png"), tmp_path / "out"
+    for command in ("reconstruct", "benchmark"):
+        assert main([command, "--he", he, "--msi", str(tmp_path / "msi.npy"), "--factor", "0", "-o", str(out)]) == 2
+        line = _err_line(capsys)
+        assert "factor must be an integer from 2 to 16, got 0" in line and "ZeroDivision" not in line
+    # a 1-pixel MSI: refused before training, and no cache/ or weights left behind (nothing at all)
+    assert main(["reconstruct", "--he", he, "--msi", str(tmp_path / "one.npy"), "--factor", "4", "--fast",
+                 "-o", str(out)]) == 2
+    line = _err_line(capsys)
+    assert str(tmp_path / "one.npy") in line and "(2, 1, 1)" in line
+    assert not out.exists() and _siblings(out) == []
+    # an all-zero MSI: not ITK's "Zero-valued spacing" but what is wrong with the file
+    assert main(["register", "--he", he, "--msi", str(tmp_path / "zero.npy"), "--he-pixel-size", "1",
+                 "--msi-pixel-size", "4", "-o", str(out)]) == 2
+    line = _err_line(capsys)
+    assert str(tmp_path / "zero.npy") in line and "constant (every value 0)" in line and "ITK" not in line
+    assert not out.exists() and _siblings(out) == []

@@ -126,6 +126,9 @@ def run(args) -> int:
             parser.error(message)  # exits with status 2 and the usage, as argparse does
         raise InputError(message)
     main = dd.is_main_process()
+    from ..reconstruction import check_factor
+
+    check_factor(args.factor)  # --factor 0 is an input error now, not a ZeroDivisionError later
     methods = ["smsdl"] + [m.strip() for m in args.baselines.split(",") if m.strip()]
     unknown = [m for m in methods if m not in {x.value for x in Method}]
     if unknown:

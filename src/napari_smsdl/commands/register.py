@@ -210,6 +210,10 @@ def _register(args, he_size: float | None, msi_size: float | None, landmarks):
     msi, msi_size = load_msi_image(args.msi, pixel_size_um=msi_size, region=getattr(args, "region", None))
     if msi_size is None:
         raise InputError("no pixel size in the file's metadata; give --msi-pixel-size", args.msi)
+    values = np.asarray(msi, np.float64)[np.isfinite(msi)]
+    if values.size == 0 or values.min() == values.max():  # ITK would fail with "Zero-valued spacing"
+        what = "has no finite value" if values.size == 0 else f"is constant (every value {values[0]:g})"
+        raise InputError(f"the MSI image to register {what}: there is no structure to align the H&E to", args.msi)
     he, he_level_size, scale = load_he_image(args.he, pixel_size_um=he_size, msi_pixel_size_um=msi_size)
     landmarks_level0 = landmarks
     landmarks = landmarks_to_level(landmarks, scale)  # H&E landmarks are level-0 pixels
