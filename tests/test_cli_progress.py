@@ -119,3 +119,39 @@ def test_smsdl_reconstruct_on_a_terminal_and_in_a_pipe(small_inputs, tmp_path):
     assert "INFO napari_smsdl.progress: feature extraction: 1/" in proc.stderr
     assert "feature extraction: 3/3 done in" in proc.stderr or "feature extraction: 4/4 done in" in proc.stderr
     assert "\r" not in proc.stderr and "%|" not in proc.stderr
+
+
+def test_nested_stages_keep_their_own_clock_and_an_unreported_end_is_closed(caplog):
+    import logging
+    import time
+
+    from napari_smsdl.commands._progress import CliProgress
+
+    caplog.set_level(logging.INFO, logger="napari_smsdl.progress")
+    with CliProgress(bars=False) as progress:
+        progress("inner", 1, 2)  # the core reports an inner stage before its outer one
+        progress("outer", 1, 2)
+        time.sleep(0.2)
+        progress("inner", 2, 2)
+        progress("outer", 2, 2)
+        progress("resampling", 0, 1)  # a stage whose end is never reported
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:2] == ["inner: 1/2 (50%)", "outer: 1/2 (50%)"]
+    outer_seconds = float(lines[3].split(" in ")[1].rstrip(" s"))
+    assert lines[3].startswith("outer: 2/2 done in") and outer_seconds >= 0.2  # from its first report
+    assert lines[-1].startswith("resampling: done in")  # the with block ended normally: done
+    caplog.clear()
+    with pytest.raises(RuntimeError), CliProgress(bars=False) as progress:
+        progress("stage", 1, 4)
+        raise RuntimeError("stopped")
+    assert [r.getMessage() for r in caplog.records] == ["stage: 1/4 (25%)"]  # not claimed done
+
+
+def test_bars_are_completed_at_a_normal_end(tmp_path):
+    from napari_smsdl.commands._progress import CliProgress
+
+    with (tmp_path / "tty").open("w") as stream:
+        with CliProgress(stream, bars=True) as progress:
+            progress("resampling H&E", 0, 1)
+    text = (tmp_path / "tty").read_text()
+    assert "resampling H&E: 100%" in text and "1/1" in text
