@@ -120,6 +120,37 @@ def run_forced(name: str, seed: int) -> dict:
             "uncertainty_spearman": s["uncertainty_spearman"]}
 
 
+def uncertainty_study(name: str, seed: int) -> dict:
+    """Spearman(uncertainty, |error|) per channel: SMSDL's map, and a model-free one (the LR 3 x 3 spread)."""
+    from scipy.ndimage import uniform_filter
+
+    from napari_smsdl.evaluation import degrade
+    from napari_smsdl.evaluation._benchmark import uncertainty_rank_correlation
+    from napari_smsdl.features import extract_features
+    from napari_smsdl.reconstruction import Settings, prepare_guide, train_regression
+
+    truth, he, factor, truth_px, he_px, names = load_case(name)
+    settings = Settings.preset("default", factor=factor, seed=seed)
+    mask_hr = np.isfinite(truth).all(0) & (np.nan_to_num(truth) != 0).any(0)
+    rows, cols = (truth.shape[1] // factor) * factor, (truth.shape[2] // factor) * factor
+    he = he[: int(round(he.shape[0] * rows / truth.shape[1])), : int(round(he.shape[1] * cols / truth.shape[2]))]
+    truth, mask_hr = truth[:, :rows, :cols], mask_hr[:rows, :cols]
+    lr, mask_lr = degrade(truth, mask_hr, factor)
+    guide, _ = prepare_guide(he, he_pixel_size_um=he_px, msi_shape=lr.shape[1:], msi_pixel_size_um=truth_px * factor,
+                             factor=factor, max_cell_px=settings.max_cell_px)
+    fm = extract_features(guide, sr_shape=(rows, cols), factor=factor, params=settings.features, cache_dir=OUT / "cache")
+    result = train_regression(fm.data, lr, factor, mask_lr=mask_lr, params=settings.regression)
+    truth_clean = np.where(mask_hr[None], np.nan_to_num(truth), 0.0)
+    out = {"current": uncertainty_rank_correlation(result.uncertainty, result.sr, truth_clean, mask_hr)}
+    # for comparison: the local spread of the measurement itself (no model at all)
+    grad = np.stack([np.sqrt(np.maximum(uniform_filter(c ** 2, 3) - uniform_filter(c, 3) ** 2, 0)) for c in lr])
+    out["LR local spread"] = uncertainty_rank_correlation(np.repeat(np.repeat(grad, factor, 1), factor, 2),
+                                                          result.sr, truth_clean, mask_hr)
+    for k, v in out.items():
+        print(f"{name} s{seed} {k:>20}: {v['mean']:+.3f}  per channel " + " ".join(f"{x:+.2f}" for x in v["per_channel"]))
+    return out
+
+
 #: fallback rules scored offline: (held-out clearly positive, scale clearly positive or None) → use
 RULES = {
     "held-out only": lambda h, sc: h,
@@ -229,12 +260,15 @@ def main() -> None:
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--report", action="store_true", help="only aggregate the case files")
     parser.add_argument("--forced", action="store_true", help="the fallback study: SMSDL forced vs the control")
+    parser.add_argument("--uncertainty", action="store_true", help="Spearman of uncertainty variants vs |error|")
     parser.add_argument("--rules", action="store_true", help="only score fallback rules on the --forced results")
     parser.add_argument("--merge", action="store_true",
                         help="run only --methods on cases already written and merge them in (e.g. a changed CNN)")
     args = parser.parse_args()
     if args.rules:
         return rules()
+    if args.uncertainty:
+        return [uncertainty_study(case, int(seed)) for seed in args.seeds.split(",") for case in args.only.split(",")]
     if args.forced:
         from napari_smsdl.torch_setup import configure_threads
 

@@ -17,9 +17,13 @@ itself, on spatially blocked folds of the LR tissue pixels (:mod:`._heldout`):
 * per channel, the **histology gain**: how much the fold networks reduce the held-out error of the
   same network trained on the same pixels without the histology (the bicubic input alone,
   conserved the same way) — so a network's mere smoothing of noise is not credited to the H&E.
-  Where the gain is not clearly positive (mean minus two standard errors over folds ≤ 0) the
-  channel's output is the H&E-free control (bicubic + back-projection; ``fallback``), and the
-  result says which channels fell back. The gain over the control itself is recorded too.
+  The gain over the control itself is recorded too;
+* per channel, the **scale-transfer gain** (:mod:`._scale_check`): the same fit one scale up
+  (LR pooled by F → LR), scored against the measured LR pixels, over the control — the one check
+  that sees the detail drawn inside a pixel. Where it ran, it decides: a channel whose scale-transfer
+  gain is not clearly positive (mean minus two standard errors over folds ≤ 0) outputs the H&E-free
+  control (bicubic + back-projection; ``fallback``). Where the LR image is too small for it, the
+  held-out gain decides by the same criterion. The result says which channels fell back.
 
 Under torchrun (a torch.distributed process group of N > 1 processes) each fold network's training
 pixels are sharded across ranks and DistributedDataParallel averages the gradients; every rank ends
@@ -41,12 +45,12 @@ from ..errors import Cancelled, InputError
 from ..torch_setup import get_device
 from ._heldout import blocked_folds, choose_pca_dims, held_out_mse
 from ._scale_check import pool_inputs, scale_check_size, scale_gain
-from ._uncertainty import uncertainty_map
+from ._uncertainty import detail_on_sr_grid, uncertainty_map
 from .baselines.backprojection import Conservation, block_mean, conserve
 
 log = logging.getLogger(__name__)
 
-#: A channel uses the histology when its held-out gain is this many standard errors above zero.
+#: A channel uses the histology when its gain (scale-transfer, else held-out) is this many standard errors above zero.
 GAIN_STANDARD_ERRORS = 2.0
 #: Held-out loss is evaluated every this many steps (early stopping, progress of the best state).
 EVAL_EVERY = 25
@@ -352,18 +356,25 @@ def fit_guided(
     if scale_check:
         check = _scale_transfer(feats, lr, factor, mask_lr, params, mode, device=str(dev), progress=progress,
                                 should_stop=should_stop, distributed=distributed)
+        residual = check.pop("residual", None)
         choices["scale_transfer"] = check
         if check["available"]:
             scale_gain, scale_std = check.pop("gain"), check.pop("gain_std")
             extra["scale_clearly_positive"] = check["clearly_positive"]
+            extra["scale_residual"] = residual
     used = _decide(clearly, extra.get("scale_clearly_positive")) if params.fallback else np.ones(n_ch, bool)
     guidance = Guidance(gain.tolist(), gain_std.tolist(), used.tolist(), scale_gain, scale_std)
     sr = np.where(used[:, None, None], guided, control).astype(np.float32)
     spread = np.sqrt(np.where(used[:, None, None], m2, c_m2) / (n_folds - 1))
-    uncertainty = uncertainty_map(sr, spread, lr, mask_lr, factor)
+    detail = None
+    if "scale_residual" in extra:  # where SMSDL (or, on fallen-back channels, the control) erred one scale up
+        res = extra.pop("scale_residual")
+        residual = np.where(used[:, None, None], res["smsdl"], res["control"])
+        detail = detail_on_sr_grid(residual, res["score_lr"], (rows, cols), factor)
+    uncertainty = uncertainty_map(sr, spread, lr, mask_lr, factor, detail)
     if not used.all():
-        log.info("%d of %d channels fell back to the H&E-free control (held-out gain not clearly positive)",
-                 int((~used).sum()), n_ch)
+        log.info("%d of %d channels fell back to the H&E-free control (%s gain not clearly positive)",
+                 int((~used).sum()), n_ch, "scale-transfer" if scale_gain is not None else "held-out")
     if progress is not None:
         progress(stage, n_folds * params.steps, n_folds * params.steps)
     return RegressionResult(sr, guided.astype(np.float32), control, uncertainty, guidance, choices, history,
@@ -372,7 +383,12 @@ def fit_guided(
 
 def _decide(held_out_clear: np.ndarray, scale_clear: list | None) -> np.ndarray:
     """Per channel: use the histology? (the fallback rule; see the module notes)."""
-    return np.asarray(held_out_clear, bool)  # the scale-transfer check is recorded, not yet used
+    if scale_clear is None:  # the LR image is too small for the scale-transfer check
+        return np.asarray(held_out_clear, bool)
+    # SMSDL's output differs from the control's by what it draws inside the LR pixels (and, unless
+    # the conservation is exact, by their means); the scale-transfer check scores both of those on
+    # real pixels, the held-out folds only predictions across a gap at the LR scale
+    return np.asarray(scale_clear, bool)
 
 
 def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, mode: Conservation, *, device, progress,
@@ -398,9 +414,13 @@ def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, mode: 
     folds_llr = blocked_folds(inputs.mask_llr, params.folds, seed=params.seed)
     gain, std, per_fold = scale_gain(fit.guided, fit.control, inputs, folds_llr, factor)
     clearly = gain - GAIN_STANDARD_ERRORS * std / np.sqrt(params.folds) > 0
+    # where SMSDL and the control went wrong one scale up: |prediction − measured| on the LR grid
+    residual = {"smsdl": np.abs(fit.guided - inputs.lr) * inputs.score_lr,
+                "control": np.abs(fit.control - inputs.lr) * inputs.score_lr, "score_lr": inputs.score_lr}
     return {"available": True, "how": why, "gain": gain.tolist(), "gain_std": std.tolist(),
             "per_fold": per_fold.tolist(), "clearly_positive": clearly.tolist(),
-            "best_steps": fit.choices["steps"]["best_per_fold"], "seconds": time.perf_counter() - t0}
+            "best_steps": fit.choices["steps"]["best_per_fold"], "seconds": time.perf_counter() - t0,
+            "residual": residual}
 
 
 def _choose_conservation(err: dict) -> Conservation:

@@ -1,6 +1,6 @@
 """Per-pixel uncertainty of an SR ion image, without a ground truth.
 
-Two parts, added in quadrature:
+Up to three parts, added in quadrature:
 
 * **model spread**: the standard deviation of the held-out-fold models' SR predictions (each was
   trained without one fold of the LR pixels), i.e. how much the answer depends on which
@@ -11,6 +11,10 @@ Two parts, added in quadrature:
   each LR pixel from its 3 × 3 neighbourhood mean measures the LR noise, and an LR pixel averages
   F² SR pixels, so the SR variance is F² times the LR one. Real structure inside a 3 × 3
   neighbourhood counts as noise here, which makes the estimate err on the cautious side.
+* **within-pixel error one scale up**, where the scale-transfer check ran (:mod:`._scale_check`):
+  |prediction − measured| of the same method fitted LLR → LR, on the LR grid, upsampled bicubically.
+  It is the only part that sees where the detail drawn inside a pixel went wrong; the other two
+  see only which data the model saw and how noisy the measurement is.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ def uncertainty_map(
     lr: np.ndarray,
     mask_lr: np.ndarray,
     factor: int,
+    detail: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Predictive standard deviation (C, h·F, w·F) of an SR stack: model spread ⊕ measurement noise.
+    """Predictive standard deviation (C, h·F, w·F) of an SR stack: model spread ⊕ measurement noise (⊕ detail).
 
     Parameters
     ----------
@@ -65,7 +70,28 @@ def uncertainty_map(
         Standard deviation across the fold models.
     lr, mask_lr, factor
         The measurement, its tissue pixels and F, for the noise model.
+    detail : ndarray, same shape, optional
+        The scale-transfer residual on the SR grid (:func:`detail_on_sr_grid`).
     """
     coef = noise_variance_model(lr, mask_lr)
     noise_var = factor**2 * (coef[:, 0, None, None] * np.maximum(sr, 0.0) + coef[:, 1, None, None])
-    return np.sqrt(np.asarray(spread, np.float64) ** 2 + noise_var).astype(np.float32)
+    var = np.asarray(spread, np.float64) ** 2 + noise_var
+    if detail is not None:
+        var += np.asarray(detail, np.float64) ** 2
+    return np.sqrt(var).astype(np.float32)
+
+
+def detail_on_sr_grid(residual: np.ndarray, scored: np.ndarray, lr_shape: tuple[int, int], factor: int) -> np.ndarray:
+    """The scale-transfer residual (C, h', w') on the (cropped) LR grid → (C, h·F, w·F) on the SR grid.
+
+    LR pixels that were not scored (off tissue, or cut by the crop to a multiple of F) take their
+    nearest scored pixel's value, as bicubic upsampling fills non-tissue pixels.
+    """
+    from .baselines import bicubic_upsample
+
+    n_ch, (rows, cols) = residual.shape[0], lr_shape
+    full = np.full((n_ch, rows, cols), np.nan)
+    full[:, : residual.shape[1], : residual.shape[2]] = np.where(scored[None], residual, np.nan)
+    on = np.zeros((rows, cols), bool)
+    on[: scored.shape[0], : scored.shape[1]] = scored
+    return np.maximum(bicubic_upsample(full, factor, mask_lr=on), 0.0)
