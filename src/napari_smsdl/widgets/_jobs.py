@@ -89,13 +89,42 @@ class JobRunner(ErrorDisplay):
             kwargs["_progress"] = {"total": 0, "desc": progress_desc}
         return self._start_worker(func, *args, on_returned=on_returned, on_finished=on_finished, **kwargs)
 
+    #: True once the running job's result (or error) has been shown: later progress is stale.
+    _job_over = False
+
+    def _begin_job(self) -> None:
+        self._job_over = False
+
+    def _end_job(self) -> None:
+        self._job_over = True
+
+    def accepts_progress(self) -> bool:
+        """False once the job's result or error is shown.
+
+        Progress is relayed from the worker by queued signals, and the result arrives by another;
+        a handler that processes events (a napari progress bar's refresh) can deliver the result in
+        the middle of an earlier progress update, and a progress update can be queued behind the
+        result. Progress handlers ask this first, so the result summary stays the last word.
+        """
+        return not self._job_over
+
+    def _show_progress(self, text: str) -> bool:
+        """Write a progress line in the status unless the job is over; returns whether it was written."""
+        if self._job_over:
+            return False
+        self.status.value = text
+        return True
+
     def _run_now(self, func: Callable, *args, on_returned: Callable, on_finished: Callable, **kwargs) -> None:
         """Call ``func`` synchronously; errors are shown like the worker's."""
+        self._begin_job()
         try:
             result = func(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - shown to the user, like the worker path
+            self._end_job()
             self._on_error(exc)
         else:
+            self._end_job()
             on_returned(result)
         finally:
             on_finished()
@@ -107,10 +136,20 @@ class JobRunner(ErrorDisplay):
 
         # errors are shown by _on_error; napari would otherwise re-raise them in the main thread
         worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+        self._begin_job()
+
+        def returned(result) -> None:
+            self._end_job()  # before the summary is written: progress handlers stop writing
+            on_returned(result)
+
+        def errored(exc: BaseException) -> None:
+            self._end_job()
+            self._on_error(exc)
+
         if on_yielded is not None:
-            worker.yielded.connect(on_yielded)
-        worker.returned.connect(on_returned)
-        worker.errored.connect(self._on_error)
+            worker.yielded.connect(lambda item: self.accepts_progress() and on_yielded(item))
+        worker.returned.connect(returned)
+        worker.errored.connect(errored)
         worker.finished.connect(on_finished)
         self._worker = worker
         worker.start()

@@ -76,6 +76,10 @@ def _path_or_none(value: Any) -> Path | None:
 
 
 
+HINT_NONE = "Train (and Compare) first; then export or save the project."
+HINT_READY = "Ready: export the results of {name!r} or save them as a project."
+
+
 class ExportWidget(JobRunner, QWidget):
     """Dock widget: export results, save the session as a project folder, reopen one.
 
@@ -114,7 +118,7 @@ class ExportWidget(JobRunner, QWidget):
         self.project_folder = FileEdit(mode="d", label="project", tooltip=tip["project_folder"])
         self.save_button = PushButton(text="Save project", tooltip=tip["save"])
         self.open_button = PushButton(text="Open project", tooltip=tip["open"])
-        self.status = Label(value="Train (and Compare) first; then export or save the project.")
+        self.status = Label(value=HINT_NONE)
         self.status.native.setWordWrap(True)
         self.status.native.setContentsMargins(9, 0, 9, 6)
 
@@ -172,6 +176,9 @@ class ExportWidget(JobRunner, QWidget):
         self.open_button.enabled = not self.busy
         self.imzml.enabled = project is None or (project.mz is not None and not project.lazy)
         self.csv.enabled = project is None or bool(project.metrics)
+        # the hint follows the state until a job writes its own line
+        if self.status.value == HINT_NONE or self.status.value.startswith(HINT_READY.split("{")[0]):
+            self.status.value = HINT_NONE if project is None else HINT_READY.format(name=self.source.value.name)
 
     # ------------------------------------------------------------------ actions
     def export(self, outdir: str | os.PathLike | None = None, *, formats: Sequence[str] | None = None):

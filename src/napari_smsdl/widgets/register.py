@@ -66,8 +66,8 @@ SIDE_GAP_FRACTION = 0.05
 TOOLTIPS = {
     "he_layer": "The H&E (RGB image layer), the moving image.",
     "msi_layer": "The MSI (image layer, one channel or a stack), the fixed image.",
-    "he_pixel_size": "H&E pixel size in µm (from the layer's scale).",
-    "msi_pixel_size": "MSI pixel size in µm (from the layer's scale).",
+    "he_pixel_size": "H&E pixel size in µm (from the layer's scale; a value that disagrees with the layer is flagged).",
+    "msi_pixel_size": "MSI pixel size in µm (from the layer's scale; a value that disagrees with the layer is flagged).",
     "he_feature": "H&E image registered: haematoxylin density, inverted grey, or auto (best mutual information).",
     "msi_feature": "For an MSI stack: TIC, first principal component, one ion (channel below), or auto.",
     "msi_channel": "Channel used when the MSI feature is 'ion'.",
@@ -88,6 +88,32 @@ TOOLTIPS = {
 }
 
 TABLE_COLUMNS = ("#", "H&E row", "H&E col", "MSI row", "MSI col", "held-out (MSI px)", "fit (MSI px)", "outlier")
+
+
+def layer_pixel_size_um(layer) -> float:
+    """A layer's pixel size in µm: its scale (columns), the size it is drawn with in the viewer."""
+    return float(_last2(layer.scale)[1])
+
+
+def pixel_size_disagreements(what: str, typed_um: float, layer) -> list[str]:
+    """Sentences naming where ``typed_um`` disagrees with ``layer``'s scale or its file's pixel size.
+
+    The file's is ``metadata["pixel_size_um"]`` as the readers store it (a number, or (rows, cols)).
+    """
+    def differs(a: float, b: float) -> bool:
+        return abs(a - b) > 1e-6 * max(abs(a), abs(b))
+
+    notes = []
+    scale = layer_pixel_size_um(layer)
+    if differs(typed_um, scale):
+        notes.append(f"{what} pixel {typed_um:g} µm typed, but layer {layer.name!r} is drawn at {scale:g} µm per "
+                     f"pixel (its scale): the warp will be scaled by {typed_um / scale:.3g}.")
+    stored = layer.metadata.get("pixel_size_um") if isinstance(layer.metadata, dict) else None
+    if isinstance(stored, (list, tuple)) and stored:
+        stored = stored[-1]
+    if isinstance(stored, (int, float)) and stored > 0 and differs(float(stored), scale):
+        notes.append(f"Layer {layer.name!r} is drawn at {scale:g} µm per pixel but its file says {float(stored):g} µm.")
+    return notes
 
 
 def stage_summary(report: dict) -> str:
@@ -182,6 +208,11 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
         self.accept_button = PushButton(text="Accept", tooltip=tip["accept"])
         self.revert_button = PushButton(text="Revert", tooltip=tip["revert"])
         self.save_button = PushButton(text="Save…", tooltip=tip["save"])
+        self.pixel_warning = Label(value="")
+        self.pixel_warning.native.setWordWrap(True)
+        self.pixel_warning.native.setContentsMargins(9, 0, 9, 0)
+        self.pixel_warning.native.setStyleSheet("color: #ff8c00;")
+        self.pixel_warning.visible = False
         self.stages_label = Label(value="")
         self.stages_label.native.setWordWrap(True)
         self.stages_label.native.setContentsMargins(9, 0, 9, 0)
@@ -222,7 +253,9 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        for part in (inputs, stages, run_row, outputs):
+        layout.addWidget(inputs.native)
+        layout.addWidget(self.pixel_warning.native)
+        for part in (stages, run_row, outputs):
             layout.addWidget(part.native)
         layout.addWidget(self.table)
         layout.addWidget(self.stages_label.native)
@@ -234,6 +267,9 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
 
         self.he_layer.changed.connect(self._on_he_layer)
         self.msi_layer.changed.connect(self._on_msi_layer)
+        self._sized_from: dict[str, Any] = {"he": None, "msi": None}  # the layer each pixel size was read from
+        for spin in (self.he_pixel_size, self.msi_pixel_size):
+            spin.changed.connect(lambda *_: self._check_pixel_sizes())
         self.side_by_side.changed.connect(lambda value: self.arrange(bool(value)))
         self.add_points_button.changed.connect(lambda: self.add_landmark_layers())
         self.load_csv_button.changed.connect(lambda: self.load_landmarks())
@@ -268,17 +304,44 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
             self.he_layer.value = rgb[0]
         if other and (self.msi_layer.value is None or self.msi_layer.value.rgb):
             self.msi_layer.value = other[0]
+        # a combo box filled with its first choice emits no change: read the pixel sizes here too
+        if self.he_layer.value is not self._sized_from["he"]:
+            self._on_he_layer(self.he_layer.value)
+        if self.msi_layer.value is not self._sized_from["msi"]:
+            self._on_msi_layer(self.msi_layer.value)
         self._sync_enabled()
 
     def _on_he_layer(self, layer) -> None:
+        self._sized_from["he"] = layer
         if layer is not None:
-            self.he_pixel_size.value = float(_last2(layer.scale)[1])
+            self.he_pixel_size.value = layer_pixel_size_um(layer)
+        self._check_pixel_sizes()
         self._sync_enabled()
 
     def _on_msi_layer(self, layer) -> None:
+        self._sized_from["msi"] = layer
         if layer is not None:
-            self.msi_pixel_size.value = float(_last2(layer.scale)[1])
+            self.msi_pixel_size.value = layer_pixel_size_um(layer)
+        self._check_pixel_sizes()
         self._sync_enabled()
+
+    def pixel_size_warnings(self) -> list[str]:
+        """Where a pixel size in the fields disagrees with its layer's scale or its file's metadata."""
+        notes = []
+        for what, spin, layer in (("H&E", self.he_pixel_size, self.he_layer.value),
+                                  ("MSI", self.msi_pixel_size, self.msi_layer.value)):
+            if layer is None:
+                continue
+            notes += pixel_size_disagreements(what, float(spin.value), layer)
+        return notes
+
+    def _check_pixel_sizes(self) -> list[str]:
+        if not hasattr(self, "pixel_warning"):
+            return []
+        notes = self.pixel_size_warnings()
+        self.pixel_warning.value = "⚠ " + " ".join(notes) if notes else ""
+        self.pixel_warning.visible = bool(notes)
+        return notes
 
     # ------------------------------------------------------------------ landmarks
     def _points_layer(self, name: str):
@@ -437,20 +500,28 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
             self._on_error(exc)
             return None
         level0 = kwargs.pop("_level0")
+        notes = self._check_pixel_sizes()
+        if notes:  # flagged before the run, in the widget and as a notification, never silently
+            from napari.utils.notifications import show_warning
+
+            show_warning("Register: " + " ".join(notes))
         self._stop.clear()
-        self._set_busy(True, "Registering …")
+        self._set_busy(True, "Registering …" + (" (check the pixel sizes: see the warning above)" if notes else ""))
 
         def on_returned(result: RegistrationResult) -> None:
             self._show_result(result_to_level0(result, **level0))
 
         if not use_threads():
             steps = iter_register(**kwargs, should_stop=self._stop.is_set)
+            self._begin_job()
             try:
                 while True:
                     self._on_progress(next(steps))
             except StopIteration as finished:
+                self._end_job()
                 on_returned(finished.value)
             except Exception as exc:  # noqa: BLE001
+                self._end_job()
                 self._on_error(exc)
             finally:
                 self._set_busy(False)
@@ -471,11 +542,11 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
 
     def _on_progress(self, item: tuple[str, int, int]) -> None:
         stage, done, total = item
-        if not self.busy:  # a progress event queued before the result/cancel arrived late: ignore it
+        if not self.busy or not self.accepts_progress():  # queued behind the result/cancel: ignore it
             return
         # the status first: the progress bar's calls below may process queued events, among them the
         # result, whose summary must then stay the last word (not this progress line)
-        self.status.value = f"Registering: {stage} ({done}/{total})"
+        self._show_progress(f"Registering: {stage} ({done}/{total})")
         pbar = self._pbar  # set_description may process events that close the bar (cancel, done)
         if pbar is not None and not self._stop.is_set():
             pbar.total = total
@@ -663,14 +734,14 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
             return None
         self.accepted = self.result
         msi = self.msi_layer.value
-        if msi is not None:
-            msi.metadata[METADATA_KEY] = {
+        if msi is not None:  # a new dict: the metadata event tells Train (its checkbox) at once
+            msi.metadata = {**msi.metadata, METADATA_KEY: {
                 "transform": self.result.transform,
                 "report": self.result.report,
                 "he_layer": self.he_layer.value.name if self.he_layer.value is not None else None,
                 "he_pixel_size_um": self.result.moving_pixel_size_um,
                 "msi_pixel_size_um": self.result.fixed_pixel_size_um,
-            }
+            }}
         self.status.value = "Accepted: the transform is stored on the MSI layer for the next steps."
         self._sync_enabled()
         return self.accepted
@@ -680,8 +751,8 @@ class RegisterWidget(JobRunner, HeMsiLayers, QWidget):
         if self.result is not None and self.result is self.accepted:
             self.accepted = None
             msi = self.msi_layer.value
-            if msi is not None:
-                msi.metadata.pop(METADATA_KEY, None)
+            if msi is not None and METADATA_KEY in msi.metadata:
+                msi.metadata = {k: v for k, v in msi.metadata.items() if k != METADATA_KEY}
         self.result = None
         self._remove_outputs()
         self.table.setRowCount(0)

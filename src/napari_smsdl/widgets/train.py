@@ -320,6 +320,7 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         layout.addStretch(1)
 
         self.msi_layer.changed.connect(self._on_msi_layer)
+        self._watched: set[int] = set()
         self.he_layer.changed.connect(lambda *_: self._sync_enabled())
         self.preset.changed.connect(self._on_preset)
         self.feature_source.changed.connect(lambda *_: self._sync_enabled())
@@ -350,7 +351,15 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         layers.sort(key=lambda lay: lay.metadata.get("kind") == "ground_truth" or lay.metadata.get("role") == "reference")
         return [(lay.name, lay) for lay in layers]
 
+    def _watch(self, layer) -> None:
+        """An accepted registration arrives as a metadata change: the checkbox follows at once."""
+        if id(layer) not in self._watched and hasattr(layer.events, "metadata"):
+            self._watched.add(id(layer))
+            layer.events.metadata.connect(lambda *_: self._sync_enabled())
+
     def _reset_choices(self, *_: Any) -> None:
+        for layer in self.viewer.layers:
+            self._watch(layer)
         old = self.msi_layer.value
         self.he_layer.reset_choices()
         self.msi_layer.reset_choices()
@@ -552,6 +561,10 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
     def _on_progress(self, stage: str, done: int, total: int) -> None:
         from napari.utils import progress
 
+        if not self.accepts_progress():  # queued behind the result: the summary stays
+            return
+        # the status first: the bar's refresh may process queued events, the result among them
+        self._show_progress(f"{stage}: {done}/{total}")
         bar = self.progress_bars.get(stage)
         if bar is None:
             for old in self.progress_bars.values():  # stages run one after the other
@@ -561,7 +574,9 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         bar.total = max(int(total), 1)
         bar.n = min(int(done), bar.total)
         bar.refresh()
-        self.status.value = f"{stage}: {done}/{total}"
+        if not self.accepts_progress():  # the result (and the end) arrived while the bar was made or drawn
+            self._close_bars()
+            return
         self.progressed.emit(stage, int(done), int(total))
 
     def _on_loss(self, step: int, loss: float) -> None:
