@@ -11,6 +11,9 @@ def test_manifest_contributions_import():
     contrib = manifest.contributions
     assert {"*.imzML", "*.imzml"} <= set(contrib.readers[0].filename_patterns)
     assert [s.key for s in contrib.sample_data] == ["smsdl_sample"]
-    assert {"Load", "Register", "Train", "Compare", "Export & project"} <= {w.display_name for w in contrib.widgets}
+    names = {w.display_name for w in contrib.widgets}
+    assert {"Load", "Register", "Train", "Compare", "Export & project"} <= names  # the single widgets stay
+    flow = next(w for w in contrib.widgets if w.display_name == "SMSDL flow (all steps, one dock)")
+    assert next(c for c in contrib.commands if c.id == flow.command).python_name == "napari_smsdl.widgets.flow:FlowWidget"
     ids = {c.id for c in contrib.commands}
     assert all(c.id.startswith("napari-smsdl.") for c in contrib.commands) and len(ids) == len(contrib.commands)

@@ -171,7 +171,7 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
     tiles = compare.tiles
     assert max(tiles) == (5, 1) and [tiles[(0, c)] for c in (0, 1)] == [compare.rows[0][0], compare.rows[1][0]]
     compare.set_grid(False)
-    assert not compare.tiles and guide.visible and LABELS_NAME not in viewer.layers
+    assert not compare.tiles and guide.visible and not viewer.layers[LABELS_NAME].visible
     np.testing.assert_allclose(smsdl.translate[-2:], (R0 * 40.0 + 5.0, C0 * 40.0 + 5.0))  # back home
 
     # ---- difference maps against the ground truth

@@ -456,8 +456,8 @@ def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str) -> dict
         home = _home(layer)
         if not np.array_equal(np.asarray(layer.translate, float), home):
             layer.translate = home
-    if LABELS_NAME in viewer.layers:
-        viewer.layers.remove(LABELS_NAME)
+    if LABELS_NAME in viewer.layers:  # kept (hidden) between toggles: making a Points layer costs more
+        viewer.layers[LABELS_NAME].visible = False
     if not grid:
         first = next(iter(rows.values()), [])
         top = next((lay for lay in first if lay.metadata.get("method") == "smsdl"), first[-1] if first else None)
@@ -476,7 +476,7 @@ def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str) -> dict
     if by not in ("channels", "methods"):
         raise ValueError(f"grid_by must be 'auto', 'channels' or 'methods', got {grid_by!r}")
     for layer in viewer.layers:
-        if layer.visible != (id(layer) in shown):
+        if layer.visible != (id(layer) in shown) and layer.name != LABELS_NAME:
             layer.visible = id(layer) in shown
     if not row_layers:
         return {}
@@ -513,7 +513,16 @@ def _add_grid_labels(viewer, corner, size, step, col_names: dict, row_names: dic
     coords = [(corner[0] - gap[0] * 0.5, corner[1] + c * step[1] + size[1] / 2) for c in col_names]
     coords += [(corner[0] + r * step[0] + size[0] / 2, corner[1] - gap[1] - size[1] / 2) for r in row_names]
     texts = list(col_names.values()) + list(row_names.values())
-    labels = Points(np.asarray(coords, float).reshape(-1, 2), name=LABELS_NAME, size=0.0, face_color="transparent",
+    coords = np.asarray(coords, float).reshape(-1, 2)
+    if LABELS_NAME in viewer.layers:
+        labels = viewer.layers[LABELS_NAME]
+        if len(labels.data) == len(coords):  # same grid: move and rename in place
+            labels.data = coords
+            labels.features = {"label": texts}
+            labels.visible = True
+            return
+        viewer.layers.remove(labels)
+    labels = Points(coords, name=LABELS_NAME, size=0.0, face_color="transparent",
                     border_width=0.0, features={"label": texts},
                     text={"string": "{label}", "color": "white", "size": 10, "anchor": "center"},
                     metadata={"role": "grid_labels"})
