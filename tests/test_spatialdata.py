@@ -482,3 +482,25 @@ def test_what_counts_as_an_mz_channel(tmp_path):
     got = read_spatialdata_msi(tmp_path / "plain.zarr/images/tic")
     assert got.stack.pixel_size_um is None and got.mz is None and got.stack.channel_names == ("0", "1")
     assert read_spatialdata_msi(tmp_path / "plain.zarr/images/tic", pixel_size_um=12.5).stack.pixel_size_um == 12.5
+
+
+def test_cli_chunked_reconstruct_writes_spatialdata(sd_inputs, tmp_path):
+    """The many-channel path (SR stacks streamed to zarr) exports the same SR values as its OME-TIFFs."""
+    import tifffile
+
+    from napari_smsdl.cli import main
+
+    folder, lr = sd_inputs
+    out, store = tmp_path / "run", tmp_path / "chunked.zarr"
+    argv = ["reconstruct", "--he", str(folder / "he.png"), "--msi", str(folder / "msi.zarr"), "--factor", "2",
+            *QUICK, "--chunk-channels", "2", "--baselines", "bicubic", "--spatialdata", str(store), "-o", str(out)]
+    assert main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["chunk_channels"] == 2 and run["spatialdata"] == str(store)
+    sdata = sd.read_zarr(store)
+    for method in ("smsdl", "bicubic"):
+        np.testing.assert_array_equal(np.asarray(sdata.images[f"sr_{method}"].data),
+                                      tifffile.imread(out / f"sr_{method}.ome.tif"))
+    np.testing.assert_array_equal(np.asarray(sdata.images["uncertainty_smsdl"].data),
+                                  tifffile.imread(out / "uncertainty_smsdl.ome.tif"))
+    assert list(sdata.images["sr_smsdl"].coords["c"].values) == list(NAMES)
