@@ -504,3 +504,22 @@ def test_cli_chunked_reconstruct_writes_spatialdata(sd_inputs, tmp_path):
     np.testing.assert_array_equal(np.asarray(sdata.images["uncertainty_smsdl"].data),
                                   tifffile.imread(out / "uncertainty_smsdl.ome.tif"))
     assert list(sdata.images["sr_smsdl"].coords["c"].values) == list(NAMES)
+
+
+def test_export_reads_a_pyramidal_he_tile_by_tile(tmp_path, project):
+    """A whole-slide (tiled, pyramidal) H&E input is exported from its file level by level, same pixels."""
+    import dataclasses
+
+    from napari_smsdl.io import open_histology, write_pyramidal_tiff
+    from napari_smsdl.project import export_spatialdata, input_records
+
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (600, 520, 3), dtype=np.uint8)
+    slide = write_pyramidal_tiff(tmp_path / "slide.ome.tif", rgb, pixel_size_um=HE_PX, n_levels=3)
+    assert len(open_histology(slide).levels) == 3
+    tiled = dataclasses.replace(project, inputs=input_records(he_path=slide))
+    sdata = sd.read_zarr(export_spatialdata(tiled, tmp_path / "out.zarr"))
+    he = sdata.images["he"]
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(_scale0(he).data), 0, -1), rgb)
+    assert len(he.children) == 2  # 600 x 520: one level of 2 (the next would be under 256 pixels)
+    assert sdata.attrs["napari_smsdl"]["he"]["source"] == str(slide)

@@ -250,16 +250,12 @@ def _he_image(he, he_to_um_yx: np.ndarray, Image2DModel, Affine):
     """The H&E as a multiscale (c, y, x) uint8 image mapped to µm by ``he_to_um_yx``."""
     import dask.array as da
 
-    if hasattr(he, "levels"):  # a HistologyImage: level 0 read lazily, tile by tile
-        level0 = he.levels[0]
-        arr = da.from_array(level0, chunks=(min(4096, level0.shape[0]), min(4096, level0.shape[1]), -1))
-        if arr.ndim == 2:
-            arr = da.stack([arr] * 3, axis=-1)
-        arr = arr[..., :3]
-        if arr.dtype != np.uint8:  # the documented dtype rules, per block
-            from ._histology import to_rgb_uint8
-
-            arr = arr.map_blocks(to_rgb_uint8, dtype=np.uint8)
+    level0 = he.levels[0] if hasattr(he, "levels") else None
+    if level0 is not None and level0.dtype == np.uint8 and len(level0.shape) == 3 and level0.shape[-1] in (3, 4):
+        # a HistologyImage of 8-bit colour (whole slides): level 0 read lazily, tile by tile
+        arr = da.from_array(level0, chunks=(min(4096, level0.shape[0]), min(4096, level0.shape[1]), -1))[..., :3]
+    elif level0 is not None:  # grey or not 8-bit: the dtype rules decide on the whole image, not per tile
+        arr = da.from_array(he.read(0), chunks=(4096, 4096, 3))
     else:
         from ._histology import to_rgb_uint8
 
