@@ -126,3 +126,23 @@ def test_scale_transfer_gain_is_deterministic_and_separates_explained_from_noise
     np.testing.assert_array_equal(a.sr[1], a.control[1])
     other = train_regression(fields, lr, 2, mask_lr=mask, params=dataclasses.replace(params, seed=1))
     assert other.guidance.to_dict()["scale_gain"] != ga["scale_gain"]  # the seed drives the folds and networks
+
+
+def test_fallback_on_the_sample_uses_the_colour_explained_ion_and_not_noise():
+    """Real input: a crop of the built-in sample at F = 2 (LR 32 x 32, the scale-transfer check runs),
+    each SR cell's mean H&E colour as features; its DAB-compartment ion is explained by the colour,
+    a channel of pure counting noise is not."""
+    from napari_smsdl.evaluation import degrade
+    from napari_smsdl.sample import make_sample
+
+    s = make_sample()
+    dab = [i for i, n in enumerate(s.channel_names) if "DAB" in n][0]
+    lr, mask_lr = degrade(s.ground_truth[dab : dab + 1, :64, :64], s.mask_hr[:64, :64], 2)
+    colour = block_mean(s.he_rgb[:256, :256].astype(np.float32).transpose(2, 0, 1) / 255, 4)  # (3, 64, 64)
+    noise = np.where(mask_lr, np.random.default_rng(0).gamma(4.0, 0.25, size=mask_lr.shape), 0)
+    params = RegressionParams(hidden=32, steps=300, patience=100, folds=5, pca_dims=3, seed=0)
+    result = train_regression(colour, np.stack([lr[0], noise]).astype(np.float32), 2, mask_lr=mask_lr, params=params)
+    g = result.guidance.to_dict()
+    assert result.choices["scale_transfer"]["available"], result.choices["scale_transfer"]
+    assert g["used_histology"] == [True, False], g
+    assert g["scale_gain"][0] > 0.3 and g["scale_gain"][1] < g["scale_gain"][0]
