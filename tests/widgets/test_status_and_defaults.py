@@ -76,3 +76,26 @@ def test_final_status_lines_follow_the_state(sample_viewer, qtbot, tmp_path, mon
     # Export no longer asks to train first
     assert export.status.value == f"Ready: export the results of {MSI!r} or save them as a project."
     assert export.export_button.enabled
+
+
+def test_start_leaves_the_preparation_to_the_worker(sample_viewer, qtbot, tmp_path, monkeypatch):
+    """Start returns once the worker is started: reading the layers and the imports run on it."""
+    from napari_smsdl.widgets import train as train_module
+
+    threads = []
+    original = train_module.prepare_inputs
+
+    def spy(*args, **kwargs):  # the real preparation, recording the thread it runs in
+        threads.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "prepare_inputs", spy)
+    train = TrainWidget(sample_viewer)
+    qtbot.addWidget(train)
+    worker = train.start(TINY, methods=["bicubic"], cache_dir=tmp_path / "cache")
+    assert worker is not None and train.busy
+    assert all(t is threading.main_thread() for t in threads) and not threads  # nothing prepared in start()
+    _wait(qtbot, train)
+    assert train.last_error is None, train.last_error
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+    assert set(train.project.sr) == {"bicubic"}

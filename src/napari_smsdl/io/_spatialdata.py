@@ -18,7 +18,6 @@ imported when one of these functions runs.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -30,8 +29,6 @@ import numpy as np
 
 from ..errors import InputError
 from ._ion_stack import IonStack
-
-log = logging.getLogger(__name__)
 
 #: Name of the µm coordinate system every element maps to.
 COORDINATE_SYSTEM = "global"

@@ -143,16 +143,83 @@ def preload_torch() -> None:
     which torch reads as "not installed") before timm is imported. The imports also happen in the
     main thread, not in the worker.
     """
-    import sys
-
-    if "triton" not in sys.modules and os.environ.get("SMSDL_ALLOW_TRITON", "") != "1":
-        logger.info("napari-smsdl: triton disabled in this napari session (not needed; it crashes next to Mesa's OpenGL)")
-        sys.modules["triton"] = None  # type: ignore[assignment]
+    block_triton()
     import timm.models.vision_transformer  # noqa: F401
     import torch  # noqa: F401
 
     from .. import features, reconstruction  # noqa: F401
     from ..reconstruction.baselines import deepfere  # noqa: F401
+
+
+def block_triton() -> None:
+    """Mark triton as unavailable (see :func:`preload_torch`); cheap, so Start does it in the main thread."""
+    import sys
+
+    if "triton" not in sys.modules and os.environ.get("SMSDL_ALLOW_TRITON", "") != "1":
+        logger.info("napari-smsdl: triton disabled in this napari session (not needed; it crashes next to Mesa's OpenGL)")
+        sys.modules["triton"] = None  # type: ignore[assignment]
+
+
+def prepare_and_reconstruct(gathered: dict, **run: Any):
+    """The Train job, run on the worker: imports, reading the layers' arrays, then the reconstruction.
+
+    ``gathered`` holds what :meth:`TrainWidget._gather` read from the widgets and layers in the
+    main thread (references, no copies); here the arrays are read, the H&E level chosen, the
+    transform built (:func:`prepare_inputs`) and :func:`reconstruct_project` called.
+    """
+    progress = run.get("progress")
+    if progress is not None:
+        progress("preparing (imports, reading the layers)", 0, 1)
+    preload_torch()
+    inputs = prepare_inputs(gathered, run["settings"])
+    if progress is not None:
+        progress("preparing (imports, reading the layers)", 1, 1)
+    return reconstruct_project(**inputs, **run)
+
+
+def prepare_inputs(g: dict, settings: Settings) -> dict:
+    """Plain arguments for :func:`reconstruct_project` from the gathered layer references (no Qt)."""
+    data = np.asarray(g["msi_data"], dtype=np.float32)
+    if data.ndim == 2:
+        data = data[None]
+    chosen = g["chosen"]
+    if not (chosen == list(range(len(data))) and uses_chunked_path(len(data))):
+        data = data[chosen]  # many channels, all selected: no copy of the stack (the project only reads it)
+    registration = g["registration"]
+    msi_px, he_px0 = g["msi_px"], g["he_px0"]
+    levels = g["he_levels"]
+    level = he_level_for_guide([lv.shape[0] for lv in levels], he_px0, msi_px / settings.factor, settings.max_cell_px)
+    scale = levels[level].shape[0] / levels[0].shape[0]
+    he_rgb = np.asarray(levels[level])
+    if registration:
+        transform = registration["transform"]
+    else:
+        transform = placement_transform(
+            msi_scale_rc=g["msi_scale"], msi_translate_rc=g["msi_translate"], msi_pixel_size_um=msi_px,
+            he_scale_rc=g["he_scale"], he_translate_rc=g["he_translate"], he_pixel_size_um=he_px0,
+        )
+    transform = transform_to_level(transform, level0_pixel_size_um=he_px0, scale=scale)
+    report = registration.get("report") if registration else None
+    landmarks = None
+    if registration is not None:
+        from ..registration import LandmarkPairs
+
+        rows = (report or {}).get("residuals") or []
+        if rows:
+            landmarks = LandmarkPairs(np.array([[r["he_row"], r["he_col"]] for r in rows]),
+                                      np.array([[r["msi_row"], r["msi_col"]] for r in rows]))
+    return {
+        "lr_msi": data,
+        "he_rgb": he_rgb,
+        "channel_names": g["channel_names"],
+        "mz": g["mz"],
+        "msi_pixel_size_um": msi_px,
+        "he_pixel_size_um": he_px0 / scale,
+        "transform": transform,
+        "landmarks": landmarks,
+        "registration_report": report,
+        "inputs": g["inputs"],
+    }
 
 
 class _Relay(QObject):
@@ -437,22 +504,24 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         return [name for name, box in chosen if box.value]
 
     # ------------------------------------------------------------------ inputs
-    def _inputs(self, settings: Settings) -> dict:
-        """Plain arguments for :func:`reconstruct_project` gathered from the layers (no maths)."""
+    def _gather(self) -> dict:
+        """What the job needs from the widgets and layers, read in the main thread (no array copies).
+
+        Cheap checks only; reading the arrays happens on the worker (:func:`prepare_inputs`).
+        """
         he, msi = self.he_layer.value, self.msi_layer.value
         if he is None or msi is None:
             raise InputError("choose the H&E and MSI layers first")
         if not he.rgb:
             raise InputError(f"layer {he.name!r} is not an RGB image; choose the H&E")
-        data = np.asarray(msi.data[0] if msi.multiscale else msi.data, dtype=np.float32)
-        if data.ndim == 2:
-            data = data[None]
-        if data.ndim != 3:
-            raise InputError(f"layer {msi.name!r} has shape {data.shape}; expected (channels, rows, cols)")
+        data = msi.data[0] if msi.multiscale else msi.data
+        if np.ndim(data) not in (2, 3):
+            raise InputError(f"layer {msi.name!r} has shape {tuple(np.shape(data))}; expected (channels, rows, cols)")
+        n_msi = np.shape(data)[0] if np.ndim(data) == 3 else 1
         chosen = sorted(int(c) for c in self.channels.value)
         if not chosen:
             raise InputError("no channel selected: select the m/z channels to super-resolve")
-        names_all = list(msi.metadata.get("channel_names") or [f"channel {k}" for k in range(len(data))])
+        names_all = list(msi.metadata.get("channel_names") or [f"channel {k}" for k in range(n_msi)])
         mz_all = msi.metadata.get("mz")
         msi_px = float(_last2(msi.scale)[1])
         registration = msi.metadata.get(REGISTRATION_KEY) if self.use_registration.value else None
@@ -462,40 +531,20 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         he_px0 = float(registration["he_pixel_size_um"]) if registration else float(_last2(he.scale)[1])
         if registration:
             msi_px = float(registration.get("msi_pixel_size_um") or msi_px)
-        levels = list(he.data) if he.multiscale else [he.data]
-        level = he_level_for_guide([lv.shape[0] for lv in levels], he_px0, msi_px / settings.factor, settings.max_cell_px)
-        scale = levels[level].shape[0] / levels[0].shape[0]
-        he_rgb = np.asarray(levels[level])
-        if registration:
-            transform = registration["transform"]
-        else:
-            transform = placement_transform(
-                msi_scale_rc=_last2(msi.scale), msi_translate_rc=_last2(msi.translate), msi_pixel_size_um=msi_px,
-                he_scale_rc=_last2(he.scale), he_translate_rc=_last2(he.translate), he_pixel_size_um=he_px0,
-            )
-        transform = transform_to_level(transform, level0_pixel_size_um=he_px0, scale=scale)
-        report = registration.get("report") if registration else None
-        landmarks = None
-        if registration is not None:
-            from ..registration import LandmarkPairs
-
-            rows = (report or {}).get("residuals") or []
-            if rows:
-                landmarks = LandmarkPairs(np.array([[r["he_row"], r["he_col"]] for r in rows]),
-                                          np.array([[r["msi_row"], r["msi_col"]] for r in rows]))
         return {
-            # many channels, all selected: no copy of the stack (the project only reads it)
-            "lr_msi": data if chosen == list(range(len(data))) and uses_chunked_path(len(data)) else data[chosen],
-            "he_rgb": he_rgb,
+            "msi_data": data, "n_msi": n_msi, "chosen": chosen,
             "channel_names": [names_all[k] for k in chosen],
             "mz": None if not mz_all else [mz_all[k] for k in chosen],
-            "msi_pixel_size_um": msi_px,
-            "he_pixel_size_um": he_px0 / scale,
-            "transform": transform,
-            "landmarks": landmarks,
-            "registration_report": report,
+            "msi_px": msi_px, "he_px0": he_px0, "registration": registration,
+            "he_levels": list(he.data) if he.multiscale else [he.data],
+            "msi_scale": _last2(msi.scale), "msi_translate": _last2(msi.translate),
+            "he_scale": _last2(he.scale), "he_translate": _last2(he.translate),
             "inputs": input_records(he_path=he.metadata.get("source_path"), msi_path=msi.metadata.get("source_path")),
         }
+
+    def _inputs(self, settings: Settings) -> dict:
+        """Plain arguments for :func:`reconstruct_project` (gathered and prepared at once; scripts, tests)."""
+        return prepare_inputs(self._gather(), settings)
 
     # ------------------------------------------------------------------ run
     def start(self, settings: Settings | None = None, *, methods: Sequence[str] | None = None,
@@ -518,21 +567,17 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
             self.cache_dir = Path(cache_dir)
         try:
             chosen = self.settings()
-            kwargs = self._inputs(chosen)
+            gathered = self._gather()  # cheap: references and checks; the arrays are read on the worker
             methods = self.methods()
             if not methods:
                 raise InputError("no method chosen: tick SMSDL and/or a baseline")
-            n_channels = len(kwargs["lr_msi"])
+            n_channels = len(gathered["chosen"])
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self._on_error(exc)
             return None
-        try:
-            preload_torch()
-        except Exception as exc:  # noqa: BLE001 - a broken install is shown, not raised
-            self._on_error(exc)
-            return None
+        block_triton()  # in the main thread, before anything imports timm (see preload_torch)
         run_dir = self.run_dir = Path(tempfile.mkdtemp(prefix="napari-smsdl-run-"))
-        kwargs.update(
+        kwargs = dict(
             settings=chosen, methods=methods, cache_dir=self.cache_dir, weights_path=run_dir / "vit_weights.pt",
             progress=self._relay.progressed.emit, should_stop=self._stop.is_set, on_loss=self._relay.loss.emit,
             run_dir=run_dir,
@@ -549,7 +594,9 @@ class TrainWidget(JobRunner, HeMsiLayers, QWidget):
         else:
             self.plot.clear("waiting for the first SMSDL steps …")
             self._set_busy(True, f"Training {', '.join(methods)} at F = {chosen.factor} …")
-        return self._start_job(reconstruct_project, **kwargs, on_returned=self._on_done, on_finished=self._on_finished)
+        # imports, reading the layers, choosing the H&E level and the reconstruction: all on the worker
+        return self._start_job(prepare_and_reconstruct, gathered, **kwargs, on_returned=self._on_done,
+                               on_finished=self._on_finished)
 
     def cancel(self) -> None:
         """Ask the running job to stop (the core raises Cancelled at its next check)."""
