@@ -94,7 +94,8 @@ def test_start_leaves_the_preparation_to_the_worker(sample_viewer, qtbot, tmp_pa
     qtbot.addWidget(train)
     worker = train.start(TINY, methods=["bicubic"], cache_dir=tmp_path / "cache")
     assert worker is not None and train.busy
-    assert all(t is threading.main_thread() for t in threads) and not threads  # nothing prepared in start()
+    # nothing was prepared in the main thread during start() (the worker may already be at it)
+    assert all(t is not threading.main_thread() for t in threads)
     _wait(qtbot, train)
     assert train.last_error is None, train.last_error
     assert len(threads) == 1 and threads[0] is not threading.main_thread()
