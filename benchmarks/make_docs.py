@@ -152,6 +152,10 @@ that machine's 16 CPU cores, 2 gloo ranks took {cpu2_s:.1f} s for SMSDL against 
 process (same RMSE {cpu_rmse:.4f}): at this size the time is feature extraction, which every rank
 repeats, so more ranks do not pay. They should pay where the work divides — many channels, whose
 chunks are dealt out to the ranks — which was not measured on that machine.
+
+## 7. Compare view toggles in napari
+
+{compare_toggle}
 """
 
 
@@ -226,7 +230,7 @@ def _guided_verdict() -> str:
 def main() -> None:
     parts = {}
     for name in ("guided", "reconstruction_gpu", "cnn_baseline", "registration",
-                 "ion_images", "wsi"):
+                 "ion_images", "wsi", "compare_toggle"):
         path = DOCS / "benchmarks" / f"{name}.md"
         text = path.read_text() if path.exists() else f"*(not run yet: {path.name} is missing)*"
         parts[name] = _strip_title(text).replace("\n## ", "\n### ")
