@@ -369,7 +369,7 @@ def test_registration_reads_a_strided_level_of_a_file_without_pyramid(flat_tiff,
 
 def test_a_read_over_the_budget_is_refused_with_the_numbers(flat_tiff, tmp_path, capsys, monkeypatch):
     path, _ = flat_tiff
-    np.save(tmp_path / "msi.npy", np.ones((16, 16), np.float32))
+    np.save(tmp_path / "msi.npy", np.random.default_rng(0).random((16, 16)).astype(np.float32))
     monkeypatch.setenv("SMSDL_READ_BUDGET_GIB", str(1e5 / 2**30))  # 100 kB: even every 10th pixel (180 kB) is over
     assert main(["register", "--he", str(path), "--msi", str(tmp_path / "msi.npy"), "--he-pixel-size", "0.5",
                  "--msi-pixel-size", "40", "-o", str(tmp_path / "reg")]) == 2
