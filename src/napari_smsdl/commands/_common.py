@@ -35,6 +35,9 @@ def add_msi_channel_args(parser) -> None:
     parser.add_argument("--tol", default="10ppm", type=_tolerance, help="m/z window half-width, e.g. 10ppm or 0.01da")
     parser.add_argument("--norm", choices=["none", "tic", "rms"], default="none", help="per-pixel normalisation")
     parser.add_argument("--shape", default=None, help="ROWSxCOLS, for a CSV/TXT table of pixels × channels")
+    parser.add_argument("--channel-names", default=None, metavar="FILE",
+                        help="a text file naming the MSI channels, one per line (e.g. 'm/z 885.5499'), for a .npy/"
+                        ".tif/.csv stack; default: <file>.json {\"channel_names\": [...]} beside the stack, else 'channel i'")
     add_region_arg(parser)
 
 
@@ -69,6 +72,20 @@ MSI_PASS_BYTES = 1 << 30
 
 def load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Path | None = None,
              chunk_channels: int = 64) -> MsiInput:
+    """:func:`_load_msi`, with the channels named by ``--channel-names FILE`` when given."""
+    msi = _load_msi(path, args, lazy_above=lazy_above, store=store, chunk_channels=chunk_channels)
+    names_file = getattr(args, "channel_names", None)
+    if names_file:
+        import dataclasses
+
+        from ..io._ion_stack import read_channel_names
+
+        msi = dataclasses.replace(msi, channel_names=tuple(read_channel_names(names_file, msi.data.shape[0])))
+    return msi
+
+
+def _load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Path | None = None,
+              chunk_channels: int = 64) -> MsiInput:
     """Read an imzML (ion images of --mz or the strongest peaks), an ion stack (.npy/.tif/.csv/.txt) or a
     SpatialData store (``X.zarr``, or ``X.zarr/images/NAME``, ``X.zarr/tables/NAME``: every channel, or
     those within --tol of each --mz; see :func:`napari_smsdl.io.read_spatialdata_msi`).
@@ -156,8 +173,10 @@ def _sidecar_names(path: Path, n_channels: int) -> tuple[str, ...]:
     """Channel names from ``<file>.json`` ``{"channel_names": [...]}`` (as read_ion_stack), else "channel i"."""
     import json
 
-    sidecar = path.with_suffix(path.suffix + ".json")
-    if sidecar.exists():
+    from ..io._ion_stack import sidecar_path
+
+    sidecar = sidecar_path(path)
+    if sidecar is not None:
         names = json.loads(sidecar.read_text()).get("channel_names")
         if names is not None and len(names) == n_channels:
             return tuple(str(n) for n in names)

@@ -156,7 +156,7 @@ def _run(args, folder, *, start: float, main: bool):
     write_tiff_stack(out / "lr_input.ome.tif", result.lr, channel_names=msi.channel_names, pixel_size_um=sr_px * args.factor)
     comparison_figure(
         out / "figure.png", result.reconstruction.sr, truth=result.truth, mask=result.mask_hr,
-        channel_names=msi.channel_names,
+        channel_names=msi.channel_names, he_rgb=result.reconstruction.guide_rgb, pixel_size_um=sr_px,
     )
     metrics = dict(result.metrics)
     metrics["seconds"] = {name: m["seconds"] for name, m in result.metrics.items()}

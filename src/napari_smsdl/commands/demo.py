@@ -116,7 +116,8 @@ def _run_headless(out: Path, *, settings, methods) -> dict:
     for name, stack in result.reconstruction.uncertainty.items():
         write_tiff_stack(out / f"uncertainty_{name}.ome.tif", stack, channel_names=names, pixel_size_um=truth_px)
     comparison_figure(out / "figure.png", result.reconstruction.sr, truth=result.truth, mask=result.mask_hr,
-                      channel_names=names, lr=result.lr)
+                      channel_names=names, lr=result.lr, he_rgb=result.reconstruction.guide_rgb,
+                      pixel_size_um=truth_px)
     write_metrics_csv(out / "metrics.csv", result.metrics, channel_names=names)
     metrics = dict(result.metrics)
     metrics["seconds"] = {name: m["seconds"] for name, m in result.metrics.items()}

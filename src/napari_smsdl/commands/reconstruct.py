@@ -237,7 +237,8 @@ def _run(args, folder, *, start: float, main: bool, methods: list[str], chunk: i
             uncertainty_files[name] = str(folder.final(write_tiff_stack(
                 out / f"uncertainty_{name}.ome.tif", stack, channel_names=msi.channel_names, pixel_size_um=sr_px)))
         guidance, choices = dict(result.guidance), dict(result.choices)
-        comparison_figure(out / "figure.png", result.sr, channel_names=msi.channel_names)
+        comparison_figure(out / "figure.png", result.sr, channel_names=msi.channel_names, he_rgb=result.guide_rgb,
+                          pixel_size_um=sr_px)
         seconds, used = dict(result.seconds), result.settings
         extra = {"chunk_channels": None}
     run_info = {
@@ -385,7 +386,8 @@ def _write_reopened(project, folder, start: float):
     # a lazy (many-channel) project: the figure shows its first channels, read from disk
     shown = project.subset(range(min(FIGURE_CHANNELS, len(names)))) if project.lazy else project
     comparison_figure(out / "figure.png", shown.sr, truth=shown.truth, mask=shown.mask_hr,
-                      channel_names=list(shown.channel_names), max_channels=FIGURE_CHANNELS)
+                      channel_names=list(shown.channel_names), max_channels=FIGURE_CHANNELS,
+                      he_rgb=shown.guide_rgb, pixel_size_um=project.sr_pixel_size_um)
     inputs = {rec.role: rec.path for rec in project.inputs}
     status = project.input_status()
     write_json_atomic(out / "run.json", {

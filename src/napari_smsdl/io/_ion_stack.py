@@ -109,10 +109,38 @@ def read_ion_stack(
     except Exception as exc:  # noqa: BLE001 - numpy/tifffile raise many types on corrupt files
         raise InputError(f"cannot read ion images ({' '.join(str(exc).split())})", path) from exc
     data = _as_stack(data, path)
-    sidecar = path.with_suffix(path.suffix + ".json")
-    if channel_names is None and sidecar.exists():
+    sidecar = sidecar_path(path)
+    if channel_names is None and sidecar is not None:
         channel_names = json.loads(sidecar.read_text()).get("channel_names")
     names = list(channel_names) if channel_names is not None else names
     if names is None or len(names) != len(data):
         names = [f"channel {k}" for k in range(len(data))]
     return IonStack(data, tuple(names), pixel_size_um)
+
+
+def read_channel_names(path: str | os.PathLike, n_channels: int | None = None) -> list[str]:
+    """Channel names from a text file, one per line (blank lines ignored), e.g. ``m/z 885.5499``.
+
+    With ``n_channels`` the file must name exactly that many channels (else an :class:`InputError`
+    naming the file and both counts).
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError("channel-names file not found", path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the channel names ({exc})", path) from None
+    names = [ln.strip() for ln in lines if ln.strip()]
+    if n_channels is not None and len(names) != n_channels:
+        raise InputError(f"names {len(names)} channels, but the MSI has {n_channels} (one name per line)", path)
+    return names
+
+
+def sidecar_path(path: str | os.PathLike) -> Path | None:
+    """The JSON beside a stack that names its channels: ``<file>.npy.json`` or ``<file>.json``, if present."""
+    path = Path(path)
+    for candidate in (path.with_suffix(path.suffix + ".json"), path.with_suffix(".json")):
+        if candidate.is_file():
+            return candidate
+    return None
