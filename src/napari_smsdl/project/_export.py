@@ -81,7 +81,7 @@ def export_results(project, outdir: str | os.PathLike, *,
     if "png" in formats:
         written["figure.png"] = comparison_figure(
             out / "figure.png", project.sr, truth=project.truth, mask=project.mask_hr, channel_names=names,
-            lr=project.lr_msi,
+            lr=project.lr_msi, he_rgb=project.guide_rgb, pixel_size_um=sr_px,
         )
     if "spatialdata" in formats:
         written[SPATIALDATA_NAME] = export_spatialdata(project, out / SPATIALDATA_NAME, overwrite=True)
