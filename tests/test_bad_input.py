@@ -178,6 +178,16 @@ def test_output_folder_helper_commits_discards_and_recovers(tmp_path):
     folder.discard()
     with pytest.raises(InputError, match="already holds a run"):
         OutputFolder(target)
+    # an existing empty folder keeps its identity (it may be the working directory): files move into it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    inode = empty.stat().st_ino
+    with output_folder(empty) as folder:
+        (folder.path / "run.json").write_text("{}")
+        (folder.path / "sub").mkdir()
+        (folder.path / "sub" / "x.bin").write_bytes(b"x")
+    assert empty.stat().st_ino == inode and _files(empty) == {"run.json": b"{}", "sub/x.bin": b"x"}
+    assert _siblings(empty) == []
 
 
 # ---------------------------------------------------------------------------- item 2: project locks

@@ -243,7 +243,15 @@ class OutputFolder:
                 raise InputError(f"{self.option}: another run finished here meanwhile; this run's result is "
                                  f"kept in {self.path}", self.target)
             if not any(self.target.iterdir()):
-                self.target.rmdir()
+                # an empty folder the user made (perhaps the working directory) stays that folder: the
+                # files move in one by one, the marker (run.json...) last, so it still marks a whole run
+                entries = sorted(self.path.iterdir(), key=lambda p: (p.name in RUN_MARKERS, p.name))
+                for entry in entries:
+                    os.rename(entry, self.target / entry.name)
+                self.path.rmdir()
+                self.committed = True
+                _fsync_dir(self.target)
+                return self.target
         old = None
         if self.target.exists():
             old = self.target.parent / f"{self._old_prefix}{os.getpid()}-{os.urandom(3).hex()}"
