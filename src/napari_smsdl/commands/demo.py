@@ -135,7 +135,7 @@ def _run_headless(out: Path, *, settings, methods) -> dict:
 
 
 def build_viewer(viewer=None, *, show: bool = True, settings=None):
-    """napari with the sample loaded and every widget docked (tabbed), Train on the fast preset.
+    """napari with the sample loaded and the single-dock flow (every widget, as steps), Train on the fast preset.
 
     Returns ``(viewer, {display name: widget})``.
     """
@@ -149,13 +149,13 @@ def build_viewer(viewer=None, *, show: bool = True, settings=None):
     if viewer is None:
         viewer = napari.Viewer(title="napari-smsdl demo", show=show)
     viewer.open_sample("napari-smsdl", "smsdl_sample")
-    widgets, docks = {}, {}
-    for name in WIDGETS:
-        docks[name], widgets[name] = viewer.window.add_plugin_dock_widget("napari-smsdl", name, tabify=True)
+    # one dock for the whole flow (five docked widgets would stack taller than the screen)
+    _, flow = viewer.window.add_plugin_dock_widget("napari-smsdl", "SMSDL flow (all steps, one dock)")
+    widgets = dict(zip(WIDGETS, (flow.load, flow.register, flow.train, flow.compare, flow.export), strict=True))
     train = widgets["Train"]
     train.set_settings(settings or Settings.preset("fast", factor=4))
     train.status.value = "The sample is loaded: press Start (fast preset, about a minute), then look at Compare."
-    docks["Train"].raise_()  # the tab to start from
+    flow.go_to("Train")  # the step to start from
     return viewer, widgets
 
 
