@@ -7,8 +7,10 @@ Run under a (virtual) display, from the repository root::
 (``make screenshots`` does exactly that). It drives the real widgets, as a user would, through
 their public methods: Load opens the sample's files; then, on the sample layers (which include
 the ground truth), Register with six landmark pairs, Train with the fast preset, Compare (grid view,
-difference maps, a picked pixel, segments), Export & project. Every widget and the comparison
-view are saved as PNG (``QWidget.grab()`` and ``viewer.screenshot(canvas_only=False)``).
+difference maps, a picked pixel, segments), Export & project — all in the single-dock flow
+(*SMSDL flow*, one step at a time). Every step's widget, the flow dock in the window, the comparison
+view and the exported figure are saved as PNG (``QWidget.grab()``,
+``viewer.screenshot(canvas_only=False)``; ``figure.png`` copied from the export, shrunk).
 Takes a few minutes on a laptop CPU.
 """
 
@@ -47,7 +49,6 @@ def main(argv=None) -> int:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_smsdl.commands.demo import WIDGETS
     from napari_smsdl.reconstruction import Settings
     from napari_smsdl.registration import LandmarkPairs
     from napari_smsdl.sample import write_sample
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         pump(0.5)
 
     def show_tab(name: str) -> None:
-        docks[name].raise_()
+        flow.go_to({"Export & project": "Export"}.get(name, name))
         pump(0.3)
 
     def grab(widget, name: str) -> None:
@@ -92,12 +93,9 @@ def main(argv=None) -> int:
 
     viewer = napari.Viewer(title="napari-smsdl", show=True)
     viewer.window.resize(*WINDOW)
-    docks, widgets = {}, {}
-    for name in WIDGETS:
-        docks[name], widgets[name] = viewer.window.add_plugin_dock_widget("napari-smsdl", name, tabify=True)
+    _, flow = viewer.window.add_plugin_dock_widget("napari-smsdl", "SMSDL flow (all steps, one dock)")
     pump(1.0)
-    load, register, train = widgets["Load"], widgets["Register"], widgets["Train"]
-    compare, export = widgets["Compare"], widgets["Export & project"]
+    load, register, train, compare, export = flow.load, flow.register, flow.train, flow.compare, flow.export
 
     # ---- 1. Load: the sample written as files (H&E PNG + processed imzML), as one's own data would be
     print("Load")
@@ -113,6 +111,7 @@ def main(argv=None) -> int:
     viewer.reset_view()
     grab(load, "load-widget")
     window("load-window")
+    window("flow-window")  # the single-dock flow: step buttons, the Load page, Back / Next
     viewer.layers.clear()
 
     # ---- 2. The sample layers (H&E, measured MSI, ground truth) and Register with six landmark pairs
@@ -187,6 +186,16 @@ def main(argv=None) -> int:
     export.save_project(files / "project")
     wait(export)
     grab(export, "export-widget")
+    figure = out / "figure.png"  # the exported paper figure (300 dpi; shrunk for the docs)
+    from PIL import Image
+
+    with Image.open(results / "figure.png") as image:
+        image = image.convert("RGB")
+        image.thumbnail((2000, 2000))
+        image.save(figure)
+    shrink(figure)
+    written.append(figure)
+    print(f"  {figure}")
 
     print(f"{len(written)} screenshots in {time.perf_counter() - started:.0f} s")
     viewer.close()

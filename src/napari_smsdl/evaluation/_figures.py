@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -133,10 +134,11 @@ def comparison_figure(
         vmax = vmax if vmax > 0 else 1.0
         col = 0
         label = channel_names[c] if channel_names is not None and c < len(channel_names) else f"channel {c}"
+        label = "\n".join(textwrap.wrap(str(label), 22)[:3])  # long names (m/z + annotation) on a few lines
         if has_he:
             ax = fig.add_subplot(grid[c, col])
             panel(ax, he_rgb, "H&E (registered)", c)
-            ax.set_ylabel(label, fontsize=7)
+            ax.set_ylabel(label, fontsize=6)
             if pixel_size_um:
                 _scale_bar(ax, he_rgb.shape[1], he_rgb.shape[0], pixel_size_um * sr_shape[1] / he_rgb.shape[1], "black")
             col += 1
@@ -148,7 +150,7 @@ def comparison_figure(
                 image = np.where(mask, image, np.nan)
             im = panel(ax, image, title, c, cmap=cmap, vmin=0, vmax=vmax)
             if j == 0 and not has_he:
-                ax.set_ylabel(label, fontsize=7)
+                ax.set_ylabel(label, fontsize=6)
             if j == 0 and pixel_size_um and not has_he:  # the H&E panel carries it (black on white)
                 _scale_bar(ax, image.shape[1], image.shape[0], pixel_size_um * sr_shape[1] / image.shape[1])
             method = by_title.get(title)

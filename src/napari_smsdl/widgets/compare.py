@@ -496,10 +496,21 @@ def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str) -> dict
             translate[-2:] += offset
             layer.translate = translate
             what, _, channel = layer.name[len(PREFIX):].rpartition(" · ")
+            what = _short_label(what)
             col_names.setdefault(c, what if by == "channels" else channel)
             row_names.setdefault(r, channel if by == "channels" else what)
     _add_grid_labels(viewer, corner, size, step, col_names, row_names)
     return tiles
+
+
+#: Grid labels must fit a tile's width on the canvas: the longest method names, shortened.
+SHORT_LABELS = {method_label("backprojection"): "H&E-free control", "ground truth": "truth"}
+
+
+def _short_label(text: str) -> str:
+    for long, short in SHORT_LABELS.items():
+        text = text.replace(long, short)
+    return text
 
 
 def _add_grid_labels(viewer, corner, size, step, col_names: dict, row_names: dict) -> None:
@@ -513,6 +524,9 @@ def _add_grid_labels(viewer, corner, size, step, col_names: dict, row_names: dic
     coords = [(corner[0] - gap[0] * 0.5, corner[1] + c * step[1] + size[1] / 2) for c in col_names]
     coords += [(corner[0] + r * step[0] + size[0] / 2, corner[1] - gap[1] - size[1] / 2) for r in row_names]
     texts = list(col_names.values()) + list(row_names.values())
+    # two empty labels at the margins' outer corners: the camera then fits the whole text, not half
+    coords += [(corner[0] - gap[0], corner[1] - gap[1] - size[1]), (corner[0] - gap[0], corner[1])]
+    texts += ["", ""]
     coords = np.asarray(coords, float).reshape(-1, 2)
     if LABELS_NAME in viewer.layers:
         labels = viewer.layers[LABELS_NAME]
@@ -524,7 +538,7 @@ def _add_grid_labels(viewer, corner, size, step, col_names: dict, row_names: dic
         viewer.layers.remove(labels)
     labels = Points(coords, name=LABELS_NAME, size=0.0, face_color="transparent",
                     border_width=0.0, features={"label": texts},
-                    text={"string": "{label}", "color": "white", "size": 10, "anchor": "center"},
+                    text={"string": "{label}", "color": "white", "size": 9, "anchor": "center"},
                     metadata={"role": "grid_labels"})
     viewer.layers.append(labels)
 
