@@ -191,7 +191,7 @@ def main(argv=None) -> int:
 
     with Image.open(results / "figure.png") as image:
         image = image.convert("RGB")
-        image.thumbnail((2000, 2000))
+        image.thumbnail((1400, 1400))
         image.save(figure)
     shrink(figure)
     written.append(figure)
