@@ -15,6 +15,8 @@ them into ``benchmarks/results/guided.json`` and ``docs/benchmarks/guided.md``.
     python benchmarks/bench_guided.py [--only bladder4,bladder2,mouse2,mouse4,sample4] [--seeds 0,1,2]
                                       [--methods smsdl,bicubic,backprojection,cnn] [--no-ablation] [--merge] [--report]
 
+``--merge --methods ""`` re-runs only the bladder feature ablations into the existing case files.
+
 The fallback study (``--forced``): SMSDL with the histology forced on every channel and the control,
 per channel, with both ground-truth-free gains (held-out, scale transfer), written to
 ``benchmarks/results/guided/forced/<case>_s<seed>.json``; ``--rules`` then scores fallback rules
@@ -75,8 +77,11 @@ def run_case(name: str, seed: int, methods: list[str], ablation: bool) -> dict:
     settings = Settings.preset("default", factor=factor, seed=seed)
     cache = OUT / "cache"
     t0 = time.perf_counter()
+    # methods=[] with ablation: only the ablation variants (re-run after a change to the regression)
     bench = run_benchmark(truth, he, factor=factor, truth_pixel_size_um=truth_px, he_pixel_size_um=he_px,
-                          settings=settings, methods=methods, cache_dir=cache, refine=False)
+                          settings=settings, methods=methods or ["backprojection"], cache_dir=cache, refine=False)
+    if not methods:
+        bench.metrics.clear()
     entry = {"case": name, "seed": seed, "factor": factor, "channels": names, "truth_shape": list(bench.truth.shape),
              "lr_shape": list(bench.lr.shape), "wall_seconds": time.perf_counter() - t0, "metrics": bench.metrics,
              "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads()}
@@ -319,7 +324,7 @@ def main() -> None:
                 if case.startswith(("bladder", "mouse")) and not SHARED.exists():
                     print(f"{case}: {SHARED} is absent, skipped")
                     continue
-                entry = run_case(case, seed, methods, ablation=not args.merge and not args.no_ablation
+                entry = run_case(case, seed, methods, ablation=(not args.merge or not methods) and not args.no_ablation
                                  and case.startswith("bladder"))
                 if args.merge:
                     old = json.loads(path.read_text())

@@ -53,8 +53,8 @@ setting is chosen from held-out LR pixels, never from the ground truth
 
 - **Real bladder ions (the case that decides):** most of the SR error is pixel noise no method can
   predict. The H&E-free control already recovers what the measurement supports; SMSDL adds a
-  small, seed-stable margin on all three metrics (F = 4: SSIM +0.0013 ± 0.0005, R² +0.0006; F = 2:
-  +0.0004 / +0.0002), from the ions whose scale-transfer check (the same fit one scale up, scored
+  small margin (F = 4: SSIM +0.0013 ± 0.0005, RMSE −0.0001 ± 0.0001 and R² +0.0006 ± 0.0005, the
+  last two about one seed std; F = 2: SSIM +0.0004 ± 0.0001, R² +0.0002 ± 0.0000), from the ions whose scale-transfer check (the same fit one scale up, scored
   on the measured pixels) shows the H&E helps; the other ions fall back to the control and score
   as it does. The check is stricter than the held-out test it replaced for this decision (F = 4
   margin was SSIM +0.0025): it falls back on ions that would have gained a little, and uses the
@@ -65,9 +65,10 @@ setting is chosen from held-out LR pixels, never from the ground truth
   0.020 vs 0.615 ± 0.008; SMSDL keeps RMSE and R²). On a smooth UMAP summary of 20 × 18 or 10 × 9
   pixels a convolutional guide filter does better than per-cell features; on noisy ion images it
   adds nothing. SMSDL does not beat the CNN "in every case".
-- **Self-supervised ViT features vs colour-only and random ViT features**, bladder F = 4:
-  SSIM +0.003 and +0.004 (seed std 0.004): not a difference we can call real on this data. The
-  multi-level features do not yet earn their keep over colour on noisy ion images.
+- **Self-supervised ViT features vs colour-only and random ViT features**, bladder F = 4 (all
+  three with the scale-transfer fallback): SSIM +0.0006 and +0.0015 (seed std 0.003), and the
+  random-ViT variant has the better RMSE and R² (0.1646 / 0.5594 vs 0.1648 / 0.5586): no difference
+  we can call real. The multi-level features do not earn their keep over colour on noisy ion images.
 - **Cerebellum UMAP, F = 2: SMSDL still loses to the control, by less** (RMSE +0.0003 ± 0.0002,
   SSIM −0.0001 ± 0.0004, R² −0.0006 ± 0.0005; with the held-out rule +0.0013, −0.0027, −0.0041).
   The held-out LR pixels said the H&E helps on all three channels (gains 0.26–0.51); they measure
