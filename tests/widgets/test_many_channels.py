@@ -116,6 +116,8 @@ def test_many_channels_train_compare_export_and_reopen(many_viewer, make_napari_
     assert tuple(by_method["bicubic"].contrast_limits) == tuple(by_method["smsdl"].contrast_limits)
     picked = compare.inspect_pixel((16 * 40.0 + 25.0, 8 * 40.0 + 25.0))  # SR cell (2, 2) of the crop
     assert picked["channels"][0] == 70 and picked["values"]["smsdl"][0] == pytest.approx(float(smsdl[70, 2, 2]))
+    assert compare.reference.value == "truth"  # a ground truth is chosen: the maps reference it by default
+    compare.reference.value = "bicubic"
     compare.differences.value = True  # lazy difference stacks, read one channel when shown
     diff = next(lay for lay in compare.rows[0] if lay.metadata["role"] == "difference")
     expected = np.where(sr_mask, np.asarray(smsdl[70]) - np.asarray(project.sr["bicubic"][70]), np.nan)
@@ -208,10 +210,10 @@ def test_lazy_layers_read_only_the_channels_shown(make_napari_viewer):
     msi = viewer.add_image(project.lr_msi, scale=(1, 40, 40), translate=(0, 20, 20), name="msi")
     rows = add_comparison_layers(viewer, project, msi, channels=[5], differences="bicubic")
     assert [lay.data.shape for lay in rows[5]][-1] == (n, 32, 24)
-    arrange(viewer, rows, grid=True, grid_by="channels")  # grid view: one cell per stack layer
-    assert viewer.grid.enabled and tuple(viewer.grid.shape) == (1, 4)
+    tiles = arrange(viewer, rows, grid=True, grid_by="channels")  # grid view: one tile per stack layer
+    assert list(tiles) == [(0, 0), (0, 1), (0, 2), (0, 3)] and [tiles[k] for k in tiles] == rows[5]
     viewer.dims.set_point(0, 200.0)
-    np.asarray(viewer.layers[-1].data[200])  # the difference map of the channel shown
+    np.asarray(rows[5][-1].data[200])  # the difference map of the channel shown
     read = stacks["smsdl"].read | stacks["bicubic"].read
     assert {5, 200} <= read and len(read) <= 4, sorted(read)
 
