@@ -239,8 +239,8 @@ def test_torchrun_reconstruct_matches_one_process(many, sample_dir, tmp_path):
     assert main([*chunked[:-1], str(tmp_path / "one")]) == 0
     one, two = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("one", "two"))
     assert two["world_size"] == 2 and one["world_size"] == 1 and two["chunk_channels"] == 40
-    files = {"run.json", "figure.png", "sr_smsdl.ome.tif", "sr_bicubic.ome.tif", "sr_smsdl.zarr", "sr_bicubic.zarr",
-             "uncertainty_smsdl.ome.tif", "cache", "vit_weights.pt"}
+    files = {"run.json", "figure.png", "figure.pdf", "sr_smsdl.ome.tif", "sr_bicubic.ome.tif", "sr_smsdl.zarr",
+             "sr_bicubic.zarr", "uncertainty_smsdl.ome.tif", "cache", "vit_weights.pt"}
     assert set(os.listdir(tmp_path / "two")) == set(os.listdir(tmp_path / "one")) == files
     for name in ("sr_smsdl", "sr_bicubic", "uncertainty_smsdl"):
         a, b = (tifffile.imread(tmp_path / d / f"{name}.ome.tif") for d in ("one", "two"))
