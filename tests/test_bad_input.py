@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_smsdl._files import OutputFolder, output_folder
+from napari_smsdl._outputs import OutputFolder, output_folder
 from napari_smsdl.cli import main
 from napari_smsdl.errors import InputError
 from napari_smsdl.project import Project, load_project, save_project

@@ -28,6 +28,8 @@ TOP_LEVEL = {
     "__init__": "foundation",
     "errors": "foundation",
     "_files": "foundation",
+    "_outputs": "foundation",
+    "_locks": "foundation",
     "torch_setup": "foundation",
     "distributed": "foundation",
     "_reader": "io",  # the napari reader: files → layer data (no napari import)

@@ -268,7 +268,7 @@ def load_transform_arg(path: str | None):
 
 
 def add_output_args(parser, *, what: str = "output folder") -> None:
-    """``-o OUTDIR`` and ``--overwrite``: an output folder is written as a unit (see ``_files.output_folder``)."""
+    """``-o OUTDIR`` and ``--overwrite``: an output folder is written as a unit (see ``_outputs.output_folder``)."""
     parser.add_argument("-o", "--output", required=True, help=f"{what} (written whole at the end; "
                         "refused when it already holds a run, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true",

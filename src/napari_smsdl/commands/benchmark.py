@@ -27,7 +27,8 @@ import logging
 import resource
 import time
 
-from .._files import check_writable_dir, output_folder, write_json_atomic
+from .._files import write_json_atomic
+from .._outputs import check_writable_dir, output_folder
 from ._common import (
     add_method_args,
     add_msi_channel_args,

@@ -72,7 +72,7 @@ def run_headless(outdir: str | os.PathLike, *, settings=None,
     place, ``metrics.json`` last); a previous run there is replaced only with ``overwrite``.
     Returns the metrics (method → metric → mean and per-channel values, plus ``seconds``).
     """
-    from .._files import output_folder
+    from .._outputs import output_folder
 
     with output_folder(outdir, overwrite=overwrite) as folder:
         metrics = _run_headless(folder.path, settings=settings, methods=methods)

@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
 
 def output_file(output: str | Path, imzml: str | Path, *, overwrite: bool) -> Path:
     """The TIFF that ``-o`` names (a file, or ``<imzML stem>_ions.ome.tif`` in a folder), checked writable."""
-    from .._files import check_writable_file
+    from .._outputs import check_writable_file
     from ..errors import InputError
 
     target = Path(output).expanduser()

@@ -51,7 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._files import check_writable_dir, output_folder, write_json_atomic
+from .._files import write_json_atomic
+from .._outputs import check_writable_dir, output_folder
 from ._progress import cli_progress
 from ._common import (
     add_method_args,

@@ -165,7 +165,7 @@ def load_he_image(path: str | Path, *, pixel_size_um: float | None, msi_pixel_si
 
 
 def run(args) -> int:
-    from .._files import output_folder
+    from .._outputs import output_folder
     from ..registration import read_landmarks_csv, save_registration
 
     t0 = time.perf_counter()

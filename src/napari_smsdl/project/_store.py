@@ -34,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .._files import LockTimeout, file_lock, jsonable, lock_holder, lock_timeout, sha256_file, test_save_delay
+from .._files import jsonable, sha256_file
+from .._locks import LockTimeout, file_lock, lock_holder, lock_timeout
+from .._outputs import test_save_delay
 from ..errors import InputError
 from ._format import (
     CACHE_DIR,
@@ -227,7 +229,7 @@ def project_lock(directory: str | os.PathLike, *, timeout: float | None = None, 
     process holding it. Re-entrant: :func:`save_project` inside it does not wait for itself. Also
     proves the folder writable before any work (a clear error instead of a failure at the end).
     """
-    from .._files import check_writable_dir
+    from .._outputs import check_writable_dir
 
     directory = check_writable_dir(Path(directory).expanduser(), option=option)
     wait = lock_timeout(timeout)
