@@ -233,8 +233,9 @@ def add_method_args(parser) -> None:
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
     parser.add_argument(
         "--force-histology", action="store_true",
-        help="use the H&E on every channel (default: channels whose held-out histology gain is not clearly "
-        "positive output the H&E-free control, bicubic + back-projection; the run says which)",
+        help="use the H&E on every channel (default: a channel outputs the H&E-free control, bicubic + "
+        "back-projection, unless the histology's gain is clearly positive: the scale-transfer gain where the "
+        "LR image is large enough for that check, the held-out gain otherwise; the run says which)",
     )
 
 

@@ -6,9 +6,10 @@ writes ``sr_smsdl.ome.tif`` (channel names = m/z, physical pixel size = MSI pixe
 predictive standard deviation ``uncertainty_smsdl.ome.tif`` (same shape and pixel size), the
 requested baselines (``backprojection`` is the H&E-free control: bicubic + back-projection to the
 measured block means), ``figure.png`` and ``run.json`` (settings, timings, inputs; ``guidance``:
-per channel the held-out histology gain ± std and whether the histology was used, ``choices``: the
-settings chosen from held-out LR pixels, ``uncertainty``: the uncertainty files). Channels whose
-gain is not clearly positive output the control (``--force-histology``: none); the run prints which.
+per channel the held-out histology gain ± std, the scale-transfer gain ± std where that check ran, and
+whether the histology was used; ``choices``: the settings chosen from held-out LR pixels;
+``uncertainty``: the uncertainty files). Channels whose gain (scale transfer where it ran, held-out
+otherwise) is not clearly positive output the control (``--force-histology``: none); the run prints which.
 
 **Many channels.** An MSI with more than 64 channels (or any MSI with ``--chunk-channels N``) goes
 through :func:`napari_smsdl.reconstruction.reconstruct_many_channels`: the H&E features are computed once,
