@@ -211,3 +211,16 @@ def test_region_option_of_the_commands_reads_one_region(tmp_path, capsys):
 
     tic, size = load_msi_image(path, region=1)  # `smsdl register --region 1`: that region's TIC
     assert tic.shape == (4, 5) and size == 20.0
+
+
+def test_ion_command_keeps_both_pixel_sizes_of_an_anisotropic_file(tmp_path):
+    """`smsdl ion` on x ≠ y pixels writes an OME-TIFF with PhysicalSizeX 10 and PhysicalSizeY 25 (it had none)."""
+    import tifffile
+
+    path = _write(tmp_path / "aniso.imzML", _block(1, 1, 8, 6), size_xy=(10, 25))
+    out = tmp_path / "ions.ome.tif"
+    assert main(["ion", str(path), "--mz", "500", "--tol", "0.01da", "-o", str(out)]) == 0
+    with tifffile.TiffFile(out) as tif:
+        xml = tif.ome_metadata
+        assert tif.asarray().shape == (6, 8)  # one channel
+    assert 'PhysicalSizeX="10.0"' in xml and 'PhysicalSizeY="25.0"' in xml

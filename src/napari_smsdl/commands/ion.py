@@ -54,6 +54,8 @@ def run(args) -> int:
     if not mz:
         raise InputError("give at least one --mz value (or --peaks N)", args.file)
     images = ds.ion_images(mz, args.tol, norm=args.norm)
-    out = write_tiff_stack(target, images.data, channel_names=images.channel_names, pixel_size_um=images.pixel_size_um)
+    # (x, y) when the pixels are not square, so the OME-TIFF keeps both sizes instead of none
+    size = images.pixel_size_um if images.pixel_size_um is not None else images.pixel_size_xy_um
+    out = write_tiff_stack(target, images.data, channel_names=images.channel_names, pixel_size_um=size)
     print(f"wrote {out} ({len(mz)} channels, {images.data.shape[1]} x {images.data.shape[2]} pixels)")
     return 0
