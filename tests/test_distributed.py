@@ -200,3 +200,24 @@ def test_torchrun_refuses_commands_that_are_not_distributed(monkeypatch, tmp_pat
     assert main(["info", str(tmp_path / "missing.imzML")]) == 2
     assert "does not run in several processes" in capsys.readouterr().err
     assert not dd.is_initialized()
+
+
+def test_torchrun_project_lock_refusal_stops_every_rank(sample_dir, tmp_path):
+    """A --project another process is writing: rank 0's refusal reaches rank 1 too (rank 1 used to
+    go on alone and fail with gloo's 'Connection closed by peer' once rank 0 had gone), and no
+    output or staging folder is left."""
+    from napari_smsdl.project._store import project_lock
+
+    argv = ["-m", "napari_smsdl", "reconstruct", "--he", str(sample_dir / "he.png"), "--msi",
+            str(sample_dir / "msi.imzML"), "--mz", "760.5851", "--factor", "2", "--he-pixel-size", "2.5",
+            *QUICK, "--device", "cpu", "--project", str(tmp_path / "project"), "-o", str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv]
+    with project_lock(tmp_path / "project"):  # this process is "the other writer"
+        proc = subprocess.run(cmd, cwd=tmp_path, env={**ENV, "SMSDL_LOCK_TIMEOUT": "1"}, capture_output=True,
+                              text=True, timeout=240)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "smsdl reconstruct: error:" in line]
+    for rank in (0, 1):  # each rank's one error line is the lock's message
+        assert any(f"[rank {rank}] smsdl reconstruct: error:" in e and "being written by" in e for e in errors), \
+            proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["project"]

@@ -238,22 +238,15 @@ def output_folder(target: str | os.PathLike, *, overwrite: bool = False, option:
     name and never commit.
     """
     from . import distributed as dd
-    from .errors import InputError
 
-    if dd.is_distributed() and dd.is_main_process():
-        try:
-            folder = OutputFolder(target, overwrite=overwrite, option=option, carry=carry)
-        except InputError as exc:  # every rank stops with the same message instead of waiting
-            dd.broadcast_object((None, exc.problem, None if exc.path is None else str(exc.path)))
-            raise
-        dd.broadcast_object((str(folder.path), None, None))
-    elif dd.is_distributed():
-        name, problem, where = dd.broadcast_object(None)
-        if problem is not None:
-            raise InputError(problem, where)
-        folder = OutputFolder(target, overwrite=True, option=option, staging=name)
-    else:
-        folder = OutputFolder(target, overwrite=overwrite, option=option, carry=carry)
+    made: list[OutputFolder] = []
+
+    def make() -> str:  # rank 0 (or the only process) checks and creates the staging folder
+        made.append(OutputFolder(target, overwrite=overwrite, option=option, carry=carry))
+        return str(made[0].path)
+
+    name = dd.main_rank_decides(make)  # a refusal stops every rank with the same message
+    folder = made[0] if made else OutputFolder(target, overwrite=True, option=option, staging=name)
     try:
         yield folder
     except BaseException:

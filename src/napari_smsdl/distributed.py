@@ -240,6 +240,32 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def main_rank_decides(decide):
+    """Call ``decide()`` on rank 0 alone and return what it returns on every rank (picklable).
+
+    An :class:`~napari_smsdl.errors.InputError` it raises (an output folder that holds a run, a
+    project another process is writing) is raised on every rank with the same message, so the
+    other ranks stop with rank 0 instead of waiting for it until the process-group timeout.
+    In one process it is just ``decide()``.
+    """
+    from .errors import InputError
+
+    if not is_distributed():
+        return decide()
+    if is_main_process():
+        try:
+            value = decide()
+        except InputError as exc:
+            broadcast_object((False, exc.problem, None if exc.path is None else str(exc.path)))
+            raise
+        broadcast_object((True, value, None))
+        return value
+    ok, value, where = broadcast_object(None)
+    if not ok:
+        raise InputError(value, where)
+    return value
+
+
 def gather_objects(obj) -> list:
     """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
     if not is_distributed():

@@ -142,10 +142,11 @@ def run(args) -> int:
         check_writable_dir(args.cache_dir, option="--cache-dir")
     check_spatialdata_arg(args)
     with contextlib.ExitStack() as stack:
-        if args.project and main:  # one writer at a time, and a read-only folder found now, not at the end
+        if args.project:  # one writer at a time, and a read-only folder found now, not at the end
             from ..project._store import project_lock
 
-            stack.enter_context(project_lock(args.project, option="--project"))
+            # rank 0 holds the lock; a refusal stops every rank with its message
+            dd.main_rank_decides(lambda: stack.enter_context(project_lock(args.project, option="--project")))
         # the old cache is carried over so a rerun with --overwrite need not recompute the features
         folder = stack.enter_context(output_folder(args.output, overwrite=args.overwrite,
                                                    carry=() if args.cache_dir else ("cache",)))
