@@ -187,10 +187,17 @@ def _batched(viewer):
             _BATCH_DEPTH[key] = depth
         return
     _BATCH_DEPTH[key] = 1
+    # napari makes every inserted layer the active one, and each activation rebuilds the layer
+    # controls (a quarter of a second per layer): keep the user's selection during the batch
+    activate = getattr(layers, "_activate_on_insert", None)
     try:
+        if activate is not None:
+            layers._activate_on_insert = False
         with batched():
             yield
     finally:
+        if activate is not None:
+            layers._activate_on_insert = activate
         _BATCH_DEPTH.pop(key, None)
 
 
@@ -451,14 +458,13 @@ def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str) -> dict
         viewer.canvas.grid.enabled = False  # a grid left on by an older version or the user
     row_layers = [lay for row in rows.values() for lay in row]
     shown = {id(lay) for lay in row_layers}
-    for layer in row_layers:  # back home first: tiles are offsets from there
+    for layer in row_layers:
         layer.metadata["grid_tile"] = None
-        home = _home(layer)
-        if not np.array_equal(np.asarray(layer.translate, float), home):
-            layer.translate = home
     if LABELS_NAME in viewer.layers:  # kept (hidden) between toggles: making a Points layer costs more
         viewer.layers[LABELS_NAME].visible = False
     if not grid:
+        for layer in row_layers:  # back home
+            _move(layer, _home(layer))
         first = next(iter(rows.values()), [])
         top = next((lay for lay in first if lay.metadata.get("method") == "smsdl"), first[-1] if first else None)
         for layer in row_layers:
@@ -492,15 +498,21 @@ def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str) -> dict
             offset = np.array([r, c], float) * step
             tiles[(r, c)] = layer
             layer.metadata["grid_tile"] = (r, c)
-            translate = _home(layer)
+            translate = _home(layer)  # tiles are offsets from home
             translate[-2:] += offset
-            layer.translate = translate
+            _move(layer, translate)
             what, _, channel = layer.name[len(PREFIX):].rpartition(" · ")
             what = _short_label(what)
             col_names.setdefault(c, what if by == "channels" else channel)
             row_names.setdefault(r, channel if by == "channels" else what)
     _add_grid_labels(viewer, corner, size, step, col_names, row_names)
     return tiles
+
+
+def _move(layer, translate: np.ndarray) -> None:
+    """Set ``translate`` only when it changes: every change makes napari recompute the dims of all layers."""
+    if not np.array_equal(np.asarray(layer.translate, float), translate):
+        layer.translate = translate
 
 
 #: Grid labels must fit a tile's width on the canvas: the longest method names, shortened.
@@ -535,6 +547,7 @@ def _add_grid_labels(viewer, corner, size, step, col_names: dict, row_names: dic
             labels.features = {"label": texts}
             labels.visible = True
             return
+        # a different count is a new layer: napari's text styles do not follow a resize in place
         viewer.layers.remove(labels)
     labels = Points(coords, name=LABELS_NAME, size=0.0, face_color="transparent",
                     border_width=0.0, features={"label": texts},
