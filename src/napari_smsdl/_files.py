@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +26,18 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def jsonable(obj):
-    """Plain JSON types: numpy scalars/arrays unwrapped, paths as strings, NaN/inf as null."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
+def jsonable(obj, *, other=None):
+    """Plain JSON types: numpy scalars/arrays unwrapped, paths as strings, NaN/inf as null.
+
+    ``other``, when given, converts any value of another type (e.g. ``str``, for metadata that
+    must always serialise); by default such values are returned as they are.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v, other=other) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
+        return [jsonable(v, other=other) for v in obj]
     if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
+        return jsonable(obj.tolist(), other=other)
     if isinstance(obj, (float, np.floating)):
         v = float(obj)
         return v if math.isfinite(v) else None
@@ -42,7 +47,9 @@ def jsonable(obj):
         return bool(obj)
     if isinstance(obj, Path):
         return str(obj)
-    return obj
+    if other is None or obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return other(obj)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
@@ -52,3 +59,17 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     tmp.write_text(json.dumps(jsonable(obj), indent=2))
     os.replace(tmp, path)
     return path
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -9,6 +9,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from ._files import fsync_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -205,7 +207,7 @@ class OutputFolder:
                     os.rename(entry, self.target / entry.name)
                 self.path.rmdir()
                 self.committed = True
-                _fsync_dir(self.target)
+                fsync_dir(self.target)
                 return self.target
         old = None
         if self.target.exists():
@@ -213,7 +215,7 @@ class OutputFolder:
             os.rename(self.target, old)
         os.rename(self.path, self.target)
         self.committed = True
-        _fsync_dir(self.target.parent)
+        fsync_dir(self.target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.target
@@ -274,16 +276,3 @@ def _link_tree(source: Path, target: Path) -> None:
                     shutil.copy2(item, dest)
         except OSError as exc:  # a cache is an optimisation: recompute rather than fail
             log.warning("could not reuse %s (%s)", item, _reason(exc))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible on every platform (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._files import jsonable
 from ..errors import InputError
 from ._ion_stack import IonStack
 
@@ -218,7 +219,7 @@ def write_spatialdata(
                 region=sr_element(table_method), region_key="region", instance_key="instance_id")
             facts["table"] = f"SR pixels of {sr_element(table_method)} x channels"
     sdata = sd.SpatialData(images=images, tables=tables)
-    sdata.attrs[ATTRS_KEY] = _jsonable(facts)
+    sdata.attrs[ATTRS_KEY] = jsonable(facts, other=str)  # attrs must always serialise
     _write_whole(sdata, out)
     return out
 
@@ -286,25 +287,6 @@ def _pixel_table(ad, stack, names, mz, sr_pixel_um: float, *, region: str):
     # pixel centres in the µm coordinate system, (x, y) as scanpy and squidpy expect
     table.obsm["spatial"] = np.stack([(c + 0.5) * sr_pixel_um, (r + 0.5) * sr_pixel_um], axis=1)
     return table
-
-
-def _jsonable(value):
-    """``value`` with numpy scalars and tuples turned into plain JSON types (NaN as None)."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    return str(value)
 
 
 # ---------------------------------------------------------------------------- reading an MSI

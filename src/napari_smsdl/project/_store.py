@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._files import jsonable, sha256_file
+from .._files import fsync_dir, jsonable, sha256_file
 from .._locks import LockTimeout, file_lock, lock_holder, lock_timeout
 from .._outputs import test_save_delay
 from ..errors import InputError
@@ -108,20 +108,7 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible on every platform (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(root)
 
 
 def _write_snapshot(stage: Path, project: Project) -> None:
@@ -314,9 +301,9 @@ def _save_locked(directory: Path, project: Project) -> Project:
         # readers hold this lock shared while they load: none sees the old snapshot go mid-read
         with file_lock(directory / READ_LOCK, timeout=max(lock_timeout(), 300.0)):
             os.rename(stage, directory / snapshot)
-            _fsync_dir(directory)
+            fsync_dir(directory)
             os.replace(tmp, directory / PROJECT_FILE)
-            _fsync_dir(directory)
+            fsync_dir(directory)
             _remove_leftovers(directory, keep=snapshot)
     except BaseException:
         if stage.exists():
