@@ -105,6 +105,44 @@ class ChannelContext:
         }
         return self.to_sitk(lin), info
 
+    def joint_landmark_fit(self, affine, fixed_xy_um: np.ndarray, moving_xy_um: np.ndarray, *,
+                           quick: bool = False) -> tuple[object, dict]:
+        """Affine fitted jointly to the landmarks and the channel criterion (see :func:`joint_fit`).
+
+        ``affine`` is the landmarks' least-squares affine. The channel criterion's affine optimum is
+        found from it (Levenberg–Marquardt, ``quick``: every 2nd pixel only, for the held-out folds),
+        with its cluster-robust covariance; the landmarks count with their click noise, estimated
+        from the affine's residuals (2n − 6 degrees of freedom). Needs ≥ 4 landmarks."""
+        from ._channel_fit import channel_covariance, joint_fit
+
+        t0 = time.perf_counter()
+        lin0 = LinearMap.from_sitk(affine)
+        x, y = np.asarray(fixed_xy_um, float), np.asarray(moving_xy_um, float)
+        miss = (np.linalg.solve(lin0.matrix, (y - lin0.offset).T).T - x) / self.p
+        sigma = float(np.sqrt((miss**2).sum() / max(2 * len(x) - 6, 1)))
+        trace = FitTrace()
+        if quick:
+            prob = self.fast
+            lin_c = prob.fit_affine(lin0, model="affine", levels=(1.0, FINE_SIGMA), max_iter=6, trace=trace)
+        else:
+            prob = self.problem
+            lin_c = self.fast.fit_affine(lin0, model="affine", levels=(1.0,), max_iter=10, trace=trace)
+            lin_c = prob.fit_affine(lin_c, model="affine", levels=(FINE_SIGMA,), max_iter=6, trace=trace)
+        cov = channel_covariance(prob, lin_c, FINE_SIGMA)
+        lin, jinfo = joint_fit(prob, lin0, lin_c, cov, x, y, sigma)
+        if quick:
+            return self.to_sitk(lin), {}
+        info = {
+            "criterion": "channel regression",
+            "model": "affine, joint with the landmarks",
+            "iterations": trace.iterations,
+            "channel_score": {"before": self.score(lin0), "channels_alone": self.score(lin_c),
+                              "after": self.score(lin)},
+            **jinfo,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        return self.to_sitk(lin), info
+
     # ---- stage 3 --------------------------------------------------------------------------------------
     def _bspline_from_shifts(self, lin: LinearMap, mesh_px: float, patch_fold: int | None, disp=None,
                              smooth: float = 1.0, remove_affine: bool = True):

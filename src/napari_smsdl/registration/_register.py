@@ -505,7 +505,34 @@ def iter_register(
                 return False, msg
             return True, f"held-out median {new:.2f} µm vs {old:.2f} µm before"
 
-        if params.refine_affine and ctx is not None:
+        if params.refine_affine and ctx is not None and landmarks is not None and n_lm >= 4:
+            # landmarks and the channel criterion fitted together, each weighted by its own uncertainty
+            refined, cinfo = ctx.joint_landmark_fit(cur_affine, fixed_xy, moving_xy)
+            info = _Info(cinfo)
+            yield prog.step("affine refinement")
+            fold_refined = []
+            for held, fa in zip(folds, cur_fold_affines, strict=True):
+                train = np.setdiff1d(np.arange(n_lm), held)
+                ok = fa is not None and 2 * len(train) > 6
+                fold_refined.append(
+                    ctx.joint_landmark_fit(fa, fixed_xy[train], moving_xy[train], quick=True)[0] if ok else fa
+                )
+                yield prog.step("affine refinement (held-out folds)")
+                _check_stop(should_stop)
+            errs = held_out_errors(fold_refined) if folds else np.zeros(0)
+            keep, reason = guard("affine refinement", errs, prev_errs)
+            sc = cinfo["channel_score"]
+            r2_before, r2_after = sc["before"]["cv_r2"], sc["after"]["cv_r2"]
+            if keep and not r2_after >= r2_before:
+                keep = False
+                reason = (f"the joint fit lowered the block-cross-validated channel R² ({r2_before:.4f} -> "
+                          f"{r2_after:.4f}); kept the landmark affine")
+            else:
+                reason = f"{reason}; block-cross-validated channel R² {r2_before:.4f} -> {r2_after:.4f}"
+            stages.append(_stage_record("affine refinement", keep, reason, errs if folds else None, info))
+            if keep:
+                cur_affine, cur_fold_affines, prev_errs = refined, fold_refined, errs
+        elif params.refine_affine and ctx is not None:
             refined, cinfo = ctx.refine_affine(
                 cur_affine, model=params.channel_model, coarse=landmarks is None
             )
