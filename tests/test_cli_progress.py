@@ -155,3 +155,29 @@ def test_bars_are_completed_at_a_normal_end(tmp_path):
             progress("resampling H&E", 0, 1)
     text = (tmp_path / "tty").read_text()
     assert "resampling H&E: 100%" in text and "1/1" in text
+
+
+def test_every_stage_the_core_starts_it_also_finishes(tmp_path):
+    """A stage reported only at its start was closed by the CLI at exit and logged with the whole run's
+    seconds ("resampling H&E onto the SR grid: done in 291.5 s" for a step of a fraction of a second)."""
+    import dataclasses
+
+    from napari_smsdl.evaluation import run_benchmark
+    from napari_smsdl.features import FeatureParams
+    from napari_smsdl.reconstruction import RegressionParams, Settings
+    from napari_smsdl.sample import make_sample
+
+    s = make_sample()
+    tiny = dataclasses.replace(
+        Settings.preset("fast", factor=2),
+        features=FeatureParams(embed_dim=32, depth=1, num_heads=2, ssl_steps=2, ssl_batch=4, shifts=1),
+        regression=RegressionParams(hidden=16, steps=10, folds=2, pca_dims=4),
+    )
+    calls: list[tuple[str, int, int]] = []
+    run_benchmark(s.ground_truth[:2, :32, :32], s.he_rgb[:80, :80], factor=2, truth_pixel_size_um=10.0,
+                  he_pixel_size_um=s.he_pixel_size_um, settings=tiny, methods=["smsdl", "backprojection"],
+                  cache_dir=tmp_path, progress=lambda stage, done, total: calls.append((stage, done, total)))
+    started = {stage for stage, _, _ in calls}
+    finished = {stage for stage, done, total in calls if total > 0 and done >= total}
+    assert {"refining the same-field-of-view registration", "resampling H&E onto the SR grid"} <= started
+    assert started == finished, f"stages never reported as done: {sorted(started - finished)}"

@@ -125,6 +125,7 @@ def run_benchmark(
         refined = refine_same_field_of_view(
             np.where(mask_lr[None], lr, np.nan), he, fixed_pixel_size_um=msi_px, moving_pixel_size_um=he_pixel_size_um,
         )
+        stage("refining the same-field-of-view registration", 1, 1)
         decision = refined.to_dict()
         log.info("registration: %s", refined.reason)
         lr_transform = refined.transform if refined.accepted else None  # already on the LR grid

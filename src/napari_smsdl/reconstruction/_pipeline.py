@@ -218,6 +218,7 @@ def reconstruct(
             he_rgb, he_pixel_size_um=he_pixel_size_um, msi_shape=lr.shape[1:], msi_pixel_size_um=msi_pixel_size_um,
             factor=factor, transform=transform, max_cell_px=settings.max_cell_px,
         )
+        stage("resampling H&E onto the SR grid", 1, 1)  # closes the stage (a CLI log line times it)
     guide_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     bicubic = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=mask_lr)
