@@ -10,9 +10,14 @@ import pytest
 
 sitk = pytest.importorskip("SimpleITK")
 
-from napari_smsdl.registration import RegistrationParams, fit_landmark_affine, rc_to_xy_um, register  # noqa: E402
-from napari_smsdl.registration._channel_fit import LinearMap  # noqa: E402
-from napari_smsdl.registration._channel_stages import ChannelContext  # noqa: E402
+from napari_smsdl.registration import (
+    RegistrationParams,
+    fit_landmark_affine,
+    rc_to_xy_um,
+    register,
+)
+from napari_smsdl.registration._channel_fit import LinearMap
+from napari_smsdl.registration._channel_stages import ChannelContext
 
 P_MSI, P_OPT, OFFSET = 10.0, 2.5, 3.75  # MSI pixel centre (0, 0) ↔ optical physical (3.75, 3.75) µm
 

@@ -390,7 +390,7 @@ def channel_covariance(problem: ChannelProblem, lin: LinearMap, sigma: float, bl
     per_block = np.stack([np.bincount(pid, score[:, i], n_b) for i in range(6)], axis=1)
     per_block = per_block[np.bincount(pid, inside.astype(float), n_b) > 0]
     n_used = len(per_block)
-    h_inv = np.linalg.inv(h)
+    h_inv = np.linalg.pinv(h, hermitian=True)  # pinv: a parameter the pixels do not fix gets no weight
     return h_inv @ np.einsum("bp,bq->pq", per_block, per_block) @ h_inv * n_used / max(n_used - 1, 1)
 
 
@@ -419,12 +419,12 @@ def joint_fit(problem: ChannelProblem, lin0: LinearMap, lin_channel: LinearMap, 
 
     Returns the map and the standard deviations (MSI px) of θ from each source and combined."""
     info_l, grad_l = landmark_information(problem, lin0, fixed_xy_um, moving_xy_um, sigma_px)
-    theta_l = np.linalg.solve(info_l, grad_l)  # ≈ 0 when lin0 is their least-squares fit
+    theta_l = np.linalg.lstsq(info_l, grad_l, rcond=None)[0]  # ≈ 0 when lin0 is their least-squares fit
     theta_c = theta_between(problem, lin0, lin_channel)
-    info_c = np.linalg.inv(cov_channel)
+    info_c = np.linalg.pinv(cov_channel, hermitian=True)
     total = info_c + info_l
-    theta = np.linalg.solve(total, info_c @ theta_c + info_l @ theta_l)
-    sd = {name: np.sqrt(np.clip(np.diag(np.linalg.inv(m)), 0, None)).round(4).tolist()
+    theta = np.linalg.lstsq(total, info_c @ theta_c + info_l @ theta_l, rcond=None)[0]
+    sd = {name: np.sqrt(np.clip(np.diag(np.linalg.pinv(m, hermitian=True)), 0, None)).round(4).tolist()
           for name, m in (("channels", info_c), ("landmarks", info_l), ("joint", total))}
     return map_from_theta(problem, lin0, theta), {"theta_sd_msi_px": sd, "landmark_sigma_msi_px": round(sigma_px, 4),
-                                                  "channel_weight": round(float(np.trace(np.linalg.solve(total, info_c)) / 6), 4)}
+                                                  "channel_weight": round(float(np.trace(np.linalg.pinv(total, hermitian=True) @ info_c) / 6), 4)}
