@@ -421,10 +421,40 @@ def joint_fit(problem: ChannelProblem, lin0: LinearMap, lin_channel: LinearMap, 
     info_l, grad_l = landmark_information(problem, lin0, fixed_xy_um, moving_xy_um, sigma_px)
     theta_l = np.linalg.lstsq(info_l, grad_l, rcond=None)[0]  # ≈ 0 when lin0 is their least-squares fit
     theta_c = theta_between(problem, lin0, lin_channel)
-    info_c = np.linalg.pinv(cov_channel, hermitian=True)
+    # consistency (Birge ratio): the two estimates must agree within their stated errors. The channel
+    # covariance counts block-to-block scatter but not a misfit of the forward model shared by the whole
+    # field, so where the landmarks sit further from the channel optimum than both errors allow, the
+    # channel covariance is inflated until they agree (χ² of the difference = its 6 degrees of freedom)
+    diff = theta_c - theta_l
+    cov_l = np.linalg.pinv(info_l, hermitian=True)
+    chi2 = float(diff @ np.linalg.pinv(cov_channel + cov_l, hermitian=True) @ diff)
+    inflation = 1.0
+    if chi2 > len(diff):
+        lo, hi = 1.0, 1e6
+        for _ in range(30):  # bisection on the factor: χ²(k) falls monotonically with k
+            mid = np.sqrt(lo * hi)
+            if float(diff @ np.linalg.pinv(mid * cov_channel + cov_l, hermitian=True) @ diff) > len(diff):
+                lo = mid
+            else:
+                hi = mid
+        inflation = hi
+    info_c = np.linalg.pinv(inflation * cov_channel, hermitian=True)
     total = info_c + info_l
     theta = np.linalg.lstsq(total, info_c @ theta_c + info_l @ theta_l, rcond=None)[0]
+    # expected error of the joint affine, RMS over the MSI field (MSI px): its covariance mapped to each pixel
+    half = _half_field(problem)
+    u, v = (((problem.xy - problem.centre_xy) / problem.p) / half).T
+    cov = np.linalg.pinv(total, hermitian=True)
+    var = 0.0
+    for axis in range(2):
+        idx = [axis, 2 + 2 * axis, 3 + 2 * axis]  # (t, S_axis,u, S_axis,v)
+        g = np.column_stack([np.ones_like(u), u, v])
+        var += np.einsum("ni,ij,nj->n", g, cov[np.ix_(idx, idx)], g)
+    rms = float(np.sqrt(var.mean()))
     sd = {name: np.sqrt(np.clip(np.diag(np.linalg.pinv(m, hermitian=True)), 0, None)).round(4).tolist()
           for name, m in (("channels", info_c), ("landmarks", info_l), ("joint", total))}
     return map_from_theta(problem, lin0, theta), {"theta_sd_msi_px": sd, "landmark_sigma_msi_px": round(sigma_px, 4),
+                                                  "disagreement_chi2": round(chi2, 3),
+                                                  "expected_rms_error_msi_px": round(rms, 4),
+                                                  "channel_covariance_inflation": round(float(inflation), 3),
                                                   "channel_weight": round(float(np.trace(np.linalg.pinv(total, hermitian=True) @ info_c) / 6), 4)}

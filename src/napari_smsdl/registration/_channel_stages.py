@@ -123,7 +123,7 @@ class ChannelContext:
         trace = FitTrace()
         if quick:
             prob = self.fast
-            lin_c = prob.fit_affine(lin0, model="affine", levels=(1.0, FINE_SIGMA), max_iter=6, trace=trace)
+            lin_c = prob.fit_affine(lin0, model="affine", levels=(FINE_SIGMA,), max_iter=6, trace=trace)
         else:
             prob = self.problem
             lin_c = self.fast.fit_affine(lin0, model="affine", levels=(1.0,), max_iter=10, trace=trace)

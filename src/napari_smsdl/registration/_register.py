@@ -216,9 +216,12 @@ def _confidence_value(confidence: dict, misreg: dict | None, landmark_sigma: flo
     """One number (MSI px).
 
     When the landmarks alone set the transform (every image stage rejected), the expected error of
-    the landmark affine from its fit residuals. Otherwise the bootstrap spread of the global fit
+    the landmark affine from its fit residuals; when the joint fit of landmarks and channels did (no
+    B-spline), the RMS over the field of that fit's expected error. Otherwise the bootstrap spread of the global fit
     combined with the median local residual shift of the tissue patches (what the global transform
     leaves misaligned)."""
+    if confidence.get("joint_fit_rms_msi_px") is not None:  # the joint fit of landmarks and channels alone
+        return round(float(confidence["joint_fit_rms_msi_px"]), 4)
     if landmark_sigma is not None and not image_kept:
         return round(float(landmark_sigma), 4)
     boot = float(confidence["bootstrap_rms_msi_px"])
@@ -520,7 +523,13 @@ def iter_register(
                 yield prog.step("affine refinement (held-out folds)")
                 _check_stop(should_stop)
             errs = held_out_errors(fold_refined) if folds else np.zeros(0)
-            keep, reason = guard("affine refinement", errs, prev_errs)
+            # the landmarks are inside the joint fit, so it needs no margin over them (an image-only stage
+            # does): kept when the held-out landmark median is not worse
+            new_med, old_med = float(np.nanmedian(errs)), float(np.nanmedian(prev_errs))
+            keep = not params.guard or new_med <= old_med
+            reason = f"held-out landmark median {new_med:.2f} µm vs {old_med:.2f} µm for the landmark affine"
+            if not keep:
+                messages.append(f"joint fit with the channels: {reason}; kept the landmark affine")
             sc = cinfo["channel_score"]
             r2_before, r2_after = sc["before"]["cv_r2"], sc["after"]["cv_r2"]
             if keep and not r2_after >= r2_before:
@@ -696,7 +705,12 @@ def iter_register(
         if ctx is not None:
             try:
                 misreg = ctx.misregistration_map(cur_affine, bspline, tissue)
-                if landmarks is not None and n_lm > 3 and not any(st["kept"] for st in stages[1:]):
+                joint_kept = stages[1].get("model") == "affine, joint with the landmarks" and stages[1]["kept"]
+                if joint_kept and not stages[2]["kept"]:
+                    # the joint fit of landmarks and channels set the transform: its own expected error
+                    confidence = {"bootstrap_rms_msi_px": None, "n_boot": 0,
+                                  "joint_fit_rms_msi_px": stages[1]["expected_rms_error_msi_px"]}
+                elif landmarks is not None and n_lm > 3 and not any(st["kept"] for st in stages[1:]):
                     # the landmarks alone set the transform: its confidence comes from their fit (below)
                     confidence = {"bootstrap_rms_msi_px": None, "n_boot": 0}
                 else:
