@@ -314,8 +314,10 @@ def markdown(result: dict) -> str:
         f"{n['seconds_max']:.1f} s; with 6 landmarks median {lm['median_of_medians']:.2f} (worst "
         f"{lm['worst_median']:.2f}), p90 {lm['median_of_p90']:.2f} (worst {lm['worst_p90']:.2f}), at most "
         f"{lm['seconds_max']:.1f} s wall (CPU at most {n['cpu_seconds_max']:.1f} s without, "
-        f"{lm['cpu_seconds_max']:.1f} s with landmarks; the 2-core machine was shared with other jobs, so wall "
-        "times vary by up to 2x between runs). Confidence / measured median error: "
+        f"{lm['cpu_seconds_max']:.1f} s with landmarks; the 2-core machine was shared with other jobs"
+        + (f", 1-minute load {result['load_1min']['start']:.1f} at the start, {result['load_1min']['end']:.1f} at the end"
+           if result.get("load_1min") else "")
+        + ", so wall and even CPU times vary by up to 2x between runs). Confidence / measured median error: "
         f"{n['confidence_over_error']['min']:.1f}–{n['confidence_over_error']['max']:.1f} without landmarks, "
         f"{lm['confidence_over_error']['min']:.1f}–{lm['confidence_over_error']['max']:.1f} with.",
         "",
@@ -326,7 +328,9 @@ def markdown(result: dict) -> str:
         "correlation of whitened histology features with the leading ion components, re-ranked by the criterion; "
         "CA = Levenberg–Marquardt similarity fit on the channel criterion (block-cross-validated ridge regression "
         "of the 6 leading ion PCs on optical-density, colour-product, contrast and background features through "
-        "the pixel footprint); BS = a smooth B-spline fitted to per-patch residual shifts, kept only when it "
+        "the pixel footprint); with landmarks, a joint affine fit of the landmarks weighted by their click noise "
+        "and the channel criterion weighted by its cluster-robust covariance, inflated until the two agree, kept "
+        "when the held-out landmark median is not worse and the channel R² not lower; BS = a smooth B-spline fitted to per-patch residual shifts, kept only when it "
         "raises the held-out channel R² by ≥ 0.02 and does not worsen held-out landmarks. Confidence = "
         "√(bootstrap RMS of the global fit over tissue blocks² + median patch residual shift²).",
         "",
@@ -374,6 +378,7 @@ def main(argv=None) -> int:
     optical = io.imread(DATA / "optical.png")[..., :3]
     cases = CASES[:2] if args.quick else CASES
     t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
     rows = []
     reference = None
     for i, spec in enumerate(cases):
@@ -395,6 +400,7 @@ def main(argv=None) -> int:
         "summary": summarise(rows),
         "cases": rows,
         "total_seconds": time.perf_counter() - t0,
+        "load_1min": {"start": load_start, "end": os.getloadavg()[0]},
     }
     print(json.dumps(result["summary"], indent=2))
     if not args.quick:
