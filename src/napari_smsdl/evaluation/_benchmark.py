@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
+from ..io import tissue_mask
 from ..reconstruction import Method, Reconstruction, Settings, check_factor, reconstruct
 from ..reconstruction._pipeline import ProgressFn
 
@@ -105,7 +106,7 @@ def run_benchmark(
         raise InputError(f"ground truth must be (channels, rows, cols) at least {2 * factor} pixels wide, got {truth.shape}")
     settings = dataclasses.replace(settings or Settings(), factor=factor)
     if mask_hr is None:
-        mask_hr = np.isfinite(truth).all(0) & (np.nan_to_num(truth) != 0).any(0)
+        mask_hr = tissue_mask(truth)
     rows, cols = (truth.shape[1] // factor) * factor, (truth.shape[2] // factor) * factor
     he = np.asarray(he_rgb)
     if (rows, cols) != truth.shape[1:]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
+from ..io import tissue_mask
 
 #: Display labels of the methods (and of the ground truth and the measured MSI).
 METHOD_LABELS = {"lr": "LR", "truth": "ground truth", "smsdl": "SMSDL", "bicubic": "BI",
@@ -287,7 +288,7 @@ def tissue_mask_sr(project) -> np.ndarray:
     if project.mask_hr is not None:
         return np.asarray(project.mask_hr, bool)
     lr = project.lr_msi
-    mask_lr = project.mask_lr if project.mask_lr is not None else np.isfinite(lr).all(0) & (np.nan_to_num(lr) != 0).any(0)
+    mask_lr = project.mask_lr if project.mask_lr is not None else tissue_mask(lr)
     f = project.factor
     return np.repeat(np.repeat(np.asarray(mask_lr, bool), f, axis=0), f, axis=1)
 

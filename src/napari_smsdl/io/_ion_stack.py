@@ -1,7 +1,7 @@
 """Ion-image stacks that do not come as imzML: LA-ICP-MS element maps, exported MSI images.
 
 Reads TIFF stacks, ``.npy`` arrays and CSV/TXT matrices into ``(channels, rows, cols)`` float32
-with channel names and a tissue mask (pixels that are finite, and non-zero in at least one channel).
+with channel names and a tissue mask (:mod:`napari_smsdl.io._tissue`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ class IonStack:
 
     @property
     def mask(self) -> np.ndarray:
-        """(rows, cols) bool: finite everywhere and non-zero in at least one channel."""
-        finite = np.isfinite(self.data).all(axis=0)
-        return finite & (np.nan_to_num(self.data) != 0).any(axis=0)
+        """(rows, cols) bool tissue pixels (:func:`napari_smsdl.io.tissue_mask`)."""
+        from ._tissue import tissue_mask
+
+        return tissue_mask(self.data)
 
 
 def _as_stack(data: np.ndarray, path: Path) -> np.ndarray:

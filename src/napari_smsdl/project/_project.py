@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..io import tissue_mask
 from ..reconstruction import Reconstruction, Settings
 from ._format import InputRecord
 
@@ -255,7 +256,7 @@ class Project:
             t = t[None]
         self._check_truth_shape(t.shape)
         if mask_hr is None:
-            mask_hr = np.isfinite(t).all(0) & (np.nan_to_num(t) != 0).any(0)
+            mask_hr = tissue_mask(t)
         mask_hr = np.asarray(mask_hr, bool)
         clean = np.where(mask_hr[None], np.nan_to_num(t), 0.0).astype(np.float32)
         metrics = {}

@@ -37,6 +37,7 @@ import numpy as np
 
 from .. import distributed as dd
 from ..errors import Cancelled, InputError
+from ..io import tissue_from
 from ._regression import RegressionParams, _standardise, fit_guided, max_pca_dims
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def standardise_features(features, pca_dims: int = 0, block_rows: int = 256) -> 
 
 
 def mask_from_stack(lr_msi, chunk: int = DEFAULT_CHUNK_CHANNELS) -> np.ndarray:
-    """Acquired pixels (finite in every channel) with any non-zero channel, streamed over channels."""
+    """The tissue mask (:func:`napari_smsdl.io.tissue_mask`) of a stack read a chunk of channels at a time."""
     n_ch, rows, cols = lr_msi.shape
     acquired = np.ones((rows, cols), bool)
     nonzero = np.zeros((rows, cols), bool)
@@ -144,7 +145,7 @@ def mask_from_stack(lr_msi, chunk: int = DEFAULT_CHUNK_CHANNELS) -> np.ndarray:
         part = np.asarray(lr_msi[c0 : c0 + chunk], np.float32)
         acquired &= np.isfinite(part).all(0)
         nonzero |= (np.nan_to_num(part) != 0).any(0)
-    return acquired & nonzero
+    return tissue_from(acquired, nonzero)
 
 
 def reconstruct_channels(

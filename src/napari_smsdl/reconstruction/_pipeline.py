@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
+from ..io import tissue_mask
 from ..features import FAST_FEATURES, FeatureMaps, FeatureParams, choose_cell_px, extract_features
 from ._regression import FAST_REGRESSION, RegressionParams, train_regression
 from .baselines.backprojection import Conservation, conserve
@@ -163,11 +164,11 @@ def check_inputs(lr_msi, he_rgb, settings: Settings, methods, mask_lr=None, tran
                 f"shape {tuple(he_shape)}; pass it as (channels, rows, cols), e.g. np.moveaxis(stack, -1, 0)")
     acquired = np.isfinite(lr).all(0)
     if mask_lr is None:
-        mask_lr = acquired & (np.nan_to_num(lr) != 0).any(0)
+        mask_lr = tissue_mask(lr)
     elif np.shape(mask_lr) != lr.shape[1:]:
         raise InputError(f"the tissue mask {np.shape(mask_lr)} does not match the MSI grid {lr.shape[1:]}")
     mask_lr = np.asarray(mask_lr, bool) & acquired
-    if not mask_lr.any():
+    if not mask_lr.any() or not np.nan_to_num(lr)[:, mask_lr].any():
         raise InputError(f"the MSI ({lr.shape[1]} × {lr.shape[2]} pixels, {lr.shape[0]} channels) has no acquired "
                          "pixel with a non-zero intensity")
     needed = 2 * settings.regression.folds

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import Cancelled, InputError
+from ..io import tissue_mask
 from ..torch_setup import get_device
 from ._heldout import blocked_folds, choose_pca_dims, held_out_mse
 from ._scale_check import pool_inputs, scale_check_size, scale_gain
@@ -212,7 +213,7 @@ def _targets(lr_msi: np.ndarray, mask_lr: np.ndarray | None) -> tuple[np.ndarray
     n_ch = lr_msi.shape[0]
     acquired = np.isfinite(lr_msi).all(axis=0)
     if mask_lr is None:
-        mask_lr = acquired & (np.nan_to_num(lr_msi) != 0).any(axis=0)
+        mask_lr = tissue_mask(lr_msi)
     mask_lr = np.asarray(mask_lr, bool) & acquired
     if mask_lr.sum() < 4:
         raise InputError(f"only {int(mask_lr.sum())} tissue pixels to train on; check the MSI mask")
