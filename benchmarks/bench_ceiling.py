@@ -307,7 +307,7 @@ def report() -> dict:
     md.parent.mkdir(parents=True, exist_ok=True)
     its = sorted({e["cnn"]["iterations"] for es in by_case.values() for e in es if "cnn" in e})
     text = ("# Ceiling: what could any H&E-feature method add over the H&E-free control?\n\n"
-            "`python benchmarks/bench_ceiling.py`. The control and the detail it misses (truth − control on tissue; "
+            "`benchmarks/bench_ceiling.py`, the protocol of `bench_guided.py`. The H&E-free control and the detail it misses (truth − control on tissue; "
             "share of the truth variance, mean over channels, and its lag-1 spatial correlation), mean ± std over seeds:\n\n"
             + "\n".join(head) + "\n\nMargins over the control (mean ± std over seeds; RMSE ↓, SSIM and R² ↑). "
             "The oracles are fitted to the ground truth's missing detail on one image half and scored on the other "
