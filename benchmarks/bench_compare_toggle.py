@@ -4,8 +4,10 @@
 
 Trains the fast preset (every method) on the whole sample through the Train widget, then times
 grid view on, difference maps on, difference maps off and grid view off in the Compare widget:
-from the checkbox click until Qt has processed the resulting events (the redraw included). Also
-counts napari's scene-graph rebuilds per toggle. Writes benchmarks/results/compare_toggle.json
+from the checkbox click until Qt has processed the resulting events (the redraw included), twice
+(the first round shows each layer for the first time: textures and glyphs are made then). Also
+times Show (every comparison layer made, the difference maps hidden), records the process's CPU
+time beside the wall time and counts napari's scene-graph rebuilds per toggle. Writes benchmarks/results/compare_toggle.json
 and docs/benchmarks/compare_toggle.md (a section of docs/benchmarks.md, see make_docs.py).
 """
 
@@ -52,21 +54,33 @@ def main() -> None:
         return original(*args, **kwargs)
 
     canvas._reorder_layers = counted
-    toggles = {}
-    for name, box, value in (("grid view on", compare.grid, True), ("difference maps on", compare.differences, True),
-                             ("difference maps off", compare.differences, False), ("grid view off", compare.grid, False)):
-        count["n"] = 0
-        load = os.getloadavg()[0]
-        t = time.perf_counter()
-        box.value = value
-        QApplication.processEvents()
-        seconds = time.perf_counter() - t
-        toggles[name] = {"seconds": round(seconds, 3), "scene_rebuilds": count["n"], "layers": len(viewer.layers),
-                         "load_1min_before": round(load, 2)}
-        print(f"{name}: {seconds:.2f} s, {count['n']} scene rebuild(s), {len(viewer.layers)} layers, load {load:.1f}")
+    load, t, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
+    compare.show_results()
+    QApplication.processEvents()
+    show = {"seconds": round(time.perf_counter() - t, 3), "cpu_seconds": round(time.process_time() - cpu, 3),
+            "layers": len(viewer.layers), "load_1min_before": round(load, 2)}
+    print(f"show: {show['seconds']:.2f} s ({show['cpu_seconds']:.2f} s CPU), {len(viewer.layers)} layers, load {load:.1f}")
+    rounds = []
+    for _ in range(2):
+        toggles = {}
+        for name, box, value in (("grid view on", compare.grid, True),
+                                 ("difference maps on", compare.differences, True),
+                                 ("difference maps off", compare.differences, False),
+                                 ("grid view off", compare.grid, False)):
+            count["n"] = 0
+            load, t, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
+            box.value = value
+            QApplication.processEvents()
+            seconds, cpu_s = time.perf_counter() - t, time.process_time() - cpu
+            toggles[name] = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu_s, 3), "scene_rebuilds": count["n"],
+                             "layers": len(viewer.layers), "load_1min_before": round(load, 2)}
+            print(f"{name}: {seconds:.2f} s ({cpu_s:.2f} s CPU), {count['n']} scene rebuild(s), "
+                  f"{len(viewer.layers)} layers, load {load:.1f}")
+        rounds.append(toggles)
     result = {
         "what": "Compare widget toggles on the built-in sample after Train (fast preset, all methods, 5 channels)",
-        "train_seconds": round(train_s, 1), "channels": len(compare.rows), "toggles": toggles,
+        "train_seconds": round(train_s, 1), "channels": len(compare.rows), "show": show,
+        "toggles": rounds[0], "toggles_again": rounds[1],
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "napari": napari.__version__},
     }
     (HERE / "results").mkdir(exist_ok=True)
@@ -77,12 +91,21 @@ def main() -> None:
 
 def write_docs(result: dict) -> None:
     """docs/benchmarks/compare_toggle.md from the results (``--docs-only`` rewrites it from the JSON)."""
-    toggles, machine = result["toggles"], result["machine"]
-    rows = "\n".join(f"| {k} | {v['seconds']:.2f} s | {v['scene_rebuilds']} | {v['layers']} | {v['load_1min_before']:.1f} |"
+    toggles, again, machine, show = result["toggles"], result["toggles_again"], result["machine"], result["show"]
+
+    def cells(v: dict) -> str:
+        return f"{v['seconds']:.2f} s ({v['cpu_seconds']:.2f} s) | {v['load_1min_before']:.1f}"
+
+    rows = "\n".join(f"| {k} | {cells(v)} | {cells(again[k])} | {v['scene_rebuilds']} | {v['layers']} |"
                      for k, v in toggles.items())
     worst = max(v["seconds"] for v in toggles.values())
-    verdict = ("every toggle is under the 1 s target" if worst < 1.0 else
-               f"**the 1 s target is not met**: the slowest toggle took {worst:.1f} s on this loaded machine")
+    worst_cpu = max(v["cpu_seconds"] for v in toggles.values())
+    slow = [k for k, v in toggles.items() if v["seconds"] >= 1.0]
+    verdict = ("Every toggle is under the 1 s target" if not slow else
+               f"**The 1 s target is not met** by {', '.join(slow)}: the slowest took {worst:.1f} s "
+               f"({worst_cpu:.1f} s of CPU) on this shared machine")
+    verdict += (f"; the second round's slowest took {max(v['seconds'] for v in again.values()):.2f} s "
+                f"({max(v['cpu_seconds'] for v in again.values()):.2f} s of CPU)")
     md = f"""# Compare view toggles (napari)
 
 `xvfb-run -a python benchmarks/bench_compare_toggle.py` — the Compare widget on the built-in sample
@@ -92,18 +115,30 @@ other jobs (1-minute load average before each toggle in the last column). Time f
 Qt has processed what it caused, the redraw included. Raw results:
 `benchmarks/results/compare_toggle.json`.
 
-| toggle | time | scene rebuilds | layers | load |
-|---|---|---|---|---|
+| toggle | first time (CPU) | load | again (CPU) | load | scene rebuilds | layers |
+|---|---|---|---|---|---|---|
 {rows}
 
-Every toggle is one scene rebuild; {verdict}. Before the batching (napari's own grid,
+Show (every comparison layer made, the difference maps and the grid labels hidden) took
+{show['seconds']:.2f} s ({show['cpu_seconds']:.2f} s of CPU) at load {show['load_1min_before']:.1f}. That is the price of the fast
+toggles: Show with and without the hidden difference maps, alternated twice in one session of the same
+flow (load 3.2-3.4), took 14.8 and 17.0 s of CPU with them against 10.5 and 12.2 s without. The toggles
+then make and remove no layer: difference maps on and off move the hidden maps into and out of the
+grid, and the grid labels are renamed in place. Each toggle is one scene rebuild and one
+recomputation of napari's dims (napari's handler is blocked on each `translate` and called once),
+and napari's end-of-batch `gc.collect()` scans only the batch's objects (`gc.freeze` around it:
+1.5-2 s before, under the profiler). The first round shows each layer for the first time (textures,
+the labels' glyphs); what is left is drawing 30-50 image layers in software OpenGL (llvmpipe under
+xvfb) and napari's per-layer `visible` / `translate` handling. {verdict}.
+
+Before the batching (napari's own grid,
 one rebuild per layer change, every comparison layer recreated for difference maps) the same
 toggles on a 16 × 16-pixel crop of the sample with 5 channels took 8.4 s (grid on, 38 rebuilds)
 and 1193 s (difference maps on, 131 rebuilds, 50 layers) at a similar load. Grid view now tiles
 the layers in world space (napari's grid recomputes every layer's cell for every layer and cell,
-O(n⁴) in the number of layers) and difference maps add or remove only their own layers; what is
-left is napari's per-layer cost: creating the 20 difference layers (layer controls, GPU textures),
-a `translate` per tiled layer and one garbage collection at the end of the batch.
+O(n⁴) in the number of layers). Before the difference maps were made with the comparison, the
+same toggles took 1.86 s (grid on), 5.27 s (difference maps on: 20 layers made), 1.92 s (off) and
+0.71 s (grid off) at load 2.2.
 """
     (HERE.parent / "docs" / "benchmarks").mkdir(exist_ok=True)
     (HERE.parent / "docs" / "benchmarks" / "compare_toggle.md").write_text(md)

@@ -2,8 +2,10 @@
 
 Grid view and difference maps on the (cropped) sample after a real fast-preset training of every
 method. The bound is on work, not on time: the number of scene-graph rebuilds of napari's canvas
-(``VispyCanvas._reorder_layers`` runs once per rebuild) and of layers created per toggle. Before
-the batching, turning on difference maps in grid view rebuilt the scene 131 times for 50 layers.
+(``VispyCanvas._reorder_layers`` runs once per rebuild), of napari's dims recomputations (each
+``translate`` of a tiled layer recomputes every layer's extent and the dims range, unless batched)
+and of layers created per toggle. Before the batching, turning on difference maps in grid view
+rebuilt the scene 131 times for 50 layers.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ def _count_rebuilds(viewer) -> dict:
     return count
 
 
+def _count_dims_updates(viewer) -> dict:
+    """Count the changes of napari's dims range (one per recomputation that moved the world extent)."""
+    count = {"n": 0}
+    viewer.dims.events.range.connect(lambda *_: count.__setitem__("n", count["n"] + 1))
+    return count
+
+
 def test_grid_and_difference_toggles_rebuild_the_scene_once(sample_viewer, qtbot, tmp_path):
     viewer = sample_viewer
     train, compare = TrainWidget(viewer), CompareWidget(viewer)
@@ -45,27 +54,42 @@ def test_grid_and_difference_toggles_rebuild_the_scene_once(sample_viewer, qtbot
     comparison = [lay for row in compare.rows.values() for lay in row]
     inserted = []
     viewer.layers.events.inserted.connect(lambda event: inserted.append(event.value.name))
-    rebuilds = _count_rebuilds(viewer)
+    removed = []
+    viewer.layers.events.removed.connect(lambda event: removed.append(event.value.name))
+    # the difference maps were made with the comparison, hidden: 4 per channel, none shown yet
+    spares = [lay for lay in viewer.layers if lay.metadata.get("role") == "difference"]
+    assert len(spares) == 3 * 4 and not any(lay.visible for lay in spares)
+    rebuilds, dims = _count_rebuilds(viewer), _count_dims_updates(viewer)
 
     compare.grid.value = True  # 18 layers move into tiles, every other layer is hidden
     assert rebuilds["n"] <= 2 and len(compare.tiles) == 18
-    assert inserted == [LABELS_NAME]  # nothing rebuilt: the same layers, tiled
+    assert dims["n"] <= 2  # one recomputation for the 18 moves, not one per move
+    assert inserted == []  # nothing made: the same layers, tiled, and the labels made hidden with them
 
-    rebuilds["n"], inserted[:] = 0, []
-    compare.differences.value = True  # + 4 difference maps per channel, the 18 others stay as they are
-    assert rebuilds["n"] <= 2
+    rebuilds["n"], dims["n"], inserted[:] = 0, 0, []
+    compare.differences.value = True  # the 12 hidden difference maps join the rows, the 18 others stay
+    assert rebuilds["n"] <= 2 and dims["n"] <= 2
     assert [lay for row in compare.rows.values() for lay in row[:6]] == comparison
-    added = [name for name in inserted if name != LABELS_NAME]  # the labels follow the new column count
-    assert len(added) == 3 * 4 and len(compare.tiles) == 30
+    assert inserted == [] and removed == []  # no layer made or removed: the labels are renamed in place
+    shown = [lay for lay in compare.tiles.values() if lay.metadata.get("role") == "difference"]
+    assert len(compare.tiles) == 30 and set(map(id, shown)) == set(map(id, spares))
     assert all(lay.visible for lay in compare.tiles.values())
     # the ground truth is chosen (the sample's): the maps are method − ground truth
-    assert all(name.split(" · ")[0].endswith("− ground truth") for name in added)
+    assert all(lay.name.split(" · ")[0].endswith("− ground truth") for lay in shown)
+    labels = [t for t in viewer.layers[LABELS_NAME].features["label"] if t]
+    assert sum(t.endswith("− truth") for t in labels) == 4  # the new columns are named on the canvas (short)
 
-    rebuilds["n"], inserted[:] = 0, []
-    compare.differences.value = False
-    assert rebuilds["n"] <= 2 and set(inserted) <= {LABELS_NAME} and len(compare.tiles) == 18
+    rebuilds["n"], dims["n"] = 0, 0
+    compare.differences.value = False  # back to the pool, hidden
+    assert rebuilds["n"] <= 2 and dims["n"] <= 2 and inserted == [] and removed == []
+    assert len(compare.tiles) == 18 and not any(lay.visible for lay in spares)
 
-    rebuilds["n"] = 0
+    rebuilds["n"], dims["n"] = 0, 0
     compare.grid.value = False
-    assert rebuilds["n"] <= 2 and not compare.tiles and compare.last_error is None
-    assert not viewer.layers[LABELS_NAME].visible
+    assert rebuilds["n"] <= 2 and dims["n"] <= 2 and not compare.tiles and compare.last_error is None
+    assert not viewer.layers[LABELS_NAME].visible and inserted == [] and removed == []
+
+    compare.reference.value = "bicubic"  # a new reference: the maps are made again (when shown)
+    compare.differences.value = True
+    names = [lay.name for row in compare.rows.values() for lay in row if lay.metadata.get("role") == "difference"]
+    assert len(names) == 3 * 3 and all(" − BI · " in n for n in names) and compare.last_error is None

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -153,22 +154,39 @@ def add_comparison_layers(
     differences: str | None = None,
     grid: bool = False,
     grid_by: str = "auto",
+    spare_differences: str | None = None,
+    spares: dict[int, list] | None = None,
 ) -> dict[int, list]:
     """Add the comparison layers of ``project`` placed on ``msi_layer`` (old ones are replaced).
 
     Returns ``{channel: [layers of that row]}`` (LR, truth, methods, then differences).
+    ``spare_differences`` (with ``differences`` None, an in-memory project and a ``spares`` dict to
+    fill): difference maps against that reference are built now, hidden and outside the rows, so
+    that turning them on later (:func:`set_differences`) creates no layer.
     """
     with _batched(viewer):
+        if spares is not None:
+            spares.clear()
         return _add_comparison_layers(viewer, project, msi_layer, channels=channels, differences=differences,
-                                      grid=grid, grid_by=grid_by)
+                                      grid=grid, grid_by=grid_by, spare_differences=spare_differences, spares=spares)
+
+
+def _label_slots(rows: dict[int, list], spares: dict[int, list]) -> int:
+    """Grid labels for the largest grid of ``rows`` and their spare difference maps (one per row and column)."""
+    return len(rows) + max((len(row) + len(spares.get(c, ())) for c, row in rows.items()), default=0)
 
 
 _BATCH_DEPTH: dict[int, int] = {}
 
 
 @contextlib.contextmanager
-def _batched(viewer):
+def _batched(viewer, *, freeze_gc: bool = False):
     """One scene-graph rebuild (and one of napari's garbage collections) for many layer changes.
+
+    ``freeze_gc`` (a batch that removes no layer): napari's full ``gc.collect()`` at the end of the
+    batch (there to free the GPU resources of removed layers) scans only the objects made during
+    the batch, not the whole heap (torch, the project: most of a second on 2 cores); the others go
+    back to the collector's oldest generation after it.
 
     Re-entrant: napari's ``batched_update`` resumes the canvas at the end of *every* batch, so an
     inner batch (removing the old layers inside a rebuild) would switch the pause off for the rest
@@ -190,18 +208,24 @@ def _batched(viewer):
     # napari makes every inserted layer the active one, and each activation rebuilds the layer
     # controls (a quarter of a second per layer): keep the user's selection during the batch
     activate = getattr(layers, "_activate_on_insert", None)
+    frozen = freeze_gc
     try:
         if activate is not None:
             layers._activate_on_insert = False
+        if frozen:
+            gc.freeze()
         with batched():
             yield
     finally:
+        if frozen:
+            gc.unfreeze()
         if activate is not None:
             layers._activate_on_insert = activate
         _BATCH_DEPTH.pop(key, None)
 
 
-def _add_comparison_layers(viewer, project, msi_layer, *, channels, differences, grid, grid_by) -> dict[int, list]:
+def _add_comparison_layers(viewer, project, msi_layer, *, channels, differences, grid, grid_by,
+                           spare_differences=None, spares=None) -> dict[int, list]:
     from napari.layers import Image
 
     remove_comparison_layers(viewer)
@@ -246,12 +270,18 @@ def _add_comparison_layers(viewer, project, msi_layer, *, channels, differences,
         _link_limits(row)
     if differences:
         _append_difference_layers(viewer, project, msi_layer, rows, differences)
-    arrange(viewer, rows, grid=grid, grid_by=grid_by)
+    elif spare_differences and spares is not None:
+        _append_difference_layers(viewer, project, msi_layer, rows, spare_differences, into=spares)
+    arrange(viewer, rows, grid=grid, grid_by=grid_by, label_slots=_label_slots(rows, spares or {}))
     return rows
 
 
-def _append_difference_layers(viewer, project, msi_layer, rows: dict[int, list], differences: str) -> None:
-    """Append the difference maps (method − ``differences``) to every row (in-memory project)."""
+def _append_difference_layers(viewer, project, msi_layer, rows: dict[int, list], differences: str, *,
+                              into: dict[int, list] | None = None) -> None:
+    """Append the difference maps (method − ``differences``) to every row (in-memory project).
+
+    ``into``: put them there (channel → hidden layers) instead of in the rows.
+    """
     from napari.layers import Image
 
     sr_place = refined_placement(_last2(msi_layer.scale), _last2(msi_layer.translate), project.factor)
@@ -274,29 +304,40 @@ def _append_difference_layers(viewer, project, msi_layer, rows: dict[int, list],
             layer.metadata["home_translate"] = tuple(layer.translate)
             viewer.layers.append(layer)
             added.append(layer)
-        row.extend(added)
+        (row if into is None else into.setdefault(c, [])).extend(added)
         _link_limits(added)
 
 
 def set_differences(viewer, project, msi_layer, rows: dict[int, list], differences: str | None, *, grid: bool,
-                    grid_by: str = "auto") -> dict[int, list]:
+                    grid_by: str = "auto", spares: dict[int, list] | None = None) -> dict[int, list]:
     """Add or remove only the difference maps of ``rows`` (the other layers stay), in one batch.
 
     The comparison layers are not rebuilt: toggling difference maps costs the difference layers
-    alone. A lazy (many-channel) project is rebuilt as a whole (one row of stack layers).
+    alone. With ``spares`` (channel → hidden difference layers, see :func:`add_comparison_layers`)
+    maps turned off are kept there, hidden, and turned on again from there: a toggle then creates
+    and removes no layer, only a new reference does. A lazy (many-channel) project is rebuilt as a
+    whole (one row of stack layers).
     """
-    with _batched(viewer):
-        for row in rows.values():
-            stale = [lay for lay in row if lay.metadata.get("role") == "difference"
-                     and lay.metadata.get("reference") != differences]
-            for layer in stale:
-                row.remove(layer)
+    pool = {} if spares is None else spares
+    for c, row in rows.items():  # the difference maps shown go back to the pool
+        pool.setdefault(c, []).extend(lay for lay in row if lay.metadata.get("role") == "difference")
+        row[:] = [lay for lay in row if lay.metadata.get("role") != "difference"]
+    stale = [lay for layers in pool.values() for lay in layers
+             if lay.metadata.get("reference") != differences and (differences or spares is None)]
+    with _batched(viewer, freeze_gc=not stale):
+        for layers in pool.values():
+            for layer in [lay for lay in layers if lay in stale]:
+                layers.remove(layer)
                 if layer in viewer.layers:
                     viewer.layers.remove(layer)
-        have = any(lay.metadata.get("role") == "difference" for row in rows.values() for lay in row)
-        if differences and not have:
-            _append_difference_layers(viewer, project, msi_layer, rows, differences)
-        arrange(viewer, rows, grid=grid, grid_by=grid_by)
+        if differences and not any(pool.values()):
+            _append_difference_layers(viewer, project, msi_layer, rows, differences, into=pool)
+        if differences:
+            for c, row in rows.items():
+                row.extend(pool.pop(c, []))
+        parked = [lay for layers in pool.values() for lay in layers]
+        arrange(viewer, rows, grid=grid, grid_by=grid_by, parked=parked,
+                label_slots=_label_slots(rows, pool))
     return rows
 
 
@@ -424,7 +465,8 @@ GRID_GAP = 0.12
 LABELS_NAME = PREFIX + "grid labels"
 
 
-def arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str = "auto") -> dict[tuple[int, int], Any]:
+def arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str = "auto", parked: Sequence = (),
+            label_slots: int = 0) -> dict[tuple[int, int], Any]:
     """Overlay (H&E, with the first channel's SMSDL on top) or grid view.
 
     Grid view tiles the comparison layers in world space, one tile per layer (``grid_by="channels"``:
@@ -433,14 +475,48 @@ def arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str = "auto")
     canvas (a Points layer, :data:`LABELS_NAME`). napari's own grid is not used: it recomputes every
     layer's cell for every layer and every cell (O(n^4) in the number of layers; minutes for the 50
     layers of a 5-channel comparison with difference maps), whereas a tile is one ``translate``.
-    Everything happens in one batch: napari rebuilds its scene once.
+    Everything happens in one batch: napari rebuilds its scene once, recomputes its dims once
+    (not once per ``translate``) and collects garbage over the batch's own objects only.
+    ``parked``: layers kept hidden at home (spare difference maps); ``label_slots``: make the grid
+    labels layer that large, so that a later grid with more columns renames it in place.
 
     Returns ``{(tile row, tile col): layer}`` in grid view (empty for the overlay).
     """
-    with _batched(viewer):
-        tiles = _arrange(viewer, rows, grid=grid, grid_by=grid_by)
+    with _batched(viewer, freeze_gc=True), _one_dims_update(viewer) as move:
+        tiles = _arrange(viewer, rows, grid=grid, grid_by=grid_by, parked=parked, label_slots=label_slots, move=move)
     viewer.reset_view()  # after the batch: the camera fits what is shown
     return tiles
+
+
+@contextlib.contextmanager
+def _one_dims_update(viewer):
+    """Yield a ``move(layer, translate)``; napari's dims follow all the moves once, at the end.
+
+    napari recomputes the world extent of every layer and the dims after each ``translate``
+    (and re-slices on the new ranges): O(n²) for n tiled layers. The viewer's handler is blocked
+    on the moved layers and called once.
+    """
+    on_change = getattr(viewer, "_on_layers_change", None)
+    moved: list = []
+
+    def move(layer, translate: np.ndarray) -> None:
+        if np.array_equal(np.asarray(layer.translate, float), translate):
+            return  # every change costs a recompute of the dims
+        emitter = layer.events.translate
+        if on_change is not None:
+            emitter.block(on_change)
+        try:
+            layer.translate = translate
+        finally:
+            if on_change is not None:
+                emitter.unblock(on_change)
+        moved.append(layer)
+
+    try:
+        yield move
+    finally:
+        if moved and on_change is not None:
+            on_change()
 
 
 def _home(layer) -> np.ndarray:
@@ -453,23 +529,37 @@ def _extent_rc(layer) -> np.ndarray:
     return np.asarray(np.shape(layer.data)[-2:], float) * _last2(layer.scale)
 
 
-def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str) -> dict[tuple[int, int], Any]:
+def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str, parked: Sequence = (), label_slots: int = 0,
+             move=None) -> dict[tuple[int, int], Any]:
+    move = move or _move
     if hasattr(viewer, "canvas"):
         viewer.canvas.grid.enabled = False  # a grid left on by an older version or the user
     row_layers = [lay for row in rows.values() for lay in row]
     shown = {id(lay) for lay in row_layers}
-    for layer in row_layers:
+    for layer in [*row_layers, *parked]:
         layer.metadata["grid_tile"] = None
+    for layer in parked:  # hidden first: a hidden layer is not re-sliced when it moves
+        if layer.visible:
+            layer.visible = False
+        move(layer, _home(layer))
     if LABELS_NAME in viewer.layers:  # kept (hidden) between toggles: making a Points layer costs more
         viewer.layers[LABELS_NAME].visible = False
     if not grid:
-        for layer in row_layers:  # back home
-            _move(layer, _home(layer))
         first = next(iter(rows.values()), [])
         top = next((lay for lay in first if lay.metadata.get("method") == "smsdl"), first[-1] if first else None)
-        for layer in row_layers:
-            if layer.visible != (layer is top):
-                layer.visible = layer is top
+        for layer in row_layers:  # hidden before they move home
+            if layer.visible and layer is not top:
+                layer.visible = False
+        for layer in row_layers:  # back home
+            move(layer, _home(layer))
+        if top is not None and not top.visible:
+            top.visible = True
+        if label_slots and row_layers and LABELS_NAME not in viewer.layers:
+            # made now, hidden (empty labels at the grid's corner): grid view then only renames it
+            size = np.max([_extent_rc(lay) for lay in row_layers], axis=0)
+            corner = _home(first[-1])[-2:] - _last2(first[-1].scale) / 2
+            _add_grid_labels(viewer, corner, size, size * (1.0 + GRID_GAP), {}, {}, slots=label_slots)
+            viewer.layers[LABELS_NAME].visible = False
         if top is not None:
             top.opacity = 0.85
         if GUIDE_NAME in viewer.layers:
@@ -481,9 +571,9 @@ def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str) -> dict
     by = grid_rows(viewer, len(rows), n_cols, shape_rc) if grid_by == "auto" else grid_by
     if by not in ("channels", "methods"):
         raise ValueError(f"grid_by must be 'auto', 'channels' or 'methods', got {grid_by!r}")
-    for layer in viewer.layers:
-        if layer.visible != (id(layer) in shown) and layer.name != LABELS_NAME:
-            layer.visible = id(layer) in shown
+    for layer in viewer.layers:  # hide first, show after the moves: a hidden layer is not re-sliced when it moves
+        if layer.visible and id(layer) not in shown and layer.name != LABELS_NAME:
+            layer.visible = False
     if not row_layers:
         return {}
     size = np.max([_extent_rc(lay) for lay in row_layers], axis=0)
@@ -500,12 +590,15 @@ def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str) -> dict
             layer.metadata["grid_tile"] = (r, c)
             translate = _home(layer)  # tiles are offsets from home
             translate[-2:] += offset
-            _move(layer, translate)
+            move(layer, translate)
             what, _, channel = layer.name[len(PREFIX):].rpartition(" · ")
             what = _short_label(what)
             col_names.setdefault(c, what if by == "channels" else channel)
             row_names.setdefault(r, channel if by == "channels" else what)
-    _add_grid_labels(viewer, corner, size, step, col_names, row_names)
+    for layer in row_layers:
+        if not layer.visible:
+            layer.visible = True
+    _add_grid_labels(viewer, corner, size, step, col_names, row_names, slots=label_slots)
     return tiles
 
 
@@ -525,10 +618,12 @@ def _short_label(text: str) -> str:
     return text
 
 
-def _add_grid_labels(viewer, corner, size, step, col_names: dict, row_names: dict) -> None:
+def _add_grid_labels(viewer, corner, size, step, col_names: dict, row_names: dict, *, slots: int = 0) -> None:
     """Column names above the tiles, row names in a tile-wide margin left of them, as canvas text.
 
     A 2-D Points layer (invisible points, text only), so it shows on every slice of a channel stack.
+    It has at least ``slots`` labels (plus two anchors), the unused ones empty at an anchor, so that
+    a grid with more or fewer columns renames the layer in place instead of making a new one.
     """
     from napari.layers import Points
 
@@ -537,12 +632,15 @@ def _add_grid_labels(viewer, corner, size, step, col_names: dict, row_names: dic
     coords += [(corner[0] + r * step[0] + size[0] / 2, corner[1] - gap[1] - size[1] / 2) for r in row_names]
     texts = list(col_names.values()) + list(row_names.values())
     # two empty labels at the margins' outer corners: the camera then fits the whole text, not half
-    coords += [(corner[0] - gap[0], corner[1] - gap[1] - size[1]), (corner[0] - gap[0], corner[1])]
-    texts += ["", ""]
+    anchors = [(corner[0] - gap[0], corner[1] - gap[1] - size[1]), (corner[0] - gap[0], corner[1])]
+    existing = len(viewer.layers[LABELS_NAME].data) if LABELS_NAME in viewer.layers else 0
+    n = max(len(coords) + len(anchors), existing, slots + len(anchors))  # a larger layer stays: empty labels fill it
+    coords += [anchors[1]] * (n - len(coords) - len(anchors)) + anchors
+    texts += [""] * (n - len(texts))
     coords = np.asarray(coords, float).reshape(-1, 2)
     if LABELS_NAME in viewer.layers:
         labels = viewer.layers[LABELS_NAME]
-        if len(labels.data) == len(coords):  # same grid: move and rename in place
+        if len(labels.data) == len(coords):  # same size: move and rename in place
             labels.data = coords
             labels.features = {"label": texts}
             labels.visible = True
@@ -590,6 +688,8 @@ class CompareWidget(ErrorDisplay, QWidget):
         self.viewer = napari_viewer
         self.project: Project | None = None
         self.rows: dict[int, list] = {}
+        #: channel → difference maps built with the comparison but not shown (hidden, at home)
+        self._spares: dict[int, list] = {}
         self.picked: dict | None = None
         self.last_error: str | None = None
         self._watched: set[int] = set()
@@ -802,8 +902,10 @@ class CompareWidget(ErrorDisplay, QWidget):
         if msi_layer.metadata.get(LAYER_METADATA_KEY) is not project:
             msi_layer.metadata = {**msi_layer.metadata, LAYER_METADATA_KEY: project}  # Export saves this one
         reference = self._reference(project)
+        # the difference maps are built now, hidden, when not shown: turning them on creates no layer
         self.rows = add_comparison_layers(self.viewer, project, msi_layer, channels=chosen, differences=reference,
-                                          grid=bool(self.grid.value), grid_by=self._grid_by)
+                                          grid=bool(self.grid.value), grid_by=self._grid_by,
+                                          spare_differences=self._reference(project, shown=False), spares=self._spares)
         self._fill_metrics(project, chosen)
         self.segment_method.reset_choices()
         n = sum(len(r) for r in self.rows.values())
@@ -831,9 +933,9 @@ class CompareWidget(ErrorDisplay, QWidget):
         first = next(iter((project.metrics or {}).values()), None)
         return None if not isinstance(first, dict) else first.get("scored_channels")
 
-    def _reference(self, project: Project) -> str | None:
-        """The reference of the difference maps (None: no difference maps)."""
-        reference = self.reference.value if self.differences.value else None
+    def _reference(self, project: Project, *, shown: bool = True) -> str | None:
+        """The reference of the difference maps (None: no difference maps; ``shown=False``: even when off)."""
+        reference = self.reference.value if self.differences.value or not shown else None
         if reference == "truth" and project.truth is None:
             reference = "bicubic" if "bicubic" in project.sr else None
         if reference is not None and reference not in ("truth", *project.sr):
@@ -869,9 +971,14 @@ class CompareWidget(ErrorDisplay, QWidget):
                 or any(lay not in self.viewer.layers for row in self.rows.values() for lay in row):
             self._refresh_if_shown()
             return
+        if any(lay not in self.viewer.layers for layers in self._spares.values() for lay in layers):
+            with _batched(self.viewer):  # one was deleted by hand: the maps are made again
+                for layer in [lay for layers in self._spares.values() for lay in layers if lay in self.viewer.layers]:
+                    self.viewer.layers.remove(layer)
+            self._spares.clear()
         try:
             set_differences(self.viewer, project, msi, self.rows, self._reference(project),
-                            grid=bool(self.grid.value), grid_by=self._grid_by)
+                            grid=bool(self.grid.value), grid_by=self._grid_by, spares=self._spares)
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self._on_error(exc)
 
@@ -885,7 +992,7 @@ class CompareWidget(ErrorDisplay, QWidget):
         if bool(self.grid.value) != enabled:
             self.grid.value = enabled  # calls back here through the checkbox
             return
-        arrange(self.viewer, self.rows, grid=enabled, grid_by=rows)
+        arrange(self.viewer, self.rows, grid=enabled, grid_by=rows, label_slots=_label_slots(self.rows, self._spares))
 
     @property
     def tiles(self) -> dict[tuple[int, int], Any]:
