@@ -95,7 +95,7 @@ On the bladder ions (F = 4; seed 0 only, the other seeds' ViT features were not 
 time) the detail the control misses is 44 % of the truth variance but almost white (lag-1
 correlation 0.11), and the best oracle, fitted on the truth itself, gains only SSIM +0.0027, RMSE
 −0.0003, R² +0.0011 (colour alone SSIM +0.0023; boosting overfits the noise and loses R²): SMSDL's
-+0.0011 is about half of a ceiling that is itself below the seed spread of the ablations, so no
++0.0011 is about 40 % of a ceiling that is itself below the seed spread of the ablations, so no
 method on these features would change the verdict there. On the cerebellum at F = 2 the missed
 detail is white too (13 %, lag-1 −0.05), the ceiling is SSIM +0.004 ± 0.001, and the CNN with a
 blank guide gains as much as with the real one (SSIM +0.0021 ± 0.0002 vs +0.0020 ± 0.0011): there
