@@ -457,4 +457,4 @@ def joint_fit(problem: ChannelProblem, lin0: LinearMap, lin_channel: LinearMap, 
                                                   "disagreement_chi2": round(chi2, 3),
                                                   "expected_rms_error_msi_px": round(rms, 4),
                                                   "channel_covariance_inflation": round(float(inflation), 3),
-                                                  "channel_weight": round(float(np.trace(np.linalg.pinv(total, hermitian=True) @ info_c) / 6), 4)}
+                                                  "channel_weight": round(float(np.trace(cov @ info_c) / 6), 4)}

@@ -208,16 +208,15 @@ def _batched(viewer, *, freeze_gc: bool = False):
     # napari makes every inserted layer the active one, and each activation rebuilds the layer
     # controls (a quarter of a second per layer): keep the user's selection during the batch
     activate = getattr(layers, "_activate_on_insert", None)
-    frozen = freeze_gc
     try:
         if activate is not None:
             layers._activate_on_insert = False
-        if frozen:
+        if freeze_gc:
             gc.freeze()
         with batched():
             yield
     finally:
-        if frozen:
+        if freeze_gc:
             gc.unfreeze()
         if activate is not None:
             layers._activate_on_insert = activate
@@ -529,9 +528,8 @@ def _extent_rc(layer) -> np.ndarray:
     return np.asarray(np.shape(layer.data)[-2:], float) * _last2(layer.scale)
 
 
-def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str, parked: Sequence = (), label_slots: int = 0,
-             move=None) -> dict[tuple[int, int], Any]:
-    move = move or _move
+def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str, parked: Sequence, label_slots: int,
+             move) -> dict[tuple[int, int], Any]:
     if hasattr(viewer, "canvas"):
         viewer.canvas.grid.enabled = False  # a grid left on by an older version or the user
     row_layers = [lay for row in rows.values() for lay in row]
@@ -600,12 +598,6 @@ def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str, parked:
             layer.visible = True
     _add_grid_labels(viewer, corner, size, step, col_names, row_names, slots=label_slots)
     return tiles
-
-
-def _move(layer, translate: np.ndarray) -> None:
-    """Set ``translate`` only when it changes: every change makes napari recompute the dims of all layers."""
-    if not np.array_equal(np.asarray(layer.translate, float), translate):
-        layer.translate = translate
 
 
 #: Grid labels must fit a tile's width on the canvas: the longest method names, shortened.
