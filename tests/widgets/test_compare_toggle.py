@@ -93,3 +93,80 @@ def test_grid_and_difference_toggles_rebuild_the_scene_once(sample_viewer, qtbot
     compare.differences.value = True
     names = [lay.name for row in compare.rows.values() for lay in row if lay.metadata.get("role") == "difference"]
     assert len(names) == 3 * 3 and all(" − BI · " in n for n in names) and compare.last_error is None
+
+
+def _synthetic_viewer(make_napari_viewer, qtbot):
+    """A shown viewer (GL drawing happens) with a 2-channel, 4-method project on its MSI layer, no training."""
+    import numpy as np
+
+    from napari_smsdl.project import LAYER_METADATA_KEY, Project
+    from napari_smsdl.reconstruction import Settings
+
+    rng = np.random.default_rng(0)
+    project = Project(lr_msi=rng.uniform(1, 10, (2, 8, 6)).astype(np.float32), channel_names=("ζ-ion", "ψ-ion"),
+                      msi_pixel_size_um=40.0, he_pixel_size_um=2.5, settings=Settings.preset("fast", factor=4),
+                      sr={m: rng.uniform(0, 10, (2, 32, 24)).astype(np.float32)
+                          for m in ("smsdl", "bicubic", "backprojection", "cnn")})
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(project.lr_msi, scale=(1, 40, 40), translate=(0, 20, 20), name="msi",
+                     metadata={LAYER_METADATA_KEY: project})
+    compare = CompareWidget(viewer)
+    qtbot.addWidget(compare)
+    qtbot.wait(50)  # the canvas is on screen: its GL context exists
+    return viewer, compare
+
+
+def _count_first_draws(monkeypatch) -> dict:
+    """Count shader programs linked and glyphs rendered (what a layer's first draw costs)."""
+    from napari._vispy.utils.qt_font import QtTextureFont
+    from vispy.gloo.glir import GlirProgram
+
+    count = {"links": 0, "glyphs": 0}
+    link, load = GlirProgram.link_program, QtTextureFont._load_char
+
+    def counted_link(self, *args, **kwargs):
+        count["links"] += 1
+        return link(self, *args, **kwargs)
+
+    def counted_load(self, *args, **kwargs):
+        count["glyphs"] += 1
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(GlirProgram, "link_program", counted_link)
+    monkeypatch.setattr(QtTextureFont, "_load_char", counted_load)
+    return count
+
+
+def test_show_draws_the_hidden_layers_once_so_the_first_toggles_link_no_shader(make_napari_viewer, qtbot,
+                                                                              monkeypatch):
+    import napari_smsdl.widgets.compare as compare_module
+
+    viewer, compare = _synthetic_viewer(make_napari_viewer, qtbot)
+    count = _count_first_draws(monkeypatch)
+    compare.show_results()  # the hidden layers and the grid labels are drawn once, off-screen
+    qtbot.wait(10)
+    assert count["links"] >= 9 + 6  # the hidden tiles (2 channels × LR + 4 methods, one shown) and 3 maps (− BI) each
+    assert count["glyphs"] >= 2  # the labels' text, ζ and ψ (in no other test) among it
+    hidden = [lay for lay in viewer.layers if lay.name.startswith(compare_module.PREFIX) and not lay.visible]
+    assert len(hidden) == 9 + 6 + 1  # the warm-up left every one of them hidden, in napari and on the canvas
+    visuals = viewer.window._qt_viewer.canvas.layer_to_visual
+    assert not any(visuals[lay].node.visible for lay in hidden)
+
+    count["links"] = count["glyphs"] = 0
+    compare.grid.value = True
+    qtbot.wait(10)
+    assert count == {"links": 0, "glyphs": 0} and len(compare.tiles) == 10
+    compare.differences.value = True
+    qtbot.wait(10)
+    assert count == {"links": 0, "glyphs": 0} and len(compare.tiles) == 16
+    compare.differences.value = compare.grid.value = False
+    qtbot.wait(10)
+    assert compare.last_error is None
+
+    monkeypatch.setattr(compare_module, "warm_up", lambda *args: 0)
+    compare.show_results()  # without the warm-up (new layers): the first grid view links a program per tile
+    qtbot.wait(10)
+    count["links"] = 0
+    compare.grid.value = True
+    qtbot.wait(10)
+    assert count["links"] >= 9 and compare.last_error is None

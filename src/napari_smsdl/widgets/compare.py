@@ -271,7 +271,8 @@ def _add_comparison_layers(viewer, project, msi_layer, *, channels, differences,
         _append_difference_layers(viewer, project, msi_layer, rows, differences)
     elif spare_differences and spares is not None:
         _append_difference_layers(viewer, project, msi_layer, rows, spare_differences, into=spares)
-    arrange(viewer, rows, grid=grid, grid_by=grid_by, label_slots=_label_slots(rows, spares or {}))
+    arrange(viewer, rows, grid=grid, grid_by=grid_by, label_slots=_label_slots(rows, spares or {}),
+            parked=[lay for layers in (spares or {}).values() for lay in layers])
     return rows
 
 
@@ -518,6 +519,45 @@ def _one_dims_update(viewer):
             on_change()
 
 
+#: Side of the off-screen image :func:`warm_up` draws into (pixels): enough to run every shader once.
+WARM_UP_PX = 8
+
+
+def warm_up(viewer, layers: Sequence) -> int:
+    """Draw the hidden ``layers`` once, off-screen, so that showing them later costs no GL set-up.
+
+    The first draw of a layer links its shader program (about 30 ms a layer in software OpenGL),
+    uploads its texture and, for text, renders the glyphs: for a grid of 30 layers most of the
+    first toggle. Here each hidden layer is sliced and its vispy node drawn into a small
+    off-screen buffer (the napari layers stay hidden; nothing changes on the screen), then
+    hidden again. Nothing is drawn when the viewer has no canvas on screen (the first real draw
+    then pays). Returns the number of layers drawn.
+    """
+    canvas = getattr(getattr(getattr(viewer, "window", None), "_qt_viewer", None), "canvas", None)
+    visuals = getattr(canvas, "layer_to_visual", None)
+    scene = getattr(canvas, "_scene_canvas", None)
+    if visuals is None or scene is None or not scene.native.isVisible():
+        return 0
+    nodes = []
+    for layer in layers:
+        visual = visuals.get(layer)
+        if layer.visible or visual is None or visual.node.visible:
+            continue
+        layer.set_view_slice()  # a hidden layer is not sliced: its node may hold no data yet
+        layer.events.set_data()  # the vispy layer takes the slice
+        nodes.append(visual.node)
+    if not nodes:
+        return 0
+    try:
+        for node in nodes:
+            node.visible = True
+        scene.render(size=(WARM_UP_PX, WARM_UP_PX))
+    finally:
+        for node in nodes:
+            node.visible = False
+    return len(nodes)
+
+
 def _home(layer) -> np.ndarray:
     """The layer's own placement (translate) when not tiled, recorded when it was made."""
     return np.asarray(layer.metadata.get("home_translate", layer.translate), float)
@@ -553,11 +593,16 @@ def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str, parked:
         if top is not None and not top.visible:
             top.visible = True
         if label_slots and row_layers and LABELS_NAME not in viewer.layers:
-            # made now, hidden (empty labels at the grid's corner): grid view then only renames it
+            # made now, hidden, at the grid's corner (not to widen the view), holding every name a grid of
+            # these layers and the parked ones can show, so that :func:`warm_up` renders their glyphs:
+            # grid view then only moves and renames it
             size = np.max([_extent_rc(lay) for lay in row_layers], axis=0)
             corner = _home(first[-1])[-2:] - _last2(first[-1].scale) / 2
-            _add_grid_labels(viewer, corner, size, size * (1.0 + GRID_GAP), {}, {}, slots=label_slots)
-            viewer.layers[LABELS_NAME].visible = False
+            names = list(dict.fromkeys(name for lay in (*row_layers, *parked) for name in _tile_names(lay)))
+            _add_grid_labels(viewer, corner, size, size * (1.0 + GRID_GAP), {}, {}, slots=max(label_slots, len(names)))
+            labels = viewer.layers[LABELS_NAME]
+            labels.visible = False
+            labels.features = {"label": names + [""] * (len(labels.data) - len(names))}
         if top is not None:
             top.opacity = 0.85
         if GUIDE_NAME in viewer.layers:
@@ -589,8 +634,7 @@ def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str, parked:
             translate = _home(layer)  # tiles are offsets from home
             translate[-2:] += offset
             move(layer, translate)
-            what, _, channel = layer.name[len(PREFIX):].rpartition(" · ")
-            what = _short_label(what)
+            what, channel = _tile_names(layer)
             col_names.setdefault(c, what if by == "channels" else channel)
             row_names.setdefault(r, channel if by == "channels" else what)
     for layer in row_layers:
@@ -602,6 +646,12 @@ def _arrange(viewer, rows: dict[int, list], *, grid: bool, grid_by: str, parked:
 
 #: Grid labels must fit a tile's width on the canvas: the longest method names, shortened.
 SHORT_LABELS = {method_label("backprojection"): "H&E-free control", "ground truth": "truth"}
+
+
+def _tile_names(layer) -> tuple[str, str]:
+    """(method, channel) names of a tiled layer as the grid labels write them (the method shortened)."""
+    what, _, channel = layer.name[len(PREFIX):].rpartition(" · ")
+    return _short_label(what), channel
 
 
 def _short_label(text: str) -> str:
@@ -898,6 +948,8 @@ class CompareWidget(ErrorDisplay, QWidget):
         self.rows = add_comparison_layers(self.viewer, project, msi_layer, channels=chosen, differences=reference,
                                           grid=bool(self.grid.value), grid_by=self._grid_by,
                                           spare_differences=self._reference(project, shown=False), spares=self._spares)
+        hidden = [*(lay for row in self.rows.values() for lay in row), *(lay for ls in self._spares.values() for lay in ls)]
+        warm_up(self.viewer, [*hidden, *(self.viewer.layers[n] for n in (LABELS_NAME,) if n in self.viewer.layers)])
         self._fill_metrics(project, chosen)
         self.segment_method.reset_choices()
         n = sum(len(r) for r in self.rows.values())
