@@ -99,12 +99,6 @@ def test_scale_transfer_pools_once_more_and_says_when_the_image_is_too_small():
     np.testing.assert_allclose(inputs.llr[:, 0, 0], lr[:, [0, 1, 1], [1, 0, 1]].mean(1), rtol=1e-6)
     assert not inputs.score_lr[0, 0] and inputs.score_lr.sum() == 143
     assert inputs.features.shape == (6, 144) and abs(inputs.features[0].std() - 1) < 1e-3
-    from napari_smsdl.reconstruction._uncertainty import detail_on_sr_grid
-
-    # a constant residual stays constant, also on the unscored pixel and the column the crop cut
-    detail = detail_on_sr_grid(np.full((2, 12, 12), 0.3) * inputs.score_lr, inputs.score_lr, (12, 13), 2)
-    assert detail.shape == (2, 24, 26)
-    np.testing.assert_allclose(detail, 0.3, rtol=1e-5)
     ok, why = scale_check_size(mask, 2, folds=5)  # 6 x 6 LLR pixels: 4 tiles of 3 x 3, 10 needed
     assert not ok and "held-out gain decides alone" in why
     assert scale_check_size(np.ones((30, 30), bool), 2, folds=5)[0]  # 15 x 15: 25 tiles

@@ -46,7 +46,7 @@ from ..io import tissue_mask
 from ..torch_setup import get_device
 from ._heldout import blocked_folds, choose_pca_dims, held_out_mse
 from ._scale_check import pool_inputs, scale_check_size, scale_gain
-from ._uncertainty import detail_on_sr_grid, uncertainty_map
+from ._uncertainty import uncertainty_map
 from .baselines.backprojection import Conservation, block_mean, conserve
 
 log = logging.getLogger(__name__)
@@ -357,22 +357,17 @@ def fit_guided(
     if scale_check:
         check = _scale_transfer(feats, lr, factor, mask_lr, params, mode, device=str(dev), progress=progress,
                                 should_stop=should_stop, distributed=distributed)
-        residual = check.pop("residual", None)
         choices["scale_transfer"] = check
         if check["available"]:
             scale_gain, scale_std = check.pop("gain"), check.pop("gain_std")
             extra["scale_clearly_positive"] = check["clearly_positive"]
-            extra["scale_residual"] = residual
     used = _decide(clearly, extra.get("scale_clearly_positive")) if params.fallback else np.ones(n_ch, bool)
     guidance = Guidance(gain.tolist(), gain_std.tolist(), used.tolist(), scale_gain, scale_std)
     sr = np.where(used[:, None, None], guided, control).astype(np.float32)
     spread = np.sqrt(np.where(used[:, None, None], m2, c_m2) / (n_folds - 1))
-    detail = None
-    if "scale_residual" in extra:  # where SMSDL (or, on fallen-back channels, the control) erred one scale up
-        res = extra.pop("scale_residual")
-        residual = np.where(used[:, None, None], res["smsdl"], res["control"])
-        detail = detail_on_sr_grid(residual, res["score_lr"], (rows, cols), factor)
-    uncertainty = uncertainty_map(sr, spread, lr, mask_lr, factor, detail)
+    # spread, noise and unresolved structure, weighted by a calibration one scale up (no ground truth)
+    uncertainty, calibration = uncertainty_map(sr, spread, lr, mask_lr, factor, folds=n_folds, seed=params.seed)
+    choices["uncertainty"] = calibration.to_dict()
     if not used.all():
         log.info("%d of %d channels fell back to the H&E-free control (%s gain not clearly positive)",
                  int((~used).sum()), n_ch, "scale-transfer" if scale_gain is not None else "held-out")
@@ -415,13 +410,9 @@ def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, mode: 
     folds_llr = blocked_folds(inputs.mask_llr, params.folds, seed=params.seed)
     gain, std, per_fold = scale_gain(fit.guided, fit.control, inputs, folds_llr, factor)
     clearly = gain - GAIN_STANDARD_ERRORS * std / np.sqrt(params.folds) > 0
-    # where SMSDL and the control went wrong one scale up: |prediction − measured| on the LR grid
-    residual = {"smsdl": np.abs(fit.guided - inputs.lr) * inputs.score_lr,
-                "control": np.abs(fit.control - inputs.lr) * inputs.score_lr, "score_lr": inputs.score_lr}
     return {"available": True, "how": why, "gain": gain.tolist(), "gain_std": std.tolist(),
             "per_fold": per_fold.tolist(), "clearly_positive": clearly.tolist(),
-            "best_steps": fit.choices["steps"]["best_per_fold"], "seconds": time.perf_counter() - t0,
-            "residual": residual}
+            "best_steps": fit.choices["steps"]["best_per_fold"], "seconds": time.perf_counter() - t0}
 
 
 def _choose_conservation(err: dict) -> Conservation:

@@ -1,25 +1,52 @@
-"""Per-pixel uncertainty of an SR ion image, without a ground truth.
+"""Per-pixel uncertainty of an SR ion image, without a ground truth: three parts, weights calibrated on the data.
 
-Up to three parts, added in quadrature:
+The parts, each a variance on the grid of the SR image it describes (per channel):
 
-* **model spread**: the standard deviation of the held-out-fold models' SR predictions (each was
-  trained without one fold of the LR pixels), i.e. how much the answer depends on which
-  measurements the model saw;
-* **measurement noise**: the spread a single SR pixel of that intensity has around its expected
-  value. Ion counts are noisy pixel by pixel and the noise grows with the signal, so it is
-  modelled as variance = a·intensity + b and fitted on the LR image itself: the residual of
-  each LR pixel from its 3 × 3 neighbourhood mean measures the LR noise, and an LR pixel averages
-  F² SR pixels, so the SR variance is F² times the LR one. Real structure inside a 3 × 3
-  neighbourhood counts as noise here, which makes the estimate err on the cautious side.
-* **within-pixel error one scale up**, where the scale-transfer check ran (:mod:`._scale_check`):
-  |prediction − measured| of the same method fitted LLR → LR, on the LR grid, upsampled bicubically.
-  It is the only part that sees where the detail drawn inside a pixel went wrong; the other two
-  see only which data the model saw and how noisy the measurement is.
+* **model spread** S²: the variance of the held-out-fold models' SR predictions (each was trained
+  without one fold of the LR pixels), i.e. how much the answer depends on which measurements the
+  model saw;
+* **measurement noise** N²: the variance a single SR pixel of that intensity has around its
+  expected value. Ion counts are noisy pixel by pixel and the noise grows with the signal, so it is
+  modelled as variance = a·intensity + b and fitted on the LR image itself: the residual of each
+  LR pixel from its 3 × 3 neighbourhood mean measures the LR noise, and an LR pixel averages F² SR
+  pixels, so the SR variance is F² times the LR one;
+* **unresolved structure** G²: the squared change of the SR image across one measured pixel,
+  (F · |central-difference gradient|)², computed from each pixel's four neighbours. With the
+  block means conserved, the SR error lies *inside* the measured pixels, and it concentrates where
+  the signal varies within a pixel (edges, texture): neither the spread nor the noise model sees it.
+
+The map is sqrt(w_S·S² + w_N·N² + w_G·G²), with per-channel weights w ≥ 0 **calibrated on a
+super-resolution task one scale up, where the truth is known**: the measured LR image is pooled by
+k = 2 (block means over tissue, as :mod:`._scale_check` pools), the H&E-free control (bicubic +
+exact back-projection) super-resolves it back, and its squared error against the measured LR
+pixels is fitted by non-negative least squares to the same three parts computed on that task: the
+control's fold spread (blocked folds of the pooled pixels, the SR fit's number of folds and seed),
+the LR noise model at the control's intensity (an output pixel of that task is an LR pixel), and
+(k · |gradient|)² of the control. The parts are defined per output pixel and per input pixel, so
+the weights carry over to the SR grid as they are, whatever F: a step edge of height h is spread by
+an interpolant over one input pixel and errs by about h/2 next to it at any factor, and the change
+across one input pixel is about h at any factor. k = 2 rather than F: it is the task with the most
+pooled pixels (F² / 4 times more than pooling by F), it exists for every LR image with an interior
+pooled tissue pixel (the cerebellum at F = 4, LR 10 × 9, pools to 5 × 4 by 2 but to 3 × 3 by 3
+and 2 × 2 by 4), and it is the same task at every F. What carries over is assumed, not measured: the
+structure one scale up is taken to look like the structure below the pixel (self-similarity), and
+the control's error and fold spread to behave like SMSDL's (on a channel that fell back, SMSDL's
+output *is* the control). Where no pooled pixel is interior, the unit weights (S² + N², the map
+before calibration) are used. The held-out LR residuals are not used as the target: they measure
+an error *between* pixels (the pixel mean predicted across a gap), which the fold spread predicts
+well, while with the block means conserved the SR error lies *within* the pixels.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+#: the parts of the uncertainty, in the order of the calibrated weights
+PARTS = ("spread", "noise", "structure")
+#: the pooling factor of the calibration task (see the module notes: the smallest, with the most pixels)
+CALIBRATION_FACTOR = 2
 
 
 def noise_variance_model(lr: np.ndarray, mask_lr: np.ndarray) -> np.ndarray:
@@ -52,46 +79,145 @@ def noise_variance_model(lr: np.ndarray, mask_lr: np.ndarray) -> np.ndarray:
     return out
 
 
+def structure_variance(sr: np.ndarray, factor: int) -> np.ndarray:
+    """(F · |central-difference gradient|)² of every pixel of (C, H, W): the change across one input pixel.
+
+    Each pixel's value comes from its four neighbours only (edge pixels repeat their own value, a
+    one-sided difference of half the step).
+    """
+    p = np.pad(np.asarray(sr, np.float64), ((0, 0), (1, 1), (1, 1)), mode="edge")
+    gx = (p[:, 1:-1, 2:] - p[:, 1:-1, :-2]) / 2.0
+    gy = (p[:, 2:, 1:-1] - p[:, :-2, 1:-1]) / 2.0
+    return float(factor) ** 2 * (gx**2 + gy**2)
+
+
+def _parts(pred: np.ndarray, spread: np.ndarray, coef: np.ndarray, grid_factor: int, factor: int) -> np.ndarray:
+    """(3, C, H, W): spread², noise² (per pixel of a grid ``grid_factor`` finer than the LR), structure²."""
+    noise = grid_factor**2 * (coef[:, 0, None, None] * np.maximum(pred, 0.0) + coef[:, 1, None, None])
+    return np.stack([np.asarray(spread, np.float64) ** 2, noise, structure_variance(pred, factor)])
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-channel weights (C, 3) of the parts :data:`PARTS`, and how they were found."""
+
+    weights: np.ndarray
+    factors: list  # every k of a task one scale up; empty where none was possible (unit weights)
+    pixels: int  # LR pixels scored by the calibration, all tasks together
+
+    def to_dict(self) -> dict:
+        ks = ", ".join(str(k) for k in self.factors)
+        return {"parts": list(PARTS), "weights": self.weights.tolist(), "pooling_factors": list(self.factors),
+                "pixels": self.pixels,
+                "how": ("non-negative least squares of the H&E-free control's squared error one scale up "
+                        f"(LR pooled by {ks} and super-resolved back, scored on the measured LR)")
+                if self.factors else "unit weights: the LR image is too small for a task one scale up"}
+
+
+def _pool(lr: np.ndarray, mask_lr: np.ndarray, k: int):
+    """LR (C, h, w) → (LLR means over tissue, LLR tissue, cropped LR, scored LR pixels); as :mod:`._scale_check`."""
+    n_ch, rows, cols = lr.shape
+    h, w = (rows // k) * k, (cols // k) * k
+    lr_c, m_c = lr[:, :h, :w], mask_lr[:h, :w]
+    on = np.where(m_c[None], lr_c, 0.0).reshape(n_ch, h // k, k, w // k, k).sum(axis=(2, 4))
+    counts = m_c.reshape(h // k, k, w // k, k).sum(axis=(1, 3))
+    mask_llr = counts >= k * k / 2
+    llr = np.where(mask_llr[None], on / np.maximum(counts, 1), 0.0)
+    score = m_c & np.repeat(np.repeat(mask_llr, k, axis=0), k, axis=1)
+    return llr, mask_llr, lr_c, score
+
+
+def _has_interior(mask: np.ndarray) -> bool:
+    p = np.pad(np.asarray(mask, bool), 1)
+    return bool((p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]).any())
+
+
+def calibration_factors(mask_lr: np.ndarray) -> list[int]:
+    """[2] when the LR pooled by 2 has an interior tissue pixel (the control interpolates somewhere), else []."""
+    m = np.asarray(mask_lr, bool)
+    k = CALIBRATION_FACTOR
+    return [k] if min(m.shape) >= 3 * k and _has_interior(_pool(np.zeros((1, *m.shape)), m, k)[1]) else []
+
+
+def _task(lr: np.ndarray, m: np.ndarray, k: int, coef: np.ndarray, folds: int, seed: int):
+    """The control's parts (3, C, n) and squared error (C, n) on the LR pixels scored by the task pooled by k."""
+    from ._heldout import blocked_folds
+    from .baselines import bicubic_upsample
+    from .baselines.backprojection import Conservation, conserve
+
+    llr, mask_llr, lr_c, score = _pool(lr, m, k)
+    control = conserve(bicubic_upsample(np.where(mask_llr[None], llr, np.nan), k, mask_lr=mask_llr), llr, k, mask_llr,
+                       Conservation.EXACT).astype(np.float64)
+    n_folds = max(2, min(folds, int(mask_llr.sum()) // 2))
+    fold_of = blocked_folds(mask_llr, n_folds, seed=seed)
+    preds = []
+    for i in range(n_folds):
+        train = mask_llr & (fold_of != i)
+        bic = bicubic_upsample(np.where(train[None], llr, np.nan), k, mask_lr=train)
+        preds.append(conserve(bic, llr, k, train, Conservation.EXACT))
+    spread = np.std(preds, axis=0, ddof=1)
+    # an output pixel of this task is an LR pixel: its noise is the LR noise model itself
+    return _parts(control, spread, coef, 1, k)[:, :, score], (control - lr_c)[:, score] ** 2
+
+
+def calibrate(lr: np.ndarray, mask_lr: np.ndarray, factor: int, coef: np.ndarray | None = None, *,
+              folds: int = 5, seed: int = 0) -> Calibration:
+    """Weights of the parts from the tasks one scale up (see the module notes); no ground truth used.
+
+    ``coef`` is the LR noise model (:func:`noise_variance_model`); ``folds`` and ``seed`` set the
+    blocked folds of the pooled pixels for the control's fold spread, as the SR fit's folds.
+    """
+    from scipy.optimize import nnls
+
+    lr = np.nan_to_num(np.asarray(lr, np.float64))
+    m = np.asarray(mask_lr, bool)
+    n_ch = lr.shape[0]
+    if coef is None:
+        coef = noise_variance_model(lr, m)
+    unit = np.tile([1.0, 1.0, 0.0], (n_ch, 1))
+    ks = calibration_factors(m)
+    if not ks:
+        return Calibration(unit, [], 0)
+    tasks = [_task(lr, m, k, coef, folds, seed) for k in ks]
+    parts = np.concatenate([t[0] for t in tasks], axis=2)
+    target = np.concatenate([t[1] for t in tasks], axis=1)
+    weights = unit.copy()
+    for c in range(n_ch):
+        a = parts[:, c].T
+        norm = a.max(axis=0)
+        norm[norm <= 0] = 1.0
+        w, _ = nnls(a / norm, target[c])
+        if np.any(w > 0):
+            weights[c] = w / norm
+    return Calibration(weights, ks, int(target.shape[1]))
+
+
 def uncertainty_map(
     sr: np.ndarray,
     spread: np.ndarray,
     lr: np.ndarray,
     mask_lr: np.ndarray,
     factor: int,
-    detail: np.ndarray | None = None,
-) -> np.ndarray:
-    """Predictive standard deviation (C, h·F, w·F) of an SR stack: model spread ⊕ measurement noise (⊕ detail).
+    *,
+    folds: int = 5,
+    seed: int = 0,
+) -> tuple[np.ndarray, Calibration]:
+    """Predictive standard deviation (C, h·F, w·F) of an SR stack, and the calibration of its parts.
 
     Parameters
     ----------
     sr : ndarray, shape (C, h·F, w·F)
-        The SR stack (its intensities set the noise level).
+        The SR stack (its intensities set the noise level, its gradient the structure part).
     spread : ndarray, same shape
         Standard deviation across the fold models.
     lr, mask_lr, factor
-        The measurement, its tissue pixels and F, for the noise model.
-    detail : ndarray, same shape, optional
-        The scale-transfer residual on the SR grid (:func:`detail_on_sr_grid`).
+        The measurement, its tissue pixels and F, for the noise model and the calibration.
+    folds, seed
+        The blocked folds of the calibration's control (as the SR fit's).
     """
+    lr = np.nan_to_num(np.asarray(lr, np.float64))
     coef = noise_variance_model(lr, mask_lr)
-    noise_var = factor**2 * (coef[:, 0, None, None] * np.maximum(sr, 0.0) + coef[:, 1, None, None])
-    var = np.asarray(spread, np.float64) ** 2 + noise_var
-    if detail is not None:
-        var += np.asarray(detail, np.float64) ** 2
-    return np.sqrt(var).astype(np.float32)
-
-
-def detail_on_sr_grid(residual: np.ndarray, scored: np.ndarray, lr_shape: tuple[int, int], factor: int) -> np.ndarray:
-    """The scale-transfer residual (C, h', w') on the (cropped) LR grid → (C, h·F, w·F) on the SR grid.
-
-    LR pixels that were not scored (off tissue, or cut by the crop to a multiple of F) take their
-    nearest scored pixel's value, as bicubic upsampling fills non-tissue pixels.
-    """
-    from .baselines import bicubic_upsample
-
-    n_ch, (rows, cols) = residual.shape[0], lr_shape
-    full = np.full((n_ch, rows, cols), np.nan)
-    full[:, : residual.shape[1], : residual.shape[2]] = np.where(scored[None], residual, np.nan)
-    on = np.zeros((rows, cols), bool)
-    on[: scored.shape[0], : scored.shape[1]] = scored
-    return np.maximum(bicubic_upsample(full, factor, mask_lr=on), 0.0)
+    calib = calibrate(lr, mask_lr, factor, coef, folds=folds, seed=seed)
+    parts = _parts(np.asarray(sr, np.float64), spread, coef, factor, factor)
+    var = np.einsum("pc,pchw->chw", calib.weights.T, parts)
+    return np.sqrt(var).astype(np.float32), calib

@@ -1,0 +1,70 @@
+"""The uncertainty map: parts weighted by a calibration one scale up, without a ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from napari_smsdl.evaluation import degrade
+from napari_smsdl.reconstruction import backprojection_upsample
+from napari_smsdl.reconstruction._uncertainty import PARTS, calibrate, structure_variance, uncertainty_map
+
+
+def _edges(size: int = 64) -> np.ndarray:
+    """A piecewise-constant truth (a disk and a bar on a background): its SR error sits at the edges."""
+    rr, cc = np.mgrid[0:size, 0:size]
+    disk = (rr - 22.3) ** 2 + (cc - 25.1) ** 2 < 13.7**2
+    bar = (rr > 40) & (rr < 51) & (cc > 9) & (cc < 57)
+    return (1.0 + 3.0 * disk + 2.0 * bar).astype(np.float32)[None]
+
+
+def test_the_calibrated_map_ranks_edge_pixels_above_flat_ones():
+    truth = _edges()
+    factor = 4
+    mask_hr = np.ones(truth.shape[1:], bool)
+    lr, mask_lr = degrade(truth, mask_hr, factor)
+    sr = backprojection_upsample(lr, factor, mask_lr=mask_lr)
+    spread = np.full_like(sr, 0.01)  # the same everywhere: it cannot rank anything
+    unc, calib = uncertainty_map(sr, spread, lr, mask_lr, factor)
+    assert unc.shape == sr.shape and unc.dtype == np.float32 and np.isfinite(unc).all()
+    assert calib.weights.shape == (1, len(PARTS)) and (calib.weights >= 0).all()
+    assert calib.factors == [2] and calib.pixels == 16 * 16
+    assert calib.weights[0, PARTS.index("structure")] > 0  # the task one scale up errs at edges too
+    err = np.abs(sr[0] - truth[0])
+    rho = spearmanr(unc[0].ravel(), err.ravel())[0]
+    assert rho > 0.3, rho  # 0.38; the noise model takes part of the edges for noise (a·intensity), hence not more
+    edge = err > 0.5 * err.max()  # where the SR is badly wrong: next to the edges
+    flat = err < 0.01  # far from them
+    assert edge.sum() > 20 and flat.sum() > 500
+    assert np.median(unc[0][edge]) > 1.5 * np.median(unc[0][flat])  # 1.35 vs 0.84
+    # the weights carry over between scales: (F · |gradient|)² is the change across one input pixel,
+    # the same for a ramp seen on a grid 1 or 3 times finer than its input pixels
+    coarse = np.tile(0.7 * np.arange(8.0), (1, 8, 1))
+    fine = np.tile(0.7 * np.arange(24.0) / 3, (1, 8, 1))
+    np.testing.assert_allclose(structure_variance(coarse, 1)[0, 4, 4], 0.49)
+    np.testing.assert_allclose(structure_variance(fine, 3)[0, 4, 12], 0.49)
+
+
+def test_noise_gets_the_weight_on_a_channel_of_pure_counting_noise_and_structure_on_edges():
+    """Two channels fitted together: edges, and Poisson counts with no structure (weights are per channel)."""
+    rng = np.random.default_rng(0)
+    lr = np.concatenate([degrade(_edges(), np.ones((64, 64), bool), 2)[0],
+                         rng.poisson(20.0, size=(1, 32, 32)).astype(np.float32)])
+    mask = np.ones((32, 32), bool)
+    calib = calibrate(lr, mask, 2)
+    w = calib.weights
+    noise, structure = PARTS.index("noise"), PARTS.index("structure")
+    assert (w >= 0).all()
+    # on the noise channel the noise part explains the control's error one scale up, the gradient of
+    # interpolated noise does not; on the edge channel the gradient does
+    assert w[1, noise] > 0.5 and w[1, structure] == 0.0
+    assert w[0, structure] > 0
+    np.testing.assert_array_equal(calibrate(lr, mask, 2).weights, w)  # deterministic for a seed
+
+
+def test_unit_weights_where_the_lr_is_too_small_for_a_task_one_scale_up():
+    lr = np.random.default_rng(1).gamma(2.0, 1.0, size=(2, 5, 5)).astype(np.float32)
+    calib = calibrate(lr, np.ones((5, 5), bool), 4)  # pooled by 2: 2 x 2, no interior pixel
+    assert calib.factors == [] and calib.pixels == 0
+    np.testing.assert_array_equal(calib.weights, [[1.0, 1.0, 0.0]] * 2)
+    assert "too small" in calib.to_dict()["how"]
