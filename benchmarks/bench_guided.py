@@ -21,6 +21,11 @@ The fallback study (``--forced``): SMSDL with the histology forced on every chan
 per channel, with both ground-truth-free gains (held-out, scale transfer), written to
 ``benchmarks/results/guided/forced/<case>_s<seed>.json``; ``--rules`` then scores fallback rules
 offline against the true per-channel gain (1 − MSE(SMSDL forced) / MSE(control) on the truth).
+
+The uncertainty study (``--uncertainty [--seeds 0]``): Spearman(uncertainty, |error|) on tissue of
+SMSDL's map and of variants re-combined from the same fit's inputs (each part alone, unit
+weights, another calibration, a model-free map), written to
+``benchmarks/results/guided/uncertainty/<case>_s<seed>.json``; ``--report`` adds their table.
 """
 
 from __future__ import annotations
@@ -126,17 +131,25 @@ def run_forced(name: str, seed: int) -> dict:
 
 
 def uncertainty_study(name: str, seed: int) -> dict:
-    """Spearman(uncertainty, |error|) per channel: SMSDL's map, and a model-free one (the LR 3 x 3 spread)."""
+    """Spearman(uncertainty, |error|) per channel of SMSDL's map and of variants built from the same inputs.
+
+    The SMSDL fit runs once (as in the benchmark); its uncertainty inputs (SR, fold spread, LR) are
+    caught on the way and re-combined: each part alone, the unit weights (spread ⊕ noise, the map
+    before the calibration), the calibration pooled by every k ≤ F that has an interior pixel
+    instead of by 2 only, and a model-free map (the LR 3 × 3 spread). Written to
+    ``benchmarks/results/guided/uncertainty/<case>_s<seed>.json``.
+    """
     from scipy.ndimage import uniform_filter
 
     from napari_smsdl.evaluation import degrade
     from napari_smsdl.evaluation._benchmark import uncertainty_rank_correlation
     from napari_smsdl.features import extract_features
-    from napari_smsdl.reconstruction import Settings, prepare_guide, train_regression
+    from napari_smsdl.io import tissue_mask
+    from napari_smsdl.reconstruction import Settings, _regression, _uncertainty, prepare_guide, train_regression
 
     truth, he, factor, truth_px, he_px, names = load_case(name)
     settings = Settings.preset("default", factor=factor, seed=seed)
-    mask_hr = np.isfinite(truth).all(0) & (np.nan_to_num(truth) != 0).any(0)
+    mask_hr = tissue_mask(truth)  # as run_benchmark
     rows, cols = (truth.shape[1] // factor) * factor, (truth.shape[2] // factor) * factor
     he = he[: int(round(he.shape[0] * rows / truth.shape[1])), : int(round(he.shape[1] * cols / truth.shape[2]))]
     truth, mask_hr = truth[:, :rows, :cols], mask_hr[:rows, :cols]
@@ -144,16 +157,79 @@ def uncertainty_study(name: str, seed: int) -> dict:
     guide, _ = prepare_guide(he, he_pixel_size_um=he_px, msi_shape=lr.shape[1:], msi_pixel_size_um=truth_px * factor,
                              factor=factor, max_cell_px=settings.max_cell_px)
     fm = extract_features(guide, sr_shape=(rows, cols), factor=factor, params=settings.features, cache_dir=OUT / "cache")
-    result = train_regression(fm.data, lr, factor, mask_lr=mask_lr, params=settings.regression)
+    caught = {}
+    original = _regression.uncertainty_map
+
+    def catch(sr, spread, lr_, mask_lr_, factor_, **kw):
+        caught.update(sr=np.asarray(sr, np.float64), spread=np.asarray(spread, np.float64), kw=kw)
+        return original(sr, spread, lr_, mask_lr_, factor_, **kw)
+
+    _regression.uncertainty_map = catch
+    try:
+        result = train_regression(fm.data, lr, factor, mask_lr=mask_lr, params=settings.regression)
+    finally:
+        _regression.uncertainty_map = original
     truth_clean = np.where(mask_hr[None], np.nan_to_num(truth), 0.0)
-    out = {"current": uncertainty_rank_correlation(result.uncertainty, result.sr, truth_clean, mask_hr)}
+    sr, spread, kw = caught["sr"], caught["spread"], caught["kw"]
+    lr64 = np.nan_to_num(lr).astype(np.float64)
+    coef = _uncertainty.noise_variance_model(lr64, mask_lr)
+    parts = _uncertainty._parts(sr, spread, coef, factor, factor)
+
+    def score(var):
+        return uncertainty_rank_correlation(np.sqrt(var), result.sr, truth_clean, mask_hr)
+
+    out = {"calibrated (the map)": uncertainty_rank_correlation(result.uncertainty, result.sr, truth_clean, mask_hr)}
+    for i, part in enumerate(_uncertainty.PARTS):
+        out[f"{part} alone"] = score(parts[i])
+    out["unit weights (spread + noise)"] = score(parts[0] + parts[1])
+    # the calibration on every k ≤ F with an interior pooled pixel, the rows of all tasks together
+    ks = [k for k in range(2, factor + 1) if min(mask_lr.shape) >= 3 * k
+          and _uncertainty._has_interior(_uncertainty._pool(np.zeros((1, *mask_lr.shape)), mask_lr, k)[1])]
+    tasks = [_uncertainty._task(lr64, mask_lr, k, coef, kw["folds"], kw["seed"]) for k in ks]
+    if tasks:
+        from scipy.optimize import nnls
+
+        a_all, t_all = np.concatenate([t[0] for t in tasks], 2), np.concatenate([t[1] for t in tasks], 1)
+        w = np.zeros((len(names), 3))
+        for c in range(len(names)):
+            norm = np.maximum(a_all[:, c].max(axis=1), 1e-300)
+            w[c] = nnls(a_all[:, c].T / norm, t_all[c])[0] / norm
+        out[f"calibrated on k = {', '.join(map(str, ks))}"] = score(np.einsum("cp,pchw->chw", w, parts))
     # for comparison: the local spread of the measurement itself (no model at all)
     grad = np.stack([np.sqrt(np.maximum(uniform_filter(c ** 2, 3) - uniform_filter(c, 3) ** 2, 0)) for c in lr])
-    out["LR local spread"] = uncertainty_rank_correlation(np.repeat(np.repeat(grad, factor, 1), factor, 2),
-                                                          result.sr, truth_clean, mask_hr)
+    out["LR local spread (no model)"] = uncertainty_rank_correlation(np.repeat(np.repeat(grad, factor, 1), factor, 2),
+                                                                     result.sr, truth_clean, mask_hr)
     for k, v in out.items():
-        print(f"{name} s{seed} {k:>20}: {v['mean']:+.3f}  per channel " + " ".join(f"{x:+.2f}" for x in v["per_channel"]))
-    return out
+        print(f"{name} s{seed} {k:>32}: {v['mean']:+.3f}  per channel " + " ".join(f"{x:+.2f}" for x in v["per_channel"]))
+    entry = {"case": name, "seed": seed, "factor": factor, "spearman": out,
+             "calibration": result.choices["uncertainty"]}
+    (OUT / "uncertainty").mkdir(parents=True, exist_ok=True)
+    (OUT / "uncertainty" / f"{name}_s{seed}.json").write_text(json.dumps(entry, indent=1))
+    return entry
+
+
+def uncertainty_table() -> list[str]:
+    """Markdown: per case and variant, Spearman mean over channels (mean ± std over seeds) and the lowest channel."""
+    entries = [json.loads(f.read_text()) for f in sorted((OUT / "uncertainty").glob("*_s*.json"))]
+    if not entries:
+        return []
+    cases = sorted({e["case"] for e in entries}, key=lambda c: (c[:-1], c[-1]))
+    variants = list(dict.fromkeys(k.split(" on k = ")[0] if k.startswith("calibrated on k") else k
+                                  for e in entries for k in e["spearman"]))
+    lines = ["| variant | " + " | ".join(f"{c[:-1]} F={c[-1]}" for c in cases) + " |", "|---" * (len(cases) + 1) + "|"]
+    for v in variants:
+        cells = []
+        for c in cases:
+            vals = [(e["spearman"][k]["mean"], min(e["spearman"][k]["per_channel"])) for e in entries if e["case"] == c
+                    for k in e["spearman"] if k == v or (v == "calibrated on k" and k.startswith(v))]
+            if not vals:
+                cells.append("—")
+                continue
+            m, lo = np.array(vals).T
+            cells.append(f"{m.mean():.2f} ± {m.std(ddof=1) if len(m) > 1 else 0:.2f} (min {lo.min():.2f}; {len(m)} seeds)")
+        label = "calibrated on every k ≤ F with an interior pooled pixel" if v == "calibrated on k" else v
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 #: fallback rules scored offline: (held-out clearly positive, scale clearly positive or None) → use
@@ -267,6 +343,11 @@ def report() -> dict:
     md = HERE.parent / "docs" / "benchmarks" / "guided.md"
     md.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n\nMargins over the H&E-free control (mean ± std over seeds):\n\n" + "\n".join(margins) + "\n"
+    unc = uncertainty_table()
+    if unc:
+        text += ("\nUncertainty variants, Spearman(uncertainty, |error|) on tissue, mean over channels (mean ± std "
+                 "over seeds; lowest channel of any seed), all from one SMSDL fit per case and seed "
+                 "(`bench_guided.py --uncertainty`):\n\n" + "\n".join(unc) + "\n")
     forced = [json.loads(f.read_text()) for f in sorted((OUT / "forced").glob("*_s*.json"))]
     if forced:
         text += ("\nPer-channel fallback rules, scored against the true per-channel gain (SMSDL forced on every "
@@ -295,7 +376,16 @@ def main() -> None:
     if args.rules:
         return rules()
     if args.uncertainty:
-        return [uncertainty_study(case, int(seed)) for seed in args.seeds.split(",") for case in args.only.split(",")]
+        from napari_smsdl.torch_setup import configure_threads
+
+        configure_threads()
+        for seed in args.seeds.split(","):
+            for case in args.only.split(","):
+                if (OUT / "uncertainty" / f"{case}_s{seed}.json").exists():
+                    continue
+                uncertainty_study(case, int(seed))
+        print("\n".join(uncertainty_table()))
+        return None
     if args.forced:
         from napari_smsdl.torch_setup import configure_threads
 
