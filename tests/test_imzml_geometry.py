@@ -70,6 +70,13 @@ def test_offset_acquisition_is_cropped_and_keeps_its_origin(tmp_path, mode):
     assert tic_kw["scale"] == (20.0, 20.0) and tic_kw["translate"] == (1010.0, 2010.0)
     assert stack_kw["scale"] == (1.0, 20.0, 20.0) and stack_kw["translate"] == (0.0, 1010.0, 2010.0)
     assert stack_kw["metadata"]["offset_rc_px"] == (50, 100)
+    # the CLI's reader keeps the origin too (a project saved from it is reopened there)
+    import argparse
+
+    from napari_smsdl.commands._common import load_msi
+
+    args = argparse.Namespace(mz=list(PEAKS), peaks=5, tol="0.01da", norm="none", shape=None, msi_pixel_size=None)
+    assert load_msi(str(path), args).origin_rc_um == (1000.0, 2000.0)
 
 
 def test_offset_without_pixel_size_is_placed_in_pixels(tmp_path):

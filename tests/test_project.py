@@ -465,3 +465,32 @@ def test_two_processes_saving_at_once_both_succeed_and_a_reader_sees_only_comple
     assert not [p for p in folder.iterdir() if p.name.startswith(".staging-")]
     assert len([p for p in folder.iterdir() if p.name.startswith("save-")]) == 1
     assert loads >= 1
+
+
+def test_a_reopened_project_is_placed_at_the_msi_origin(project, tmp_path):
+    """An imzML acquired off the instrument's origin: the reopened MSI, truth and uncertainty layers go
+    back to where the MSI was (its corner at 1000, 2000 µm), as the imzML reader places it."""
+    import dataclasses
+
+    from napari_smsdl.project import project_layers
+
+    folder = tmp_path / "placed"
+    save_project(folder, dataclasses.replace(project, msi_origin_rc_um=(1000.0, 2000.0)))
+    back = load_project(folder)
+    assert back.msi_origin_rc_um == (1000.0, 2000.0)
+    layers = {kw["name"]: kw for _, kw, _ in project_layers(back)[0]}
+    msi = next(kw for name, kw in layers.items() if name.endswith("(MSI)"))
+    truth = next(kw for name, kw in layers.items() if name.endswith("ground truth"))
+    unc = layers["uncertainty (SMSDL)"]
+    assert tuple(msi["translate"]) == (0.0, 1020.0, 2020.0)  # 40 µm pixels: centre of pixel (0, 0)
+    assert tuple(truth["translate"]) == tuple(unc["translate"]) == (0.0, 1005.0, 2005.0)  # 10 µm SR pixels
+    # a project saved before the origin was recorded opens at 0, as it did
+    snapshot = folder / json.loads((folder / PROJECT_FILE).read_text())["snapshot"]
+    params = json.loads((snapshot / "parameters.json").read_text())
+    del params["msi_origin_rc_um"]
+    _rewrite_snapshot_file(folder, "parameters.json", json.dumps(params))
+    assert load_project(folder).msi_origin_rc_um == (0.0, 0.0)
+    params["msi_origin_rc_um"] = ["a", 1]
+    _rewrite_snapshot_file(folder, "parameters.json", json.dumps(params))
+    with pytest.raises(InputError, match="msi_origin_rc_um"):
+        load_project(folder)

@@ -262,6 +262,8 @@ def test_train_compare_export_and_reopen_the_project(sample_viewer, make_napari_
     assert compare2.project is not None and compare2.metrics_table.rowCount() == 12  # Compare followed the reopen
     msi2 = viewer2.layers["project (MSI)"]
     np.testing.assert_allclose(msi2.scale[-2:], (40.0, 40.0))
+    assert reopened.msi_origin_rc_um == pytest.approx((R0 * 40.0, C0 * 40.0))  # the crop's corner, recorded by Train
+    np.testing.assert_allclose(msi2.translate[-2:], (R0 * 40.0 + 20.0, C0 * 40.0 + 20.0))  # back where it was
     np.testing.assert_array_equal(msi2.data, project.lr_msi, strict=False)
 
 

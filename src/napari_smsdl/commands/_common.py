@@ -27,6 +27,7 @@ class MsiInput:
     mz: tuple[float, ...] | None = None
     lazy: bool = False
     store: str | None = None
+    origin_rc_um: tuple[float, float] = (0.0, 0.0)  # the grid's top-left corner on the instrument (imzML)
 
 
 def add_msi_channel_args(parser) -> None:
@@ -117,9 +118,10 @@ def _load_msi(path: str, args, *, lazy_above: int | None = None, store: str | Pa
             windows = make_windows(mz, args.tol)
             data = _stream_ion_images(ds, windows, args.norm, Path(store), chunk_channels)
             return MsiInput(data, tuple(w.label for w in windows), ds.pixel_size_um, tuple(mz), lazy=True,
-                            store=str(store))
+                            store=str(store), origin_rc_um=ds.origin_rc_um)
         images = ds.ion_images(mz, args.tol, norm=args.norm)
-        return MsiInput(images.data, tuple(images.channel_names), ds.pixel_size_um, tuple(mz))
+        return MsiInput(images.data, tuple(images.channel_names), ds.pixel_size_um, tuple(mz),
+                        origin_rc_um=ds.origin_rc_um)
     from ..io import read_ion_stack
 
     if lazy_above is not None and p.suffix.lower() == ".npy" and p.is_file():

@@ -45,6 +45,7 @@ pixels × m/z (:func:`napari_smsdl.project.export_spatialdata`; needs ``napari-s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import resource
 import time
@@ -343,7 +344,7 @@ def run_project(args, result, msi, *, msi_px: float, he_px: float, transform, ou
                                              **common)
     else:
         project = Project.from_reconstruction(result, lr_msi=msi.data, **common)
-    return project
+    return dataclasses.replace(project, msi_origin_rc_um=tuple(msi.origin_rc_um))
 
 
 def reopen(args, start: float) -> int:

@@ -5,7 +5,7 @@ Layout on disk::
     DIR/project.json              the manifest, written last: which snapshot is current, every
                                   file of it with its SHA-256 and size, the input records
     DIR/save-0003/                the current snapshot (read only through the manifest)
-        parameters.json           settings, methods, pixel sizes, channels, m/z, timings
+        parameters.json           settings, methods, pixel sizes, channels, m/z, timings, the MSI origin
         inputs/msi_lr.ome.tif     the measured MSI (C, h, w) float32, NaN = not acquired
         inputs/he_guide.tif       the registered H&E on the SR grid (uint8 RGB, for display)
         registration/transform.tfm, landmarks.csv, report.json

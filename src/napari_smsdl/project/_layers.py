@@ -77,7 +77,7 @@ def project_layers(project: Project, *, name: str | None = None) -> tuple[list[L
     common = {"source_path": None if msi_path is None else str(msi_path), "factor": project.factor}
     layers.append(ion_stack_layer(
         project.lr_msi, list(project.channel_names), project.msi_pixel_size_um, name=f"{stem} (MSI)", mz=project.mz,
-        metadata=dict(common, kind="measured"),
+        metadata=dict(common, kind="measured"), origin_rc_um=project.msi_origin_rc_um,
     ))
     if project.truth is not None:
         truth = project.truth
@@ -88,6 +88,7 @@ def project_layers(project: Project, *, name: str | None = None) -> tuple[list[L
         data, kwargs, kind = ion_stack_layer(
             truth, names, project.sr_pixel_size_um, name=f"{stem} ground truth",
             mz=mz, metadata=dict(common, kind="ground_truth", role="reference"),
+            origin_rc_um=project.msi_origin_rc_um,  # the SR grid shares the MSI grid's corner
         )
         if project.lazy:  # the layer itself reads the stack on disk
             data = project.truth
@@ -95,7 +96,7 @@ def project_layers(project: Project, *, name: str | None = None) -> tuple[list[L
                                       mz=None if project.mz is None else list(project.mz))
         layers.append((data, dict(kwargs, visible=False), kind))
     # SMSDL's uncertainty, on the SR grid of the MSI layer above (placed as the reader places grids)
-    msi_place = grid_placement(project.msi_pixel_size_um, n_leading=1)
+    msi_place = grid_placement(project.msi_pixel_size_um, n_leading=1, origin_rc_um=project.msi_origin_rc_um)
     extra = uncertainty_layer(project, msi_scale_rc=msi_place["scale"][-2:], msi_translate_rc=msi_place["translate"][-2:])
     if extra is not None:
         layers.append(extra)

@@ -122,6 +122,10 @@ class Project:
     choices : dict
         Method (``"smsdl"``) → the settings chosen from held-out LR pixels and their scores (a list
         of one such dict per chunk of channels for a many-channel run).
+    msi_origin_rc_um : (float, float)
+        Where the top-left corner of the MSI grid lies, in µm, in the viewer's world (an imzML whose
+        raster does not start at position (1, 1) is placed at the instrument's origin,
+        :attr:`napari_smsdl.io.ImzMLDataset.origin_rc_um`); a reopened project is placed there again.
     """
 
     lr_msi: np.ndarray
@@ -149,6 +153,7 @@ class Project:
     uncertainty: dict = field(default_factory=dict)
     guidance: dict = field(default_factory=dict)
     choices: dict = field(default_factory=dict)
+    msi_origin_rc_um: tuple[float, float] = (0.0, 0.0)
 
     @property
     def factor(self) -> int:

@@ -174,6 +174,7 @@ def _write_snapshot(stage: Path, project: Project) -> None:
         "he_pixel_size_um": project.he_pixel_size_um,
         "sr_pixel_size_um": project.sr_pixel_size_um,
         "lr_shape": list(project.lr_msi.shape),
+        "msi_origin_rc_um": [float(v) for v in project.msi_origin_rc_um],
         "seconds": project.seconds,
         "lazy": project.lazy,
     }
@@ -501,4 +502,18 @@ def _load_project(directory: str | os.PathLike, *, verify: bool = True) -> Proje
         uncertainty=uncertainty,
         guidance=dict(recorded.get("guidance") or {}),
         choices=dict(recorded.get("choices") or {}),
+        msi_origin_rc_um=_origin(params.get("msi_origin_rc_um"), snap / PARAMETERS),  # absent before it was saved
     )
+
+
+def _origin(value, path: Path) -> tuple[float, float]:
+    """The saved MSI origin (row, col) µm; (0, 0) for projects saved before it was recorded."""
+    if value is None:
+        return (0.0, 0.0)
+    try:
+        row, col = (float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"msi_origin_rc_um must be two numbers, got {value!r}", path) from exc
+    if not (math.isfinite(row) and math.isfinite(col)):
+        raise InputError(f"msi_origin_rc_um must be finite, got {value!r}", path)
+    return (row, col)

@@ -174,7 +174,10 @@ def prepare_and_reconstruct(gathered: dict, **run: Any):
     inputs = prepare_inputs(gathered, run["settings"])
     if progress is not None:
         progress("preparing (imports, reading the layers)", 1, 1)
-    return reconstruct_project(**inputs, **run)
+    project = reconstruct_project(**inputs, **run)
+    # the MSI layer's top-left corner (an imzML off the instrument's origin): a reopened project goes there too
+    corner = np.asarray(gathered["msi_translate"], float)[-2:] - np.asarray(gathered["msi_scale"], float)[-2:] / 2
+    return dataclasses.replace(project, msi_origin_rc_um=(float(corner[0]), float(corner[1])))
 
 
 def prepare_inputs(g: dict, settings: Settings) -> dict:
