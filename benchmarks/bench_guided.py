@@ -214,18 +214,22 @@ def uncertainty_table() -> list[str]:
     if not entries:
         return []
     cases = sorted({e["case"] for e in entries}, key=lambda c: (c[:-1], c[-1]))
-    variants = list(dict.fromkeys(k.split(" on k = ")[0] if k.startswith("calibrated on k") else k
+    variants = list(dict.fromkeys("calibrated on k" if k.startswith("calibrated on k") else k
                                   for e in entries for k in e["spearman"]))
     lines = ["| variant | " + " | ".join(f"{c[:-1]} F={c[-1]}" for c in cases) + " |", "|---" * (len(cases) + 1) + "|"]
     for v in variants:
         cells = []
         for c in cases:
-            vals = [(e["spearman"][k]["mean"], min(e["spearman"][k]["per_channel"])) for e in entries if e["case"] == c
+            vals = [(e["spearman"][k]["mean"], np.nanmin(np.array(e["spearman"][k]["per_channel"], float))
+                     if np.isfinite(e["spearman"][k]["per_channel"]).any() else np.nan) for e in entries if e["case"] == c
                     for k in e["spearman"] if k == v or (v == "calibrated on k" and k.startswith(v))]
             if not vals:
                 cells.append("—")
                 continue
-            m, lo = np.array(vals).T
+            m, lo = np.array(vals, float).T
+            if not np.isfinite(m).any():
+                cells.append("constant map")
+                continue
             cells.append(f"{m.mean():.2f} ± {m.std(ddof=1) if len(m) > 1 else 0:.2f} (min {lo.min():.2f}; {len(m)} seeds)")
         label = "calibrated on every k ≤ F with an interior pooled pixel" if v == "calibrated on k" else v
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
