@@ -519,19 +519,15 @@ def _one_dims_update(viewer):
             on_change()
 
 
-#: Side of the off-screen image :func:`warm_up` draws into (pixels): enough to run every shader once.
-WARM_UP_PX = 8
-
-
 def warm_up(viewer, layers: Sequence) -> int:
-    """Draw the hidden ``layers`` once, off-screen, so that showing them later costs no GL set-up.
+    """Draw the hidden ``layers`` once, unseen, so that showing them later costs no GL set-up.
 
     The first draw of a layer links its shader program (about 30 ms a layer in software OpenGL),
     uploads its texture and, for text, renders the glyphs: for a grid of 30 layers most of the
-    first toggle. Here each hidden layer is sliced and its vispy node drawn into a small
-    off-screen buffer (the napari layers stay hidden; nothing changes on the screen), then
-    hidden again. Nothing is drawn when the viewer has no canvas on screen (the first real draw
-    then pays). Returns the number of layers drawn.
+    first toggle. Here each hidden layer is sliced and its vispy node drawn once into the canvas's
+    framebuffer (the napari layers stay hidden; the frame is never shown: the canvas is redrawn
+    before it is next painted), then hidden again. Nothing is drawn when the viewer has no canvas
+    on screen (the first real draw then pays). Returns the number of layers drawn.
     """
     canvas = getattr(getattr(getattr(viewer, "window", None), "_qt_viewer", None), "canvas", None)
     visuals = getattr(canvas, "layer_to_visual", None)
@@ -551,10 +547,16 @@ def warm_up(viewer, layers: Sequence) -> int:
     try:
         for node in nodes:
             node.visible = True
-        scene.render(size=(WARM_UP_PX, WARM_UP_PX))
+        # into the canvas's own framebuffer, not an off-screen one of vispy's: software OpenGL compiles a
+        # shader again for each framebuffer format (an off-screen draw left 0.2 s of the labels' text to
+        # the first grid view). Nothing reaches the screen: it is not swapped, and the update below
+        # redraws the real scene before the canvas is next shown
+        scene.set_current()
+        scene._draw_scene()
     finally:
         for node in nodes:
             node.visible = False
+        scene.update()
     return len(nodes)
 
 
@@ -948,6 +950,7 @@ class CompareWidget(ErrorDisplay, QWidget):
         self.rows = add_comparison_layers(self.viewer, project, msi_layer, channels=chosen, differences=reference,
                                           grid=bool(self.grid.value), grid_by=self._grid_by,
                                           spare_differences=self._reference(project, shown=False), spares=self._spares)
+        # the hidden layers (tiles, difference maps, grid labels) are drawn once now: the toggles then show them at once
         hidden = [*(lay for row in self.rows.values() for lay in row), *(lay for ls in self._spares.values() for lay in ls)]
         warm_up(self.viewer, [*hidden, *(self.viewer.layers[n] for n in (LABELS_NAME,) if n in self.viewer.layers)])
         self._fill_metrics(project, chosen)
