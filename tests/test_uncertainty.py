@@ -51,7 +51,7 @@ def test_noise_gets_the_weight_on_a_channel_of_pure_counting_noise_and_structure
     lr = np.concatenate([degrade(_edges(), np.ones((64, 64), bool), 2)[0],
                          rng.poisson(20.0, size=(1, 32, 32)).astype(np.float32)])
     mask = np.ones((32, 32), bool)
-    calib = calibrate(lr, mask, 2)
+    calib = calibrate(lr, mask)
     w = calib.weights
     noise, structure = PARTS.index("noise"), PARTS.index("structure")
     assert (w >= 0).all()
@@ -59,12 +59,12 @@ def test_noise_gets_the_weight_on_a_channel_of_pure_counting_noise_and_structure
     # interpolated noise does not; on the edge channel the gradient does
     assert w[1, noise] > 0.5 and w[1, structure] == 0.0
     assert w[0, structure] > 0
-    np.testing.assert_array_equal(calibrate(lr, mask, 2).weights, w)  # deterministic for a seed
+    np.testing.assert_array_equal(calibrate(lr, mask).weights, w)  # deterministic for a seed
 
 
 def test_unit_weights_where_the_lr_is_too_small_for_a_task_one_scale_up():
     lr = np.random.default_rng(1).gamma(2.0, 1.0, size=(2, 5, 5)).astype(np.float32)
-    calib = calibrate(lr, np.ones((5, 5), bool), 4)  # pooled by 2: 2 x 2, no interior pixel
+    calib = calibrate(lr, np.ones((5, 5), bool))  # pooled by 2: 2 x 2, no interior pixel
     assert calib.factors == [] and calib.pixels == 0
     np.testing.assert_array_equal(calib.weights, [[1.0, 1.0, 0.0]] * 2)
     assert "too small" in calib.to_dict()["how"]

@@ -160,9 +160,11 @@ def _task(lr: np.ndarray, m: np.ndarray, k: int, coef: np.ndarray, folds: int, s
     return _parts(control, spread, coef, 1, k)[:, :, score], (control - lr_c)[:, score] ** 2
 
 
-def calibrate(lr: np.ndarray, mask_lr: np.ndarray, factor: int, coef: np.ndarray | None = None, *,
+def calibrate(lr: np.ndarray, mask_lr: np.ndarray, coef: np.ndarray | None = None, *,
               folds: int = 5, seed: int = 0) -> Calibration:
-    """Weights of the parts from the tasks one scale up (see the module notes); no ground truth used.
+    """Weights of the parts from the task one scale up (see the module notes); no ground truth used.
+
+    The weights do not depend on F: the parts are defined so that they carry over between scales.
 
     ``coef`` is the LR noise model (:func:`noise_variance_model`); ``folds`` and ``seed`` set the
     blocked folds of the pooled pixels for the control's fold spread, as the SR fit's folds.
@@ -217,7 +219,9 @@ def uncertainty_map(
     """
     lr = np.nan_to_num(np.asarray(lr, np.float64))
     coef = noise_variance_model(lr, mask_lr)
-    calib = calibrate(lr, mask_lr, factor, coef, folds=folds, seed=seed)
-    parts = _parts(np.asarray(sr, np.float64), spread, coef, factor, factor)
-    var = np.einsum("pc,pchw->chw", calib.weights.T, parts)
-    return np.sqrt(var).astype(np.float32), calib
+    calib = calibrate(lr, mask_lr, coef, folds=folds, seed=seed)
+    out = np.empty(np.shape(sr), np.float32)
+    for c in range(out.shape[0]):  # one channel at a time: three SR-sized float64 parts, not 3·C
+        parts = _parts(np.asarray(sr[c : c + 1], np.float64), spread[c : c + 1], coef[c : c + 1], factor, factor)
+        out[c] = np.sqrt(np.tensordot(calib.weights[c], parts[:, 0], axes=1))
+    return out, calib
