@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -532,8 +533,9 @@ def warm_up(viewer, layers: Sequence) -> int:
     canvas = getattr(getattr(getattr(viewer, "window", None), "_qt_viewer", None), "canvas", None)
     visuals = getattr(canvas, "layer_to_visual", None)
     scene = getattr(canvas, "_scene_canvas", None)
-    if visuals is None or scene is None or not scene.native.isVisible():
-        return 0
+    native = getattr(scene, "native", None)
+    if visuals is None or native is None or not native.isVisible() or not getattr(native, "isValid", lambda: True)():
+        return 0  # no canvas on screen, or its GL context not made yet
     nodes = []
     for layer in layers:
         visual = visuals.get(layer)
@@ -952,7 +954,10 @@ class CompareWidget(ErrorDisplay, QWidget):
                                           spare_differences=self._reference(project, shown=False), spares=self._spares)
         # the hidden layers (tiles, difference maps, grid labels) are drawn once now: the toggles then show them at once
         hidden = [*(lay for row in self.rows.values() for lay in row), *(lay for ls in self._spares.values() for lay in ls)]
-        warm_up(self.viewer, [*hidden, *(self.viewer.layers[n] for n in (LABELS_NAME,) if n in self.viewer.layers)])
+        try:
+            warm_up(self.viewer, [*hidden, *(self.viewer.layers[n] for n in (LABELS_NAME,) if n in self.viewer.layers)])
+        except Exception:  # a speed-up only: should a GL call fail here, the first toggle draws them
+            logging.getLogger(__name__).warning("Compare: drawing the hidden layers at Show failed", exc_info=True)
         self._fill_metrics(project, chosen)
         self.segment_method.reset_choices()
         n = sum(len(r) for r in self.rows.values())
