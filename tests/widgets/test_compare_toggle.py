@@ -89,8 +89,12 @@ def test_grid_and_difference_toggles_rebuild_the_scene_once(sample_viewer, qtbot
     assert rebuilds["n"] <= 2 and dims["n"] <= 2 and not compare.tiles and compare.last_error is None
     assert not viewer.layers[LABELS_NAME].visible and inserted == [] and removed == []
 
-    compare.reference.value = "bicubic"  # a new reference: the maps are made again (when shown)
-    compare.differences.value = True
+    compare.reference.value = "bicubic"  # a new reference while the maps are off: made now, hidden
+    assert len(inserted) == 3 * 3 and len(removed) == 3 * 4 and compare.last_error is None
+    assert not any(lay.visible for ls in compare._spares.values() for lay in ls)
+    inserted[:], removed[:] = [], []
+    compare.differences.value = True  # ... so that turning them on still makes and removes nothing
+    assert inserted == [] and removed == []
     names = [lay.name for row in compare.rows.values() for lay in row if lay.metadata.get("role") == "difference"]
     assert len(names) == 3 * 3 and all(" − BI · " in n for n in names) and compare.last_error is None
 

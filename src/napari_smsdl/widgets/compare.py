@@ -999,6 +999,36 @@ class CompareWidget(ErrorDisplay, QWidget):
             self._reference_by_user = True  # a choice made in the widget stays
         if self.differences.value:
             self._update_differences()
+        else:
+            self._renew_spares()
+
+    def _renew_spares(self) -> None:
+        """A new reference while the maps are off: their hidden layers are made (and drawn) now, not at the toggle."""
+        project, msi = self.project, self.source.value
+        if not self.rows or not self._spares or project is None or msi is None or project.lazy:
+            return
+        reference = self._reference(project, shown=False)
+        spares = [lay for layers in self._spares.values() for lay in layers]
+        if all(lay.metadata.get("reference") == reference and lay in self.viewer.layers for lay in spares):
+            return
+        try:
+            with _batched(self.viewer):
+                for layer in spares:
+                    if layer in self.viewer.layers:
+                        self.viewer.layers.remove(layer)
+                self._spares.clear()
+                if reference is not None:
+                    _append_difference_layers(self.viewer, project, msi, self.rows, reference, into=self._spares)
+                arrange(self.viewer, self.rows, grid=bool(self.grid.value), grid_by=self._grid_by,
+                        parked=[lay for layers in self._spares.values() for lay in layers],
+                        label_slots=_label_slots(self.rows, self._spares))
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            self._on_error(exc)
+            return
+        try:
+            warm_up(self.viewer, [lay for layers in self._spares.values() for lay in layers])
+        except Exception:  # a speed-up only, as at Show
+            logging.getLogger(__name__).warning("Compare: drawing the new difference maps failed", exc_info=True)
 
     def _default_reference(self) -> None:
         """Difference maps reference the ground truth when one is chosen (else BI), unless picked by hand."""
