@@ -463,9 +463,9 @@ def reconstruct_many_channels(
     settings : napari_smsdl.reconstruction.Settings
         Factor, feature and regression parameters, device (default ``Settings()``).
     methods : sequence of str
-        ``"smsdl"``, ``"bicubic"`` and/or ``"backprojection"`` (the H&E-free control,
-        :func:`backprojection_channels`, into ``out/sr_backprojection.zarr``). The CNN baseline trains one network on every channel at
-        once and is refused here (:class:`napari_smsdl.errors.InputError`).
+        ``"smsdl"``, ``"bicubic"``, ``"backprojection"`` (the H&E-free control,
+        :func:`backprojection_channels`, into ``out/sr_backprojection.zarr``) and/or ``"cnn"`` (one
+        network per chunk of channels, :func:`cnn_channels`, into ``out/sr_cnn.zarr``).
     transform, mask_lr, cache_dir, save_weights, progress, should_stop
         As :func:`napari_smsdl.reconstruction.reconstruct`.
     channel_names : sequence of str, optional
