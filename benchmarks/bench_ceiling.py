@@ -161,6 +161,7 @@ def gbm_oracle(feats: np.ndarray, bicubic: np.ndarray, target: np.ndarray, train
 def _prepare(name: str, seed: int) -> dict:
     """The benchmark protocol's inputs for one case: cropped truth, LR, masks, guide, bicubic, control."""
     from napari_smsdl.evaluation import degrade
+    from napari_smsdl.io import tissue_mask
     from napari_smsdl.reconstruction import Settings, prepare_guide
     from napari_smsdl.reconstruction.baselines import bicubic_upsample
     from napari_smsdl.reconstruction.baselines.backprojection import (
@@ -170,7 +171,7 @@ def _prepare(name: str, seed: int) -> dict:
 
     truth, he, factor, truth_px, he_px, names = load_case(name)
     settings = Settings.preset("default", factor=factor, seed=seed)
-    mask_hr = np.isfinite(truth).all(0) & (np.nan_to_num(truth) != 0).any(0)
+    mask_hr = tissue_mask(truth)  # as run_benchmark
     rows, cols = (truth.shape[1] // factor) * factor, (truth.shape[2] // factor) * factor
     if (rows, cols) != truth.shape[1:]:  # as run_benchmark: keep the same-field-of-view correspondence
         he = he[: round(he.shape[0] * rows / truth.shape[1]), : round(he.shape[1] * cols / truth.shape[2])]
@@ -274,10 +275,14 @@ def report() -> dict:
             "|---|---|---|---|---|---|---|---|"]
     rows = ["| data | F | method − control | seeds | RMSE | SSIM | R² |", "|---|---|---|---|---|---|---|"]
     order = {"mouse": 0, "sample": 1, "bladder": 2}
+    mismatched: list[str] = []
     for case, entries in sorted(by_case.items(), key=lambda kv: (order.get(kv[0][:-1], 9), kv[0][-1])):
         entries.sort(key=lambda e: e["seed"])
         for e in entries:  # SMSDL's margin from bench_guided's current case file (it may be re-run after this one)
             e["guided"] = _guided_margins(case, e["seed"]) or e.get("guided")
+            ctrl_g = (e["guided"] or {}).get("backprojection")
+            if ctrl_g and any(abs(ctrl_g[k] - e["metrics"]["backprojection"][k]["mean"]) > 1e-5 for k in METRICS):
+                mismatched.append(f"{case}_s{e['seed']}")  # not the same control (protocol changed in between)
         factor = entries[0]["factor"]
         ctrl = {k: _mean_std([e["metrics"]["backprojection"][k]["mean"] for e in entries]) for k in METRICS}
         share = _mean_std([e["detail"]["missed_variance_share_mean"] for e in entries])
@@ -305,6 +310,9 @@ def report() -> dict:
             rows.append(f"| {case[:-1]} | {factor} | {label} | {len(got)} | " + " | ".join(_fmt(d[k]) for k in METRICS) + " |")
         if all("cnn" in e for e in entries[:1]):
             s["cnn_iterations"] = entries[0]["cnn"]["iterations"]
+    if mismatched:
+        print("WARNING: the control differs from bench_guided's (re-run these case files): " + ", ".join(mismatched))
+        summary["control_mismatch"] = mismatched
     (HERE / "results" / "ceiling.json").write_text(json.dumps(summary, indent=2))
     md = HERE.parent / "docs" / "benchmarks" / "ceiling.md"
     md.parent.mkdir(parents=True, exist_ok=True)
@@ -316,7 +324,9 @@ def report() -> dict:
             "The oracles are fitted to the ground truth's missing detail on one image half and scored on the other "
             "(both ways), then conserved exactly; SMSDL's margin is that of `bench_guided.py` for the same seeds; "
             f"the CNN pair runs {', '.join(map(str, its)) or '—'} joint iterations, real vs constant guide:\n\n"
-            + "\n".join(rows) + "\n")
+            + "\n".join(rows) + "\n"
+            + (f"\n**Stale:** the control of {', '.join(mismatched)} differs from `bench_guided.py`'s; re-run those.\n"
+               if mismatched else ""))
     md.write_text(text)
     print(text)
     return summary
