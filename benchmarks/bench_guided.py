@@ -145,7 +145,13 @@ def uncertainty_study(name: str, seed: int) -> dict:
     from napari_smsdl.evaluation._benchmark import uncertainty_rank_correlation
     from napari_smsdl.features import extract_features
     from napari_smsdl.io import tissue_mask
-    from napari_smsdl.reconstruction import Settings, _regression, _uncertainty, prepare_guide, train_regression
+    from napari_smsdl.reconstruction import (
+        Settings,
+        _regression,
+        _uncertainty,
+        prepare_guide,
+        train_regression,
+    )
 
     truth, he, factor, truth_px, he_px, names = load_case(name)
     settings = Settings.preset("default", factor=factor, seed=seed)

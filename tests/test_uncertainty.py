@@ -7,7 +7,12 @@ from scipy.stats import spearmanr
 
 from napari_smsdl.evaluation import degrade
 from napari_smsdl.reconstruction import backprojection_upsample
-from napari_smsdl.reconstruction._uncertainty import PARTS, calibrate, structure_variance, uncertainty_map
+from napari_smsdl.reconstruction._uncertainty import (
+    PARTS,
+    calibrate,
+    structure_variance,
+    uncertainty_map,
+)
 
 
 def _edges(size: int = 64) -> np.ndarray:
