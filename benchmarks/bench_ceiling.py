@@ -22,7 +22,9 @@ block-averaged by F, scored on tissue with :func:`napari_smsdl.evaluation.score_
    tiles (``TILE_LR`` LR pixels a side, two ViT tokens), so that a region found in one image half
    only (the sample's stroma ion) is in both folds; (e) as (d) with the control's own within-block
    detail as one more, unpenalised regressor, fitted to the truth's within-block detail: the
-   features may then replace the bicubic detail instead of only adding to it (SMSDL replaces it).
+   features may then replace the bicubic detail instead of only adding to it (SMSDL replaces it);
+   (f) as (e) without the features (one scale of the control's detail per channel, no H&E): the
+   part of (e)'s gain that needs no histology.
    An oracle that barely beats the control bounds what the features can add.
 4. **CNN, real guide vs blank guide**: the CNN baseline (``run_cnn``) with SMSDL's guide and with a
    constant guide of the same mean, the same settings and a fixed iteration count (no wall-clock
@@ -64,7 +66,8 @@ ALPHAS = 10.0 ** np.arange(-1, 6)  # ridge penalties tried on the inner split (f
 ORACLES = {"oracle_ridge_vit": "oracle: ridge on ViT features", "oracle_ridge_colour": "oracle: ridge on colour",
            "oracle_gbm_vit": "oracle: boosting on ViT PCs + bicubic + position",
            "oracle_ridge_vit_tiles": "oracle: ridge on ViT features, checkerboard folds",
-           "oracle_ridge_vit_free_tiles": "oracle: ridge on ViT features + the control's detail, checkerboard folds"}
+           "oracle_ridge_vit_free_tiles": "oracle: ridge on ViT features + the control's detail, checkerboard folds",
+           "oracle_control_scale_tiles": "oracle, no H&E: the control's detail rescaled, checkerboard folds"}
 # checkerboard tile side in LR pixels: two ViT tokens (tissue_tokens_msi_px = 4 MSI pixels each), less
 # where the LR image is under 4 such tiles a side (the cerebellum), so that both folds stay balanced
 TILE_LR = 8
@@ -157,7 +160,7 @@ def ridge_oracle(feats: np.ndarray, target: np.ndarray, train: np.ndarray, facto
     return pred, [float(alphas[b]) for b in best]
 
 
-def ridge_free_oracle(feats: np.ndarray, control_detail: np.ndarray, target: np.ndarray, train: np.ndarray,
+def ridge_free_oracle(feats: np.ndarray | None, control_detail: np.ndarray, target: np.ndarray, train: np.ndarray,
                       factor: int, inner: np.ndarray, alphas=ALPHAS) -> tuple[np.ndarray, list[float]]:
     """As :func:`ridge_oracle`, one channel at a time, with that channel's control as one more regressor.
 
@@ -165,9 +168,10 @@ def ridge_free_oracle(feats: np.ndarray, control_detail: np.ndarray, target: np.
     ``control_detail`` the control's (the same, of the control). The latter enters divided by its
     standard deviation and scaled by 1e3, so its penalty is negligible: the fit can keep it
     (coefficient 1: the additive oracle), drop it (0: the features replace the bicubic detail) or
-    anything between, which the additive oracle cannot.
+    anything between, which the additive oracle cannot. ``feats=None``: the control's detail alone
+    (one scale per channel, no H&E), which tells how much of that oracle's gain needs no histology.
     """
-    x = _block_free(_standardise(feats), factor)
+    x = _block_free(_standardise(feats), factor) if feats is not None else np.zeros((0, *target.shape[1:]))
     z = control_detail / (control_detail.reshape(len(control_detail), -1).std(1)[:, None, None] + 1e-30) * 1e3
     pred, chosen = np.zeros_like(target), []
     for c in range(target.shape[0]):
@@ -287,8 +291,9 @@ def run_oracles(name: str, seed: int, entry: dict | None = None) -> dict:
         alphas = []
         for half in ((tiles, ~tiles) if key.endswith("_tiles") else (left, ~left)):
             train, test = half & mask, ~half
-            if key == "oracle_ridge_vit_free_tiles":
-                pred, chosen = ridge_free_oracle(fm.data, np.where(mask[None], control - nearest, 0.0), target_free,
+            if key in ("oracle_ridge_vit_free_tiles", "oracle_control_scale_tiles"):
+                feats = fm.data if key == "oracle_ridge_vit_free_tiles" else None
+                pred, chosen = ridge_free_oracle(feats, np.where(mask[None], control - nearest, 0.0), target_free,
                                                  train, factor, tile_rows)
                 alphas.append(chosen)
                 out[:, test] = nearest[:, test] + pred[:, test]
@@ -372,7 +377,7 @@ def report() -> dict:
             if e.get("guided") and "smsdl" in e["guided"] else None for e in entries])]
         for key, label in ORACLES.items():
             methods.append((label, [{k: e["metrics"][key][k]["mean"] - e["metrics"]["backprojection"][k]["mean"]
-                                     for k in METRICS} for e in entries]))
+                                     for k in METRICS} if key in e["metrics"] else None for e in entries]))
         for key, label in (("cnn_real_guide", "CNN, real guide"), ("cnn_blank_guide", "CNN, blank guide")):
             methods.append((label, [{k: e["cnn"][key][k]["mean"] - e["metrics"]["backprojection"][k]["mean"]
                                      for k in METRICS} if "cnn" in e else None for e in entries]))
