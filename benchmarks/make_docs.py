@@ -93,30 +93,40 @@ scores; the CNN's SSIM there moved by −0.002 (F = 2) and +0.010 (F = 4, old se
   there now, but stays under the 0.3 asked for; an oracle, the truth's own local 3 × 3 spread,
   reaches 0.38 ([method.md](method.md#uncertainty); the uncertainty-variants table above).
 
-**How much could the histology add at all? (ceiling)** `python benchmarks/bench_ceiling.py`: oracles
-fitted *on the ground truth* to the detail the control misses (truth − control), on one image half
-and scored on the other (both ways), then conserved exactly like every method here — ridge on the
-ViT features, ridge on colour only (penalty chosen on the training half), gradient boosting on ViT
-principal components + the bicubic value + the sub-pixel position — beside SMSDL's margin, and the
-CNN with the real guide and with a constant (blank) guide at a fixed 150 joint iterations.
+**How much could the histology add at all? (ceiling)** `python benchmarks/bench_ceiling.py`, seeds 0–2
+everywhere: oracles fitted *on the ground truth* to the detail the control misses (truth − control)
+on one fold and scored on the other (both ways), then conserved exactly like every method here —
+(a) ridge on the ViT features, (b) ridge on colour only (penalty chosen on the training fold),
+(c) gradient boosting on ViT principal components + the bicubic value + the sub-pixel position, all
+three on image halves; (d) ridge on the ViT features on a checkerboard of tiles two ViT tokens wide
+(an ion found in one region only is in both folds); (e) as (d) with the control's own within-block
+detail as a free regressor (the features may replace the bicubic detail, as SMSDL does); (f) that
+detail rescaled alone, no H&E (the part of (e)'s gain that needs no histology) — beside SMSDL's
+margin, and the CNN with the real guide and with a constant (blank) guide at a fixed 150 joint
+iterations.
 
 {ceiling}
 
-On the bladder ions (F = 4; seed 0 only, the other seeds' ViT features were not recomputed in
-time) the detail the control misses is 44 % of the truth variance but almost white (lag-1
-correlation 0.11), and the best oracle, fitted on the truth itself, gains only SSIM +0.0027, RMSE
-−0.0003, R² +0.0011 (colour alone SSIM +0.0023; boosting overfits the noise and loses R²): SMSDL's
-+0.0011 is about 40 % of a ceiling that is itself below the seed spread of the ablations, so no
-method on these features would change the verdict there. On the cerebellum at F = 2 the missed
-detail is white too (13 %, lag-1 −0.05), the ceiling is SSIM +0.004 ± 0.001, and the CNN with a
-blank guide gains as much as with the real one (SSIM +0.0021 ± 0.0002 vs +0.0020 ± 0.0011): there
-its edge is an H&E-free learned interpolation. At F = 4 the missed detail is spatially coherent (33 %,
-lag-1 +0.33) and the histology does matter: the ViT-ridge oracle reaches SSIM +0.053 ± 0.005 and
-the CNN with the real guide +0.050 ± 0.006 against +0.011 ± 0.002 with a blank one, while SMSDL
-takes +0.023 ± 0.008 — about half the ceiling. The oracles bound per-pixel models of SMSDL's
-features trained on half an image, not every method: the CNN, with the full-resolution guide and
-spatial context, beats them on RMSE and R² at F = 4 (150 fixed iterations here, fewer than the
-wall-clock budget of section 1's CNN, so its margins differ from that table).
+On the sample, whose ions the histology largely explains, the best oracle (e) gains RMSE −0.0087,
+SSIM +0.085 ± 0.001, R² +0.064, and SMSDL reaches it (−0.0085, +0.084 ± 0.002, +0.064 ± 0.001).
+The half-split oracles sit below SMSDL: the one-region stroma ion is not in both halves, and they
+can only add to the bicubic detail. On the bladder ions the detail the control misses is 31 %
+(F = 2) and 44 % (F = 4) of the truth variance but nearly white (lag-1 −0.07 / +0.11). At F = 2 no
+H&E oracle gains beyond the seed spread in SSIM (at most +0.0001; SMSDL +0.0004 ± 0.0001); the
+free oracle's R² +0.005 is almost all H&E-free, since rescaling the bicubic detail alone (f) gives
++0.0045 at an SSIM cost of 0.002. At F = 4 the ceiling is SSIM +0.0029 (ViT ridge), SMSDL's
++0.0013 ± 0.0005 is about half of it, and the CNN does not move from its conserved start with the
+real guide (a blank one scores the same): no method on these features would change the verdict
+there. On the cerebellum at F = 2 the missed detail is white too (13 %, lag-1 −0.05), the ceiling
+is SSIM +0.004 to +0.005, and the CNN with a blank guide gains as much as with the real one
+(+0.0021 ± 0.0002 vs +0.0020 ± 0.0011): its edge there is an H&E-free learned interpolation. At
+F = 4 the missed detail is spatially coherent (33 %, lag-1 +0.33) and the histology matters: the
+ViT-ridge oracles reach SSIM +0.053 to +0.056 and the CNN with the real guide +0.050 ± 0.006,
+against +0.011 ± 0.002 with a blank one, while SMSDL takes +0.023 ± 0.008, under half the ceiling.
+The oracles bound per-pixel models of SMSDL's features fitted on one fold, not every method: the
+CNN, with the full-resolution guide and spatial context, beats them on RMSE and R² at F = 4 (150
+fixed iterations here, fewer than section 1's wall-clock budget, so its margins differ from that
+table).
 
 **Time.** `smsdl benchmark` on the 5-ion bladder case (ions 0, 5, 10, 14, 19; 124 × 244, F = 4;
 SMSDL, bicubic, the control and the CNN), whole process, 2 CPU cores while another benchmark ran:
