@@ -76,20 +76,29 @@ def pool_inputs(features: np.ndarray, lr: np.ndarray, mask_lr: np.ndarray, facto
     f = factor
     lr = np.nan_to_num(np.asarray(lr, np.float64))
     m = np.asarray(mask_lr, bool)
-    n_ch, rows, cols = lr.shape
+    rows, cols = lr.shape[1:]
     h, w = (rows // f) * f, (cols // f) * f
     feats = np.asarray(features, np.float32).reshape(-1, rows * f, cols * f)[:, : h * f, : w * f]
     pooled = block_mean(feats.astype(np.float64), f).reshape(feats.shape[0], -1)
     pooled -= pooled.mean(axis=1, keepdims=True)
     pooled /= pooled[0].std() + 1e-6
-    lr_c, m_c = lr[:, :h, :w], m[:h, :w]
+    llr, mask_llr, lr_c, score = pool_measurement(lr, m, f)
+    return ScaleInputs(pooled.astype(np.float32), llr.astype(np.float32), mask_llr, lr_c.astype(np.float32), score)
+
+
+def pool_measurement(lr: np.ndarray, mask_lr: np.ndarray, factor: int):
+    """LR (C, h, w) float64 pooled by ``factor``: (LLR means over tissue, LLR tissue (:func:`_pool_mask`),
+    the LR cropped to a multiple of the factor, the LR pixels scored: tissue under LLR tissue)."""
+    f = factor
+    n_ch, rows, cols = lr.shape
+    h, w = (rows // f) * f, (cols // f) * f
+    lr_c, m_c = lr[:, :h, :w], mask_lr[:h, :w]
     on = np.where(m_c[None], lr_c, 0.0).reshape(n_ch, h // f, f, w // f, f).sum(axis=(2, 4))
     counts = m_c.reshape(h // f, f, w // f, f).sum(axis=(1, 3))
-    mask_llr = counts >= f * f / 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        llr = np.where(mask_llr[None] & (counts > 0), on / np.maximum(counts, 1), 0.0)
+    mask_llr = _pool_mask(mask_lr, f)
+    llr = np.where(mask_llr[None], on / np.maximum(counts, 1), 0.0)  # LLR tissue has counts ≥ f²/2 > 0
     score = m_c & np.repeat(np.repeat(mask_llr, f, axis=0), f, axis=1)
-    return ScaleInputs(pooled.astype(np.float32), llr.astype(np.float32), mask_llr, lr_c.astype(np.float32), score)
+    return llr, mask_llr, lr_c, score
 
 
 def scale_gain(smsdl_lr: np.ndarray, control_lr: np.ndarray, inputs: ScaleInputs, folds_llr: np.ndarray,

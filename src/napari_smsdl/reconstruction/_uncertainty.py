@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._scale_check import _pool_mask, pool_measurement
+
 #: the parts of the uncertainty, in the order of the calibrated weights
 PARTS = ("spread", "noise", "structure")
 #: the pooling factor of the calibration task (see the module notes: the smallest, with the most pixels)
@@ -114,19 +116,6 @@ class Calibration:
                 if self.factors else "unit weights: the LR image is too small for a task one scale up"}
 
 
-def _pool(lr: np.ndarray, mask_lr: np.ndarray, k: int):
-    """LR (C, h, w) → (LLR means over tissue, LLR tissue, cropped LR, scored LR pixels); as :mod:`._scale_check`."""
-    n_ch, rows, cols = lr.shape
-    h, w = (rows // k) * k, (cols // k) * k
-    lr_c, m_c = lr[:, :h, :w], mask_lr[:h, :w]
-    on = np.where(m_c[None], lr_c, 0.0).reshape(n_ch, h // k, k, w // k, k).sum(axis=(2, 4))
-    counts = m_c.reshape(h // k, k, w // k, k).sum(axis=(1, 3))
-    mask_llr = counts >= k * k / 2
-    llr = np.where(mask_llr[None], on / np.maximum(counts, 1), 0.0)
-    score = m_c & np.repeat(np.repeat(mask_llr, k, axis=0), k, axis=1)
-    return llr, mask_llr, lr_c, score
-
-
 def _has_interior(mask: np.ndarray) -> bool:
     p = np.pad(np.asarray(mask, bool), 1)
     return bool((p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]).any())
@@ -136,7 +125,7 @@ def calibration_factors(mask_lr: np.ndarray) -> list[int]:
     """[2] when the LR pooled by 2 has an interior tissue pixel (the control interpolates somewhere), else []."""
     m = np.asarray(mask_lr, bool)
     k = CALIBRATION_FACTOR
-    return [k] if min(m.shape) >= 3 * k and _has_interior(_pool(np.zeros((1, *m.shape)), m, k)[1]) else []
+    return [k] if min(m.shape) >= 3 * k and _has_interior(_pool_mask(m, k)) else []
 
 
 def _task(lr: np.ndarray, m: np.ndarray, k: int, coef: np.ndarray, folds: int, seed: int):
@@ -145,7 +134,7 @@ def _task(lr: np.ndarray, m: np.ndarray, k: int, coef: np.ndarray, folds: int, s
     from .baselines import bicubic_upsample
     from .baselines.backprojection import Conservation, conserve
 
-    llr, mask_llr, lr_c, score = _pool(lr, m, k)
+    llr, mask_llr, lr_c, score = pool_measurement(lr, m, k)
     control = conserve(bicubic_upsample(np.where(mask_llr[None], llr, np.nan), k, mask_lr=mask_llr), llr, k, mask_llr,
                        Conservation.EXACT).astype(np.float64)
     n_folds = max(2, min(folds, int(mask_llr.sum()) // 2))
