@@ -310,14 +310,15 @@ def _append_difference_layers(viewer, project, msi_layer, rows: dict[int, list],
 
 
 def set_differences(viewer, project, msi_layer, rows: dict[int, list], differences: str | None, *, grid: bool,
-                    grid_by: str = "auto", spares: dict[int, list] | None = None) -> dict[int, list]:
+                    grid_by: str = "auto", spares: dict[int, list] | None = None, shown: bool = True) -> dict[int, list]:
     """Add or remove only the difference maps of ``rows`` (the other layers stay), in one batch.
 
     The comparison layers are not rebuilt: toggling difference maps costs the difference layers
     alone. With ``spares`` (channel → hidden difference layers, see :func:`add_comparison_layers`)
     maps turned off are kept there, hidden, and turned on again from there: a toggle then creates
     and removes no layer, only a new reference does. A lazy (many-channel) project is rebuilt as a
-    whole (one row of stack layers).
+    whole (one row of stack layers). ``shown=False`` (with ``spares``) makes the maps of
+    ``differences`` and keeps them in the pool, hidden: a new reference chosen while the maps are off.
     """
     pool = {} if spares is None else spares
     for c, row in rows.items():  # the difference maps shown go back to the pool
@@ -333,7 +334,7 @@ def set_differences(viewer, project, msi_layer, rows: dict[int, list], differenc
                     viewer.layers.remove(layer)
         if differences and not any(pool.values()):
             _append_difference_layers(viewer, project, msi_layer, rows, differences, into=pool)
-        if differences:
+        if differences and shown:
             for c, row in rows.items():
                 row.extend(pool.pop(c, []))
         parked = [lay for layers in pool.values() for lay in layers]
@@ -954,10 +955,7 @@ class CompareWidget(ErrorDisplay, QWidget):
                                           spare_differences=self._reference(project, shown=False), spares=self._spares)
         # the hidden layers (tiles, difference maps, grid labels) are drawn once now: the toggles then show them at once
         hidden = [*(lay for row in self.rows.values() for lay in row), *(lay for ls in self._spares.values() for lay in ls)]
-        try:
-            warm_up(self.viewer, [*hidden, *(self.viewer.layers[n] for n in (LABELS_NAME,) if n in self.viewer.layers)])
-        except Exception:  # a speed-up only: should a GL call fail here, the first toggle draws them
-            logging.getLogger(__name__).warning("Compare: drawing the hidden layers at Show failed", exc_info=True)
+        self._warm_up([*hidden, *(self.viewer.layers[n] for n in (LABELS_NAME,) if n in self.viewer.layers)])
         self._fill_metrics(project, chosen)
         self.segment_method.reset_choices()
         n = sum(len(r) for r in self.rows.values())
@@ -1008,27 +1006,23 @@ class CompareWidget(ErrorDisplay, QWidget):
         if not self.rows or not self._spares or project is None or msi is None or project.lazy:
             return
         reference = self._reference(project, shown=False)
-        spares = [lay for layers in self._spares.values() for lay in layers]
-        if all(lay.metadata.get("reference") == reference and lay in self.viewer.layers for lay in spares):
+        if reference is None or all(lay.metadata.get("reference") == reference
+                                    for layers in self._spares.values() for lay in layers):
             return
         try:
-            with _batched(self.viewer):
-                for layer in spares:
-                    if layer in self.viewer.layers:
-                        self.viewer.layers.remove(layer)
-                self._spares.clear()
-                if reference is not None:
-                    _append_difference_layers(self.viewer, project, msi, self.rows, reference, into=self._spares)
-                arrange(self.viewer, self.rows, grid=bool(self.grid.value), grid_by=self._grid_by,
-                        parked=[lay for layers in self._spares.values() for lay in layers],
-                        label_slots=_label_slots(self.rows, self._spares))
+            set_differences(self.viewer, project, msi, self.rows, reference, grid=bool(self.grid.value),
+                            grid_by=self._grid_by, spares=self._spares, shown=False)
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self._on_error(exc)
             return
+        self._warm_up([lay for layers in self._spares.values() for lay in layers])
+
+    def _warm_up(self, layers: list) -> None:
+        """:func:`warm_up`, a speed-up only: should a GL call fail, the first toggle draws the layers (logged)."""
         try:
-            warm_up(self.viewer, [lay for layers in self._spares.values() for lay in layers])
-        except Exception:  # a speed-up only, as at Show
-            logging.getLogger(__name__).warning("Compare: drawing the new difference maps failed", exc_info=True)
+            warm_up(self.viewer, layers)
+        except Exception:  # noqa: BLE001
+            logging.getLogger(__name__).warning("Compare: drawing the hidden layers in advance failed", exc_info=True)
 
     def _default_reference(self) -> None:
         """Difference maps reference the ground truth when one is chosen (else BI), unless picked by hand."""
