@@ -55,15 +55,17 @@ def exact(slide, tmp_path_factory):
 
 
 def test_tiles_reproduce_the_in_memory_tokens(exact, guide):
-    """With the same colour statistics, every token grid and feature equals the whole-image path (features._vit).
+    """Every token grid and feature equals an independent whole-image reference, and the guide in memory.
 
-    Equal up to float rounding: the tile's transform (slide transform + region offset) puts a guide
-    pixel one float32 ulp away now and then; with an identity scale the two are bit-identical.
+    The reference rescales the whole normalised guide with skimage and samples its token grids
+    with scipy (:func:`_level_image`, :func:`_sample_tokens_at_cells` below). Equal up to float
+    rounding: the tile's transform (slide transform + region offset) puts a guide pixel one float32
+    ulp away now and then; with an identity scale the two are bit-identical.
     """
     import torch
     import zarr
 
-    from napari_smsdl.features._vit import _dense_tokens, _level_image, _sample_tokens_at_cells, make_vit
+    from napari_smsdl.features._vit import _dense_tokens, make_vit
 
     level, g, k = guide
     result, out = exact
@@ -87,10 +89,42 @@ def test_tiles_reproduce_the_in_memory_tokens(exact, guide):
             np.testing.assert_allclose(np.asarray(root[f"tokens_{lvl}_{shift}"]), tokens, atol=2e-4)
             acc = acc + _sample_tokens_at_cells(tokens, (SR, SR), cells_per_token, shift)
         np.testing.assert_allclose(got[i * D : (i + 1) * D], acc / 2, atol=2e-4)
+    # the guide in memory goes through the same extractor as one tile: the same features
+    in_memory = extract_features(g, sr_shape=(SR, SR), factor=F, params=PARAMS, device="cpu")
+    np.testing.assert_allclose(in_memory.data, got, atol=2e-4)
+    assert in_memory.names == result.names
+
+
+def _level_image(guide, cell_px, factor, level, params):
+    """Reference level image: the whole guide rescaled (skimage) so a token covers the level's footprint."""
+    from skimage.transform import rescale
+
+    from napari_smsdl.features import TOKEN_PX
+
+    cells_per_token = {"cellular": 1.0, "regional": float(factor), "tissue": float(factor * params.tissue_tokens_msi_px)}[level]
+    scale = TOKEN_PX / (cells_per_token * cell_px)
+    if abs(scale - 1.0) < 1e-6:
+        return guide, cells_per_token
+    image = rescale(guide, scale, channel_axis=-1, anti_aliasing=scale < 1, order=1, preserve_range=True)
+    return image.astype(np.float32), cells_per_token
+
+
+def _sample_tokens_at_cells(tokens, sr_shape, cells_per_token, shift_px):
+    """Reference sampling: scipy's bilinear map_coordinates of a token grid at every SR cell centre."""
+    from scipy.ndimage import map_coordinates
+
+    from napari_smsdl.features import TOKEN_PX
+
+    rows, cols = sr_shape
+    # cell centre in level-image pixels = (i + 0.5) * TOKEN_PX / cells_per_token, + shift; token t centred at (t + 0.5) * TOKEN_PX
+    r = ((np.arange(rows) + 0.5) / cells_per_token * TOKEN_PX + shift_px) / TOKEN_PX - 0.5
+    c = ((np.arange(cols) + 0.5) / cells_per_token * TOKEN_PX + shift_px) / TOKEN_PX - 0.5
+    rr, cc = np.meshgrid(r, c, indexing="ij")
+    return np.stack([map_coordinates(tokens[..., d], [rr, cc], order=1, mode="nearest") for d in range(tokens.shape[-1])])
 
 
 def test_trained_features_match_extract_features(slide, guide, tmp_path):
-    """SimMIM-trained end to end: the only difference left is float32 vs float64 colour statistics."""
+    """SimMIM-trained end to end, a slide read region by region against its guide in memory."""
     _, g, _ = guide
     params = FeatureParams(embed_dim=16, depth=1, num_heads=2, ssl_steps=4, ssl_batch=4, shifts=1, tissue_tokens_msi_px=2)
     ref = extract_features(g, sr_shape=(SR, SR), factor=F, params=params)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _ENV_KEYS = ("WORLD_SIZE", "RANK")
 _owned = False  # True when this module created the default process group
+_alone_depth = 0  # > 0 inside alone(): this process acts as a world of one
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,30 @@ def env_from_environment() -> DistEnv:
 
 
 def is_initialized() -> bool:
-    """True when a default process group exists (whoever created it)."""
+    """True when a default process group exists (whoever created it) and this process is not :func:`alone`."""
+    if _alone_depth:
+        return False
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch is a dependency
         return False
     return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Within this block this process is rank 0 of a world of one: every helper here answers so.
+
+    For work one rank does by itself while the others wait for it in a collective after the block
+    (rank 0 extracting in-memory features, say): code inside may call :func:`shard`,
+    :func:`barrier` or :func:`all_reduce_sum` without waiting for ranks that never come.
+    """
+    global _alone_depth
+    _alone_depth += 1
+    try:
+        yield
+    finally:
+        _alone_depth -= 1
 
 
 def get_rank() -> int:

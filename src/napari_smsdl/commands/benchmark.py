@@ -15,10 +15,10 @@ refined on mutual information when that clearly helps (``--no-refine`` turns it 
 and its reason are in ``metrics.json`` under ``settings.registration``.
 
 Under ``torchrun --nproc_per_node=N -m napari_smsdl benchmark ...`` (same arguments, same outputs)
-every rank runs the SMSDL part of the pipeline: the ViTs' self-supervised training and the
-regression both run under DistributedDataParallel, each rank on its share of the crops / MSI pixels
-(rank 0 alone reads and writes the feature cache). Rank 0 alone also runs the baselines,
-scores, writes every file and prints.
+every rank runs the SMSDL part of the pipeline: rank 0 computes the H&E features (reading and
+writing the feature cache) and sends them to the others, and the regression runs under
+DistributedDataParallel, each rank on its share of the MSI pixels. Rank 0 alone also runs the
+baselines, scores, writes every file and prints.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Multi-level H&E features from self-supervised Vision Transformers, in memory or tile by tile.
+"""Multi-level H&E features from self-supervised Vision Transformers, tile by tile.
 
-:func:`extract_features` works on a registered H&E guide in memory; :func:`extract_features_tiled`
-reads a whole slide lazily and writes a chunked zarr store (:class:`TiledFeatures`).
+One extractor: :func:`extract_features_tiled` reads a whole slide lazily and writes a chunked zarr
+store (:class:`TiledFeatures`); :func:`extract_features` runs the same passes on a registered H&E
+guide in memory, as one tile (:class:`FeatureMaps`).
 """
 
-from ._tiled import TiledFeatures, TilingParams, extract_features_tiled
+from ._extract import TiledFeatures, TilingParams, extract_features, extract_features_tiled, feature_names
 from ._vit import (
     FAST_FEATURES,
     LEVELS,
@@ -14,7 +15,6 @@ from ._vit import (
     FeatureParams,
     build_vits,
     choose_cell_px,
-    extract_features,
     feature_dim,
     make_vit,
     save_vits,
@@ -34,6 +34,7 @@ __all__ = [
     "extract_features",
     "extract_features_tiled",
     "feature_dim",
+    "feature_names",
     "make_vit",
     "save_vits",
 ]

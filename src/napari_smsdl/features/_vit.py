@@ -11,39 +11,28 @@ The image of each level is resized so that a token always covers 8 × 8 pixels, 
 branches share one architecture. Each branch is trained with masked image modelling (SimMIM:
 half of the tokens are replaced by a learned mask token and their normalised pixels are
 regressed by a linear head, L1 loss) on random crops of the user's own H&E; no weights are ever
-downloaded (a local checkpoint may be given instead). Token features are read at every SR cell
-centre by bilinear interpolation, averaged over shifted passes of the token grid (which removes
-patch-grid artefacts), concatenated with the cell's mean colour, and cached on disk keyed by the
-image content and the parameters.
+downloaded (a local checkpoint may be given instead). This module holds the networks, their
+training and their checkpoints; :mod:`napari_smsdl.features._extract` runs them over the image.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .. import distributed as dd
 from .._files import sha256_file
 from ..errors import Cancelled, InputError
-from ..torch_setup import get_device
 
 log = logging.getLogger(__name__)
 
 TOKEN_PX = 8  # pixels per token side at every level
 WINDOW_TOKENS = 16  # tokens per window side
 LEVELS = ("cellular", "regional", "tissue")
-
-ProgressFn = Callable[[str, int, int], None]
-
 
 @dataclass(frozen=True)
 class FeatureParams:
@@ -162,10 +151,7 @@ def _tokens(vit, images):
 
 
 def _simmim_module(vit, embed_dim: int, device):
-    """ViT + linear pixel head + learned mask token as one module whose forward returns the loss.
-
-    One module so that DistributedDataParallel sees every parameter the loss uses.
-    """
+    """ViT + linear pixel head + learned mask token as one module whose forward returns the loss."""
     import torch
 
     class SimMIM(torch.nn.Module):
@@ -193,44 +179,26 @@ def _simmim_module(vit, embed_dim: int, device):
     return SimMIM().to(device)
 
 
-def _simmim_train(vit, image: np.ndarray, params: FeatureParams, level: str, device, progress, should_stop,
-                  distributed: bool = False) -> list[float]:
-    """Masked image modelling on random crops of ``image`` (H, W, 3) float32 normalised.
-
-    With ``distributed`` (every rank of a torch.distributed group calls this with the same image),
-    the batch of ``params.ssl_batch`` crops is split across the ranks, each rank drawing its own
-    crops, and DistributedDataParallel averages the gradients: every rank ends with the same
-    weights. Rank 0 draws with the single-process seeds. The returned losses are the ranks' mean.
-    """
+def _simmim_train(vit, image: np.ndarray, params: FeatureParams, level: str, device, progress, should_stop) -> list[float]:
+    """Masked image modelling on random crops of ``image`` (H, W, 3) float32 normalised; the losses per step."""
     import torch
 
-    from .. import distributed as dd
-
-    rank, world = (dd.get_rank(), dd.get_world_size()) if distributed else (0, 1)
-    gen = torch.Generator().manual_seed(params.seed + LEVELS.index(level) + 7919 * rank)
-    rng = np.random.default_rng(params.seed + 17 * LEVELS.index(level) + 7919 * rank)
+    gen = torch.Generator().manual_seed(params.seed + LEVELS.index(level))
+    rng = np.random.default_rng(params.seed + 17 * LEVELS.index(level))
     crop = TOKEN_PX * WINDOW_TOKENS
     padded = _pad_to(image, crop)
     src = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))
     model = _simmim_module(vit, vit.embed_dim, device)
-    trained = model
-    if distributed and world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-        trained = DistributedDataParallel(model, device_ids=ids)  # broadcasts rank 0's initial weights
-    per_rank = max(1, -(-params.ssl_batch // world))
     opt = torch.optim.AdamW(model.parameters(), lr=params.ssl_lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.ssl_lr, total_steps=max(params.ssl_steps, 1), pct_start=0.15)
     n_tok = WINDOW_TOKENS * WINDOW_TOKENS
     losses = []
     model.train()
     for step in range(params.ssl_steps):
-        stop = should_stop is not None and (world == 1 or step % 5 == 0) and bool(should_stop())
-        if dd.any_rank(stop) if world > 1 else stop:
+        if should_stop is not None and should_stop():
             raise Cancelled("feature training cancelled")
-        tops = rng.integers(0, src.shape[1] - crop + 1, per_rank)
-        lefts = rng.integers(0, src.shape[2] - crop + 1, per_rank)
+        tops = rng.integers(0, src.shape[1] - crop + 1, params.ssl_batch)
+        lefts = rng.integers(0, src.shape[2] - crop + 1, params.ssl_batch)
         batch = torch.stack([src[:, t : t + crop, s : s + crop] for t, s in zip(tops, lefts)])
         # augmentations that keep histology meaning: flips, 90° rotations, mild colour jitter
         if rng.random() < 0.5:
@@ -241,7 +209,7 @@ def _simmim_train(vit, image: np.ndarray, params: FeatureParams, level: str, dev
         )
         batch = batch.to(device)
         mask = torch.rand(batch.shape[0], n_tok, generator=gen).to(device) < params.mask_ratio
-        loss = trained(batch, mask)
+        loss = model(batch, mask)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vit.parameters(), 1.0)
@@ -251,8 +219,6 @@ def _simmim_train(vit, image: np.ndarray, params: FeatureParams, level: str, dev
         if progress is not None:
             progress(f"self-supervised training ({level})", step + 1, params.ssl_steps)
     vit.eval()
-    if world > 1:
-        losses = [float(v) for v in dd.all_reduce_mean(np.asarray(losses, np.float64))]
     return losses
 
 
@@ -267,18 +233,6 @@ def _pad_to(image: np.ndarray, size: int) -> np.ndarray:
 def choose_cell_px(he_pixel_size_um: float, sr_pixel_size_um: float, max_cell_px: int) -> int:
     """H&E pixels per SR cell side for the guide: the native ratio, clipped to [2, max_cell_px]."""
     return int(np.clip(round(sr_pixel_size_um / he_pixel_size_um), 2, max(2, max_cell_px)))
-
-
-def _level_image(guide: np.ndarray, cell_px: float, factor: int, level: str, params: FeatureParams) -> tuple[np.ndarray, float]:
-    """Resize the guide so one token covers the level's footprint; return (image, token size in SR cells)."""
-    from skimage.transform import rescale
-
-    cells_per_token = {"cellular": 1.0, "regional": float(factor), "tissue": float(factor * params.tissue_tokens_msi_px)}[level]
-    scale = TOKEN_PX / (cells_per_token * cell_px)
-    if abs(scale - 1.0) < 1e-6:
-        return guide, cells_per_token
-    image = rescale(guide, scale, channel_axis=-1, anti_aliasing=scale < 1, order=1, preserve_range=True)
-    return image.astype(np.float32), cells_per_token
 
 
 def _dense_tokens(vit, image: np.ndarray, shift_px: int, device) -> np.ndarray:
@@ -305,18 +259,6 @@ def _dense_tokens(vit, image: np.ndarray, shift_px: int, device) -> np.ndarray:
             for f, (r0, c0, nr, nc) in zip(feats, places[start : start + 32]):
                 out[r0 : r0 + nr, c0 : c0 + nc] = f[:nr, :nc]
     return out
-
-
-def _sample_tokens_at_cells(tokens: np.ndarray, sr_shape: tuple[int, int], cells_per_token: float, shift_px: int) -> np.ndarray:
-    """Bilinear sample of a token grid at each SR cell centre: (D, rows, cols)."""
-    from scipy.ndimage import map_coordinates
-
-    rows, cols = sr_shape
-    # cell centre in level-image pixels = (i + 0.5) * TOKEN_PX / cells_per_token; + shift; token centre at (t + 0.5) * TOKEN_PX
-    r = ((np.arange(rows) + 0.5) / cells_per_token * TOKEN_PX + shift_px) / TOKEN_PX - 0.5
-    c = ((np.arange(cols) + 0.5) / cells_per_token * TOKEN_PX + shift_px) / TOKEN_PX - 0.5
-    rr, cc = np.meshgrid(r, c, indexing="ij")
-    return np.stack([map_coordinates(tokens[..., d], [rr, cc], order=1, mode="nearest") for d in range(tokens.shape[-1])])
 
 
 def save_vits(vits: dict, path: str | os.PathLike) -> None:
@@ -429,116 +371,3 @@ def _load_state(vit, state: dict, path, level: str) -> None:
     vit.load_state_dict({k: state[k] for k in own})
     log.info("checkpoint %s: all %d tensors of the %s branch loaded%s", path, len(own), level,
              f" ({len(unused)} unused: {unused[:3]})" if unused else "")
-
-
-def extract_features(
-    guide_rgb: np.ndarray,
-    *,
-    sr_shape: tuple[int, int],
-    factor: int,
-    params: FeatureParams = FeatureParams(),
-    cache_dir: str | os.PathLike | None = None,
-    device: str = "auto",
-    save_weights: str | os.PathLike | None = None,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    distributed: bool | None = None,
-) -> FeatureMaps:
-    """Multi-level ViT features for every cell of the SR grid.
-
-    Parameters
-    ----------
-    guide_rgb : (rows * k, cols * k, 3) array
-        The registered H&E resampled onto the SR grid refined ``k`` times (k ≥ 1 integer), so each
-        SR cell sees its own k × k patch. uint8 or float in [0, 1].
-    sr_shape : (rows, cols)
-        The SR grid.
-    factor : int
-        MSI pixel / SR cell (F).
-    cache_dir : path, optional
-        Where features are cached (``features-<hash>.npz``); a second call with the same image
-        and parameters loads them instead of training.
-    save_weights : path, optional
-        Where to save the trained ViT weights ({level: state_dict}, a torch file).
-    distributed : bool, optional
-        Under torchrun (default: when a process group of N > 1 is active) every rank must call this
-        with the same image: rank 0 decides whether the cache hits (and shares what it read), and
-        SimMIM trains with DistributedDataParallel, the crops of each batch split across the ranks.
-        ``False`` computes alone (a caller that runs this on one rank only).
-
-    Returns
-    -------
-    FeatureMaps with ``data`` (n_features, rows, cols).
-    """
-    import torch
-
-    start = time.perf_counter()
-    guide = np.asarray(guide_rgb)
-    if guide.dtype == np.uint8:
-        guide = guide.astype(np.float32) / 255.0
-    guide = guide.astype(np.float32)
-    rows, cols = sr_shape
-    if guide.ndim != 3 or guide.shape[0] % rows or guide.shape[1] % cols or guide.shape[0] // rows != guide.shape[1] // cols:
-        raise InputError(f"guide image {guide.shape} is not an integer refinement of the SR grid {sr_shape}")
-    cell_px = guide.shape[0] // rows
-
-    key = hashlib.sha256()
-    key.update(np.ascontiguousarray(guide).tobytes())
-    distributed = dd.is_distributed() if distributed is None else bool(distributed)
-    # v3: checkpoints set the architecture; SimMIM under N ranks sees other crops than one process
-    ranks = dd.get_world_size() if distributed else 1
-    key.update(json.dumps({"sr": list(sr_shape), "F": factor, **params.cache_key(), "v": 3, "ranks": ranks},
-                          sort_keys=True).encode())
-    cache_file = Path(cache_dir) / f"features-{key.hexdigest()[:24]}.npz" if cache_dir else None
-    hit = cache_file is not None and cache_file.exists()
-    if distributed:  # rank 0 (which alone may have the cache) decides for all, so no rank trains alone
-        hit = bool(dd.broadcast_object(hit))
-    if hit:
-        data = names = losses = None
-        if not distributed or dd.is_main_process():
-            with np.load(cache_file, allow_pickle=False) as npz:
-                log.info("features loaded from cache %s", cache_file)
-                data, names, losses = npz["data"], tuple(npz["names"]), json.loads(str(npz["ssl_losses"]))
-        if distributed:
-            names, losses = dd.broadcast_object((names, losses))
-            data = dd.broadcast_array(data)
-        return FeatureMaps(data, tuple(names), losses, 0.0, from_cache=True)
-
-    dev = get_device(device)
-    vits = build_vits(params, dev)
-    # normalise colours with the image's own statistics (no ImageNet prior)
-    mean = guide.reshape(-1, 3).mean(0)
-    std = guide.reshape(-1, 3).std(0) + 1e-3
-    normed = (guide - mean) / std
-    blocks, names, ssl_losses = [], [], {}
-    for level in LEVELS:
-        image, cells_per_token = _level_image(normed, cell_px, factor, level, params)
-        if not params.checkpoint and params.ssl_steps > 0:
-            losses = _simmim_train(vits[level], image, params, level, dev, progress, should_stop, distributed)
-            ssl_losses[level] = [losses[0], float(np.mean(losses[-10:]))]
-        acc = None
-        shifts = [round(TOKEN_PX * s / params.shifts) for s in range(params.shifts)]
-        for shift in shifts:  # one isotropic shift per pass keeps the cost linear in `shifts`
-            if should_stop is not None and should_stop():
-                raise Cancelled("feature extraction cancelled")
-            tokens = _dense_tokens(vits[level], image, shift, dev)
-            sampled = _sample_tokens_at_cells(tokens, sr_shape, cells_per_token, shift)
-            acc = sampled if acc is None else acc + sampled
-        feats = acc / len(shifts)
-        blocks.append(feats)
-        names += [f"{level}_{d}" for d in range(feats.shape[0])]
-        if progress is not None:
-            progress("feature extraction", LEVELS.index(level) + 1, len(LEVELS))
-    colour = guide.reshape(rows, cell_px, cols, cell_px, 3).mean(axis=(1, 3)).transpose(2, 0, 1)
-    blocks.append(colour)
-    names += ["mean_red", "mean_green", "mean_blue"]
-    data = np.concatenate(blocks).astype(np.float32)
-    if save_weights:
-        save_vits(vits, save_weights)
-    result = FeatureMaps(data, tuple(names), ssl_losses, time.perf_counter() - start)
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.stem + ".tmp.npz")
-        np.savez(tmp, data=data, names=np.array(names), ssl_losses=json.dumps(ssl_losses))
-        os.replace(tmp, cache_file)
-    return result

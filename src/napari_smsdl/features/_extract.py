@@ -1,39 +1,44 @@
-"""Whole-slide multi-level ViT features in bounded memory, written to a chunked zarr store.
+"""Multi-level ViT features of every SR cell, tile by tile, for a whole slide or a guide in memory.
 
-:func:`napari_smsdl.features.extract_features` needs the registered H&E resampled onto the whole
-super-resolution (SR) grid in memory (the *guide*); for a whole slide that is gigabytes. This module
-computes the same features tile by tile:
+One extractor serves both: :func:`extract_features_tiled` reads a whole slide lazily and writes a
+chunked zarr store (:class:`TiledFeatures`); :func:`extract_features` takes the registered H&E
+already resampled onto the SR grid (the *guide*) and runs the same passes on it as one tile, into an
+in-memory zarr store (:class:`FeatureMaps`, cached as ``features-<hash>.npz``). The passes:
 
-1. **Pyramid level.** The guide has pixel size ``g = SR pixel / k`` (k from
+1. **Pyramid level** (slides). The guide has pixel size ``g = SR pixel / k`` (k from
    :func:`napari_smsdl.features.choose_cell_px`); the H&E is read at the coarsest pyramid level
    whose pixel is still at most ``g`` (:meth:`HistologyImage.best_level`), one region at a time.
 2. **Colour statistics** of the guide (mean and standard deviation per channel, which
    normalise the ViT input) from guide tiles on a regular lattice (all tiles when there are at most
    ``TilingParams.stats_tiles``).
-3. **Self-supervised training** (SimMIM, unchanged from :mod:`napari_smsdl.features`) per ViT level
-   on the whole level image when it is small, else on one region of it centred on the tissue.
-4. **Tokens.** Each level image is cut into work tiles of whole ViT windows (16 × 16 tokens); a tile's
-   level image is computed from a guide region with a halo wide enough for the anti-aliasing filter
-   and the interpolation, so its windows see exactly what they see in the in-memory image. Token
-   grids go to temporary zarr arrays.
+3. **Self-supervised training** (SimMIM, :mod:`napari_smsdl.features._vit`) per ViT level on the
+   whole level image when it is small, else on one region of it centred on the tissue.
+4. **Tokens.** Each level image (the guide rescaled so a token covers the level's footprint, as
+   skimage's ``rescale`` would) is cut into work tiles of whole ViT windows (16 × 16 tokens); a
+   tile's level image is computed from a guide region with a halo wide enough for the anti-aliasing
+   filter and the interpolation, so its windows see exactly what they would see in the whole level
+   image. Token grids go to temporary zarr arrays.
 5. **Sampling.** Output tiles of the SR grid sample the token grids at cell centres (bilinear, with a
    one-token halo), average the shifted passes, append the cell's mean colour and are written to
    the ``features`` array, (n_features, rows, cols) float32, chunked by output tile.
 
-With the same weights, the result equals the in-memory features (up to float rounding) for affine
-transforms when the in-memory guide is made from the same pyramid level. Levels whose ViT window
-covers more than ``TilingParams.tile_guide_px`` guide pixels (wide tissue context at large F·k) are
-instead resampled straight from the H&E onto their own grid — approximately the same image, without
-ever building the huge guide region. Peak memory depends on the tile sizes (:class:`TilingParams`), not on the slide size.
+Tiles change nothing but memory: with the same weights, a slide's store equals the features of its
+guide in memory (up to float rounding) for affine transforms when the guide is made from the same
+pyramid level. Levels whose ViT window covers more than ``TilingParams.tile_guide_px`` guide pixels
+(wide tissue context at large F·k, slides only) are instead resampled straight from the H&E onto
+their own grid — approximately the same image, without ever building the huge guide region. Peak
+memory depends on the tile sizes (:class:`TilingParams`), not on the slide size.
 
-Under torchrun (:mod:`napari_smsdl.distributed`) the tiles of every pass are shared round robin
-between ranks (each writes its own zarr chunks), the statistics are summed over ranks, the three
-ViT levels are trained on ranks 0, 1, 2 (mod N) and their weights broadcast.
+Under torchrun (:mod:`napari_smsdl.distributed`) a slide's tiles of every pass are shared round
+robin between ranks (each writes its own zarr chunks), the statistics are summed over ranks, the
+three ViT levels are trained on ranks 0, 1, 2 (mod N) and their weights broadcast; a guide in memory
+is computed by rank 0 alone and sent to the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -55,6 +60,7 @@ from ._vit import (
     TOKEN_PX,
     WINDOW_TOKENS,
     FeatureParams,
+    FeatureMaps,
     _dense_tokens,
     _simmim_train,
     build_vits,
@@ -233,19 +239,35 @@ class _Level:
     tile_windows: int
 
 
+class _GuideArray:
+    """A guide already on the fine grid, in memory (what :func:`extract_features` is given): regions are slices."""
+
+    def __init__(self, guide: np.ndarray, sr_shape: tuple[int, int]):
+        self.guide = guide
+        self.k = guide.shape[0] // sr_shape[0]
+
+
 class _Extractor:
-    def __init__(self, slide: _Slide, msi_shape, msi_pixel_size_um, factor, params, tiling, max_cell_px, dev):
+    """Level images, colour statistics and training regions of one source (a slide or a guide array)."""
+
+    def __init__(self, source: _Slide | _GuideArray, sr_shape, factor, params, tiling, dev, *, msi_pixel_size_um=1.0,
+                 max_cell_px=8):
         from ._vit import choose_cell_px
 
-        self.slide, self.params, self.tiling, self.dev = slide, params, tiling, dev
+        self.params, self.tiling, self.dev = params, tiling, dev
+        self.slide = source if isinstance(source, _Slide) else None
+        self.array = None if self.slide is not None else source.guide
         self.factor = int(factor)
-        self.sr_shape = (int(msi_shape[0]) * self.factor, int(msi_shape[1]) * self.factor)
-        sr_px = msi_pixel_size_um / self.factor
-        self.k = choose_cell_px(slide.p0, sr_px, max_cell_px)
-        g = sr_px / self.k
-        origin = -msi_pixel_size_um / 2 + g / 2
+        self.sr_shape = (int(sr_shape[0]), int(sr_shape[1]))
+        if self.slide is not None:
+            sr_px = msi_pixel_size_um / self.factor
+            self.k = choose_cell_px(source.p0, sr_px, max_cell_px)
+            g = sr_px / self.k
+            origin = -msi_pixel_size_um / 2 + g / 2
+            self.he_level = source.image.best_level(g)
+        else:  # guide pixels are the unit: the grid never leaves this array
+            self.k, g, origin, self.he_level = source.k, 1.0, 0.0, 0
         self.guide = _Grid((self.sr_shape[0] * self.k, self.sr_shape[1] * self.k), g, (origin, origin))
-        self.he_level = slide.image.best_level(g)
         self.levels = {name: self._level(name) for name in LEVELS}
         self.mean = self.std = None
 
@@ -260,13 +282,16 @@ class _Extractor:
             shape = (max(1, round(rows * scale)), max(1, round(cols * scale)))
             rho = (rows / shape[0], cols / shape[1])
         window_guide_px = WINDOW_PX * max(rho)
-        exact = window_guide_px <= self.tiling.tile_guide_px
+        # a guide array has no H&E to resample a level from directly: its levels are always made from it
+        exact = window_guide_px <= self.tiling.tile_guide_px or self.array is not None
         n = max(1, int(self.tiling.tile_guide_px // window_guide_px)) if exact else max(1, self.tiling.tile_guide_px // WINDOW_PX)
         return _Level(name, cpt, scale, shape, rho, exact, n)
 
     # ---------------------------------------------------------------- level images
 
     def guide_region(self, rows, cols) -> np.ndarray:
+        if self.array is not None:
+            return self.array[rows[0] : rows[1], cols[0] : cols[1]]
         return self.slide.resample(self.guide, rows, cols, self.he_level)
 
     def level_region(self, lv: _Level, rows, cols, keep_guide: dict | None = None) -> np.ndarray:
@@ -354,6 +379,8 @@ class _Extractor:
 
     def tissue_centroid(self) -> tuple[float, float]:
         """Darkness-weighted centroid of the H&E over the SR grid, as fractions of the grid (rows, cols)."""
+        if getattr(self, "_centroid", None) is None and self.array is not None:
+            self._centroid = _darkness_centroid(self.array.mean(-1))
         if getattr(self, "_centroid", None) is None:
             rows, cols = self.sr_shape[0] // self.factor, self.sr_shape[1] // self.factor
             step = max(1, int(math.ceil(max(rows, cols) / 256)))  # at most 256 x 256 samples
@@ -363,19 +390,12 @@ class _Extractor:
             level = self.slide.image.best_level(grid.px)
             # blocks of about tile_guide_px H&E pixels: bounded reads, whatever the pyramid's depth
             step_px = max(1, int(self.tiling.tile_guide_px * self.slide.level_px(level) / grid.px))
-            dark = np.zeros(grid.shape, np.float32)
+            bright = np.zeros(grid.shape, np.float32)
             for r in range(0, grid.shape[0], step_px):
                 for c in range(0, grid.shape[1], step_px):
                     rows_, cols_ = (r, min(r + step_px, grid.shape[0])), (c, min(c + step_px, grid.shape[1]))
-                    block = self.slide.resample(grid, rows_, cols_, level)
-                    dark[slice(*rows_), slice(*cols_)] = np.clip(1.0 - block.mean(-1) - 0.1, 0, None)
-            total = dark.sum()
-            if total <= 0:
-                self._centroid = (0.5, 0.5)
-            else:
-                rr, cc = np.mgrid[: dark.shape[0], : dark.shape[1]]
-                self._centroid = (float(((rr + 0.5) * dark).sum() / total / dark.shape[0]),
-                                  float(((cc + 0.5) * dark).sum() / total / dark.shape[1]))
+                    bright[slice(*rows_), slice(*cols_)] = self.slide.resample(grid, rows_, cols_, level).mean(-1)
+            self._centroid = _darkness_centroid(bright)
         return self._centroid
 
     def level_tiles(self, lv: _Level, shift: int) -> list[tuple[int, int, int, int]]:
@@ -383,6 +403,17 @@ class _Extractor:
         rows, cols = lv.shape[0] + shift, lv.shape[1] + shift
         step = lv.tile_windows * WINDOW_PX
         return [(r, min(r + step, rows), c, min(c + step, cols)) for r in range(0, rows, step) for c in range(0, cols, step)]
+
+
+def _darkness_centroid(brightness: np.ndarray) -> tuple[float, float]:
+    """Centroid of the darkness (stained tissue) of a grey image in [0, 1], as fractions (rows, cols)."""
+    dark = np.clip(1.0 - brightness - 0.1, 0, None)
+    total = dark.sum()
+    if total <= 0:
+        return 0.5, 0.5
+    rr, cc = np.mgrid[: dark.shape[0], : dark.shape[1]]
+    return (float(((rr + 0.5) * dark).sum() / total / dark.shape[0]),
+            float(((cc + 0.5) * dark).sum() / total / dark.shape[1]))
 
 
 def _check(should_stop) -> None:
@@ -454,8 +485,7 @@ def extract_features_tiled(
     he_pixel_size_um : float, optional
         Level-0 H&E pixel size when the file does not say.
     params, max_cell_px, device, save_weights, progress, should_stop
-        As :func:`napari_smsdl.features.extract_features` and
-        :class:`napari_smsdl.reconstruction.Settings`.
+        As :func:`extract_features` and :class:`napari_smsdl.reconstruction.Settings`.
     tiling : TilingParams
         Tile sizes; they bound peak memory.
 
@@ -463,11 +493,8 @@ def extract_features_tiled(
     -------
     TiledFeatures
         The store's ``features`` array is (n_features, rows·F, cols·F) float32, chunked
-        (n_features, tile_cells, tile_cells); names as the in-memory features.
+        (n_features, tile_cells, tile_cells); names as :func:`extract_features`.
     """
-    import torch
-    import zarr
-
     start = time.perf_counter()
     image = histology if isinstance(histology, HistologyImage) else open_histology(histology, pixel_size_um=he_pixel_size_um)
     if image.pixel_size_um is None and he_pixel_size_um is not None:
@@ -475,34 +502,50 @@ def extract_features_tiled(
     if not 1 <= int(factor) <= 32:
         raise InputError(f"factor must be an integer from 1 to 32, got {factor}")
     slide = _Slide(image, transform, msi_shape, msi_pixel_size_um, tiling.max_read_px)
-    dev = get_device(device)
-    ex = _Extractor(slide, msi_shape, msi_pixel_size_um, factor, params, tiling, max_cell_px, dev)
+    sr_shape = (int(msi_shape[0]) * int(factor), int(msi_shape[1]) * int(factor))
+    ex = _Extractor(slide, sr_shape, factor, params, tiling, get_device(device), msi_pixel_size_um=msi_pixel_size_um,
+                    max_cell_px=max_cell_px)
     out = Path(out)
-    key = _store_key(slide, msi_shape, msi_pixel_size_um, factor, params, tiling, max_cell_px)
-    key_json = json.dumps(key, sort_keys=True)
-    dim = feature_dim(params)  # the checkpoint's width when one is given
-    names = tuple(f"{lv}_{d}" for lv in LEVELS for d in range(dim)) + ("mean_red", "mean_green", "mean_blue")
-    rows, cols = ex.sr_shape
-
-    cached = None
-    if dd.is_main_process():
-        cached = _open_complete(out, key_json)
+    key_json = json.dumps(_store_key(slide, msi_shape, msi_pixel_size_um, factor, params, tiling, max_cell_px),
+                          sort_keys=True)
+    names = feature_names(params)
+    cached = _open_complete(out, key_json) if dd.is_main_process() else None
     cached = dd.broadcast_object(cached)
     if cached is not None:
-        return TiledFeatures(out, tuple(cached["names"]), (len(names), rows, cols), cached["he_level"], cached["cell_px"],
+        return TiledFeatures(out, tuple(cached["names"]), (len(names), *sr_shape), cached["he_level"], cached["cell_px"],
                              cached["ssl_losses"], 0.0, from_cache=True)
+    if dd.is_main_process() and out.exists():
+        shutil.rmtree(out)
+    ssl_losses = _extract_into(str(out), ex, key_json, names, start, save_weights, progress, should_stop)
+    return TiledFeatures(out, names, (len(names), *sr_shape), ex.he_level, ex.k, ssl_losses, time.perf_counter() - start)
 
+
+def feature_names(params: FeatureParams) -> tuple[str, ...]:
+    """``<level>_<d>`` for every token feature of every level, then the cell's mean colour."""
+    dim = feature_dim(params)  # the checkpoint's width when one is given
+    return tuple(f"{lv}_{d}" for lv in LEVELS for d in range(dim)) + ("mean_red", "mean_green", "mean_blue")
+
+
+def _extract_into(store, ex: _Extractor, key_json: str, names: tuple[str, ...], start: float, save_weights,
+                  progress, should_stop) -> dict:
+    """The passes of the module notes, into a new zarr group at ``store`` (a path or a zarr store).
+
+    Every rank of a torchrun job calls this (rank 0 creates the group); returns the SimMIM losses.
+    """
+    import torch
+    import zarr
+
+    params, dev = ex.params, ex.dev
+    dim = (len(names) - 3) // len(LEVELS)  # token features per level
+    rows, cols = ex.sr_shape
     shifts = [round(TOKEN_PX * s / params.shifts) for s in range(params.shifts)]
-    t_cells = tiling.tile_cells
+    t_cells = ex.tiling.tile_cells
     if dd.is_main_process():
-        if out.exists():
-            shutil.rmtree(out)
-        root = zarr.open_group(str(out), mode="w")
+        root = zarr.open_group(store, mode="w")
         root.attrs.update({"complete": False, "key": key_json})
         root.create_array("features", shape=(len(names), rows, cols), chunks=(len(names), t_cells, t_cells),
                           dtype="float32", compressors=None, fill_value=0.0)
-        c_tile = ex.levels["cellular"].tile_windows * WINDOW_TOKENS
-        c_cells = max(1, int(round(c_tile / 1)))  # cellular tokens = cells
+        c_cells = ex.levels["cellular"].tile_windows * WINDOW_TOKENS  # cellular tokens are cells
         root.create_array("colour", shape=(3, rows, cols), chunks=(3, c_cells, c_cells), dtype="float32",
                           compressors=None, fill_value=0.0)
         for name, lv in ex.levels.items():
@@ -513,13 +556,14 @@ def extract_features_tiled(
                 root.create_array(f"tokens_{name}_{shift}", shape=(h, w, dim), chunks=(n, n, dim),
                                   dtype="float32", compressors=None, fill_value=0.0)
     dd.barrier()
-    root = zarr.open_group(str(out), mode="r+")
-    log.info("tiled features: SR grid %s, %d guide px per cell, H&E pyramid level %d, %s", ex.sr_shape, ex.k,
+    if not dd.is_main_process():
+        root = zarr.open_group(store, mode="r+")
+    log.info("features: SR grid %s, %d guide px per cell, H&E pyramid level %d, %s", ex.sr_shape, ex.k,
              ex.he_level, {n: ("exact" if lv.exact else "direct", lv.shape) for n, lv in ex.levels.items()})
 
     ex.colour_stats(progress, should_stop)
 
-    # ViTs: the same seeded initialisation as the in-memory path, then trained (or loaded from the checkpoint)
+    # ViTs: seeded initialisation, then trained (or loaded from the checkpoint)
     vits = build_vits(params, dev)
     ssl_losses = {}
     if not params.checkpoint and params.ssl_steps > 0:
@@ -538,7 +582,7 @@ def extract_features_tiled(
             for i, level in enumerate(LEVELS):
                 dd.broadcast_module(vits[level], src=i % world)
             merged = {}
-            for part in _all_gather_objects(ssl_losses):
+            for part in dd.gather_objects(ssl_losses):
                 merged.update(part)
             ssl_losses = {level: merged[level] for level in LEVELS if level in merged}
     for vit in vits.values():
@@ -550,8 +594,7 @@ def extract_features_tiled(
         lv = ex.levels[level]
         for shift in shifts:
             arr = root[f"tokens_{level}_{shift}"]
-            tiles = ex.level_tiles(lv, shift)
-            mine = dd.shard(tiles)
+            mine = dd.shard(ex.level_tiles(lv, shift))
             for i, (r0, r1, c0, c1) in enumerate(mine):
                 _check(should_stop)
                 kept: dict = {}
@@ -588,21 +631,108 @@ def extract_features_tiled(
             progress("sampling features", i + 1, len(mine))
     dd.barrier()
 
-    seconds = time.perf_counter() - start
     if dd.is_main_process():
         if save_weights:
             save_vits(vits, save_weights)
-        if not tiling.keep_intermediate:
+        if not ex.tiling.keep_intermediate:
             for name in list(root.array_keys()):
                 if name != "features":
                     del root[name]
         root.attrs.update({
             "complete": True, "names": list(names), "he_level": ex.he_level, "cell_px": ex.k,
-            "ssl_losses": ssl_losses, "seconds": seconds, "mean": ex.mean.tolist(), "std": ex.std.tolist(),
-            "axes": "feature, row, col (SR grid)", "world_size": dd.get_world_size(),
+            "ssl_losses": ssl_losses, "seconds": time.perf_counter() - start, "mean": ex.mean.tolist(),
+            "std": ex.std.tolist(), "axes": "feature, row, col (SR grid)", "world_size": dd.get_world_size(),
         })
     dd.barrier()
-    return TiledFeatures(out, names, (len(names), rows, cols), ex.he_level, ex.k, ssl_losses, seconds)
+    return ssl_losses
+
+
+def extract_features(
+    guide_rgb: np.ndarray,
+    *,
+    sr_shape: tuple[int, int],
+    factor: int,
+    params: FeatureParams = FeatureParams(),
+    cache_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    save_weights: str | os.PathLike | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    distributed: bool | None = None,
+) -> FeatureMaps:
+    """Multi-level ViT features for every cell of the SR grid, from a registered guide in memory.
+
+    The same passes as :func:`extract_features_tiled` (the guide is sliced instead of read from a
+    slide; tiles as large as the image, so it is one tile), written to an in-memory zarr store.
+
+    Parameters
+    ----------
+    guide_rgb : (rows * k, cols * k, 3) array
+        The registered H&E resampled onto the SR grid refined ``k`` times (k ≥ 1 integer), so each
+        SR cell sees its own k × k patch. uint8 or float in [0, 1].
+    sr_shape : (rows, cols)
+        The SR grid.
+    factor : int
+        MSI pixel / SR cell (F).
+    cache_dir : path, optional
+        Where features are cached (``features-<hash>.npz``); a second call with the same image
+        and parameters loads them instead of training.
+    save_weights : path, optional
+        Where to save the trained ViT weights ({level: state_dict}, a torch file).
+    distributed : bool, optional
+        Under torchrun (default: when a process group of N > 1 is active) every rank must call this
+        with the same image: rank 0 computes (or reads the cache) alone and sends the result to the
+        others, so N ranks give one process's features. ``False``: this process computes alone,
+        whatever the group (a caller that runs this on one rank only).
+
+    Returns
+    -------
+    FeatureMaps with ``data`` (n_features, rows, cols).
+    """
+    import zarr
+
+    distributed = dd.is_distributed() if distributed is None else bool(distributed)
+    if distributed:
+        result = None
+        if dd.is_main_process():
+            result = extract_features(guide_rgb, sr_shape=sr_shape, factor=factor, params=params, cache_dir=cache_dir,
+                                      device=device, save_weights=save_weights, progress=progress,
+                                      should_stop=should_stop, distributed=False)
+        meta = dd.broadcast_object(None if result is None else dataclasses.replace(result, data=None))
+        return dataclasses.replace(meta, data=dd.broadcast_array(None if result is None else result.data))
+
+    start = time.perf_counter()
+    guide = np.asarray(guide_rgb)
+    guide = guide.astype(np.float32) / 255.0 if guide.dtype == np.uint8 else guide.astype(np.float32)
+    rows, cols = sr_shape
+    if guide.ndim != 3 or guide.shape[0] % rows or guide.shape[1] % cols or guide.shape[0] // rows != guide.shape[1] // cols:
+        raise InputError(f"guide image {guide.shape} is not an integer refinement of the SR grid {sr_shape}")
+    key = hashlib.sha256(np.ascontiguousarray(guide).tobytes())
+    key.update(json.dumps({"sr": list(sr_shape), "F": factor, **params.cache_key(), "v": 4}, sort_keys=True).encode())
+    cache_file = Path(cache_dir) / f"features-{key.hexdigest()[:24]}.npz" if cache_dir else None
+    if cache_file is not None and cache_file.exists():
+        with np.load(cache_file, allow_pickle=False) as npz:
+            log.info("features loaded from cache %s", cache_file)
+            return FeatureMaps(npz["data"], tuple(npz["names"]), json.loads(str(npz["ssl_losses"])), 0.0, from_cache=True)
+
+    source = _GuideArray(guide, sr_shape)
+    # tiles as large as the image: every level is one tile and trains on its whole level image
+    widest = max(1.0, factor * params.tissue_tokens_msi_px * source.k / TOKEN_PX)  # guide px per level px
+    side = 2 * max(guide.shape[:2]) + 2 * int(math.ceil(WINDOW_PX * widest))
+    tiling = TilingParams(tile_cells=max(rows, cols), tile_guide_px=side, max_train_px=1 << 30, stats_tiles=1 << 30)
+    names = feature_names(params)
+    with dd.alone():  # one process, whatever the group: the other ranks wait for it (see above)
+        ex = _Extractor(source, sr_shape, factor, params, tiling, get_device(device))
+        root_store = zarr.storage.MemoryStore()
+        ssl_losses = _extract_into(root_store, ex, "", names, start, save_weights, progress, should_stop)
+        data = np.asarray(zarr.open_array(root_store, path="features", mode="r")[:])
+    result = FeatureMaps(data, names, ssl_losses, time.perf_counter() - start)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(cache_file.stem + ".tmp.npz")
+        np.savez(tmp, data=data, names=np.array(names), ssl_losses=json.dumps(ssl_losses))
+        os.replace(tmp, cache_file)
+    return result
 
 
 def _open_complete(out: Path, key_json: str) -> dict | None:
@@ -618,16 +748,6 @@ def _open_complete(out: Path, key_json: str) -> dict | None:
     if attrs.get("complete") and attrs.get("key") == key_json:
         return attrs
     return None
-
-
-def _all_gather_objects(obj) -> list:
-    if not dd.is_distributed():
-        return [obj]
-    import torch.distributed as dist
-
-    parts = [None] * dd.get_world_size()
-    dist.all_gather_object(parts, obj)
-    return parts
 
 
 def _write_colour(ex: _Extractor, arr, r0: int, r1: int, c0: int, c1: int, kept: dict | None = None) -> None:
@@ -685,9 +805,9 @@ def _bilinear(data: np.ndarray, rows, cols) -> np.ndarray:
 def _sample_region(tokens_arr, rows, cols, cells_per_token: float, shift_px: int) -> np.ndarray:
     """Bilinear samples of a token grid at the centres of SR cells ``rows × cols``: (D, r, c).
 
-    The same coordinates and edge rule (``"nearest"``) as
-    :func:`napari_smsdl.features._vit._sample_tokens_at_cells`, read from a token window with a
-    one-token halo and interpolated separably.
+    Token ``t`` is centred at level pixel ``(t + 0.5) · TOKEN_PX``; neighbours beyond the grid clamp
+    to its edge (scipy.ndimage's ``"nearest"``). Read from a token window with a one-token halo and
+    interpolated separably.
     """
     h, w = tokens_arr.shape[:2]
     r = ((np.arange(*rows) + 0.5) / cells_per_token * TOKEN_PX + shift_px) / TOKEN_PX - 0.5
