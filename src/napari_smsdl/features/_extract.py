@@ -561,6 +561,9 @@ def _extract_into(store, ex: _Extractor, key_json: str, names: tuple[str, ...], 
     log.info("features: SR grid %s, %d guide px per cell, H&E pyramid level %d, %s", ex.sr_shape, ex.k,
              ex.he_level, {n: ("exact" if lv.exact else "direct", lv.shape) for n, lv in ex.levels.items()})
 
+    steps = len(LEVELS) + 1  # the overall stage: one step per level's tokens, one for the sampling
+    if progress is not None:  # opened first, so the passes below nest inside it
+        progress("feature extraction", 0, steps)
     ex.colour_stats(progress, should_stop)
 
     # ViTs: seeded initialisation, then trained (or loaded from the checkpoint)
@@ -608,6 +611,8 @@ def _extract_into(store, ex: _Extractor, key_json: str, names: tuple[str, ...], 
                 del kept, region
                 if progress is not None:
                     progress(f"tokens ({level})", i + 1, len(mine))
+        if progress is not None:
+            progress("feature extraction", LEVELS.index(level) + 1, steps)
     dd.barrier()
 
     # sample every output tile at the SR cell centres
@@ -629,6 +634,8 @@ def _extract_into(store, ex: _Extractor, key_json: str, names: tuple[str, ...], 
         out_arr[:, r0:r1, c0:c1] = np.concatenate(blocks).astype(np.float32)
         if progress is not None:
             progress("sampling features", i + 1, len(mine))
+    if progress is not None:
+        progress("feature extraction", steps, steps)
     dd.barrier()
 
     if dd.is_main_process():
