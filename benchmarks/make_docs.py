@@ -53,6 +53,14 @@ scored, the methods' SSIM there is 0.001–0.002 (bladder) and about 0.004 (samp
 within seed noise. The cerebellum's mask is unchanged, and so are its SMSDL, bicubic and control
 scores; the CNN's SSIM there moved by −0.002 (F = 2) and +0.010 (F = 4, old seed std 0.020).
 
+The SMSDL rows and the bladder ablations were re-measured again (seeds 0–2, 2026-12-06) after the
+two feature extractors became one (the in-memory path now runs the tiled passes as one tile, with
+float64 instead of float32 colour statistics; features correlate ≥ 0.999 with the old ones):
+every SMSDL mean moved by at most 0.0004 SSIM, 0.0001 RMSE and 0.0007 R² (sample F = 4; seed std
+0.0020, 0.0001, 0.0012), all inside the seed spread. Bicubic, the control and the CNN do not use
+the ViT features and were not re-run; the uncertainty-variant and fallback-rule tables below are
+from the previous run.
+
 {guided}
 
 {guided_verdict}
