@@ -99,3 +99,34 @@ def test_cnn_runs_on_the_chunked_path_and_one_chunk_equals_the_in_memory_cnn(tmp
     np.testing.assert_allclose(got[:2], first_two, rtol=1e-5, atol=1e-6 * float(first_two.max()))
     assert run.sr["backprojection"].read().shape == (3, 32, 48)
 
+
+
+def test_one_chunk_loop_serves_both_paths(tmp_path):
+    """reconstruct is the chunk loop with numpy sinks: SMSDL there is train_regression itself (bit for bit),
+    and the many-channel path with one chunk writes the same stacks for every method into zarr."""
+    from napari_smsdl.evaluation import degrade
+    from napari_smsdl.reconstruction import Settings, reconstruct, reconstruct_many_channels
+    from napari_smsdl.sample import make_sample
+
+    s = make_sample()
+    lr, mask_lr = degrade(s.ground_truth[:, :32, :32], s.mask_hr[:32, :32], 4)
+    he = s.he_rgb[:128, :128]
+    settings = Settings.preset("fast", factor=4, cnn_iterations=2, device="cpu",
+                               regression=PARAMS)
+    methods = ["smsdl", "bicubic", "backprojection", "cnn"]
+    mem = reconstruct(lr, he, he_pixel_size_um=2.5, msi_pixel_size_um=40.0, settings=settings, methods=methods,
+                      mask_lr=mask_lr, cache_dir=tmp_path / "cache")
+    ref = train_regression(mem.features.data, lr, 4, mask_lr=mask_lr, params=PARAMS, device="cpu")
+    np.testing.assert_array_equal(mem.sr["smsdl"], ref.sr)
+    np.testing.assert_array_equal(mem.uncertainty["smsdl"], ref.uncertainty)
+    np.testing.assert_array_equal(mem.sr["backprojection"], ref.control)
+    assert mem.choices["smsdl"] == ref.choices and mem.loss_history["smsdl"] == ref.loss_history
+    assert set(mem.seconds) == set(methods) and mem.choices["cnn"]["conservation"] == ref.choices["conservation"]["value"]
+    run = reconstruct_many_channels(lr, he, he_pixel_size_um=2.5, msi_pixel_size_um=40.0, out=tmp_path / "run",
+                                    settings=settings, methods=methods, mask_lr=mask_lr, chunk_channels=len(lr),
+                                    cache_dir=tmp_path / "cache")
+    assert run.features_from_cache and set(run.sr) == set(methods)
+    for m in methods:
+        np.testing.assert_array_equal(run.sr[m].read(), mem.sr[m])
+    np.testing.assert_array_equal(run.sr["smsdl"].open_uncertainty()[:], mem.uncertainty["smsdl"])
+    assert run.sr["smsdl"].guidance() == mem.guidance["smsdl"]

@@ -18,9 +18,11 @@ own chunks in full — for many channels that is the better use of several GPUs 
 small network's batches) and every rank writes only its own chunks.
 
 :func:`reconstruct_many_channels` is the whole run that ``smsdl reconstruct`` uses above
-``CHUNKED_ABOVE_CHANNELS`` channels: the H&E features once (in memory or tiled), then
-:func:`reconstruct_channels` and, on request, the bicubic baseline chunk by chunk
-(:func:`bicubic_channels`), each into its own zarr store.
+``CHUNKED_ABOVE_CHANNELS`` channels. It and the in-memory
+:func:`napari_smsdl.reconstruction.reconstruct` are one chunk loop, :func:`_run_chunks`: the guide and
+features once (:func:`._pipeline._guide_and_features`), then every method (SMSDL, bicubic, the H&E-free
+control, the CNN) chunk by chunk into a per-method sink — zarr stores here, numpy arrays (one chunk
+of all channels) there.
 """
 
 from __future__ import annotations
@@ -191,11 +193,158 @@ def reconstruct_channels(
     -------
     ChannelStack
     """
+    from ._pipeline import Method, Settings
+
     start = time.perf_counter()
+    settings = Settings(factor=int(factor), regression=params, device=device)
+    names, mask_lr, block_rows = _check_chunked(lr_msi, int(factor), chunk_channels, channel_names, mask_lr,
+                                                block_rows, features)
+    sinks = _zarr_sinks({Method.SMSDL.value: Path(out)}, lr_msi.shape, int(factor), block_rows, names)
+    run = _run_chunks(features, lr_msi, [Method.SMSDL], sinks, settings=settings, chunk_channels=chunk_channels,
+                     mask_lr=mask_lr, block_rows=block_rows, progress=progress, should_stop=should_stop)
+    _record_guidance(Path(out), run.records[Method.SMSDL.value], int(lr_msi.shape[0]))
+    return _finish_sr_store(Path(out), sinks[Method.SMSDL.value]["sr"].shape, names, chunk_channels, start)
+
+
+# ---------------------------------------------------------------------------------------------
+# the one chunk loop behind reconstruct (numpy sinks) and reconstruct_many_channels (zarr sinks)
+
+
+@dataclass
+class ChunkRun:
+    """What :func:`_run_chunks` did: per method, seconds and {first channel of a chunk: record}.
+
+    An SMSDL record has ``guidance`` (:meth:`Guidance.to_dict`), ``choices`` and ``loss_history``;
+    a CNN record ``choices`` (what it ran) and ``loss_history``. Only this rank's chunks.
+    """
+
+    seconds: dict
+    records: dict
+
+
+def _run_chunks(
+    features,
+    lr_msi,
+    methods: Sequence,
+    sinks: dict,
+    *,
+    settings: Settings,
+    chunk_channels: int,
+    mask_lr: np.ndarray,
+    guide: np.ndarray | None = None,
+    block_rows: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_loss: Callable[[int, float], None] | None = None,
+) -> ChunkRun:
+    """Every method on every chunk of ``chunk_channels`` channels, each written into its sink.
+
+    ``sinks`` maps a method's value to {"sr": array} (SMSDL also "uncertainty"): numpy arrays for
+    :func:`napari_smsdl.reconstruction.reconstruct`, zarr arrays for :func:`reconstruct_many_channels`,
+    (C, rows·F, cols·F), written ``block_rows`` SR rows at a time. ``features`` (SMSDL) are
+    standardised once; ``guide`` is the CNN's. Per chunk: SMSDL (:func:`fit_guided`), bicubic, the
+    H&E-free control (SMSDL's own when it ran) and the CNN with SMSDL's conservation of that chunk.
+
+    One chunk (all channels) is :func:`train_regression` itself, networks shared between torchrun
+    ranks as there. With several chunks rank 0 chooses the PCA dimensions on the first, every chunk
+    uses them, and the chunks are dealt round robin between ranks (each writes only its own).
+    """
+    from ._pipeline import Method, run_cnn
+    from ._regression import _ddp_active
+    from .baselines import bicubic_upsample
+    from .baselines.backprojection import Conservation, conserve
+
+    methods = [Method(m) for m in methods]
+    factor = int(settings.factor)
+    params = settings.regression
     n_ch, rows, cols = (int(s) for s in lr_msi.shape)
-    factor = int(factor)
+    sr_rows = rows * factor
+    block_rows = sr_rows if block_rows is None else block_rows
+    chunks = [(c0, min(c0 + chunk_channels, n_ch)) for c0 in range(0, n_ch, chunk_channels)]
+    seconds = {m.value: 0.0 for m in methods}
+    records: dict = {m.value: {} for m in (Method.SMSDL, Method.CNN) if m in methods}
+    smsdl = Method.SMSDL in methods
+
+    def fit(lr, **kw):
+        kw = {"progress": progress, **kw}
+        return fit_guided(x_feat, lr, factor, mask_lr=mask_lr, params=params, device=settings.device,
+                          should_stop=should_stop, **kw)
+
+    x_feat, first, pca_dims = None, None, None
+    if smsdl:
+        t0 = time.perf_counter()
+        x_feat = standardise_features(features, max_pca_dims(params), block_rows)
+        if len(chunks) == 1:  # train_regression: every rank trains the one chunk's networks together
+            mine = chunks
+        else:  # one feature space for all chunks: the leading components, their number chosen on the first
+            if dd.is_main_process():
+                first = fit(np.asarray(lr_msi[: chunks[0][1]], np.float32), progress=None,
+                            stage=f"SMSDL channels 1-{chunks[0][1]} of {n_ch}")
+            pca_dims = int(dd.broadcast_object(first.choices["pca_dims"]["value"] if first is not None else None))
+            mine = dd.shard(chunks)
+        seconds[Method.SMSDL.value] += time.perf_counter() - t0
+    else:
+        mine = chunks if len(chunks) == 1 else dd.shard(chunks)
+    # one chunk runs on every rank (as reconstruct does): rank 0 alone writes a shared (zarr) sink
+    shared = len(chunks) == 1 and not dd.is_main_process()
+    for i, (c0, c1) in enumerate(mine):
+        if should_stop is not None and should_stop():
+            raise Cancelled("channel reconstruction cancelled")
+        lr = np.asarray(lr_msi[c0:c1], np.float32)
+        out: dict = {}
+        t0 = time.perf_counter()
+        bicubic = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=mask_lr)
+        bicubic_seconds = time.perf_counter() - t0
+        if Method.BICUBIC in methods:
+            out[Method.BICUBIC.value], seconds[Method.BICUBIC.value] = {"sr": bicubic}, \
+                seconds[Method.BICUBIC.value] + bicubic_seconds
+        conservation = params.conservation if params.conservation != "auto" else "exact"
+        control = None
+        if smsdl:
+            t0 = time.perf_counter()
+            if len(chunks) == 1:
+                result = fit(lr, on_loss=on_loss, distributed=_ddp_active())
+            elif first is not None and c0 == 0:
+                result, first = first, None
+            else:
+                result = fit(lr, stage=f"SMSDL channels {c0 + 1}-{c1} of {n_ch}", pca_dims=pca_dims)
+            out[Method.SMSDL.value] = {"sr": result.sr, "uncertainty": result.uncertainty}
+            records[Method.SMSDL.value][c0] = {"guidance": result.guidance.to_dict(), "choices": result.choices,
+                                               "loss_history": result.loss_history}
+            conservation = result.choices["conservation"]["value"]
+            control = result.control  # the H&E-free control SMSDL fell back to: computed there already
+            del result
+            seconds[Method.SMSDL.value] += time.perf_counter() - t0
+        if Method.BACKPROJECTION in methods:
+            t0 = time.perf_counter()
+            out[Method.BACKPROJECTION.value] = {"sr": control if control is not None
+                                                else conserve(bicubic, lr, factor, mask_lr, Conservation.EXACT)}
+            seconds[Method.BACKPROJECTION.value] += bicubic_seconds + time.perf_counter() - t0
+        if Method.CNN in methods:
+            t0 = time.perf_counter()
+            cnn, ran, history = run_cnn(lr, guide, factor, mask_lr=mask_lr, bicubic=bicubic, settings=settings,
+                                        conservation=conservation, progress=progress, should_stop=should_stop)
+            out[Method.CNN.value] = {"sr": cnn}
+            records[Method.CNN.value][c0] = {"choices": ran, "loss_history": history}
+            seconds[Method.CNN.value] += time.perf_counter() - t0
+        for method, arrays in out.items():  # block by block of SR rows: a zarr chunk is (1, block_rows, cols·F)
+            for name, data in arrays.items():
+                if shared and not isinstance(sinks[method][name], np.ndarray):
+                    continue
+                for r0 in range(0, sr_rows, block_rows):
+                    sinks[method][name][c0:c1, r0 : r0 + block_rows] = data[:, r0 : r0 + block_rows]
+        del out
+        if progress is not None and len(chunks) > 1:
+            progress("SMSDL channel chunks" if smsdl else "channel chunks", i + 1, len(mine))
+        log.info("channels %d-%d of %d written", c0 + 1, c1, n_ch)
+    return ChunkRun(seconds, records)
+
+
+def _check_chunked(lr_msi, factor: int, chunk_channels: int, channel_names, mask_lr, block_rows, features=None):
+    """The chunked path's refusals in one place: (channel names, tissue mask, SR rows per block)."""
+    n_ch, rows, cols = (int(s) for s in lr_msi.shape)
     sr_rows, sr_cols = rows * factor, cols * factor
-    if tuple(features.shape[1:]) != (sr_rows, sr_cols):
+    if features is not None and tuple(features.shape[1:]) != (sr_rows, sr_cols):
         raise InputError(f"features {tuple(features.shape[1:])} do not match the SR grid {(sr_rows, sr_cols)}")
     if chunk_channels < 1:
         raise InputError(f"chunk_channels must be at least 1, got {chunk_channels}")
@@ -208,42 +357,18 @@ def reconstruct_channels(
     if block_rows is None:
         block_rows = 32768 // sr_cols
     # whole MSI pixels per block, no more than the grid (a larger zarr chunk is padding on disk)
-    block_rows = min(max(factor, block_rows // factor * factor), sr_rows)
+    return names, mask_lr, min(max(factor, block_rows // factor * factor), sr_rows)
 
-    out = Path(out)
-    sr_arr = _create_sr_store(out, (n_ch, sr_rows, sr_cols), min(chunk_channels, n_ch), block_rows, names, factor)
 
-    # one feature space for all chunks: the leading components, their number chosen on the first chunk
-    x_feat = standardise_features(features, max_pca_dims(params), block_rows)
-    chunks = [(c0, min(c0 + chunk_channels, n_ch)) for c0 in range(0, n_ch, chunk_channels)]
-    first = fit_guided(x_feat, np.asarray(lr_msi[chunks[0][0]:chunks[0][1]], np.float32), factor, mask_lr=mask_lr,
-                       params=params, device=device, should_stop=should_stop) if dd.is_main_process() else None
-    pca_dims = int(dd.broadcast_object(first.choices["pca_dims"]["value"] if first is not None else None))
-    extra = _create_extra_stores(out, (n_ch, sr_rows, sr_cols), min(chunk_channels, n_ch), block_rows, names)
-    mine = dd.shard(chunks)
-    gains: dict = {}
-    for i, (c0, c1) in enumerate(mine):
-        if should_stop is not None and should_stop():
-            raise Cancelled("SMSDL channel reconstruction cancelled")
-        lr = np.asarray(lr_msi[c0:c1], np.float32)
-        stage = f"SMSDL channels {c0 + 1}-{c1} of {n_ch}"
-        if first is not None and c0 == chunks[0][0]:
-            fit = first
-        else:
-            fit = fit_guided(x_feat, lr, factor, mask_lr=mask_lr, params=params, device=device, progress=progress,
-                             should_stop=should_stop, stage=stage, pca_dims=pca_dims)
-        for r0 in range(0, sr_rows, block_rows):
-            r1 = min(r0 + block_rows, sr_rows)
-            sr_arr[c0:c1, r0:r1, :] = fit.sr[:, r0:r1]
-            for name, arr in extra.items():
-                arr[c0:c1, r0:r1, :] = getattr(fit, name)[:, r0:r1]
-        gains[c0] = {"guidance": fit.guidance.to_dict(), "choices": fit.choices}
-        del fit
-        if progress is not None:
-            progress("SMSDL channel chunks", i + 1, len(mine))
-        log.info("channels %d-%d of %d written", c0 + 1, c1, n_ch)
-    _record_guidance(out, gains, n_ch)
-    return _finish_sr_store(out, (n_ch, sr_rows, sr_cols), names, chunk_channels, start)
+def _zarr_sinks(paths: dict, lr_shape, factor: int, block_rows: int, names) -> dict:
+    """{method value: zarr group path} → the sinks of :func:`_run_chunks` (SMSDL also gets ``uncertainty``)."""
+    shape = (int(lr_shape[0]), int(lr_shape[1]) * factor, int(lr_shape[2]) * factor)
+    sinks = {}
+    for method, path in paths.items():
+        sinks[method] = {"sr": _create_sr_store(path, shape, block_rows, names, factor)}
+        if method == "smsdl":
+            sinks[method].update(_create_extra_stores(path, shape, block_rows))
+    return sinks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,9 +379,9 @@ def reconstruct_channels(
 class ManyChannelRun:
     """What :func:`reconstruct_many_channels` wrote: an SR stack on disk per method, and timings.
 
-    ``sr`` maps ``"smsdl"`` (and ``"bicubic"`` when asked) to its :class:`ChannelStack`;
-    ``seconds`` has ``"features"`` (guide + features), ``"smsdl"`` (features + regression, as in
-    :class:`napari_smsdl.reconstruction.Reconstruction`) and ``"bicubic"``.
+    ``sr`` maps each method asked for to its :class:`ChannelStack`; ``seconds`` has ``"features"``
+    (guide + features) and each method's, as in :class:`napari_smsdl.reconstruction.Reconstruction`
+    (SMSDL and the CNN include the guide and features).
     """
 
     sr: dict
@@ -266,104 +391,7 @@ class ManyChannelRun:
     tiled: bool
 
 
-def bicubic_channels(lr_msi, factor: int, out: str | os.PathLike, **kwargs) -> ChannelStack:
-    """Bicubic baseline of every channel, ``chunk_channels`` at a time, into the zarr group ``out``.
-
-    Same numbers as :func:`napari_smsdl.reconstruction.baselines.bicubic_upsample` on the whole stack (it works
-    channel by channel); the ``sr`` array is laid out as :func:`reconstruct_channels` lays out its
-    own. Under torchrun the chunks are shared round robin between ranks, like the SMSDL chunks:
-    every rank must call it. Keywords as :func:`_chunk_by_chunk`.
-    """
-    from .baselines import bicubic_upsample
-
-    return _chunk_by_chunk(lambda lr, mask: bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=mask),
-                           lr_msi, factor, out, what="bicubic channel upsampling", **kwargs)
-
-
-def backprojection_channels(lr_msi, factor: int, out: str | os.PathLike, **kwargs) -> ChannelStack:
-    """The H&E-free control of every channel, ``chunk_channels`` at a time, into the zarr group ``out``.
-
-    Same numbers as :func:`napari_smsdl.reconstruction.baselines.backprojection_upsample` (bicubic,
-    then exact back-projection to the block means of ``mask_lr``) on the whole stack: both steps work
-    channel by channel. Laid out and shared between torchrun ranks like :func:`bicubic_channels`.
-    """
-    from .baselines import backprojection_upsample
-
-    return _chunk_by_chunk(lambda lr, mask: backprojection_upsample(lr, factor, mask_lr=mask),
-                           lr_msi, factor, out, what="H&E-free control", **kwargs)
-
-
-def _chunk_by_chunk(
-    method: Callable[[np.ndarray, np.ndarray], np.ndarray],
-    lr_msi,
-    factor: int,
-    out: str | os.PathLike,
-    *,
-    what: str,
-    mask_lr: np.ndarray | None = None,
-    channel_names: Sequence[str] | None = None,
-    chunk_channels: int = DEFAULT_CHUNK_CHANNELS,
-    should_stop: Callable[[], bool] | None = None,
-) -> ChannelStack:
-    """``method(lr chunk, mask)`` on every chunk of channels (this rank's share), into ``out/sr``."""
-    start = time.perf_counter()
-    n_ch, rows, cols = (int(s) for s in lr_msi.shape)
-    names = tuple(channel_names) if channel_names is not None else tuple(f"channel {i}" for i in range(n_ch))
-    mask_lr = mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
-    chunks = [(c0, min(c0 + chunk_channels, n_ch)) for c0 in range(0, n_ch, chunk_channels)]
-    sr_arr = _create_sr_store(out, (n_ch, rows * factor, cols * factor), min(chunk_channels, n_ch),
-                              rows * factor, names, factor)
-    for c0, c1 in dd.shard(chunks):
-        if should_stop is not None and should_stop():
-            raise Cancelled(f"{what} cancelled")
-        sr_arr[c0:c1] = np.asarray(method(np.asarray(lr_msi[c0:c1], np.float32), mask_lr), np.float32)
-    return _finish_sr_store(out, (n_ch, rows * factor, cols * factor), names, chunk_channels, start)
-
-def cnn_channels(
-    lr_msi,
-    guide: np.ndarray,
-    out: str | os.PathLike,
-    *,
-    settings: Settings,
-    mask_lr: np.ndarray | None = None,
-    channel_names: Sequence[str] | None = None,
-    chunk_channels: int = DEFAULT_CHUNK_CHANNELS,
-    progress: Callable[[str, int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> ChannelStack:
-    """The CNN baseline, one network per chunk of ``chunk_channels`` channels, into the zarr group ``out``.
-
-    Each chunk is :func:`napari_smsdl.reconstruction.run_cnn` (the in-memory path's CNN) on those
-    channels; chunks are shared between torchrun ranks like :func:`bicubic_channels`. The
-    conservation is the regression's when it is fixed, else exact (the chunked SMSDL chooses per
-    chunk; the CNN gets the control's).
-    """
-    from ._pipeline import run_cnn
-    from .baselines import bicubic_upsample
-
-    start = time.perf_counter()
-    factor = int(settings.factor)
-    n_ch, rows, cols = (int(s) for s in lr_msi.shape)
-    names = tuple(channel_names) if channel_names is not None else tuple(f"channel {i}" for i in range(n_ch))
-    mask_lr = mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
-    conservation = settings.regression.conservation if settings.regression.conservation != "auto" else "exact"
-    chunks = [(c0, min(c0 + chunk_channels, n_ch)) for c0 in range(0, n_ch, chunk_channels)]
-    sr_arr = _create_sr_store(out, (n_ch, rows * factor, cols * factor), min(chunk_channels, n_ch),
-                              rows * factor, names, factor)
-    mine = dd.shard(chunks)
-    for i, (c0, c1) in enumerate(mine):
-        if should_stop is not None and should_stop():
-            raise Cancelled("CNN channel reconstruction cancelled")
-        lr = np.asarray(lr_msi[c0:c1], np.float32)
-        bicubic = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=mask_lr)
-        sr_arr[c0:c1], _, _ = run_cnn(lr, guide, factor, mask_lr=mask_lr, bicubic=bicubic, settings=settings,
-                                      conservation=conservation, should_stop=should_stop)
-        if progress is not None:
-            progress("CNN channel chunks", i + 1, len(mine))
-    return _finish_sr_store(out, (n_ch, rows * factor, cols * factor), names, chunk_channels, start)
-
-
-def _create_sr_store(out, shape, chunk_channels: int, block_rows: int, names, factor: int):
+def _create_sr_store(out, shape, block_rows: int, names, factor: int):
     """Rank 0 creates the zarr group ``out`` with an empty ``sr`` array; every rank opens it."""
     import zarr
 
@@ -379,7 +407,7 @@ def _create_sr_store(out, shape, chunk_channels: int, block_rows: int, names, fa
     return zarr.open_array(str(out), path="sr", mode="r+")
 
 
-def _create_extra_stores(out, shape, chunk_channels: int, block_rows: int, names) -> dict:
+def _create_extra_stores(out, shape, block_rows: int) -> dict:
     """The SMSDL group's ``uncertainty`` array, laid out as ``sr``: {attribute of the fit: array}."""
     import zarr
 
@@ -443,12 +471,10 @@ def reconstruct_many_channels(
 ) -> ManyChannelRun:
     """:func:`napari_smsdl.reconstruction.reconstruct` for thousands of channels: SR stacks streamed to zarr.
 
-    The H&E features are computed once — in memory (:func:`napari_smsdl.reconstruction.prepare_guide`
-    then :func:`napari_smsdl.features.extract_features`) for an H&E array, tile by tile into a zarr
-    store in ``cache_dir`` (:func:`napari_smsdl.features.extract_features_tiled`) for a lazy
-    :class:`napari_smsdl.io.HistologyImage` — and every chunk of channels is then trained and
-    predicted by :func:`reconstruct_channels` into ``out/sr_smsdl.zarr`` (bicubic, on request, into
-    ``out/sr_bicubic.zarr`` by :func:`bicubic_channels`).
+    The guide and H&E features are computed once (:func:`._pipeline._guide_and_features`: in memory
+    for an H&E array, tile by tile into a zarr store in ``cache_dir`` for a lazy
+    :class:`napari_smsdl.io.HistologyImage`), then :func:`_run_chunks` runs every method chunk by
+    chunk into ``out/sr_<method>.zarr`` (SMSDL's group also holds ``uncertainty`` and the guidance).
 
     Parameters
     ----------
@@ -463,9 +489,8 @@ def reconstruct_many_channels(
     settings : napari_smsdl.reconstruction.Settings
         Factor, feature and regression parameters, device (default ``Settings()``).
     methods : sequence of str
-        ``"smsdl"``, ``"bicubic"``, ``"backprojection"`` (the H&E-free control,
-        :func:`backprojection_channels`, into ``out/sr_backprojection.zarr``) and/or ``"cnn"`` (one
-        network per chunk of channels, :func:`cnn_channels`, into ``out/sr_cnn.zarr``).
+        ``"smsdl"``, ``"bicubic"``, ``"backprojection"`` (the H&E-free control: SMSDL's own when it
+        ran) and/or ``"cnn"`` (one network per chunk, with SMSDL's conservation of that chunk).
     transform, mask_lr, cache_dir, save_weights, progress, should_stop
         As :func:`napari_smsdl.reconstruction.reconstruct`.
     channel_names : sequence of str, optional
@@ -480,80 +505,27 @@ def reconstruct_many_channels(
     and broadcast; tiled features and the chunks of channels are shared between the ranks; all
     ranks must see ``out`` and ``cache_dir`` on a common file system.
     """
-    from ..features import extract_features
-    from ..io import HistologyImage
-    from ._pipeline import Method, Settings, check_factor, prepare_guide, tiled_feature_store
+    from ._pipeline import Method, Settings, check_factor, _guide_and_features
 
+    start = time.perf_counter()
     settings = settings or Settings()
     methods = [Method(m) for m in methods]
-    n_ch, rows, cols = (int(s) for s in lr_msi.shape)
     factor = check_factor(settings.factor)
-    if chunk_channels < 1:
-        raise InputError(f"chunk_channels must be at least 1, got {chunk_channels}")
+    names, mask_lr, block_rows = _check_chunked(lr_msi, factor, chunk_channels, channel_names, mask_lr, None)
     out = Path(out)
     if dd.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-    names = tuple(channel_names) if channel_names is not None else tuple(f"channel {i}" for i in range(n_ch))
-    mask_lr = mask_from_stack(lr_msi, chunk_channels) if mask_lr is None else np.asarray(mask_lr, bool)
-    sr, seconds = {}, {}
-    from_cache, tiled = False, isinstance(he_rgb, HistologyImage)
-    if Method.BICUBIC in methods:
-        t0 = time.perf_counter()
-        sr[Method.BICUBIC.value] = bicubic_channels(lr_msi, factor, out / "sr_bicubic.zarr", mask_lr=mask_lr,
-                                                    channel_names=names, chunk_channels=chunk_channels,
-                                                    should_stop=should_stop)
-        seconds[Method.BICUBIC.value] = time.perf_counter() - t0
-    if Method.BACKPROJECTION in methods:
-        t0 = time.perf_counter()
-        sr[Method.BACKPROJECTION.value] = backprojection_channels(
-            lr_msi, factor, out / "sr_backprojection.zarr", mask_lr=mask_lr, channel_names=names,
-            chunk_channels=chunk_channels, should_stop=should_stop)
-        seconds[Method.BACKPROJECTION.value] = time.perf_counter() - t0
-    guide = None
-    if Method.CNN in methods and not tiled:  # the guide on every rank: each trains its own CNN chunks
-        guide, _ = prepare_guide(he_rgb, he_pixel_size_um=he_pixel_size_um, msi_shape=(rows, cols),
-                                 msi_pixel_size_um=msi_pixel_size_um, factor=factor, transform=transform,
-                                 max_cell_px=settings.max_cell_px)
-    features = None
-    if Method.SMSDL in methods or (Method.CNN in methods and tiled):
-        t0 = time.perf_counter()
-        if tiled:
-            store = tiled_feature_store(he_rgb, (rows, cols), msi_pixel_size_um, he_pixel_size_um, transform, settings,
-                                        cache_dir, save_weights, progress, should_stop)
-            features, from_cache = store.open(), store.from_cache  # streamed, never whole in memory
-            if Method.CNN in methods:  # whole slide: each SR cell's mean colour (the last 3 features)
-                guide = np.clip(np.asarray(features[-3:], np.float32).transpose(1, 2, 0), 0, 1)
-        else:
-            data = None
-            if dd.is_main_process():
-                if guide is None:
-                    guide, _ = prepare_guide(
-                        he_rgb, he_pixel_size_um=he_pixel_size_um, msi_shape=(rows, cols),
-                        msi_pixel_size_um=msi_pixel_size_um, factor=factor, transform=transform,
-                        max_cell_px=settings.max_cell_px,
-                    )
-                maps = extract_features(
-                    guide, sr_shape=(rows * factor, cols * factor), factor=factor, params=settings.features,
-                    cache_dir=cache_dir, device=settings.device, save_weights=save_weights, progress=progress,
-                    should_stop=should_stop, distributed=False,  # rank 0 alone; the others wait below
-                )
-                data, from_cache = maps.data, maps.from_cache
-            features = dd.broadcast_array(data)  # the other ranks wait here while rank 0 computes
-            from_cache = bool(dd.broadcast_object(from_cache))
-        seconds["features"] = time.perf_counter() - t0
+    prep = _guide_and_features(he_rgb, tuple(lr_msi.shape[1:]), methods, he_pixel_size_um=he_pixel_size_um,
+                              msi_pixel_size_um=msi_pixel_size_um, settings=settings, transform=transform,
+                              cache_dir=cache_dir, save_weights=save_weights, progress=progress,
+                              should_stop=should_stop, in_memory=False)
+    paths = {m.value: out / f"sr_{m.value}.zarr" for m in methods}
+    sinks = _zarr_sinks(paths, lr_msi.shape, factor, block_rows, names)
+    run = _run_chunks(prep.features, lr_msi, methods, sinks, settings=settings, chunk_channels=chunk_channels,
+                     mask_lr=mask_lr, guide=prep.guide, block_rows=block_rows, progress=progress,
+                     should_stop=should_stop)
     if Method.SMSDL in methods:
-        t0 = time.perf_counter()
-        stack = reconstruct_channels(
-            features, lr_msi, factor, out / "sr_smsdl.zarr", mask_lr=mask_lr, channel_names=names,
-            chunk_channels=chunk_channels, params=settings.regression, device=settings.device, progress=progress,
-            should_stop=should_stop,
-        )
-        sr[Method.SMSDL.value] = stack
-        seconds[Method.SMSDL.value] = time.perf_counter() - t0 + seconds.get("features", 0.0)
-    if Method.CNN in methods:
-        t0 = time.perf_counter()
-        sr[Method.CNN.value] = cnn_channels(lr_msi, guide, out / "sr_cnn.zarr", settings=settings, mask_lr=mask_lr,
-                                            channel_names=names, chunk_channels=chunk_channels, progress=progress,
-                                            should_stop=should_stop)
-        seconds[Method.CNN.value] = time.perf_counter() - t0
-    return ManyChannelRun(sr, seconds, settings, from_cache, tiled)
+        _record_guidance(paths[Method.SMSDL.value], run.records[Method.SMSDL.value], len(names))
+    sr = {m: _finish_sr_store(path, sinks[m]["sr"].shape, names, chunk_channels, start) for m, path in paths.items()}
+    seconds = {**prep.seconds_for(run.seconds), "features": prep.seconds}
+    return ManyChannelRun(sr, seconds, settings, prep.from_cache, prep.tiled)

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import InputError
 from ..io import tissue_mask
 from ..features import FAST_FEATURES, FeatureMaps, FeatureParams, choose_cell_px, extract_features
-from ._regression import FAST_REGRESSION, RegressionParams, train_regression
+from ._regression import FAST_REGRESSION, RegressionParams
 from .baselines.backprojection import Conservation, conserve
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,74 @@ def check_inputs(lr_msi, he_rgb, settings: Settings, methods, mask_lr=None, tran
     return lr, factor, mask_lr
 
 
+@dataclass
+class _Prepared:
+    """The guide and the features of one run (:func:`_guide_and_features`), computed once for every method."""
+
+    guide: np.ndarray | None  # (rows·F·k, cols·F·k, 3) in memory; each SR cell's mean colour when tiled
+    features: object  # (D, rows·F, cols·F): numpy, the tiled store's zarr array, or None (not needed)
+    maps: FeatureMaps | None
+    seconds: float
+    from_cache: bool
+    tiled: bool
+
+    def seconds_for(self, run_seconds: dict) -> dict:
+        """Per-method seconds with what they needed: SMSDL the guide and features, the CNN its guide."""
+        seconds = dict(run_seconds)
+        for method in ("smsdl", "cnn"):
+            if method in seconds:
+                seconds[method] += self.seconds
+        return seconds
+
+
+def _guide_and_features(he_rgb, msi_shape: tuple[int, int], methods, *, he_pixel_size_um: float,
+                       msi_pixel_size_um: float, settings: Settings, transform=None, cache_dir=None,
+                       save_weights=None, progress: ProgressFn | None = None, should_stop=None,
+                       in_memory: bool = True) -> _Prepared:
+    """The guide (:func:`prepare_guide`) and the SMSDL features, once, for an H&E array or a whole slide.
+
+    An H&E array: the guide in memory (always when ``in_memory``, to show it; else only for SMSDL or
+    the CNN), then :func:`napari_smsdl.features.extract_features` for SMSDL. A lazy
+    :class:`napari_smsdl.io.HistologyImage`: the tiled store (:func:`tiled_feature_store`), read into
+    memory when ``in_memory`` else streamed, and the CNN's guide from its last 3 features (each SR
+    cell's mean colour). Under torchrun every rank calls this; rank 0 alone computes the features.
+    """
+    from ..io import HistologyImage
+
+    methods = [Method(m) for m in methods]
+    guided = Method.SMSDL in methods or Method.CNN in methods
+    stage = progress or (lambda *_: None)
+    factor = int(settings.factor)
+    t0 = time.perf_counter()
+    guide, features, maps, from_cache = None, None, None, False
+    tiled = isinstance(he_rgb, HistologyImage)  # a lazy (whole-slide) H&E: features tile by tile
+    if tiled and guided:
+        store = tiled_feature_store(he_rgb, msi_shape, msi_pixel_size_um, he_pixel_size_um, transform, settings,
+                                    cache_dir, save_weights, progress, should_stop)
+        from_cache = store.from_cache
+        if in_memory:
+            maps = FeatureMaps(store.read(), store.names, store.ssl_losses, store.seconds, store.from_cache)
+            features = maps.data
+        else:
+            features = store.open()  # streamed, never whole in memory
+        guide = np.clip(np.asarray(features[-3:], np.float32).transpose(1, 2, 0), 0, 1)
+    elif not tiled and (in_memory or guided):
+        stage("resampling H&E onto the SR grid", 0, 1)
+        guide, _ = prepare_guide(
+            he_rgb, he_pixel_size_um=he_pixel_size_um, msi_shape=msi_shape, msi_pixel_size_um=msi_pixel_size_um,
+            factor=factor, transform=transform, max_cell_px=settings.max_cell_px,
+        )
+        stage("resampling H&E onto the SR grid", 1, 1)  # closes the stage (a CLI log line times it)
+        if Method.SMSDL in methods:
+            maps = extract_features(
+                guide, sr_shape=(msi_shape[0] * factor, msi_shape[1] * factor), factor=factor,
+                params=settings.features, cache_dir=cache_dir, device=settings.device, save_weights=save_weights,
+                progress=progress, should_stop=should_stop,
+            )
+            features, from_cache = maps.data, maps.from_cache
+    return _Prepared(guide, features, maps, time.perf_counter() - t0, from_cache, tiled)
+
+
 def reconstruct(
     lr_msi: np.ndarray,
     he_rgb: np.ndarray,
@@ -197,78 +265,31 @@ def reconstruct(
     """Super-resolve a low-resolution MSI stack (C, h, w) with the chosen methods.
 
     NaN marks MSI pixels without a spectrum. ``mask_lr`` (h, w) selects the tissue pixels the
-    networks train on (default: acquired pixels with any non-zero channel).
+    networks train on (default: acquired pixels with any non-zero channel). This is
+    :func:`reconstruct_many_channels`' chunk loop (:func:`_run_chunks`) with all channels in one chunk
+    and numpy arrays as its sinks.
     """
-    from .baselines import bicubic_upsample
+    from ._channels import _run_chunks
 
     methods = [Method(m) for m in methods]
     lr, factor, mask_lr = check_inputs(lr_msi, he_rgb, settings, methods, mask_lr, transform)
-    sr_shape = (lr.shape[1] * factor, lr.shape[2] * factor)
-    stage = progress or (lambda *_: None)
-    sr, seconds, history, uncertainty, guidance, choices = {}, {}, {}, {}, {}, {}
-
-    from ..io import HistologyImage
-
-    tiled = isinstance(he_rgb, HistologyImage)  # a lazy (whole-slide) H&E: features tile by tile
-    t0 = time.perf_counter()
-    if tiled:
-        guide, k = None, 1
-    else:
-        stage("resampling H&E onto the SR grid", 0, 1)
-        guide, k = prepare_guide(
-            he_rgb, he_pixel_size_um=he_pixel_size_um, msi_shape=lr.shape[1:], msi_pixel_size_um=msi_pixel_size_um,
-            factor=factor, transform=transform, max_cell_px=settings.max_cell_px,
-        )
-        stage("resampling H&E onto the SR grid", 1, 1)  # closes the stage (a CLI log line times it)
-    guide_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    bicubic = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=mask_lr)
-    bicubic_seconds = time.perf_counter() - t0
-    if Method.BICUBIC in methods:
-        sr[Method.BICUBIC.value] = bicubic.astype(np.float32)
-        seconds[Method.BICUBIC.value] = bicubic_seconds
-    features = None
-    if tiled and (Method.SMSDL in methods or Method.CNN in methods):
-        t0 = time.perf_counter()
-        features = _tiled_features(he_rgb, lr.shape[1:], msi_pixel_size_um, he_pixel_size_um, transform, settings,
-                                   cache_dir, save_weights, progress, should_stop)
-        # the CNN's guide and the displayed guide: each SR cell's mean colour (the last 3 features)
-        guide = np.clip(features.data[-3:].transpose(1, 2, 0), 0, 1)
-        guide_seconds += time.perf_counter() - t0
-    if Method.SMSDL in methods:
-        t0 = time.perf_counter()
-        if features is None:
-            features = extract_features(
-                guide, sr_shape=sr_shape, factor=factor, params=settings.features, cache_dir=cache_dir,
-                device=settings.device, save_weights=save_weights, progress=progress, should_stop=should_stop,
-            )
-        result = train_regression(
-            features.data, lr, factor, mask_lr=mask_lr, params=settings.regression, device=settings.device,
-            progress=progress, should_stop=should_stop, on_loss=on_loss,
-        )
-        sr[Method.SMSDL.value] = result.sr
-        history[Method.SMSDL.value] = result.loss_history
-        uncertainty[Method.SMSDL.value] = result.uncertainty
-        guidance[Method.SMSDL.value] = result.guidance.to_dict()
-        choices[Method.SMSDL.value] = result.choices
-        seconds[Method.SMSDL.value] = time.perf_counter() - t0 + guide_seconds
-        conservation = result.choices["conservation"]["value"]
-        control = result.control  # the H&E-free control SMSDL fell back to: computed there already
-    else:
-        conservation = settings.regression.conservation if settings.regression.conservation != "auto" else "exact"
-        control = None
-    if Method.BACKPROJECTION in methods:
-        t0 = time.perf_counter()
-        sr[Method.BACKPROJECTION.value] = (control if control is not None
-                                           else conserve(bicubic, lr, factor, mask_lr, Conservation.EXACT))
-        seconds[Method.BACKPROJECTION.value] = bicubic_seconds + time.perf_counter() - t0
-    if Method.CNN in methods:
-        t0 = time.perf_counter()
-        sr[Method.CNN.value], choices[Method.CNN.value], history[Method.CNN.value] = run_cnn(
-            lr, guide, factor, mask_lr=mask_lr, bicubic=bicubic, settings=settings, conservation=conservation,
-            progress=progress, should_stop=should_stop)
-        seconds[Method.CNN.value] = time.perf_counter() - t0 + guide_seconds
-    return Reconstruction(sr, seconds, guide, features, history, settings, uncertainty, guidance, choices)
+    prep = _guide_and_features(he_rgb, lr.shape[1:], methods, he_pixel_size_um=he_pixel_size_um,
+                              msi_pixel_size_um=msi_pixel_size_um, settings=settings, transform=transform,
+                              cache_dir=cache_dir, save_weights=save_weights, progress=progress,
+                              should_stop=should_stop)
+    shape = (lr.shape[0], lr.shape[1] * factor, lr.shape[2] * factor)
+    sinks = {m.value: {name: np.zeros(shape, np.float32) for name in
+                       (("sr", "uncertainty") if m is Method.SMSDL else ("sr",))} for m in methods}
+    run = _run_chunks(prep.features, lr, methods, sinks, settings=settings, chunk_channels=max(lr.shape[0], 1),
+                     mask_lr=mask_lr, guide=prep.guide, progress=progress, should_stop=should_stop, on_loss=on_loss)
+    records = {m: chunks[0] for m, chunks in run.records.items()}  # one chunk
+    return Reconstruction(
+        {m: sink["sr"] for m, sink in sinks.items()}, prep.seconds_for(run.seconds), prep.guide, prep.maps,
+        {m: r["loss_history"] for m, r in records.items()}, settings,
+        {m: sinks[m]["uncertainty"] for m in records if "uncertainty" in sinks[m]},
+        {m: r["guidance"] for m, r in records.items() if "guidance" in r},
+        {m: r["choices"] for m, r in records.items()},
+    )
 
 
 def run_cnn(lr, guide, factor, *, mask_lr, bicubic, settings: Settings, conservation, progress=None,
@@ -339,11 +360,3 @@ def _temporary_folder() -> str | None:
     from .. import distributed as dd
 
     return tempfile.mkdtemp(prefix="smsdl-tiled-") if dd.is_main_process() else None
-
-
-def _tiled_features(histology, msi_shape, msi_pixel_size_um, he_pixel_size_um, transform, settings, cache_dir,
-                    save_weights, progress, should_stop) -> FeatureMaps:
-    """:func:`tiled_feature_store`, read into memory as :class:`FeatureMaps`."""
-    store = tiled_feature_store(histology, msi_shape, msi_pixel_size_um, he_pixel_size_um, transform, settings,
-                                cache_dir, save_weights, progress, should_stop)
-    return FeatureMaps(store.read(), store.names, store.ssl_losses, store.seconds, store.from_cache)
