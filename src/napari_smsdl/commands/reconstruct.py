@@ -339,11 +339,9 @@ def run_project(args, result, msi, *, msi_px: float, he_px: float, transform, ou
         inputs=input_records(he_path=args.he, msi_path=args.msi), weights_path=weights if weights.is_file() else None,
         cache_dir=Path(args.cache_dir) if args.cache_dir else out / "cache",
     )
-    if isinstance(result, ManyChannelRun):  # a lazy project: its SR stacks are the zarr stores, saved page by page
-        project = Project.from_many_channels(result, lr_msi=np.asarray(msi.data[:], np.float32), methods=list(result.sr),
-                                             **common)
-    else:
-        project = Project.from_reconstruction(result, lr_msi=msi.data, **common)
+    # a lazy project for a ManyChannelRun: its SR stacks are the zarr stores, saved page by page
+    lr = np.asarray(msi.data[:], np.float32) if isinstance(result, ManyChannelRun) else msi.data
+    project = Project.from_reconstruction(result, lr_msi=lr, **common)
     return dataclasses.replace(project, msi_origin_rc_um=tuple(msi.origin_rc_um))
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import tissue_mask
-from ..reconstruction import Reconstruction, Settings
+from ..reconstruction import ManyChannelRun, Reconstruction, Settings
 from ._format import InputRecord
 
 
@@ -183,12 +183,13 @@ class Project:
     @classmethod
     def from_reconstruction(
         cls,
-        recon: Reconstruction,
+        recon: Reconstruction | ManyChannelRun,
         *,
         lr_msi: np.ndarray,
         channel_names: Sequence[str],
         msi_pixel_size_um: float,
         he_pixel_size_um: float,
+        methods: Sequence[str] | None = None,
         mz: Sequence[float] | None = None,
         mask_lr: np.ndarray | None = None,
         transform=None,
@@ -198,17 +199,33 @@ class Project:
         weights_path: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | None = None,
     ) -> Project:
-        """A project from the output of :func:`napari_smsdl.reconstruction.reconstruct` and its inputs."""
+        """A project from a reconstruction and its inputs: both paths of ``reconstruct`` make one.
+
+        A :class:`napari_smsdl.reconstruction.Reconstruction` (:func:`napari_smsdl.reconstruction.reconstruct`)
+        gives an in-memory project. A :class:`napari_smsdl.reconstruction.ManyChannelRun`
+        (:func:`napari_smsdl.reconstruction.reconstruct_many_channels`) gives a lazy one: ``sr`` holds its zarr
+        arrays (read on demand) in the order of ``methods`` (default: the run's), with no loss history and
+        no registered guide image (it would be F·k times the MSI).
+        """
+        if isinstance(recon, ManyChannelRun):
+            order = [m for m in (methods or recon.sr) if m in recon.sr] + [m for m in recon.sr if m not in (methods or ())]
+            sr = {str(m): recon.sr[m].open() for m in order}
+            stores = {str(m): recon.sr[m] for m in order if recon.sr[m].open_uncertainty() is not None}
+            run = dict(uncertainty={m: st.open_uncertainty() for m, st in stores.items()},
+                       guidance={m: dict(st.guidance()) for m, st in stores.items() if st.guidance() is not None},
+                       choices={m: store_choices(st) for m, st in stores.items() if store_choices(st) is not None})
+        else:
+            sr = {str(k): np.asarray(v, np.float32) for k, v in recon.sr.items()}
+            run = dict(loss_history={str(k): [float(x) for x in v] for k, v in recon.loss_history.items()},
+                       guide_rgb=recon.guide_rgb,
+                       uncertainty={str(k): np.asarray(v, np.float32) for k, v in recon.uncertainty.items()},
+                       guidance={str(k): dict(v) for k, v in recon.guidance.items()},
+                       choices={str(k): v for k, v in recon.choices.items()})
         return cls._from_run(
-            recon.settings, {str(k): np.asarray(v, np.float32) for k, v in recon.sr.items()}, recon.seconds,
-            lr_msi=lr_msi, channel_names=channel_names, msi_pixel_size_um=msi_pixel_size_um,
-            he_pixel_size_um=he_pixel_size_um, mz=mz, mask_lr=mask_lr, transform=transform, landmarks=landmarks,
-            registration_report=registration_report, inputs=inputs, weights_path=weights_path, cache_dir=cache_dir,
-            loss_history={str(k): [float(x) for x in v] for k, v in recon.loss_history.items()},
-            guide_rgb=recon.guide_rgb,
-            uncertainty={str(k): np.asarray(v, np.float32) for k, v in getattr(recon, "uncertainty", {}).items()},
-            guidance={str(k): dict(v) for k, v in getattr(recon, "guidance", {}).items()},
-            choices={str(k): v for k, v in getattr(recon, "choices", {}).items()},
+            recon.settings, sr, recon.seconds, lr_msi=lr_msi, channel_names=channel_names,
+            msi_pixel_size_um=msi_pixel_size_um, he_pixel_size_um=he_pixel_size_um, mz=mz, mask_lr=mask_lr,
+            transform=transform, landmarks=landmarks, registration_report=registration_report, inputs=inputs,
+            weights_path=weights_path, cache_dir=cache_dir, **run,
         )
 
     @classmethod
@@ -301,50 +318,6 @@ class Project:
                 full[metric] = {"mean": float(entry["mean"]), "per_channel": per}
             metrics[name] = {**full, "seconds": float(self.seconds.get(name, math.nan)), "scored_channels": chans}
         return dataclasses.replace(self, truth=truth, mask_hr=mask_hr, metrics=metrics)
-
-    @classmethod
-    def from_many_channels(
-        cls,
-        run,
-        *,
-        lr_msi: np.ndarray,
-        channel_names: Sequence[str],
-        msi_pixel_size_um: float,
-        he_pixel_size_um: float,
-        methods: Sequence[str] = ("smsdl", "bicubic"),
-        mz: Sequence[float] | None = None,
-        mask_lr: np.ndarray | None = None,
-        transform=None,
-        landmarks=None,
-        registration_report: dict | None = None,
-        inputs: Sequence[InputRecord] = (),
-        weights_path: str | os.PathLike | None = None,
-        cache_dir: str | os.PathLike | None = None,
-    ) -> Project:
-        """A lazy project from :func:`napari_smsdl.reconstruction.reconstruct_many_channels`' output.
-
-        ``sr`` holds the zarr arrays of ``run.sr`` (read on demand), in the order of ``methods``;
-        there is no loss history and no registered guide image (it would be F·k times the MSI).
-        """
-        order = [m for m in methods if m in run.sr] + [m for m in run.sr if m not in methods]
-        uncertainty, guidance, choices = {}, {}, {}
-        for m in order:
-            opener = getattr(run.sr[m], "open_uncertainty", None)
-            spread = opener() if opener is not None else None
-            if spread is None:
-                continue
-            uncertainty[str(m)] = spread
-            if run.sr[m].guidance() is not None:
-                guidance[str(m)] = dict(run.sr[m].guidance())
-            if store_choices(run.sr[m]) is not None:
-                choices[str(m)] = store_choices(run.sr[m])
-        return cls._from_run(
-            run.settings, {str(m): run.sr[m].open() for m in order}, run.seconds,
-            lr_msi=lr_msi, channel_names=channel_names, msi_pixel_size_um=msi_pixel_size_um,
-            he_pixel_size_um=he_pixel_size_um, mz=mz, mask_lr=mask_lr, transform=transform, landmarks=landmarks,
-            registration_report=registration_report, inputs=inputs, weights_path=weights_path, cache_dir=cache_dir,
-            uncertainty=uncertainty, guidance=guidance, choices=choices,
-        )
 
     def subset(self, channels: Sequence[int]) -> Project:
         """An in-memory project of the given channels only (their stacks read channel by channel).

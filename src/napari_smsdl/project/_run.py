@@ -95,7 +95,7 @@ def reconstruct_project(
             progress=progress, should_stop=should_stop,
         )
         weights = save_weights if save_weights is not None and Path(save_weights).is_file() else None
-        return Project.from_many_channels(
+        return Project.from_reconstruction(
             run, lr_msi=lr_msi, channel_names=channel_names, msi_pixel_size_um=msi_pixel_size_um,
             he_pixel_size_um=he_pixel_size_um, methods=methods, mz=mz, mask_lr=mask_lr, transform=transform,
             landmarks=landmarks, registration_report=registration_report, inputs=inputs, weights_path=weights,
