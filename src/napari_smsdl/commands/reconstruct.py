@@ -192,59 +192,51 @@ def _run(args, folder, *, start: float, main: bool, methods: list[str], chunk: i
         "channels": list(msi.channel_names), "mz": list(msi.mz) if msi.mz else None,
         "factor": args.factor, "msi_pixel_size_um": msi_px, "sr_pixel_size_um": sr_px, "he_pixel_size_um": he_px,
     }
-    if chunked:
-        from ..reconstruction import reconstruct_many_channels
+    if not main and not chunked:  # the other ranks only take part in the distributed SMSDL training
+        methods, weights = ["smsdl"], None
+        if not tiled:  # tiled features share one store between the ranks; in memory, rank 0 caches
+            cache_dir = None
+    with cli_progress() as progress:
+        if chunked:
+            from ..reconstruction import reconstruct_many_channels
 
-        with cli_progress() as progress:
-            many = reconstruct_many_channels(
+            result = reconstruct_many_channels(
                 msi.data, he, he_pixel_size_um=he_px, msi_pixel_size_um=msi_px, out=out, settings=settings,
                 methods=methods, transform=transform, channel_names=msi.channel_names,
                 chunk_channels=chunk or DEFAULT_CHUNK_CHANNELS, cache_dir=cache_dir, save_weights=weights,
                 progress=progress,
             )
-        if not main:  # the other ranks only took part in the features and the channel chunks
-            return None
-        files, uncertainty_files, guidance, choices = {}, {}, {}, {}
-        for name, stack in many.sr.items():
-            files[name] = str(folder.final(write_tiff_stack(out / f"sr_{name}.ome.tif", stack.open(),
-                                                            channel_names=msi.channel_names, pixel_size_um=sr_px)))
-            spread = stack.open_uncertainty()
-            if spread is not None:  # the SMSDL store: its predictive std, page by page
-                uncertainty_files[name] = str(folder.final(write_tiff_stack(
-                    out / f"uncertainty_{name}.ome.tif", spread, channel_names=msi.channel_names, pixel_size_um=sr_px)))
-                guidance[name], choices[name] = stack.guidance(), _store_choices(stack)
-        shown = {name: stack.read(slice(0, FIGURE_CHANNELS)) for name, stack in many.sr.items()}
-        comparison_figure(out / "figure.png", shown, channel_names=msi.channel_names[:FIGURE_CHANNELS],
-                          max_channels=FIGURE_CHANNELS)
-        seconds, used = dict(many.seconds), many.settings
-        extra = {"chunk_channels": chunk or DEFAULT_CHUNK_CHANNELS,
-                 "zarr": {name: str(folder.final(stack.path)) for name, stack in many.sr.items()},
-                 "msi_store": None if msi.store is None else str(folder.final(msi.store))}
-    else:
-        if not main:  # the other ranks only take part in the distributed SMSDL training
-            methods, weights = ["smsdl"], None
-            if not tiled:  # tiled features share one store between the ranks; in memory, rank 0 caches
-                cache_dir = None
-        with cli_progress() as progress:
+        else:
             result = reconstruct(
                 msi.data, he, he_pixel_size_um=he_px, msi_pixel_size_um=msi_px, settings=settings, methods=methods,
-                transform=transform, cache_dir=cache_dir, save_weights=weights,
-                progress=progress,
+                transform=transform, cache_dir=cache_dir, save_weights=weights, progress=progress,
             )
-        if not main:
-            return None
-        files, uncertainty_files = {}, {}
-        for name, stack in result.sr.items():
-            files[name] = str(folder.final(write_tiff_stack(out / f"sr_{name}.ome.tif", stack,
-                                                            channel_names=msi.channel_names, pixel_size_um=sr_px)))
-        for name, stack in result.uncertainty.items():
-            uncertainty_files[name] = str(folder.final(write_tiff_stack(
-                out / f"uncertainty_{name}.ome.tif", stack, channel_names=msi.channel_names, pixel_size_um=sr_px)))
-        guidance, choices = dict(result.guidance), dict(result.choices)
-        comparison_figure(out / "figure.png", result.sr, channel_names=msi.channel_names, he_rgb=result.guide_rgb,
-                          pixel_size_um=sr_px)
-        seconds, used = dict(result.seconds), result.settings
+    if not main:  # the other ranks only took part in the features, the training and the channel chunks
+        return None
+    if chunked:  # zarr stores, written page by page; the figure shows the first channels
+        sr = {name: stack.open() for name, stack in result.sr.items()}
+        stores = {name: stack for name, stack in result.sr.items() if stack.open_uncertainty() is not None}
+        spread = {name: stack.open_uncertainty() for name, stack in stores.items()}  # SMSDL's predictive std
+        guidance = {name: stack.guidance() for name, stack in stores.items()}
+        choices = {name: _store_choices(stack) for name, stack in stores.items()}
+        shown = {name: stack.read(slice(0, FIGURE_CHANNELS)) for name, stack in result.sr.items()}
+        figure = {"channel_names": msi.channel_names[:FIGURE_CHANNELS], "max_channels": FIGURE_CHANNELS}
+        extra = {"chunk_channels": chunk or DEFAULT_CHUNK_CHANNELS,
+                 "zarr": {name: str(folder.final(stack.path)) for name, stack in result.sr.items()},
+                 "msi_store": None if msi.store is None else str(folder.final(msi.store))}
+    else:
+        sr, spread, guidance, choices = result.sr, result.uncertainty, dict(result.guidance), dict(result.choices)
+        shown = result.sr
+        figure = {"channel_names": msi.channel_names, "he_rgb": result.guide_rgb, "pixel_size_um": sr_px}
         extra = {"chunk_channels": None}
+    files = {name: str(folder.final(write_tiff_stack(out / f"sr_{name}.ome.tif", stack,
+                                                     channel_names=msi.channel_names, pixel_size_um=sr_px)))
+             for name, stack in sr.items()}
+    uncertainty_files = {name: str(folder.final(write_tiff_stack(
+        out / f"uncertainty_{name}.ome.tif", stack, channel_names=msi.channel_names, pixel_size_um=sr_px)))
+        for name, stack in spread.items()}
+    comparison_figure(out / "figure.png", shown, **figure)
+    seconds, used = dict(result.seconds), result.settings
     run_info = {
         **info, "outputs": files, "seconds": {**seconds, "total": time.perf_counter() - start},
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
@@ -252,13 +244,13 @@ def _run(args, folder, *, start: float, main: bool, methods: list[str], chunk: i
         "uncertainty": uncertainty_files, "guidance": guidance, "choices": choices,
     }
     if args.project:
-        saved = save_run_as_project(args, many if chunked else result, msi, msi_px=msi_px, he_px=he_px,
+        saved = save_run_as_project(args, result, msi, msi_px=msi_px, he_px=he_px,
                                     transform=transform, out=out)
         run_info["project"] = str(saved.path)
     if getattr(args, "spatialdata", None):
         from ..project import export_spatialdata
 
-        project = run_project(args, many if chunked else result, msi, msi_px=msi_px, he_px=he_px,
+        project = run_project(args, result, msi, msi_px=msi_px, he_px=he_px,
                               transform=transform, out=out)
         run_info["spatialdata"] = str(export_spatialdata(project, args.spatialdata, overwrite=args.overwrite))
     write_json_atomic(out / "run.json", run_info)  # last: its presence marks a finished run
