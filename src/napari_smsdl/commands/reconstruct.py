@@ -11,24 +11,23 @@ whether the histology was used; ``choices``: the settings chosen from held-out L
 ``uncertainty``: the uncertainty files). Channels whose gain (scale transfer where it ran, held-out
 otherwise) is not clearly positive output the control (``--force-histology``: none); the run prints which.
 
-**Many channels.** An MSI with more than 64 channels (or any MSI with ``--chunk-channels N``) goes
-through :func:`napari_smsdl.reconstruction.reconstruct_many_channels`: the H&E features are computed once,
-the SMSDL regression is trained N channels at a time (default 64) and its SR stack streamed to
-``OUTDIR/sr_smsdl.zarr``; ``sr_smsdl.ome.tif`` is then written page by page from that store. An
-imzML's ion images are streamed to ``OUTDIR/msi_lr.zarr`` (a group of channels per pass over the
-file), a 3-D ``.npy`` stack is memory-mapped. Bicubic is streamed the same way
-(``sr_bicubic.zarr``, and the control ``sr_backprojection.zarr``); the CNN baseline (one network over all channels) is refused there, and
-``--project`` saves a lazy project (SR stacks copied page by page, see :mod:`napari_smsdl.project`).
-``--chunk-channels 0`` keeps the in-memory path whatever the number of channels. The figure shows
-the first channels.
+**Many channels.** Every run goes through one channel-chunked loop (every method on every chunk:
+SMSDL, bicubic, the control, the CNN). An MSI with more than 64 channels (or any MSI with
+``--chunk-channels N``) is cut into chunks of N channels (default 64) and goes through
+:func:`napari_smsdl.reconstruction.reconstruct_many_channels`: the H&E features are computed once,
+each chunk's SMSDL regression (and CNN) is trained on its own, and every method's SR stack is
+streamed to ``OUTDIR/sr_<method>.zarr``; the OME-TIFFs are then written page by page from those
+stores. An imzML's ion images are streamed to ``OUTDIR/msi_lr.zarr`` (a group of channels per pass
+over the file), a 3-D ``.npy`` stack is memory-mapped. ``--project`` saves a lazy project (SR
+stacks copied page by page, see :mod:`napari_smsdl.project`). ``--chunk-channels 0`` keeps all
+channels in one chunk in memory whatever their number. The figure shows the first channels.
 
 **torchrun.** ``torchrun --nproc_per_node=N -m napari_smsdl reconstruct ...`` takes the same
-arguments and writes the same files. In-memory path: every rank computes the features (rank 0 alone
-with the feature cache) and the regression trains with DistributedDataParallel on shards of the MSI
-pixels (:func:`napari_smsdl.reconstruction.train_regression`); chunked path: rank 0 computes the
-features and broadcasts them (tiled features are shared between ranks), and the chunks of channels
-are dealt between the ranks. Rank 0 alone runs the CNN, writes the OME-TIFFs, figure, ``run.json``
-and project, and prints.
+arguments and writes the same files. Rank 0 computes the in-memory features and sends them to the
+others (tiled features are shared between ranks); one chunk is trained by every rank together (the
+regression under DistributedDataParallel on shards of the MSI pixels,
+:func:`napari_smsdl.reconstruction.train_regression`), several chunks are dealt between the ranks.
+Rank 0 alone writes the OME-TIFFs, figure, ``run.json`` and project, and prints.
 
 ``--project DIR`` also saves the run as a project folder (see :mod:`napari_smsdl.project`: inputs
 with their SHA-256, transform and landmarks, parameters, ViT weights, feature cache, SR stacks),
