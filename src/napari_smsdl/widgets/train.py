@@ -16,10 +16,10 @@ dock and a live loss curve. Cancel sets a flag that the core polls (``should_sto
 Set ``SMSDL_NOTHREADS=1`` to run synchronously (debugging).
 
 **Many channels.** With more channels selected than ``reconstruction.CHUNKED_ABOVE_CHANNELS`` the core
-takes the chunked path (see :func:`~napari_smsdl.project.reconstruct_project`): SMSDL and BI are
-trained chunk by chunk and their SR stacks streamed to zarr stores in the run folder
-(:attr:`TrainWidget.run_dir`); the project's stacks stay on disk (Compare shows them as lazy
-layers). The CNN baseline is refused there before anything starts, and there is no live loss curve.
+takes the chunked path (see :func:`~napari_smsdl.project.reconstruct_project`): every method
+(SMSDL, BI, the control, the CNN: one network per chunk) runs chunk by chunk and its SR stack is
+streamed to a zarr store in the run folder (:attr:`TrainWidget.run_dir`); the project's stacks stay
+on disk (Compare shows them as lazy layers). There is no live loss curve.
 
 Every action is a method with explicit arguments, so scripts and tests bypass the dialogs::
 
