@@ -12,6 +12,7 @@ from ._channels import (
     DEFAULT_CHUNK_CHANNELS,
     ManyChannelRun,
     mask_from_stack,
+    reconstruct,
     reconstruct_channels,
     reconstruct_many_channels,
     standardise_features,
@@ -23,7 +24,6 @@ from ._pipeline import (
     check_factor,
     check_inputs,
     prepare_guide,
-    reconstruct,
     tiled_feature_store,
 )
 from ._heldout import blocked_folds

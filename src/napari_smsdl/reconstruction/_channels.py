@@ -33,17 +33,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import distributed as dd
 from ..errors import Cancelled, InputError
 from ..io import tissue_from
+from ._pipeline import (
+    Method,
+    ProgressFn,
+    Reconstruction,
+    Settings,
+    _guide_and_features,
+    check_factor,
+    check_inputs,
+    run_cnn,
+)
 from ._regression import RegressionParams, _standardise, fit_guided, max_pca_dims
 
-if TYPE_CHECKING:
-    from ._pipeline import Settings
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +200,6 @@ def reconstruct_channels(
     -------
     ChannelStack
     """
-    from ._pipeline import Method, Settings
-
     start = time.perf_counter()
     settings = Settings(factor=int(factor), regression=params, device=device)
     names, mask_lr, block_rows = _check_chunked(lr_msi, int(factor), chunk_channels, channel_names, mask_lr,
@@ -249,7 +254,6 @@ def _run_chunks(
     ranks as there. With several chunks rank 0 chooses the PCA dimensions on the first, every chunk
     uses them, and the chunks are dealt round robin between ranks (each writes only its own).
     """
-    from ._pipeline import Method, run_cnn
     from ._regression import _ddp_active
     from .baselines import bicubic_upsample
     from .baselines.backprojection import Conservation, conserve
@@ -338,6 +342,51 @@ def _run_chunks(
             progress("SMSDL channel chunks" if smsdl else "channel chunks", i + 1, len(mine))
         log.info("channels %d-%d of %d written", c0 + 1, c1, n_ch)
     return ChunkRun(seconds, records)
+
+
+def reconstruct(
+    lr_msi: np.ndarray,
+    he_rgb: np.ndarray,
+    *,
+    he_pixel_size_um: float,
+    msi_pixel_size_um: float,
+    settings: Settings | None = None,
+    methods: Sequence[Method | str] = ("smsdl", "bicubic", "cnn"),
+    transform=None,
+    mask_lr: np.ndarray | None = None,
+    cache_dir=None,
+    save_weights=None,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_loss: Callable[[int, float], None] | None = None,
+) -> Reconstruction:
+    """Super-resolve a low-resolution MSI stack (C, h, w) with the chosen methods.
+
+    NaN marks MSI pixels without a spectrum. ``mask_lr`` (h, w) selects the tissue pixels the
+    networks train on (default: acquired pixels with any non-zero channel). This is
+    :func:`reconstruct_many_channels`' chunk loop (:func:`_run_chunks`) with all channels in one chunk
+    and numpy arrays as its sinks.
+    """
+    settings = settings or Settings()
+    methods = [Method(m) for m in methods]
+    lr, factor, mask_lr = check_inputs(lr_msi, he_rgb, settings, methods, mask_lr, transform)
+    prep = _guide_and_features(he_rgb, lr.shape[1:], methods, he_pixel_size_um=he_pixel_size_um,
+                              msi_pixel_size_um=msi_pixel_size_um, settings=settings, transform=transform,
+                              cache_dir=cache_dir, save_weights=save_weights, progress=progress,
+                              should_stop=should_stop)
+    shape = (lr.shape[0], lr.shape[1] * factor, lr.shape[2] * factor)
+    sinks = {m.value: {name: np.zeros(shape, np.float32) for name in
+                       (("sr", "uncertainty") if m is Method.SMSDL else ("sr",))} for m in methods}
+    run = _run_chunks(prep.features, lr, methods, sinks, settings=settings, chunk_channels=max(lr.shape[0], 1),
+                     mask_lr=mask_lr, guide=prep.guide, progress=progress, should_stop=should_stop, on_loss=on_loss)
+    records = {m: chunks[0] for m, chunks in run.records.items()}  # one chunk
+    return Reconstruction(
+        {m: sink["sr"] for m, sink in sinks.items()}, prep.seconds_for(run.seconds), prep.guide, prep.maps,
+        {m: r["loss_history"] for m, r in records.items()}, settings,
+        {m: sinks[m]["uncertainty"] for m in records if "uncertainty" in sinks[m]},
+        {m: r["guidance"] for m, r in records.items() if "guidance" in r},
+        {m: r["choices"] for m, r in records.items()},
+    )
 
 
 def _check_chunked(lr_msi, factor: int, chunk_channels: int, channel_names, mask_lr, block_rows, features=None):
@@ -505,8 +554,6 @@ def reconstruct_many_channels(
     and broadcast; tiled features and the chunks of channels are shared between the ranks; all
     ranks must see ``out`` and ``cache_dir`` on a common file system.
     """
-    from ._pipeline import Method, Settings, check_factor, _guide_and_features
-
     start = time.perf_counter()
     settings = settings or Settings()
     methods = [Method(m) for m in methods]

@@ -2,9 +2,11 @@
 
 * :func:`prepare_guide` resamples the registered H&E onto the super-resolution (SR) grid refined
   ``k`` times, so each SR cell sees its own k × k patch of H&E.
-* :func:`reconstruct` runs SMSDL-Net (features + regression) and, on request, the bicubic baseline,
-  the H&E-free control (bicubic + back-projection) and the CNN on the same inputs and SR grid. The
-  guided methods (SMSDL, CNN) get the same conservation of the block means as the control.
+* :class:`Settings`, :class:`Method` and :class:`Reconstruction` say what a run is and what it made;
+  :func:`check_inputs` refuses what cannot work before minutes of compute.
+* :func:`_guide_and_features` computes the guide and the H&E features once per run;
+  :func:`run_cnn` is the CNN baseline on a set of channels. The run itself, for any number of
+  channels, is :mod:`napari_smsdl.reconstruction._channels` (:func:`reconstruct`).
 
 Grids: the MSI has pixel size p µm and shape (h, w); the SR grid has pixel size p/F and shape
 (h·F, w·F); MSI pixel (i, j) covers exactly SR cells [i·F, (i+1)·F) × [j·F, (j+1)·F).
@@ -16,7 +18,7 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -244,52 +246,6 @@ def _guide_and_features(he_rgb, msi_shape: tuple[int, int], methods, *, he_pixel
             )
             features, from_cache = maps.data, maps.from_cache
     return _Prepared(guide, features, maps, time.perf_counter() - t0, from_cache, tiled)
-
-
-def reconstruct(
-    lr_msi: np.ndarray,
-    he_rgb: np.ndarray,
-    *,
-    he_pixel_size_um: float,
-    msi_pixel_size_um: float,
-    settings: Settings = Settings(),
-    methods: Sequence[Method | str] = (Method.SMSDL, Method.BICUBIC, Method.CNN),
-    transform=None,
-    mask_lr: np.ndarray | None = None,
-    cache_dir=None,
-    save_weights=None,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    on_loss: Callable[[int, float], None] | None = None,
-) -> Reconstruction:
-    """Super-resolve a low-resolution MSI stack (C, h, w) with the chosen methods.
-
-    NaN marks MSI pixels without a spectrum. ``mask_lr`` (h, w) selects the tissue pixels the
-    networks train on (default: acquired pixels with any non-zero channel). This is
-    :func:`reconstruct_many_channels`' chunk loop (:func:`_run_chunks`) with all channels in one chunk
-    and numpy arrays as its sinks.
-    """
-    from ._channels import _run_chunks
-
-    methods = [Method(m) for m in methods]
-    lr, factor, mask_lr = check_inputs(lr_msi, he_rgb, settings, methods, mask_lr, transform)
-    prep = _guide_and_features(he_rgb, lr.shape[1:], methods, he_pixel_size_um=he_pixel_size_um,
-                              msi_pixel_size_um=msi_pixel_size_um, settings=settings, transform=transform,
-                              cache_dir=cache_dir, save_weights=save_weights, progress=progress,
-                              should_stop=should_stop)
-    shape = (lr.shape[0], lr.shape[1] * factor, lr.shape[2] * factor)
-    sinks = {m.value: {name: np.zeros(shape, np.float32) for name in
-                       (("sr", "uncertainty") if m is Method.SMSDL else ("sr",))} for m in methods}
-    run = _run_chunks(prep.features, lr, methods, sinks, settings=settings, chunk_channels=max(lr.shape[0], 1),
-                     mask_lr=mask_lr, guide=prep.guide, progress=progress, should_stop=should_stop, on_loss=on_loss)
-    records = {m: chunks[0] for m, chunks in run.records.items()}  # one chunk
-    return Reconstruction(
-        {m: sink["sr"] for m, sink in sinks.items()}, prep.seconds_for(run.seconds), prep.guide, prep.maps,
-        {m: r["loss_history"] for m, r in records.items()}, settings,
-        {m: sinks[m]["uncertainty"] for m in records if "uncertainty" in sinks[m]},
-        {m: r["guidance"] for m, r in records.items() if "guidance" in r},
-        {m: r["choices"] for m, r in records.items()},
-    )
 
 
 def run_cnn(lr, guide, factor, *, mask_lr, bicubic, settings: Settings, conservation, progress=None,
