@@ -75,3 +75,24 @@ def test_joint_fit_beats_the_landmark_affine_where_the_channels_are_right(exact_
     assert stage["name"] == "affine refinement" and stage["kept"], stage["reason"]
     assert stage["model"] == "affine, joint with the landmarks"
     assert np.median(e) < 0.1 < np.median(e_la), (float(np.median(e)), float(np.median(e_la)))
+
+
+def test_robust_refinement_follows_the_bulk_when_one_band_is_displaced(exact_pair):
+    # the top quarter of the MSI rows acquired 3 px to the side (a shifted or torn strip): the reweighted
+    # fit keeps the rest at the truth, where the plain least-squares fit bends rotation and shift towards it
+    optical, ions = exact_pair
+    band = ions.shape[1] // 4
+    moved = ions.copy()
+    moved[:, :band] = np.roll(ions[:, :band], 3, axis=2)
+    ctx = ChannelContext(moved, optical, P_MSI, P_OPT, 1.0)
+    truth = LinearMap(np.eye(2), np.array([OFFSET, OFFSET]))
+    start = LinearMap(np.eye(2), truth.offset + np.array([0.5, 0.375]) * P_MSI).to_sitk(ctx.centre_xy)
+    bulk = ctx.problem.rows >= band + 2
+    errors, infos = {}, {}
+    for passes in (0, 2):
+        tx, infos[passes] = ctx.refine_affine(start, model="similarity", robust_passes=passes)
+        err = _field_error_px(ctx, LinearMap.from_sitk(tx), truth)
+        errors[passes] = float(np.median(err[bulk]))
+    assert infos[0]["robust"] is None and len(infos[2]["robust"]["passes"]) == 2
+    assert infos[2]["robust"]["passes"][-1]["patches_below_half_weight"] >= 8  # the band's 16 patches, about
+    assert errors[2] < 0.1 and errors[2] < 0.5 * errors[0], errors

@@ -22,6 +22,8 @@ __all__ = ["ChannelContext"]
 #: a patch of the misregistration map is flagged above this residual shift (MSI px)
 FLAG_MSI_PX = 0.5
 FINE_SIGMA = 0.5
+#: Tukey's biweight constant: 95 % efficiency at Gaussian residuals (the textbook value, not tuned)
+TUKEY_C = 4.685
 
 
 class ChannelContext:
@@ -36,6 +38,8 @@ class ChannelContext:
         self.problem = ChannelProblem(self.targets, self.features, he_per_msi)
         self.fast = self.problem.subset(2)
         self.moving_shape = tuple(np.asarray(moving_rgb).shape[:2])
+        #: per-patch weights of the last robust affine fit (``None``: unweighted), for its bootstrap
+        self.robust_patch_weights: np.ndarray | None = None
 
     @property
     def centre_xy(self) -> np.ndarray:
@@ -82,9 +86,11 @@ class ChannelContext:
         return self.to_sitk(best[2]), info
 
     # ---- stage 2 --------------------------------------------------------------------------------------
-    def refine_affine(self, affine, *, model: str, quick: bool = False, coarse: bool = True) -> tuple[object, dict]:
+    def refine_affine(self, affine, *, model: str, quick: bool = False, coarse: bool = True,
+                      robust_passes: int = 0) -> tuple[object, dict]:
         """LM fit from ``affine`` (coarse levels on every 2nd pixel, the fine level on all; ``coarse=False``
-        skips the coarsest level, for a start already within a pixel, e.g. from landmarks)."""
+        skips the coarsest level, for a start already within a pixel, e.g. from landmarks).
+        ``robust_passes`` > 0: then that many reweighted fine fits (see :meth:`_robust_refit`)."""
         t0 = time.perf_counter()
         lin = LinearMap.from_sitk(affine)
         before = self.score(lin)
@@ -95,15 +101,55 @@ class ChannelContext:
             lin = self.problem.fit_affine(lin, model=model, levels=(FINE_SIGMA,), max_iter=8, trace=trace)
         else:
             lin = self.fast.fit_affine(lin, model=model, levels=(1.0, FINE_SIGMA), max_iter=8, trace=trace)
+        robust = None
+        if robust_passes and not quick:
+            lin, robust = self._robust_refit(lin, model, robust_passes, trace)
         after = self.score(lin)
         info = {
             "criterion": "channel regression",
             "model": model,
             "iterations": trace.iterations,
+            "robust": robust,
             "channel_score": {"before": before, "after": after},
             "seconds": round(time.perf_counter() - t0, 3),
         }
         return self.to_sitk(lin), info
+
+    def _robust_refit(self, lin: LinearMap, model: str, passes: int, trace: FitTrace) -> tuple[LinearMap, dict]:
+        """Iteratively reweighted fine fits. Each pass takes every tissue patch's own best shift, fits the
+        motion a change of the global ``model`` would make (shift, rotation, scale, ...) to those shifts by
+        least median of squares, and weights each patch by Tukey's biweight of its residual from that
+        motion, in units of the LMedS scale; the global fit is then redone with these weights.
+
+        A global transform should follow the bulk of the tissue; a region that is locally deformed (or
+        torn, folded, cut differently) otherwise pulls rotation and scale towards a compromise that fits
+        neither. What the global fit then leaves in such a region is what the misregistration map shows.
+        """
+        prob = self.problem
+        pid, grid = prob.patch_ids(CV_PATCH)
+        rr, cc = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+        centres = np.column_stack([rr.ravel(), cc.ravel()]).astype(float) * CV_PATCH
+        history = []
+        for k in range(passes):
+            ls = prob.local_shifts(lin, sigma=FINE_SIGMA, patch_px=CV_PATCH, iterations=3)
+            shift = ls["shift"].reshape(-1, 2)
+            ok = np.isfinite(shift).all(axis=1)
+            n_par = 4 if model in ("translation", "similarity") else 6
+            if ok.sum() < 2 * n_par:  # too few patches to tell the bulk from an outlier
+                break
+            resid, scale = _lmeds_motion(centres[ok], shift[ok], model, seed=k)
+            u = np.zeros(len(shift))
+            u[ok] = resid / (TUKEY_C * scale)
+            w_patch = np.where(u < 1.0, (1.0 - u**2) ** 2, 0.0)
+            w_patch[~ok] = 1.0  # a patch without its own estimate keeps its pixels at full weight
+            lin = prob.fit_affine(lin, model=model, levels=(FINE_SIGMA,), max_iter=8, weights=w_patch[pid],
+                                  trace=trace)
+            self.robust_patch_weights = w_patch
+            history.append({"scale_msi_px": round(scale, 4), "patches": int(ok.sum()),
+                            "patches_below_half_weight": int((w_patch[ok] < 0.5).sum()),
+                            "patches_excluded": int((w_patch[ok] == 0).sum())})
+        return lin, {"weights": "Tukey biweight (c = 4.685) of each patch's residual from the LMedS fit of the "
+                                "patch shifts, in units of the LMedS scale", "passes": history}
 
     def joint_landmark_fit(self, affine, fixed_xy_um: np.ndarray, moving_xy_um: np.ndarray, *,
                            quick: bool = False) -> tuple[object, dict]:
@@ -282,9 +328,11 @@ class ChannelContext:
             "stats": stats,
         }
 
-    def confidence(self, affine, bspline, *, model: str, n_boot: int = 8, seed: int = 0) -> dict:
+    def confidence(self, affine, bspline, *, model: str, n_boot: int = 8, seed: int = 0,
+                   patch_weights: np.ndarray | None = None) -> dict:
         """Bootstrap over tissue blocks: refit the global transform under Poisson block weights and
-        measure how far the pixels move (RMS over pixels, MSI px); its median over replicates."""
+        measure how far the pixels move (RMS over pixels, MSI px); its median over replicates.
+        ``patch_weights``: the robust fit's per-patch weights, so the bootstrap refits the same estimator."""
         rng = np.random.default_rng(seed)
         lin0 = LinearMap.from_sitk(affine)
         disp = None if bspline is None else self._disp(bspline)
@@ -295,7 +343,49 @@ class ChannelContext:
         moves = []
         for _ in range(n_boot):
             w = rng.poisson(1.0, len(uniq)).astype(float)[inv]
+            if patch_weights is not None:
+                w = w * patch_weights[prob.patch_ids(CV_PATCH)[0]]
             lin = prob.fit_affine(lin0, model=model, levels=(FINE_SIGMA,), disp=disp, max_iter=4, weights=w)
             d = np.linalg.norm(lin.apply(pts) - lin0.apply(pts), axis=1) / (self.p * lin0.scale)
             moves.append(float(np.sqrt((d**2).mean())))
         return {"bootstrap_rms_msi_px": round(float(np.sqrt(np.mean(np.square(moves)))), 4), "n_boot": n_boot}
+
+
+def _motion_design(centres: np.ndarray, model: str) -> np.ndarray:
+    """(2n, k) design: the shift (row, col) a small change of ``model`` makes at each centre, stacked."""
+    n = len(centres)
+    r, c = (centres - centres.mean(axis=0)).T / max(float(np.ptp(centres)), 1.0)
+    one, zero = np.ones(n), np.zeros(n)
+    cols_r = [one, zero, r, -c] if model in ("translation", "similarity") else [one, zero, r, c, zero, zero]
+    cols_c = [zero, one, c, r] if model in ("translation", "similarity") else [zero, one, zero, zero, r, c]
+    if model == "translation":
+        cols_r, cols_c = cols_r[:2], cols_c[:2]
+    design = np.empty((2 * n, len(cols_r)))
+    design[0::2] = np.column_stack(cols_r)
+    design[1::2] = np.column_stack(cols_c)
+    return design
+
+
+def _lmeds_motion(centres: np.ndarray, shifts: np.ndarray, model: str, *, seed: int,
+                  n_subsets: int = 300) -> tuple[np.ndarray, float]:
+    """Least-median-of-squares fit of a ``model`` motion to patch shifts (Rousseeuw 1984): exact fits
+    to random minimal sets of patches (seeded), the one with the smallest median squared residual.
+    Returns each patch's residual length (MSI px) and the robust scale (Rousseeuw & Leroy's
+    1.4826·(1 + 5/(n − p))·√median r², floored at 0.05 px)."""
+    design = _motion_design(centres, model)
+    y = shifts.reshape(-1)
+    n, k = len(centres), design.shape[1]
+    per = -(-k // 2)  # patches in a minimal set (two equations each)
+    rng = np.random.default_rng(seed)
+    best, best_med = None, np.inf
+    for _ in range(n_subsets):
+        pick = rng.choice(n, per, replace=False)
+        rows = np.concatenate([2 * pick, 2 * pick + 1])
+        theta, *_ = np.linalg.lstsq(design[rows], y[rows], rcond=None)
+        r2 = ((design @ theta - y).reshape(n, 2) ** 2).sum(axis=1)
+        med = float(np.median(r2))
+        if med < best_med:
+            best, best_med = theta, med
+    resid = np.sqrt(((design @ best - y).reshape(n, 2) ** 2).sum(axis=1))
+    scale = 1.4826 * (1 + 5 / max(n - per, 1)) * np.sqrt(best_med)
+    return resid, max(float(scale), 0.05)

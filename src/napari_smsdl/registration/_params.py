@@ -103,6 +103,10 @@ class RegistrationParams:
         Control-point spacing (MSI px) of the channel-driven B-spline.
     bspline_min_gain : float
         The channel-driven B-spline is kept when it raises the held-out channel R² by at least this.
+    channel_robust_passes : int
+        Reweighted passes of the channel affine stage (0: none): each tissue patch is weighted by Tukey's
+        biweight of how far its own best shift lies from the other patches', so a locally deformed
+        region does not bend the global rotation and scale; the misregistration map then shows it.
     channel_guard_slack_msi_px : float
         ``guard_slack_msi_px`` of the channel-driven stages: with landmarks, an image stage is kept only
         when its held-out landmark median is no worse than the stage before by more than this; the
@@ -138,6 +142,7 @@ class RegistrationParams:
     sweep_mirror: bool = True
     channel_mesh_msi_px: float = 32.0
     bspline_min_gain: float = 0.02
+    channel_robust_passes: int = 2
     channel_guard_slack_msi_px: float = -0.1
 
     def __post_init__(self):

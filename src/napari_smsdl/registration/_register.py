@@ -543,7 +543,8 @@ def iter_register(
                 cur_affine, cur_fold_affines, prev_errs = refined, fold_refined, errs
         elif params.refine_affine and ctx is not None:
             refined, cinfo = ctx.refine_affine(
-                cur_affine, model=params.channel_model, coarse=landmarks is None
+                cur_affine, model=params.channel_model, coarse=landmarks is None,
+                robust_passes=params.channel_robust_passes,
             )
             info = _Info(cinfo)
             yield prog.step("affine refinement")
@@ -714,7 +715,9 @@ def iter_register(
                     # the landmarks alone set the transform: its confidence comes from their fit (below)
                     confidence = {"bootstrap_rms_msi_px": None, "n_boot": 0}
                 else:
-                    confidence = ctx.confidence(cur_affine, bspline, model=params.channel_model, seed=params.seed)
+                    robust_kept = stages[1]["kept"] and stages[1].get("robust") is not None
+                    confidence = ctx.confidence(cur_affine, bspline, model=params.channel_model, seed=params.seed,
+                                                patch_weights=ctx.robust_patch_weights if robust_kept else None)
                 channel_final = ctx.score(_linear(cur_affine), None if bspline is None else ctx._disp(bspline))
             except (np.linalg.LinAlgError, ValueError) as exc:  # pragma: no cover - degenerate inputs
                 messages.append(f"no misregistration map: {exc}")
