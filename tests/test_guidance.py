@@ -113,7 +113,14 @@ def test_scale_transfer_gain_is_deterministic_and_separates_explained_from_noise
     b = train_regression(fields, lr, 2, mask_lr=mask, params=params)
     ga, gb = a.guidance.to_dict(), b.guidance.to_dict()
     assert ga == gb  # same seed, same gains and decisions
+    for key in ("network_input", "conservation", "pca_dims", "steps"):
+        assert a.choices[key] == b.choices[key], key
     assert a.choices["scale_transfer"]["available"]
+    # the network input is chosen one scale up: both inputs fitted LLR -> LR, the larger mean gain kept,
+    # and only that one trained on the LR (three conservation modes, one input)
+    inp = a.choices["network_input"]
+    assert inp["how"].startswith("scale-transfer") and inp["scale_gain"][inp["value"]] == max(inp["scale_gain"].values())
+    assert set(inp["held_out_mse"]) == {f"{inp['value']}, {m}" for m in ("exact", "smooth", "none")}
     assert set(ga) == {"gain", "gain_std", "used_histology", "scale_gain", "scale_gain_std"}
     assert ga["scale_gain"][0] > 0.2 and a.extra["scale_clearly_positive"] == [True, False]
     assert ga["used_histology"] == [True, False] and a.guidance.fell_back == [1]

@@ -138,6 +138,15 @@ def test_settings_are_chosen_on_held_out_pixels(crop, features):
     assert dims["how"] == "held-out linear fit" and str(dims["value"]) in dims["held_out_mse"]
     assert dims["held_out_mse"][str(dims["value"])] == min(dims["held_out_mse"].values())
     assert set(result.choices["conservation"]["held_out_mse"]) == {"exact", "smooth", "none"}
+    # the network input: this crop is too small for the scale-transfer check, so both inputs are trained on
+    # the same folds and the lower held-out error (exact conservation) is kept
+    inp = result.choices["network_input"]
+    scores = inp["held_out_mse"]
+    assert inp["how"].startswith("held-out error") and len(scores) == 6
+    assert scores[f"{inp['value']}, exact"] == min(scores["bicubic, exact"], scores["features, exact"])
+    assert result.choices["conservation"]["held_out_mse"]["exact"] == scores[f"{inp['value']}, exact"]
+    with pytest.raises(InputError, match="network_input"):
+        RegressionParams(network_input="pixels")
     g = result.guidance.to_dict()
     assert len(g["gain"]) == len(g["gain_std"]) == len(g["used_histology"]) == lr.shape[0]
 

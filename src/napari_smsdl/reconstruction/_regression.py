@@ -1,7 +1,7 @@
 """SMSDL regression: features on the SR grid → every m/z channel, trained through the forward model.
 
 A multilayer perceptron shared across channels (one trunk, one positive output per channel) maps
-each SR cell's features — the multi-level ViT features plus the bicubic-upsampled MSI — to the
+each SR cell's features — the multi-level ViT features, with or without the bicubic-upsampled MSI — to the
 intensities of all chosen channels. It never sees a high-resolution target: its loss compares the
 mean of its predictions over the F × F cells of each MSI pixel with the measured MSI pixel.
 
@@ -12,6 +12,9 @@ itself, on spatially blocked folds of the LR tissue pixels (:mod:`._heldout`):
   the held-out fold; the SR image is the mean of the fold networks (an ensemble that saw every
   pixel), and their spread is the model part of the uncertainty (:mod:`._uncertainty`);
 * the **feature dimensions** (leading principal components) by a held-out linear fit;
+* the **network input**: the features with the bicubic upsampling of the MSI, or the features alone
+  (the measurement then reaches the output only through the loss and the conservation), whichever
+  predicts the held-out pixels better; both are trained on the same folds;
 * the **conservation** of the block means (exact back-projection, smooth, none), by which one
   predicts the held-out pixels best;
 * per channel, the **histology gain**: how much the fold networks reduce the held-out error of the
@@ -55,6 +58,8 @@ log = logging.getLogger(__name__)
 GAIN_STANDARD_ERRORS = 2.0
 #: Held-out loss is evaluated every this many steps (early stopping, progress of the best state).
 EVAL_EVERY = 25
+#: What the network may see besides the features (``RegressionParams.network_input``).
+NETWORK_INPUTS = ("bicubic", "features")
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,10 @@ class RegressionParams:
     ``steps`` is the most any fold network trains; each stops ``patience`` steps after its last
     held-out improvement and keeps its best state. ``pca_dims`` = 0 lets the held-out folds choose
     the feature dimensions; ``conservation`` = ``"auto"`` lets them choose the conservation.
-    ``fallback`` = False forces the histology on every channel.
+    ``fallback`` = False forces the histology on every channel. ``network_input`` is what each SR
+    cell's network sees besides the features: ``"bicubic"`` (the bicubic upsampling of the MSI too),
+    ``"features"`` (the features alone; the measurement reaches the output only through the
+    training loss and the conservation) or ``"auto"`` (the one with the lower held-out error).
     """
 
     hidden: int = 128
@@ -76,7 +84,7 @@ class RegressionParams:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     folds: int = 5
-    use_bicubic_input: bool = True
+    network_input: str = "auto"
     conservation: str = "auto"
     fallback: bool = True
     seed: int = 0
@@ -84,6 +92,8 @@ class RegressionParams:
     def __post_init__(self):
         if self.conservation != "auto":
             Conservation(self.conservation)  # raises ValueError on a typo
+        if self.network_input not in ("auto", *NETWORK_INPUTS):
+            raise InputError(f"network_input must be 'auto' or one of {NETWORK_INPUTS}, got {self.network_input!r}")
         if self.folds < 2:
             raise InputError(f"the regression needs at least 2 held-out folds, got {self.folds}")
 
@@ -223,12 +233,17 @@ def _targets(lr_msi: np.ndarray, mask_lr: np.ndarray | None) -> tuple[np.ndarray
     return mask_lr, scale, target
 
 
-def _design_matrix(features_std: np.ndarray, bicubic, scale: np.ndarray, params: RegressionParams) -> np.ndarray:
-    """Network input (N_sr, D'): standardised features (D'', N_sr), then the scaled bicubic channels."""
+def _design_matrix(features_std: np.ndarray, bicubic, scale: np.ndarray, with_bicubic: bool) -> np.ndarray:
+    """Network input (N_sr, D'): standardised features (D'', N_sr), then the scaled bicubic channels
+    (``with_bicubic``); a constant column when that leaves nothing (the histology-free reference without
+    the bicubic input)."""
     inputs = [features_std]
-    if params.use_bicubic_input and bicubic is not None:
+    if with_bicubic and bicubic is not None:
         inputs.append((np.nan_to_num(bicubic) / scale[:, None, None]).reshape(len(scale), -1).astype(np.float32))
-    return np.concatenate(inputs).T
+    out = np.concatenate(inputs)
+    if out.shape[0] == 0:
+        out = np.ones((1, features_std.shape[1]), np.float32)
+    return out.T
 
 
 def fit_guided(
@@ -294,55 +309,85 @@ def fit_guided(
     feats = np.ascontiguousarray(x_feat[:pca_dims])
     dev = get_device(device)
     bic_full = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=mask_lr)
-    x_full = torch.from_numpy(_design_matrix(feats, bic_full, scale, params)).to(dev)
+    inputs = list(NETWORK_INPUTS) if params.network_input == "auto" else [params.network_input]
+    input_choice = {"value": inputs[0], "how": "given"}
+    if len(inputs) > 1 and scale_check and scale_check_size(mask_lr, factor, params.folds)[0]:
+        # the held-out folds favour the features: inside a held-out tile the bicubic input is extrapolated
+        # from the tile's edge, which the SR task never asks of it; one scale up both inputs see what
+        # they see there, and the within-pixel detail is scored on real pixels
+        input_choice = _choose_input_by_scale(feats, lr, factor, mask_lr, params, device=str(dev),
+                                              progress=progress, should_stop=should_stop, distributed=distributed)
+        inputs = [input_choice["value"]]
+        reuse_check = input_choice.pop("checks")[inputs[0]]  # the final check, when it runs with exact conservation
+    else:
+        reuse_check = None
+    x_full = {inp: torch.from_numpy(_design_matrix(feats, bic_full, scale, inp == "bicubic")).to(dev) for inp in inputs}
     modes = [Conservation(params.conservation)] if params.conservation != "auto" else list(Conservation)
-    err = {m.value: np.zeros((n_folds, n_ch)) for m in modes}
+    err = {(inp, m.value): np.zeros((n_folds, n_ch)) for inp in inputs for m in modes}
     err_free = {m.value: np.zeros((n_folds, n_ch)) for m in modes}
     err_control = np.zeros((n_folds, n_ch))
-    mean, m2 = np.zeros((n_ch, rows * factor, cols * factor)), np.zeros((n_ch, rows * factor, cols * factor))
-    c_mean, c_m2 = np.zeros_like(mean), np.zeros_like(mean)
-    best_steps, history = [], []
+    grid = (n_ch, rows * factor, cols * factor)
+    stats = {inp: (np.zeros(grid), np.zeros(grid)) for inp in inputs}  # running mean, M2 of the fold networks
+    c_mean, c_m2 = np.zeros(grid), np.zeros(grid)
+    best_steps = {inp: [] for inp in inputs}
+    histories: dict = {}
+    n_runs = n_folds * len(inputs)
     for i in range(n_folds):
         held_out = folds == i
         train = mask_lr & ~held_out
         bic = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=train)
-        x = torch.from_numpy(_design_matrix(feats, bic, scale, params)).to(dev)
-        net, best_step, losses = _fit(
-            x, target, train, held_out, factor, params, dev, seed=params.seed + 1000 * i, progress=progress,
-            should_stop=should_stop, on_loss=on_loss if i == 0 else None, distributed=distributed, stage=stage,
-            progress_offset=i * params.steps, progress_total=n_folds * params.steps,
-        )
-        best_steps.append(best_step)
-        if i == 0:
-            history = losses
-        fold_pred = _predict(net, x, n_ch, rows * factor, cols * factor) * scale[:, None, None]
         fold_control = conserve(bic, lr, factor, train, Conservation.EXACT)
         err_control[i] = held_out_mse(block_mean(fold_control, factor) / scale[:, None, None], target, held_out)
-        if reference:  # the same network without the histology: what the measurement alone supports
-            x_free = torch.from_numpy(_design_matrix(feats[:0], bic, scale, params) if params.use_bicubic_input
-                                      else np.ones((x.shape[0], 1), np.float32)).to(dev)
+        if reference:  # the same network without the histology (the bicubic input alone): what the measurement supports
+            x_free = torch.from_numpy(_design_matrix(feats[:0], bic, scale, True)).to(dev)
             net_free, _, _ = _fit(x_free, target, train, held_out, factor, params, dev,
                                   seed=params.seed + 1000 * i + 1, should_stop=should_stop, distributed=distributed)
             free_pred = _predict(net_free, x_free, n_ch, rows * factor, cols * factor) * scale[:, None, None]
             del x_free, net_free
         for m in modes:
-            pooled = block_mean(conserve(fold_pred, lr, factor, train, m), factor) / scale[:, None, None]
-            err[m.value][i] = held_out_mse(pooled, target, held_out)
             if reference:
                 pooled = block_mean(conserve(free_pred, lr, factor, train, m), factor) / scale[:, None, None]
                 err_free[m.value][i] = held_out_mse(pooled, target, held_out)
             else:
                 err_free[m.value][i] = err_control[i]
-        full_pred = _predict(net, x_full, n_ch, rows * factor, cols * factor) * scale[:, None, None]
-        _welford(i, full_pred, mean, m2)
+        for k, inp in enumerate(inputs):
+            run = i * len(inputs) + k
+            x = torch.from_numpy(_design_matrix(feats, bic, scale, inp == "bicubic")).to(dev)
+            # the bicubic-input network keeps the seed it always had; the other input gets its own
+            net, best_step, losses = _fit(
+                x, target, train, held_out, factor, params, dev, seed=params.seed + 1000 * i + 2 * k,
+                progress=progress, should_stop=should_stop, on_loss=on_loss if run == 0 else None,
+                distributed=distributed, stage=stage, progress_offset=run * params.steps,
+                progress_total=n_runs * params.steps,
+            )
+            best_steps[inp].append(best_step)
+            if i == 0:
+                histories[inp] = losses
+            fold_pred = _predict(net, x, n_ch, rows * factor, cols * factor) * scale[:, None, None]
+            for m in modes:
+                pooled = block_mean(conserve(fold_pred, lr, factor, train, m), factor) / scale[:, None, None]
+                err[(inp, m.value)][i] = held_out_mse(pooled, target, held_out)
+            full_pred = _predict(net, x_full[inp], n_ch, rows * factor, cols * factor) * scale[:, None, None]
+            _welford(i, full_pred, *stats[inp])
+            del x, net
         _welford(i, fold_control, c_mean, c_m2)
-        del x, net
-    mode = _choose_conservation(err) if len(modes) > 1 else modes[0]
+    # the input by plain cross-validation (lowest held-out error under the control's exact conservation,
+    # or the one given): neither is the safer default; then the conservation for that input
+    default_mode = Conservation.EXACT.value if Conservation.EXACT in modes else modes[0].value
+    inp = min(inputs, key=lambda a: float(err[(a, default_mode)].mean())) if len(inputs) > 1 else inputs[0]
+    by_mode = {b: v for (a, b), v in err.items() if a == inp}
+    mode = _choose_conservation(by_mode) if len(modes) > 1 else modes[0]
+    mean, m2 = stats[inp]
+    history = histories[inp]
+    if len(inputs) > 1:
+        input_choice = {"value": inp, "how": "held-out error (the LR image is too small for the scale-transfer check)"}
+    choices["network_input"] = {**input_choice, "held_out_mse": {f"{a}, {b}": float(v.mean()) for (a, b), v in err.items()}}
     choices["conservation"] = {"value": mode.value, "how": "given" if len(modes) == 1 else "held-out error",
-                               "held_out_mse": {k: float(v.mean()) for k, v in err.items()}}
+                               "held_out_mse": {b: float(v.mean()) for (a, b), v in err.items() if a == inp}}
     choices["control_held_out_mse"] = float(err_control.mean())
-    choices["steps"] = {"best_per_fold": best_steps, "most": params.steps, "patience": params.patience,
+    choices["steps"] = {"best_per_fold": best_steps[inp], "most": params.steps, "patience": params.patience,
                         "how": "early stopping on each fold's held-out pixels"}
+    err = by_mode
     with np.errstate(divide="ignore", invalid="ignore"):
         denominator = err_free[mode.value]
         gains = np.where(denominator > 1e-12, 1.0 - err[mode.value] / denominator, 0.0)
@@ -355,8 +400,12 @@ def fit_guided(
     extra = {"clearly_positive": clearly.tolist()}
     scale_gain = scale_std = None
     if scale_check:
-        check = _scale_transfer(feats, lr, factor, mask_lr, params, mode, device=str(dev), progress=progress,
-                                should_stop=should_stop, distributed=distributed)
+        if reuse_check is not None and mode is Conservation.EXACT:
+            check = reuse_check
+        else:
+            check = _scale_transfer(feats, lr, factor, mask_lr, dataclasses.replace(params, network_input=inp), mode,
+                                    device=str(dev), progress=progress, should_stop=should_stop,
+                                    distributed=distributed)
         choices["scale_transfer"] = check
         if check["available"]:
             scale_gain, scale_std = check.pop("gain"), check.pop("gain_std")
@@ -413,6 +462,21 @@ def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, mode: 
     return {"available": True, "how": why, "gain": gain.tolist(), "gain_std": std.tolist(),
             "per_fold": per_fold.tolist(), "clearly_positive": clearly.tolist(),
             "best_steps": fit.choices["steps"]["best_per_fold"], "seconds": time.perf_counter() - t0}
+
+
+def _choose_input_by_scale(feats, lr, factor, mask_lr, params: RegressionParams, *, device, progress, should_stop,
+                           distributed) -> dict:
+    """The network input whose scale-transfer fit (LLR → LR, exact conservation) has the larger gain over
+    the control on the measured LR pixels, mean over channels and folds; ties keep the bicubic input."""
+    gains, checks = {}, {}
+    for inp in NETWORK_INPUTS:
+        checks[inp] = check = _scale_transfer(feats, lr, factor, mask_lr, dataclasses.replace(params, network_input=inp),
+                                Conservation.EXACT, device=device, progress=progress, should_stop=should_stop,
+                                distributed=distributed)
+        gains[inp] = float(np.mean(check["gain"]))
+    best = max(NETWORK_INPUTS, key=lambda a: (gains[a], a == NETWORK_INPUTS[0]))
+    return {"value": best, "how": "scale-transfer gain over the control, mean over channels (exact conservation)",
+            "scale_gain": gains, "checks": checks}
 
 
 def _choose_conservation(err: dict) -> Conservation:
