@@ -140,8 +140,11 @@ fixed iterations here, fewer than section 1's wall-clock budget, so its margins 
 table).
 
 **Time.** `smsdl benchmark` on the 5-ion bladder case (ions 0, 5, 10, 14, 19; 124 × 244, F = 4;
-SMSDL, bicubic, the control and the CNN), whole process, 2 CPU cores while another benchmark ran:
-3 min 54 s, peak RSS 1.7 GB (SMSDL 151 s of it including the ViT features, CNN 76 s; target < 5 min).
+SMSDL, bicubic, the control and the CNN), whole process, 2 CPU cores, nothing else running
+(2026-12-06, after the network input became a choice: two scale-transfer fits of about 3 s each
+decide it, then one set of fold networks): 3 min 24 s, peak RSS 1.8 GB (SMSDL 121 s of it
+including the ViT features, 64 s; the CNN 140 s with its 75 s training budget, the rest its guide
+and prediction on the k = 4 guide; target < 5 min). Before (with another benchmark running): 3 min 54 s.
 The CNN's preset is a wall-clock budget (75 s, the same on any device), so its iteration count
 depends on the machine; `--cnn-iterations N` makes it reproducible.
 
