@@ -143,8 +143,8 @@ table).
 SMSDL, bicubic, the control and the CNN), whole process, 2 CPU cores, nothing else running
 (2026-12-06, after the network input became a choice: two scale-transfer fits of about 3 s each
 decide it, then one set of fold networks): 3 min 24 s, peak RSS 1.8 GB (SMSDL 121 s of it
-including the ViT features, 64 s; the CNN 140 s with its 75 s training budget, the rest its guide
-and prediction on the k = 4 guide; target < 5 min). Before (with another benchmark running): 3 min 54 s.
+including the ViT features, 64 s; the CNN 140 s: its training stopped at the 75 s budget, the
+rest is outside the training loop, setup, prediction and conservation on the k = 4 guide; target < 5 min). Before (with another benchmark running): 3 min 54 s.
 The CNN's preset is a wall-clock budget (75 s, the same on any device), so its iteration count
 depends on the machine; `--cnn-iterations N` makes it reproducible.
 
