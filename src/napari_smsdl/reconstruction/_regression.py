@@ -13,8 +13,8 @@ itself, on spatially blocked folds of the LR tissue pixels (:mod:`._heldout`):
   pixel), and their spread is the model part of the uncertainty (:mod:`._uncertainty`);
 * the **feature dimensions** (leading principal components) by a held-out linear fit;
 * the **network input**: the features with the bicubic upsampling of the MSI, or the features alone
-  (the measurement then reaches the output only through the loss and the conservation), whichever
-  predicts the held-out pixels better; both are trained on the same folds;
+  (the measurement then reaches the output only through the loss and the conservation): the larger
+  scale-transfer gain decides where that check can run, else the lower held-out error;
 * the **conservation** of the block means (exact back-projection, smooth, none), by which one
   predicts the held-out pixels best;
 * per channel, the **histology gain**: how much the fold networks reduce the held-out error of the
@@ -72,7 +72,8 @@ class RegressionParams:
     ``fallback`` = False forces the histology on every channel. ``network_input`` is what each SR
     cell's network sees besides the features: ``"bicubic"`` (the bicubic upsampling of the MSI too),
     ``"features"`` (the features alone; the measurement reaches the output only through the
-    training loss and the conservation) or ``"auto"`` (the one with the lower held-out error).
+    training loss and the conservation) or ``"auto"`` (the larger scale-transfer gain where that check
+    can run, else the lower held-out error).
     """
 
     hidden: int = 128
@@ -235,15 +236,11 @@ def _targets(lr_msi: np.ndarray, mask_lr: np.ndarray | None) -> tuple[np.ndarray
 
 def _design_matrix(features_std: np.ndarray, bicubic, scale: np.ndarray, with_bicubic: bool) -> np.ndarray:
     """Network input (N_sr, D'): standardised features (D'', N_sr), then the scaled bicubic channels
-    (``with_bicubic``); a constant column when that leaves nothing (the histology-free reference without
-    the bicubic input)."""
+    (``with_bicubic``)."""
     inputs = [features_std]
     if with_bicubic and bicubic is not None:
         inputs.append((np.nan_to_num(bicubic) / scale[:, None, None]).reshape(len(scale), -1).astype(np.float32))
-    out = np.concatenate(inputs)
-    if out.shape[0] == 0:
-        out = np.ones((1, features_std.shape[1]), np.float32)
-    return out.T
+    return np.concatenate(inputs).T
 
 
 def fit_guided(
@@ -375,19 +372,19 @@ def fit_guided(
     # or the one given): neither is the safer default; then the conservation for that input
     default_mode = Conservation.EXACT.value if Conservation.EXACT in modes else modes[0].value
     inp = min(inputs, key=lambda a: float(err[(a, default_mode)].mean())) if len(inputs) > 1 else inputs[0]
-    by_mode = {b: v for (a, b), v in err.items() if a == inp}
-    mode = _choose_conservation(by_mode) if len(modes) > 1 else modes[0]
+    held_out_by_input = {f"{a}, {b}": float(v.mean()) for (a, b), v in err.items()}
+    err = {b: v for (a, b), v in err.items() if a == inp}  # the chosen input's, per conservation mode
+    mode = _choose_conservation(err) if len(modes) > 1 else modes[0]
     mean, m2 = stats[inp]
     history = histories[inp]
     if len(inputs) > 1:
         input_choice = {"value": inp, "how": "held-out error (the LR image is too small for the scale-transfer check)"}
-    choices["network_input"] = {**input_choice, "held_out_mse": {f"{a}, {b}": float(v.mean()) for (a, b), v in err.items()}}
+    choices["network_input"] = {**input_choice, "held_out_mse": held_out_by_input}
     choices["conservation"] = {"value": mode.value, "how": "given" if len(modes) == 1 else "held-out error",
-                               "held_out_mse": {b: float(v.mean()) for (a, b), v in err.items() if a == inp}}
+                               "held_out_mse": {k: float(v.mean()) for k, v in err.items()}}
     choices["control_held_out_mse"] = float(err_control.mean())
     choices["steps"] = {"best_per_fold": best_steps[inp], "most": params.steps, "patience": params.patience,
                         "how": "early stopping on each fold's held-out pixels"}
-    err = by_mode
     with np.errstate(divide="ignore", invalid="ignore"):
         denominator = err_free[mode.value]
         gains = np.where(denominator > 1e-12, 1.0 - err[mode.value] / denominator, 0.0)

@@ -341,10 +341,11 @@ class ChannelContext:
         uniq, inv = np.unique(block, return_inverse=True)
         pts = prob.xy
         moves = []
+        pixel_weights = None if patch_weights is None else patch_weights[prob.patch_ids(CV_PATCH)[0]]
         for _ in range(n_boot):
             w = rng.poisson(1.0, len(uniq)).astype(float)[inv]
-            if patch_weights is not None:
-                w = w * patch_weights[prob.patch_ids(CV_PATCH)[0]]
+            if pixel_weights is not None:
+                w = w * pixel_weights
             lin = prob.fit_affine(lin0, model=model, levels=(FINE_SIGMA,), disp=disp, max_iter=4, weights=w)
             d = np.linalg.norm(lin.apply(pts) - lin0.apply(pts), axis=1) / (self.p * lin0.scale)
             moves.append(float(np.sqrt((d**2).mean())))
