@@ -104,7 +104,7 @@ def test_chunked_reconstruct_streams_to_zarr_and_equals_the_api(many, tmp_path, 
     np.testing.assert_array_equal(spread, zarr.open_array(str(out / "sr_smsdl.zarr"), path="uncertainty", mode="r")[:])
     assert run["uncertainty"] == {"smsdl": str(out / "uncertainty_smsdl.ome.tif")}
     guidance = run["guidance"]["smsdl"]
-    assert all(len(guidance[k]) == N_CHANNELS for k in ("gain", "gain_std", "used_histology"))
+    assert all(len(guidance[k]) == N_CHANNELS for k in ("gain", "gain_std", "used_histology", "weight"))
     assert len(run["choices"]["smsdl"]) == 2  # one record per chunk of 64
     fell = [run["channels"][i] for i, u in enumerate(guidance["used_histology"]) if not u]
     line = next(x for x in printed.splitlines() if x.startswith("SMSDL used the H&E on"))

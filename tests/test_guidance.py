@@ -104,6 +104,24 @@ def test_scale_transfer_pools_once_more_and_says_when_the_image_is_too_small():
     assert scale_check_size(np.ones((30, 30), bool), 2, folds=5)[0]  # 15 x 15: 25 tiles
 
 
+def test_blend_weight_is_the_least_squares_share_of_the_detail():
+    """Measured = control + 0.5 · detail, per fold: w = 0.5; a detail orthogonal to the truth gets w = 0."""
+    from napari_smsdl.reconstruction._scale_check import ScaleInputs, blend_weight
+
+    rng = np.random.default_rng(0)
+    control = rng.normal(size=(2, 12, 12))
+    detail = rng.normal(size=(2, 12, 12))
+    measured = control.copy()
+    measured[0] += 0.5 * detail[0]
+    folds_llr = np.arange(36).reshape(6, 6) % 3
+    inputs = ScaleInputs(np.zeros((1, 144), np.float32), np.zeros((2, 6, 6), np.float32), np.ones((6, 6), bool),
+                         measured, np.ones((12, 12), bool))
+    w, w_std, per_fold = blend_weight(control + detail, control, inputs, folds_llr, 2)
+    assert per_fold.shape == (3, 2)
+    np.testing.assert_allclose(w[0], 0.5, atol=1e-12)
+    assert w_std[0] < 1e-12 and w[1] == 0.0  # channel 1: the measurement is the control, the detail adds nothing
+
+
 def test_scale_transfer_gain_is_deterministic_and_separates_explained_from_noise():
     """LR 30 x 30, F = 2: the LLR → LR fit sees within-pixel detail the features explain, not noise."""
     fields, lr = _explained_and_noise(2, 30, 30)
@@ -121,10 +139,13 @@ def test_scale_transfer_gain_is_deterministic_and_separates_explained_from_noise
     inp = a.choices["network_input"]
     assert inp["how"].startswith("scale-transfer") and inp["scale_gain"][inp["value"]] == max(inp["scale_gain"].values())
     assert set(inp["held_out_mse"]) == {f"{inp['value']}, {m}" for m in ("exact", "smooth", "none")}
-    assert set(ga) == {"gain", "gain_std", "used_histology", "scale_gain", "scale_gain_std"}
+    assert set(ga) == {"gain", "gain_std", "used_histology", "scale_gain", "scale_gain_std", "weight"}
     assert ga["scale_gain"][0] > 0.2 and a.extra["scale_clearly_positive"] == [True, False]
     assert ga["used_histology"] == [True, False] and a.guidance.fell_back == [1]
+    # the explained channel keeps most of SMSDL's detail, the noise channel none of it
+    assert 0.5 < ga["weight"][0] <= 1.0 and ga["weight"][1] == 0.0
     np.testing.assert_array_equal(a.sr[1], a.control[1])
+    np.testing.assert_allclose(a.sr[0], a.control[0] + ga["weight"][0] * (a.guided[0] - a.control[0]), atol=1e-5)
     other = train_regression(fields, lr, 2, mask_lr=mask, params=dataclasses.replace(params, seed=1))
     assert other.guidance.to_dict()["scale_gain"] != ga["scale_gain"]  # the seed drives the folds and networks
 

@@ -25,8 +25,12 @@ itself, on spatially blocked folds of the LR tissue pixels (:mod:`._heldout`):
   (LR pooled by F → LR), scored against the measured LR pixels, over the control — the one check
   that sees the detail drawn inside a pixel. Where it ran, it decides: a channel whose scale-transfer
   gain is not clearly positive (mean minus two standard errors over folds ≤ 0) outputs the H&E-free
-  control (bicubic + back-projection; ``fallback``). Where the LR image is too small for it, the
-  held-out gain decides by the same criterion. The result says which channels fell back.
+  control (bicubic + back-projection; ``fallback``); a channel that uses the histology outputs the
+  blend control + w · (SMSDL − control), w the least-squares weight of that blend against the
+  measured LR pixels in the same check, clipped to [0, 1] (the share of SMSDL's detail that points
+  towards the measurement). Where the LR image is too small for it, the held-out gain decides by
+  the same criterion and a used channel keeps all of SMSDL's detail. The result says which channels
+  fell back and each channel's weight.
 
 Under torchrun (a torch.distributed process group of N > 1 processes) each fold network's training
 pixels are sharded across ranks and DistributedDataParallel averages the gradients; every rank ends
@@ -48,7 +52,7 @@ from ..errors import Cancelled, InputError
 from ..io import tissue_mask
 from ..torch_setup import get_device
 from ._heldout import blocked_folds, choose_pca_dims, held_out_mse
-from ._scale_check import pool_inputs, scale_check_size, scale_gain
+from ._scale_check import blend_weight, pool_inputs, scale_check_size, scale_gain
 from ._uncertainty import uncertainty_map
 from .baselines.backprojection import Conservation, block_mean, conserve
 
@@ -117,6 +121,9 @@ class Guidance:
     #: (:mod:`._scale_check`); None where the LR image is too small for the check
     scale_gain: list | None = None
     scale_gain_std: list | None = None
+    #: the share of SMSDL's detail over the control in the output (0 on channels that fell back;
+    #: the scale-transfer blend weight where that check ran, else 1)
+    weight: list | None = None
 
     def to_dict(self) -> dict:
         out = {"gain": [float(g) for g in self.gain], "gain_std": [float(s) for s in self.gain_std],
@@ -124,6 +131,8 @@ class Guidance:
         if self.scale_gain is not None:
             out["scale_gain"] = [float(g) for g in self.scale_gain]
             out["scale_gain_std"] = [float(s) for s in self.scale_gain_std]
+        if self.weight is not None:
+            out["weight"] = [float(w) for w in self.weight]
         return out
 
     @property
@@ -136,7 +145,8 @@ class Guidance:
 class RegressionResult:
     """The SR stacks (C, rows·F, cols·F) float32 in the MSI's units, and how they were chosen.
 
-    ``sr`` is the output (the control on channels that fell back), ``guided`` SMSDL on every
+    ``sr`` is the output (control + weight · (guided − control); the control on channels that fell
+    back), ``guided`` SMSDL on every
     channel, ``control`` the H&E-free control, ``uncertainty`` the predictive standard deviation of
     ``sr``. ``choices`` records the data-driven settings and their held-out scores.
     """
@@ -408,9 +418,17 @@ def fit_guided(
             scale_gain, scale_std = check.pop("gain"), check.pop("gain_std")
             extra["scale_clearly_positive"] = check["clearly_positive"]
     used = _decide(clearly, extra.get("scale_clearly_positive")) if params.fallback else np.ones(n_ch, bool)
-    guidance = Guidance(gain.tolist(), gain_std.tolist(), used.tolist(), scale_gain, scale_std)
-    sr = np.where(used[:, None, None], guided, control).astype(np.float32)
-    spread = np.sqrt(np.where(used[:, None, None], m2, c_m2) / (n_folds - 1))
+    # how much of SMSDL's detail over the control a used channel keeps: the least-squares blend weight one
+    # scale up (clipped to [0, 1]: never more detail than the network drew), 1 where the check did not run.
+    # Not a use rule of its own: it credits a network's smoothing of white noise (a pure-noise channel's
+    # weight is clearly positive), so the scale gain decides which channels use the histology at all
+    weight = np.clip(check["weight"], 0.0, 1.0) if scale_gain is not None and params.fallback else np.ones(n_ch)
+    weight = np.where(used, weight, 0.0)
+    guidance = Guidance(gain.tolist(), gain_std.tolist(), used.tolist(), scale_gain, scale_std, weight.tolist())
+    w3 = weight[:, None, None]
+    sr = np.where(w3 == 1.0, guided, np.where(w3 == 0.0, control, control + w3 * (guided - control))).astype(np.float32)
+    spread = np.where(used[:, None, None], weight[:, None, None] * np.sqrt(m2 / (n_folds - 1)),
+                      np.sqrt(c_m2 / (n_folds - 1)))
     # spread, noise and unresolved structure, weighted by a calibration one scale up (no ground truth)
     uncertainty, calibration = uncertainty_map(sr, spread, lr, mask_lr, factor, folds=n_folds, seed=params.seed)
     choices["uncertainty"] = calibration.to_dict()
@@ -424,7 +442,11 @@ def fit_guided(
 
 
 def _decide(held_out_clear: np.ndarray, scale_clear: list | None) -> np.ndarray:
-    """Per channel: use the histology? (the fallback rule; see the module notes)."""
+    """Per channel: use the histology? (the fallback rule; see the module notes).
+
+    ``scale_clear``: the scale-transfer gain is clearly positive; None where the LR image is too
+    small for the check.
+    """
     if scale_clear is None:  # the LR image is too small for the scale-transfer check
         return np.asarray(held_out_clear, bool)
     # SMSDL's output differs from the control's by what it draws inside the LR pixels (and, unless
@@ -456,7 +478,9 @@ def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, mode: 
     folds_llr = blocked_folds(inputs.mask_llr, params.folds, seed=params.seed)
     gain, std, per_fold = scale_gain(fit.guided, fit.control, inputs, folds_llr, factor)
     clearly = gain - GAIN_STANDARD_ERRORS * std / np.sqrt(params.folds) > 0
+    weight, weight_std, _ = blend_weight(fit.guided, fit.control, inputs, folds_llr, factor)
     return {"available": True, "how": why, "gain": gain.tolist(), "gain_std": std.tolist(),
+            "weight": weight.tolist(), "weight_std": weight_std.tolist(),
             "per_fold": per_fold.tolist(), "clearly_positive": clearly.tolist(),
             "best_steps": fit.choices["steps"]["best_per_fold"], "seconds": time.perf_counter() - t0}
 

@@ -120,3 +120,26 @@ def scale_gain(smsdl_lr: np.ndarray, control_lr: np.ndarray, inputs: ScaleInputs
         with np.errstate(divide="ignore", invalid="ignore"):
             gains[i] = np.where(c > 0, 1.0 - s / c, 0.0)
     return gains.mean(axis=0), gains.std(axis=0, ddof=1), gains
+
+
+def blend_weight(smsdl_lr: np.ndarray, control_lr: np.ndarray, inputs: ScaleInputs, folds_llr: np.ndarray,
+                 factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel: (mean over the LLR folds, standard deviation, per-fold values (k, C)) of the weight w
+    that makes control + w · (SMSDL − control) closest to the measured LR pixels (least squares).
+
+    SMSDL's detail over the control, d = SMSDL − control, is partly right and partly noise; the
+    blend with the least squared error has w = Σ (y − control)·d / Σ d². Both are conserved, so
+    every blend is too. w ≤ 0: the detail does not point towards the truth at all; 1: all of it does.
+    """
+    f = factor
+    d = np.asarray(smsdl_lr, np.float64) - np.asarray(control_lr, np.float64)
+    r = inputs.lr - np.asarray(control_lr, np.float64)
+    fold_lr = np.repeat(np.repeat(folds_llr, f, axis=0), f, axis=1)
+    n_folds = int(folds_llr.max()) + 1
+    weights = np.zeros((n_folds, d.shape[0]))
+    for i in range(n_folds):
+        sel = inputs.score_lr & (fold_lr == i)
+        dd = (d[:, sel] ** 2).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            weights[i] = np.where(dd > 0, (r[:, sel] * d[:, sel]).sum(axis=1) / dd, 0.0)
+    return weights.mean(axis=0), weights.std(axis=0, ddof=1), weights
