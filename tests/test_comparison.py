@@ -156,6 +156,9 @@ def test_guidance_cells_per_channel_and_summary():
     assert guidance_cells(None, 0) == ("—", "—") and guidance_cells(GUIDANCE, 7) == ("—", "—")
     saved = {**GUIDANCE, "gain": [None, 0.5, 0.25]}  # a NaN gain comes back from JSON as null
     assert guidance_cells(saved, 0)[0] == "—" and guidance_cells(saved, 1)[0] == "0.5 ± 0.25"
+    blended = {**GUIDANCE, "weight": [0.62, 0.0, 1.0]}
+    assert guidance_cells(blended, 0)[1] == "yes (weight 0.62)" and guidance_cells(blended, 1)[1] == "no (control)"
+    assert guidance_cells(blended, 2)[1] == "yes" and guidance_cells({**GUIDANCE, "weight": [None] * 3}, 0)[1] == "yes"
 
 
 def test_figure_has_a_column_for_the_he_free_control(tmp_path):

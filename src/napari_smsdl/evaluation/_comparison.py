@@ -70,6 +70,9 @@ def fallback_summary(guidance: dict | None, channel_names: Sequence[str], mz: Se
 def guidance_cells(guidance: dict | None, channel: int | None) -> tuple[str, str]:
     """Table text of one channel's histology gain: (``"gain ± std"``, ``"yes"``/``"no (control)"``).
 
+    A used channel whose output takes only part of the histology's detail (``guidance["weight"]``
+    below 1) reads ``"yes (weight 0.62)"``.
+
     ``channel`` None gives the summary of every channel: the mean gain ± the std of the channels'
     gains, and how many channels use the histology. ``("—", "—")`` without guidance.
     """
@@ -87,7 +90,12 @@ def guidance_cells(guidance: dict | None, channel: int | None) -> tuple[str, str
     if c >= len(gain):
         return "—", "—"
     text = "—" if not np.isfinite(gain[c]) else f"{gain[c]:.3g} ± {std[c]:.2g}"
-    return text, "yes" if used[c] else "no (control)"
+    if not used[c]:
+        return text, "no (control)"
+    # a used channel takes the share ``weight`` of the histology's detail over the control (1: all of it)
+    weights = guidance.get("weight") or []
+    w = weights[c] if c < len(weights) and weights[c] is not None else 1.0
+    return text, "yes" if not np.isfinite(w) or w >= 0.995 else f"yes (weight {w:.2f})"
 
 
 # ---------------------------------------------------------------------------- placement
