@@ -34,6 +34,11 @@ TARGETS = {
     "landmarks": {"median": 0.3, "p90": 0.6, "seconds": 10.0},
     "confidence_ratio_within": 2.0,
 }
+# The reference alignment is one affine (the data set's README), "worse along the top edge"; fits of the
+# channel criterion per region (reference_check) put the top half 1-3 MSI px from it and the bottom half
+# within 0.3 px. Errors are reported over every covered pixel and, separately, over the bottom half
+# (MSI rows 62-123), where the reference can be trusted to the precision the targets ask for.
+TRUSTED_FROM_ROW = 62
 CASES = [
     {"name": "identity", "rotation_deg": 0.0, "scale": 1.0, "shift_msi_px": (0, 0), "warp_msi_px": 0.0,
      "crop": (0, 1, 0, 1), "pixel_size_um": 2.5},
@@ -87,7 +92,10 @@ def run_case(spec: dict, ions: np.ndarray, optical: np.ndarray, seed: int, refer
            "optical_shape_rc": list(case.moving_rgb.shape[:2]), "n_eval_points": int(len(pts))}
     lm = case.landmarks
     la = fit_landmark_affine(rc_to_xy_um(lm.msi_rc, P_MSI), rc_to_xy_um(lm.he_rc, case.moving_pixel_size_um))
-    row["landmark_affine_alone"] = stats(case.errors_msi_px(la, pts))
+    trusted = pts[:, 0] >= TRUSTED_FROM_ROW
+    err_la = case.errors_msi_px(la, pts)
+    row["landmark_affine_alone"] = {**stats(err_la), "trusted_region": stats(err_la[trusted])}
+    row["n_eval_points_trusted_region"] = int(trusted.sum())
     for label, landmarks in (("no_landmarks", None), ("landmarks", lm)):
         t0, c0 = time.perf_counter(), time.process_time()
         res = register(ions, case.moving_rgb, fixed_pixel_size_um=P_MSI,
@@ -114,6 +122,7 @@ def run_case(spec: dict, ions: np.ndarray, optical: np.ndarray, seed: int, refer
         conf = rep["confidence_msi_px"]
         row[label] = {
             **stats(err),
+            "trusted_region": stats(err[trusted]),
             "folds_in_tissue": rep["folds_in_tissue"],
             "seconds": seconds,
             "cpu_seconds": cpu,
@@ -224,6 +233,10 @@ def summarise(rows: list[dict]) -> dict:
             "confidence_over_error": {"min": float(np.nanmin(ratio)), "max": float(np.nanmax(ratio)),
                                       "within_x2": int(((ratio >= 0.5) & (ratio <= 2.0)).sum()), "n": len(rows)},
         }
+        tr_med = np.array([r[label]["trusted_region"]["median"] for r in rows])
+        tr_p90 = np.array([r[label]["trusted_region"]["p90"] for r in rows])
+        out[label]["trusted_region"] = {"median_of_medians": float(np.median(tr_med)), "worst_median": float(tr_med.max()),
+                                        "median_of_p90": float(np.median(tr_p90)), "worst_p90": float(tr_p90.max())}
     out["landmark_affine_alone"] = {
         "median_of_medians": float(np.median([r["landmark_affine_alone"]["median"] for r in rows])),
         "worst_p90": float(max(r["landmark_affine_alone"]["p90"] for r in rows)),
@@ -241,7 +254,19 @@ def summarise(rows: list[dict]) -> dict:
         "confidence within x2 of the median error (every run)": all(
             out[k]["confidence_over_error"]["within_x2"] == len(rows) for k in ("no_landmarks", "landmarks")),
     }
+    nt, lt = n["trusted_region"], lm["trusted_region"]
+    out["targets_met_trusted_region"] = {
+        "no landmarks: median < 0.5 px (every case)": nt["worst_median"] < t["no_landmarks"]["median"],
+        "no landmarks: p90 < 1 px (every case)": nt["worst_p90"] < t["no_landmarks"]["p90"],
+        "6 landmarks: median < 0.3 px (every case)": lt["worst_median"] < t["landmarks"]["median"],
+        "6 landmarks: p90 < 0.6 px (every case)": lt["worst_p90"] < t["landmarks"]["p90"],
+    }
     return out
+
+
+def _trusted(entry: dict) -> str:
+    t = entry.get("trusted_region")
+    return "—" if not t else f"{t['median']:.2f} / {t['p90']:.2f}"
 
 
 def markdown(result: dict) -> str:
@@ -256,9 +281,9 @@ def markdown(result: dict) -> str:
         "**MSI px**, against the data set's reference alignment (itself good to ~0.5 px: the identity row is the "
         "floor). Landmarks: 6, spread over the field, 1 optical px click noise (sd per axis).",
         "",
-        "| case | optical | no landmarks: median / p90 | conf. (ratio) | s | 6 landmarks: median / p90 | conf. (ratio) "
-        "| s | landmark affine alone | kept (no landmarks / landmarks) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | optical | no landmarks: median / p90 | bottom half | conf. (ratio) | s | 6 landmarks: median / p90 "
+        "| bottom half | conf. (ratio) | s | landmark affine alone | kept (no landmarks / landmarks) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     short = {"rotation/scale sweep": "sweep", "landmark affine": "LA", "affine refinement": "CA", "B-spline": "BS"}
 
@@ -271,8 +296,9 @@ def markdown(result: dict) -> str:
         n, lm, la = r["no_landmarks"], r["landmarks"], r["landmark_affine_alone"]
         lines.append(
             f"| {r['case']} | {r['optical_shape_rc'][0]}×{r['optical_shape_rc'][1]} @ {r['pixel_size_um']} µm | "
-            f"{n['median']:.2f} / {n['p90']:.2f} | {n['confidence_msi_px']:.2f} ({n['confidence_over_error']:.1f}) | "
-            f"{n['seconds']:.1f} | {lm['median']:.2f} / {lm['p90']:.2f} | "
+            f"{n['median']:.2f} / {n['p90']:.2f} | {_trusted(n)} | "
+            f"{n['confidence_msi_px']:.2f} ({n['confidence_over_error']:.1f}) | "
+            f"{n['seconds']:.1f} | {lm['median']:.2f} / {lm['p90']:.2f} | {_trusted(lm)} | "
             f"{lm['confidence_msi_px']:.2f} ({lm['confidence_over_error']:.1f}) | {lm['seconds']:.1f} | "
             f"{la['median']:.2f} / {la['p90']:.2f} | {abbreviate(n['final'])} / {abbreviate(lm['final'])} |"
         )
@@ -323,6 +349,18 @@ def markdown(result: dict) -> str:
         "",
         "Targets (issue 13): " + "; ".join(f"{k}: {'met' if v else '**not met**'}" for k, v in s["targets_met"].items())
         + ".",
+        "",
+        "The same targets over the bottom half only (MSI rows ≥ 62, where translation-only fits per region put the "
+        "data within 0.3 px of the reference; in the top half, which its README calls worse, they sit 1–3 px from "
+        "it): "
+        + "; ".join(f"{k}: {'met' if v else '**not met**'}" for k, v in s.get("targets_met_trusted_region", {}).items())
+        + (f" (no landmarks: worst median {s['no_landmarks']['trusted_region']['worst_median']:.2f}, worst p90 "
+           f"{s['no_landmarks']['trusted_region']['worst_p90']:.2f}; 6 landmarks: worst median "
+           f"{s['landmarks']['trusted_region']['worst_median']:.2f}, worst p90 "
+           f"{s['landmarks']['trusted_region']['worst_p90']:.2f})." if "targets_met_trusted_region" in s else ".")
+        + " The errors are no smaller there: without landmarks the global similarity the data prefer differs from "
+        "the reference by a rotation and a scale (table above), which err over the whole field, not in the top "
+        "half alone; with landmarks the error is the six landmarks' click noise, which has no region.",
         "",
         "Stages: sweep = rotation (±12°, 3° steps) × scale (0.95, 1, 1.05) × mirror start scored by masked FFT "
         "correlation of whitened histology features with the leading ion components, re-ranked by the criterion; "
