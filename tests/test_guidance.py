@@ -67,6 +67,10 @@ def test_fallback_triggers_on_noise_and_not_on_a_channel_the_features_explain():
     g = result.guidance
     assert g.used_histology == [True, False], g.to_dict()
     assert g.gain[0] > 0.2 and g.gain[1] < g.gain[0]
+    # too small for the scale-transfer check: the held-out pixels choose, between exact and none only
+    assert not result.choices["scale_transfer"]["available"]
+    assert result.choices["conservation"]["value"] in ("exact", "none")
+    assert "exact or none" in result.choices["conservation"]["how"]
     assert result.guidance.fell_back == [1]
     np.testing.assert_array_equal(result.sr[1], result.control[1])  # the fallback is the control itself
     np.testing.assert_array_equal(result.sr[0], result.guided[0])
@@ -75,6 +79,19 @@ def test_fallback_triggers_on_noise_and_not_on_a_channel_the_features_explain():
                                                       fallback=False))
     assert forced.guidance.used_histology == [True, True]
     np.testing.assert_array_equal(forced.sr, forced.guided)
+
+
+def test_a_channel_never_detected_stays_zero_even_when_the_histology_is_forced():
+    """An all-zero ion has nothing for the H&E to explain: it is the control (zero), used nowhere, gain 0."""
+    fields, lr = _explained_and_noise(2, 12, 12)
+    lr = np.stack([lr[0], np.zeros_like(lr[0])])
+    for fallback in (True, False):
+        params = RegressionParams(hidden=16, steps=100, patience=50, folds=3, pca_dims=4, seed=0, fallback=fallback)
+        result = train_regression(fields, lr, 2, mask_lr=np.ones((12, 12), bool), params=params)
+        g = result.guidance
+        assert g.used_histology[1] is False and g.gain[1] == 0.0 and g.weight[1] == 0.0, g.to_dict()
+        assert not np.any(result.sr[1]) and result.choices["constant_channels"] == 1
+        assert result.sr[0].std() > 0  # the detected ion is reconstructed as before
 
 
 def _explained_and_noise(factor: int, rows: int, cols: int, seed: int = 0):
@@ -102,6 +119,23 @@ def test_scale_transfer_pools_once_more_and_says_when_the_image_is_too_small():
     ok, why = scale_check_size(mask, 2, folds=5)  # 6 x 6 LLR pixels: 4 tiles of 3 x 3, 10 needed
     assert not ok and "held-out gain decides alone" in why
     assert scale_check_size(np.ones((30, 30), bool), 2, folds=5)[0]  # 15 x 15: 25 tiles
+
+
+def test_scale_check_runs_with_fewer_folds_on_a_small_image_and_asks_more_of_them():
+    from scipy.stats import t
+
+    from napari_smsdl.reconstruction._scale_check import scale_check_folds, standard_errors
+
+    n, why = scale_check_folds(np.ones((32, 32), bool), 4, folds=5)  # 8 x 8 LLR pixels: 9 tiles of 3 x 3
+    assert n == 4 and "4 folds instead of 5" in why
+    assert scale_check_folds(np.ones((62, 122), bool), 2, folds=5)[0] == 5
+    n, why = scale_check_folds(np.ones((15, 25), bool), 4, folds=5)  # 3 x 6 LLR pixels: 2 tiles
+    assert n == 0 and "held-out gain decides alone" in why
+    assert standard_errors(5, 5, 2.0) == 2.0
+    for n in (3, 4):  # fewer folds, a higher bar with the same one-sided confidence
+        k = standard_errors(n, 5, 2.0)
+        assert k > 2.0 and abs(t.cdf(k, df=n - 1) - t.cdf(2.0, df=4)) < 1e-9
+    assert standard_errors(3, 5, 2.0) > standard_errors(4, 5, 2.0)
 
 
 def test_blend_weight_is_the_least_squares_share_of_the_detail():
@@ -140,6 +174,10 @@ def test_scale_transfer_gain_is_deterministic_and_separates_explained_from_noise
     assert inp["how"].startswith("scale-transfer") and inp["scale_gain"][inp["value"]] == max(inp["scale_gain"].values())
     assert set(inp["held_out_mse"]) == {f"{inp['value']}, {m}" for m in ("exact", "smooth", "none")}
     assert set(ga) == {"gain", "gain_std", "used_histology", "scale_gain", "scale_gain_std", "weight"}
+    # the conservation is chosen one scale up too, where every LLR mean is known as every LR mean is
+    cons, check_cons = a.choices["conservation"], a.choices["scale_transfer"]["conservation"]
+    assert cons["value"] == check_cons["value"] and cons["how"] == check_cons["how"]
+    assert set(check_cons["gain_by_mode"]) == {"exact", "smooth", "none"}
     assert ga["scale_gain"][0] > 0.2 and a.extra["scale_clearly_positive"] == [True, False]
     assert ga["used_histology"] == [True, False] and a.guidance.fell_back == [1]
     # the explained channel keeps most of SMSDL's detail, the noise channel none of it

@@ -112,6 +112,7 @@ def prepare_guide(
     physical space; None means the H&E covers exactly the MSI field of view.
     """
     from ..registration import resample_moving_to_grid, same_field_of_view_transform
+    from ..registration._stages import field_of_view_mismatch
 
     from ..io import to_rgb_uint8
 
@@ -120,6 +121,9 @@ def prepare_guide(
     k = choose_cell_px(he_pixel_size_um, sr_px, max_cell_px)
     grid_px = sr_px / k
     if transform is None:
+        mismatch = field_of_view_mismatch(msi_shape, msi_pixel_size_um, he.shape[:2], he_pixel_size_um)
+        if mismatch:
+            log.warning(mismatch)
         transform = same_field_of_view_transform(msi_shape, msi_pixel_size_um, he.shape[:2], he_pixel_size_um)
     rows, cols = msi_shape[0] * factor * k, msi_shape[1] * factor * k
     # the fine grid covers the MSI grid: its pixel (0, 0) centre sits at -p/2 + g/2 in MSI space

@@ -52,7 +52,7 @@ from ..errors import Cancelled, InputError
 from ..io import tissue_mask
 from ..torch_setup import get_device
 from ._heldout import blocked_folds, choose_pca_dims, held_out_mse
-from ._scale_check import blend_weight, pool_inputs, scale_check_size, scale_gain
+from ._scale_check import blend_weight, pool_inputs, scale_check_folds, scale_check_size, scale_gain, standard_errors
 from ._uncertainty import uncertainty_map
 from .baselines.backprojection import Conservation, block_mean, conserve
 
@@ -318,18 +318,18 @@ def fit_guided(
     bic_full = bicubic_upsample(np.nan_to_num(lr), factor, mask_lr=mask_lr)
     inputs = list(NETWORK_INPUTS) if params.network_input == "auto" else [params.network_input]
     input_choice = {"value": inputs[0], "how": "given"}
+    modes = [Conservation(params.conservation)] if params.conservation != "auto" else list(Conservation)
     if len(inputs) > 1 and scale_check and scale_check_size(mask_lr, factor, params.folds)[0]:
         # the held-out folds favour the features: inside a held-out tile the bicubic input is extrapolated
         # from the tile's edge, which the SR task never asks of it; one scale up both inputs see what
         # they see there, and the within-pixel detail is scored on real pixels
-        input_choice = _choose_input_by_scale(feats, lr, factor, mask_lr, params, device=str(dev),
+        input_choice = _choose_input_by_scale(feats, lr, factor, mask_lr, params, modes, device=str(dev),
                                               progress=progress, should_stop=should_stop, distributed=distributed)
         inputs = [input_choice["value"]]
-        reuse_check = input_choice.pop("checks")[inputs[0]]  # the final check, when it runs with exact conservation
+        reuse_check = input_choice.pop("checks")[inputs[0]]  # the final check: same input, same modes
     else:
         reuse_check = None
     x_full = {inp: torch.from_numpy(_design_matrix(feats, bic_full, scale, inp == "bicubic")).to(dev) for inp in inputs}
-    modes = [Conservation(params.conservation)] if params.conservation != "auto" else list(Conservation)
     err = {(inp, m.value): np.zeros((n_folds, n_ch)) for inp in inputs for m in modes}
     err_free = {m.value: np.zeros((n_folds, n_ch)) for m in modes}
     err_control = np.zeros((n_folds, n_ch))
@@ -384,13 +384,30 @@ def fit_guided(
     inp = min(inputs, key=lambda a: float(err[(a, default_mode)].mean())) if len(inputs) > 1 else inputs[0]
     held_out_by_input = {f"{a}, {b}": float(v.mean()) for (a, b), v in err.items()}
     err = {b: v for (a, b), v in err.items() if a == inp}  # the chosen input's, per conservation mode
-    mode = _choose_conservation(err) if len(modes) > 1 else modes[0]
+    check = None
+    if scale_check:
+        check = reuse_check if reuse_check is not None else _scale_transfer(
+            feats, lr, factor, mask_lr, dataclasses.replace(params, network_input=inp), modes, device=str(dev),
+            progress=progress, should_stop=should_stop, distributed=distributed)
+        choices["scale_transfer"] = check
+    if len(modes) == 1:
+        mode, mode_how = modes[0], "given"
+    elif check is not None and check["available"]:
+        # every LR mean is known in the SR task, as every LLR mean is one scale up: there the modes differ
+        # by how exactly they meet the means and what that does inside the pixels, scored on real pixels
+        mode, mode_how = Conservation(check["conservation"]["value"]), check["conservation"]["how"]
+    else:
+        # a held-out pixel is outside every mode's reach, so its error cannot tell exact from smooth
+        # back-projection (they agree there to 1e-4 relative and the choice would follow rounding), only
+        # either from none
+        mode = _choose_conservation({k: v for k, v in err.items() if k != Conservation.SMOOTH.value})
+        mode_how = "held-out error, exact or none (held-out pixels cannot tell exact from smooth back-projection)"
     mean, m2 = stats[inp]
     history = histories[inp]
     if len(inputs) > 1:
         input_choice = {"value": inp, "how": "held-out error (the LR image is too small for the scale-transfer check)"}
     choices["network_input"] = {**input_choice, "held_out_mse": held_out_by_input}
-    choices["conservation"] = {"value": mode.value, "how": "given" if len(modes) == 1 else "held-out error",
+    choices["conservation"] = {"value": mode.value, "how": mode_how,
                                "held_out_mse": {k: float(v.mean()) for k, v in err.items()}}
     choices["control_held_out_mse"] = float(err_control.mean())
     choices["steps"] = {"best_per_fold": best_steps[inp], "most": params.steps, "patience": params.patience,
@@ -405,19 +422,22 @@ def fit_guided(
     control = conserve(bic_full, lr, factor, mask_lr, Conservation.EXACT)
     guided = conserve(mean, lr, factor, mask_lr, mode)
     extra = {"clearly_positive": clearly.tolist()}
+    if not scale_check:  # the scale-transfer check's own fit: it conserves the raw mean once per mode
+        extra["raw_mean"] = mean
     scale_gain = scale_std = None
-    if scale_check:
-        if reuse_check is not None and mode is Conservation.EXACT:
-            check = reuse_check
-        else:
-            check = _scale_transfer(feats, lr, factor, mask_lr, dataclasses.replace(params, network_input=inp), mode,
-                                    device=str(dev), progress=progress, should_stop=should_stop,
-                                    distributed=distributed)
-        choices["scale_transfer"] = check
-        if check["available"]:
-            scale_gain, scale_std = check.pop("gain"), check.pop("gain_std")
-            extra["scale_clearly_positive"] = check["clearly_positive"]
+    if check is not None and check["available"]:
+        scale_gain, scale_std = check.pop("gain"), check.pop("gain_std")
+        extra["scale_clearly_positive"] = check["clearly_positive"]
     used = _decide(clearly, extra.get("scale_clearly_positive")) if params.fallback else np.ones(n_ch, bool)
+    # a channel that is constant over the tissue (an ion never detected: all zero) has nothing for the
+    # histology to explain, and its gains are ratios of rounding errors: its output is the control (the
+    # constant itself), whatever --force-histology says
+    flat = constant_channels(lr, mask_lr)
+    if flat.any():
+        used, gain, gain_std = used & ~flat, np.where(flat, 0.0, gain), np.where(flat, 0.0, gain_std)
+        choices["constant_channels"] = int(flat.sum())
+        log.warning("%d of %d channels are constant over the tissue (e.g. never detected): their output is the "
+                    "H&E-free control, and the fallback summary names them", int(flat.sum()), n_ch)
     # how much of SMSDL's detail over the control a used channel keeps: the least-squares blend weight one
     # scale up (clipped to [0, 1]: never more detail than the network drew), 1 where the check did not run.
     # Not a use rule of its own: it credits a network's smoothing of white noise (a pure-noise channel's
@@ -441,6 +461,15 @@ def fit_guided(
                             time.perf_counter() - start, str(dev), extra)
 
 
+def constant_channels(lr: np.ndarray, mask_lr: np.ndarray) -> np.ndarray:
+    """(C,) bool: channels whose measured values are the same on every tissue pixel (to float32 precision)."""
+    vals = np.nan_to_num(np.asarray(lr, np.float64))[:, np.asarray(mask_lr, bool)]
+    if vals.shape[1] == 0:
+        return np.ones(vals.shape[0], bool)
+    spread = vals.max(1) - vals.min(1)
+    return spread <= 1e-6 * np.maximum(np.abs(vals).max(1), 1e-30)
+
+
 def _decide(held_out_clear: np.ndarray, scale_clear: list | None) -> np.ndarray:
     """Per channel: use the histology? (the fallback rule; see the module notes).
 
@@ -455,48 +484,70 @@ def _decide(held_out_clear: np.ndarray, scale_clear: list | None) -> np.ndarray:
     return np.asarray(scale_clear, bool)
 
 
-def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, mode: Conservation, *, device, progress,
+def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, modes: list, *, device, progress,
                     should_stop, distributed) -> dict:
     """The scale-transfer check (:mod:`._scale_check`): the same fit LLR → LR, scored on the measured LR.
 
     The LLR fit has F² fewer pixels; its batch is F² times smaller so a step covers the same share
     of the image as in the main fit (the same early-stopping dynamics), and it gets the main fit's
-    conservation and components, so only the scale differs.
+    components, so only the scale differs. Its raw prediction is conserved to the LLR means by each
+    of ``modes``; exact conservation (the control's) is kept unless another mode's gain, mean over
+    channels, is clearly larger over the folds, and the gains, weights and decisions returned are
+    those of the mode kept (``conservation`` says which and why).
     """
-    ok, why = scale_check_size(mask_lr, factor, params.folds)
-    if not ok:
+    n_folds, why = scale_check_folds(mask_lr, factor, params.folds)
+    if not n_folds:
         log.info("scale-transfer check skipped: %s", why)
         return {"available": False, "reason": why}
     t0 = time.perf_counter()
     inputs = pool_inputs(feats, lr, mask_lr, factor)
-    inner = dataclasses.replace(params, fallback=False, conservation=mode.value,
+    inner = dataclasses.replace(params, fallback=False, conservation=Conservation.EXACT.value, folds=n_folds,
                                 batch_pixels=max(1, params.batch_pixels // factor**2))
     fit = fit_guided(inputs.features, inputs.llr, factor, mask_lr=inputs.mask_llr, params=inner, device=device,
                      progress=progress, should_stop=should_stop, distributed=distributed,
                      stage="SMSDL scale-transfer check", pca_dims=inputs.features.shape[0], scale_check=False,
                      reference=False)
-    folds_llr = blocked_folds(inputs.mask_llr, params.folds, seed=params.seed)
-    gain, std, per_fold = scale_gain(fit.guided, fit.control, inputs, folds_llr, factor)
-    clearly = gain - GAIN_STANDARD_ERRORS * std / np.sqrt(params.folds) > 0
-    weight, weight_std, _ = blend_weight(fit.guided, fit.control, inputs, folds_llr, factor)
-    return {"available": True, "how": why, "gain": gain.tolist(), "gain_std": std.tolist(),
+    folds_llr = blocked_folds(inputs.mask_llr, n_folds, seed=params.seed)
+    errors = standard_errors(n_folds, params.folds, GAIN_STANDARD_ERRORS)
+    by_mode = {}
+    for m in modes:
+        guided_m = conserve(fit.extra["raw_mean"], inputs.llr, factor, inputs.mask_llr, Conservation(m))
+        by_mode[Conservation(m).value] = (guided_m, *scale_gain(guided_m, fit.control, inputs, folds_llr, factor))
+    mode = Conservation(modes[0]) if len(modes) == 1 else Conservation.EXACT
+    how = "given" if len(modes) == 1 else "scale-transfer gain (exact unless another mode is clearly better)"
+    if len(modes) > 1:
+        exact_folds = by_mode[Conservation.EXACT.value][3].mean(axis=1)
+        best = 0.0
+        for name, (_, _, _, folds_gain) in by_mode.items():
+            diff = folds_gain.mean(axis=1) - exact_folds
+            sem = diff.std(ddof=1) / np.sqrt(len(diff))
+            if diff.mean() - errors * sem > 0 and diff.mean() > best:
+                mode, best = Conservation(name), float(diff.mean())
+    guided_lr, gain, std, per_fold = by_mode[mode.value]
+    clearly = gain - errors * std / np.sqrt(n_folds) > 0
+    weight, weight_std, _ = blend_weight(guided_lr, fit.control, inputs, folds_llr, factor)
+    conservation = {"value": mode.value, "how": how,
+                    "gain_by_mode": {k: float(v[1].mean()) for k, v in by_mode.items()}}
+    return {"available": True, "how": why, "folds": n_folds, "standard_errors": errors, "conservation": conservation,
+            "gain": gain.tolist(), "gain_std": std.tolist(),
             "weight": weight.tolist(), "weight_std": weight_std.tolist(),
             "per_fold": per_fold.tolist(), "clearly_positive": clearly.tolist(),
             "best_steps": fit.choices["steps"]["best_per_fold"], "seconds": time.perf_counter() - t0}
 
 
-def _choose_input_by_scale(feats, lr, factor, mask_lr, params: RegressionParams, *, device, progress, should_stop,
-                           distributed) -> dict:
-    """The network input whose scale-transfer fit (LLR → LR, exact conservation) has the larger gain over
-    the control on the measured LR pixels, mean over channels and folds; ties keep the bicubic input."""
+def _choose_input_by_scale(feats, lr, factor, mask_lr, params: RegressionParams, modes: list, *, device, progress,
+                           should_stop, distributed) -> dict:
+    """The network input whose scale-transfer fit (LLR → LR, each with the conservation its check keeps)
+    has the larger gain over the control on the measured LR pixels, mean over channels and folds; ties
+    keep the bicubic input."""
     gains, checks = {}, {}
     for inp in NETWORK_INPUTS:
         checks[inp] = check = _scale_transfer(feats, lr, factor, mask_lr, dataclasses.replace(params, network_input=inp),
-                                Conservation.EXACT, device=device, progress=progress, should_stop=should_stop,
+                                modes, device=device, progress=progress, should_stop=should_stop,
                                 distributed=distributed)
         gains[inp] = float(np.mean(check["gain"]))
     best = max(NETWORK_INPUTS, key=lambda a: (gains[a], a == NETWORK_INPUTS[0]))
-    return {"value": best, "how": "scale-transfer gain over the control, mean over channels (exact conservation)",
+    return {"value": best, "how": "scale-transfer gain over the control, mean over channels",
             "scale_gain": gains, "checks": checks}
 
 

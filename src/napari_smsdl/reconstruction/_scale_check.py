@@ -14,8 +14,12 @@ deviation — the same statistic as the held-out gain's, so both are judged by o
 
 The pooled image is F² times smaller, so the check needs a large enough LR image: the LLR tissue
 must hold at least two fold tiles per fold (:func:`scale_check_size`, the condition under which
-:func:`._heldout.blocked_folds` deals tiles rather than single pixels). Below that it is skipped,
-with the reason, and the held-out gain decides alone.
+:func:`._heldout.blocked_folds` deals tiles rather than single pixels, so a fold's gain still
+varies with the place it covers). Where it holds too few tiles for the main fit's folds, the
+check runs with as many folds as it has pairs of tiles, down to :data:`MIN_CHECK_FOLDS`, and its
+"clearly positive" threshold grows with the fewer degrees of freedom (:func:`standard_errors`:
+the same one-sided confidence as two standard errors over the main fit's folds). Below that it is
+skipped, with the reason, and the held-out gain decides alone.
 """
 
 from __future__ import annotations
@@ -45,18 +49,47 @@ class ScaleInputs:
     score_lr: np.ndarray
 
 
-def scale_check_size(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE) -> tuple[bool, str]:
-    """(whether the LR image is large enough for the check, a sentence saying why or why not)."""
+#: The fewest folds the check runs with: two folds leave one degree of freedom for the spread of
+#: the fold gains, which cannot say "clearly positive" with any useful confidence.
+MIN_CHECK_FOLDS = 3
+
+
+def scale_check_folds(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE) -> tuple[int, str]:
+    """(the number of folds the check runs with, 0 where the LR image is too small; a sentence saying why).
+
+    ``folds`` (the main fit's) where the LLR tissue holds two tiles per fold, else as many folds
+    as it holds pairs of tiles, if that is at least :data:`MIN_CHECK_FOLDS`.
+    """
     mask_llr = _pool_mask(np.asarray(mask_lr, bool), factor)
     h, w = mask_llr.shape
     rr, cc = np.mgrid[0:h, 0:w]
     tiles = len(np.unique(((rr // tile) * (-(-w // tile)) + cc // tile)[mask_llr])) if mask_llr.any() else 0
-    needed = 2 * folds
-    if tiles < needed:
-        return False, (f"the LR image pooled by {factor} has {int(mask_llr.sum())} tissue pixels in {tiles} tiles of "
-                       f"{tile} x {tile}; the scale-transfer check needs {needed} ({folds} folds of 2), so the "
-                       "held-out gain decides alone")
-    return True, (f"LLR grid {h} x {w} with {int(mask_llr.sum())} tissue pixels in {tiles} tiles of {tile} x {tile}")
+    n = min(int(folds), tiles // 2)
+    where = f"{int(mask_llr.sum())} tissue pixels in {tiles} tiles of {tile} x {tile}"
+    if n < min(MIN_CHECK_FOLDS, int(folds)):
+        return 0, (f"the LR image pooled by {factor} has {where}; the scale-transfer check needs "
+                   f"{2 * min(MIN_CHECK_FOLDS, int(folds))} ({min(MIN_CHECK_FOLDS, int(folds))} folds of 2), so the "
+                   "held-out gain decides alone")
+    fewer = "" if n == folds else f", so {n} folds instead of {folds}"
+    return n, f"LLR grid {h} x {w} with {where}{fewer}"
+
+
+def scale_check_size(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE) -> tuple[bool, str]:
+    """(whether the LR image is large enough for the check, a sentence saying why or why not)."""
+    n, why = scale_check_folds(mask_lr, factor, folds, tile)
+    return n > 0, why
+
+
+def standard_errors(n_folds: int, reference_folds: int, reference_errors: float) -> float:
+    """How many standard errors above zero a gain over ``n_folds`` folds must be to count as clearly
+    positive: the Student-t quantile with the one-sided confidence that ``reference_errors`` standard
+    errors have over ``reference_folds`` folds (n − 1 degrees of freedom each; equal at n = reference)."""
+    from scipy.stats import t
+
+    if n_folds == reference_folds:
+        return float(reference_errors)
+    level = t.cdf(reference_errors, df=reference_folds - 1)
+    return float(t.ppf(level, df=n_folds - 1))
 
 
 def _pool_mask(mask_lr: np.ndarray, factor: int) -> np.ndarray:

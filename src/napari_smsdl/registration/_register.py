@@ -128,6 +128,10 @@ class RegistrationResult:
         )
 
 
+#: A landmark is flagged only when its held-out error is also above this many MSI pixels.
+OUTLIER_FLOOR_MSI_PX = 0.5
+
+
 def _check_inputs(fixed_msi, moving_he_rgb, p, q):
     for name, v in (("fixed_pixel_size_um", p), ("moving_pixel_size_um", q)):
         if v is None or not np.isfinite(v) or v <= 0:
@@ -672,7 +676,10 @@ def iter_register(
             med = float(np.nanmedian(prev_errs)) if folds and np.isfinite(prev_errs).any() else None
             for i in range(n_lm):
                 e = float(prev_errs[i]) if folds and np.isfinite(prev_errs[i]) else None
-                flag = bool(med is not None and e is not None and e > params.outlier_factor * med)
+                # relative to the others, and large enough to matter: half an MSI pixel, the size the
+                # misregistration map flags (six exact landmarks have held-out errors of 1e-13 px)
+                flag = bool(med is not None and e is not None and e > params.outlier_factor * med
+                            and e > OUTLIER_FLOOR_MSI_PX * p)
                 if flag:
                     outliers.append(i)
                 residuals.append(

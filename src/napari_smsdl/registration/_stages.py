@@ -43,6 +43,32 @@ class StageInfo:
         }
 
 
+#: Without landmarks or a transform the H&E is stretched onto the MSI field; a stretch by more than
+#: this share on either axis means the two images do not show the same field at the pixel sizes
+#: given (a wrong pixel size, or an H&E crop larger or smaller than the MSI raster), so the user is
+#: warned. A warning threshold only: nothing computed depends on it.
+FIELD_MISMATCH_WARN = 0.2
+
+
+def field_of_view_mismatch(
+    fixed_shape_rc: tuple[int, int],
+    fixed_pixel_size_um: float,
+    moving_shape_rc: tuple[int, int],
+    moving_pixel_size_um: float,
+) -> str | None:
+    """A sentence when the H&E's physical extent differs from the MSI field's by more than
+    :data:`FIELD_MISMATCH_WARN` on an axis (None when they agree)."""
+    f_ext = np.array([fixed_shape_rc[0], fixed_shape_rc[1]], float) * float(fixed_pixel_size_um)
+    m_ext = np.array([moving_shape_rc[0], moving_shape_rc[1]], float) * float(moving_pixel_size_um)
+    scale = m_ext / f_ext
+    if np.all(np.abs(scale - 1.0) <= FIELD_MISMATCH_WARN):
+        return None
+    return (f"the H&E covers {m_ext[0]:.0f} x {m_ext[1]:.0f} µm (rows x cols) at {float(moving_pixel_size_um):g} µm/px "
+            f"but the MSI field {f_ext[0]:.0f} x {f_ext[1]:.0f} µm at {float(fixed_pixel_size_um):g} µm/px; without "
+            f"landmarks or a transform the H&E is stretched {scale[0]:.2f} x {scale[1]:.2f} onto the MSI field: check "
+            "the pixel sizes, crop the H&E to the MSI raster, or register it first (smsdl register)")
+
+
 def same_field_of_view_transform(
     fixed_shape_rc: tuple[int, int],
     fixed_pixel_size_um: float,
