@@ -513,16 +513,13 @@ def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, modes:
     for m in modes:
         guided_m = conserve(fit.extra["raw_mean"], inputs.llr, factor, inputs.mask_llr, Conservation(m))
         by_mode[Conservation(m).value] = (guided_m, *scale_gain(guided_m, fit.control, inputs, folds_llr, factor))
-    mode = Conservation(modes[0]) if len(modes) == 1 else Conservation.EXACT
-    how = "given" if len(modes) == 1 else "scale-transfer gain (exact unless another mode is clearly better)"
-    if len(modes) > 1:
-        exact_folds = by_mode[Conservation.EXACT.value][3].mean(axis=1)
-        best = 0.0
-        for name, (_, _, _, folds_gain) in by_mode.items():
-            diff = folds_gain.mean(axis=1) - exact_folds
-            sem = diff.std(ddof=1) / np.sqrt(len(diff))
-            if diff.mean() - errors * sem > 0 and diff.mean() > best:
-                mode, best = Conservation(name), float(diff.mean())
+    if len(modes) == 1:
+        mode, how = Conservation(modes[0]), "given"
+    else:
+        exact_folds = by_mode[Conservation.EXACT.value][3].mean(axis=1)  # per fold, mean over channels
+        mode = _clearly_better_than_exact(
+            {name: v[3].mean(axis=1) - exact_folds for name, v in by_mode.items()}, errors)
+        how = "scale-transfer gain (exact unless another mode is clearly better)"
     guided_lr, gain, std, per_fold = by_mode[mode.value]
     clearly = gain - errors * std / np.sqrt(n_folds) > 0
     weight, weight_std, _ = blend_weight(guided_lr, fit.control, inputs, folds_llr, factor)
@@ -552,16 +549,22 @@ def _choose_input_by_scale(feats, lr, factor, mask_lr, params: RegressionParams,
 
 
 def _choose_conservation(err: dict) -> Conservation:
-    """Exact conservation (the control's) unless another mode predicts held-out pixels clearly better.
-
-    "Clearly": its fold-wise advantage over exact is more than two standard errors above zero.
-    """
+    """Exact conservation (the control's) unless another mode predicts held-out pixels clearly better
+    (``err``: mode → held-out MSE per fold and channel)."""
     exact = err[Conservation.EXACT.value].mean(axis=1)  # per fold
+    return _clearly_better_than_exact({name: exact - e.mean(axis=1) for name, e in err.items()}, GAIN_STANDARD_ERRORS)
+
+
+def _clearly_better_than_exact(advantage: dict, errors: float) -> Conservation:
+    """The mode with the largest mean fold-wise advantage over exact conservation, among those whose
+    advantage is more than ``errors`` standard errors above zero; exact when there is none.
+
+    ``advantage``: mode → its advantage over exact per fold (higher is better; exact's own is 0).
+    """
     best, best_gain = Conservation.EXACT, 0.0
-    for name, e in err.items():
-        diff = exact - e.mean(axis=1)
+    for name, diff in advantage.items():
         sem = diff.std(ddof=1) / np.sqrt(len(diff))
-        if diff.mean() - GAIN_STANDARD_ERRORS * sem > 0 and diff.mean() > best_gain:
+        if diff.mean() - errors * sem > 0 and diff.mean() > best_gain:
             best, best_gain = Conservation(name), float(diff.mean())
     return best
 

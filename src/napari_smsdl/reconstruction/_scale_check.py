@@ -64,12 +64,11 @@ def scale_check_folds(mask_lr: np.ndarray, factor: int, folds: int, tile: int = 
     h, w = mask_llr.shape
     rr, cc = np.mgrid[0:h, 0:w]
     tiles = len(np.unique(((rr // tile) * (-(-w // tile)) + cc // tile)[mask_llr])) if mask_llr.any() else 0
-    n = min(int(folds), tiles // 2)
+    n, fewest = min(int(folds), tiles // 2), min(MIN_CHECK_FOLDS, int(folds))
     where = f"{int(mask_llr.sum())} tissue pixels in {tiles} tiles of {tile} x {tile}"
-    if n < min(MIN_CHECK_FOLDS, int(folds)):
+    if n < fewest:
         return 0, (f"the LR image pooled by {factor} has {where}; the scale-transfer check needs "
-                   f"{2 * min(MIN_CHECK_FOLDS, int(folds))} ({min(MIN_CHECK_FOLDS, int(folds))} folds of 2), so the "
-                   "held-out gain decides alone")
+                   f"{2 * fewest} ({fewest} folds of 2), so the held-out gain decides alone")
     fewer = "" if n == folds else f", so {n} folds instead of {folds}"
     return n, f"LLR grid {h} x {w} with {where}{fewer}"
 
