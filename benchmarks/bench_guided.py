@@ -135,8 +135,8 @@ def uncertainty_study(name: str, seed: int) -> dict:
 
     The SMSDL fit runs once (as in the benchmark); its uncertainty inputs (SR, fold spread, LR) are
     caught on the way and re-combined: each part alone, the unit weights (spread ⊕ noise, the map
-    before the calibration), the calibration pooled by every k ≤ F that has an interior pixel
-    instead of by 2 only, and a model-free map (the LR 3 × 3 spread). Written to
+    before the calibration), the calibrated map without the histology part (no features), and a
+    model-free map (the LR 3 × 3 spread). Written to
     ``benchmarks/results/guided/uncertainty/<case>_s<seed>.json``.
     """
     from scipy.ndimage import uniform_filter
@@ -179,7 +179,10 @@ def uncertainty_study(name: str, seed: int) -> dict:
     sr, spread, kw = caught["sr"], caught["spread"], caught["kw"]
     lr64 = np.nan_to_num(lr).astype(np.float64)
     coef = _uncertainty.noise_variance_model(lr64, mask_lr)
-    parts = _uncertainty._parts(sr, spread, coef, factor, factor)
+    grid = np.asarray(kw["features"]).reshape(-1, *sr.shape[1:])
+    mask_sr = np.repeat(np.repeat(mask_lr, factor, 0), factor, 1)
+    parts = _uncertainty._parts(sr, spread, coef, factor, factor,
+                                _uncertainty.histology_variation(grid, factor, mask_sr))
 
     def score(var):
         return uncertainty_rank_correlation(np.sqrt(var), result.sr, truth_clean, mask_hr)
@@ -188,19 +191,9 @@ def uncertainty_study(name: str, seed: int) -> dict:
     for i, part in enumerate(_uncertainty.PARTS):
         out[f"{part} alone"] = score(parts[i])
     out["unit weights (spread + noise)"] = score(parts[0] + parts[1])
-    # the calibration on every k ≤ F with an interior pooled pixel, the rows of all tasks together
-    ks = [k for k in range(2, factor + 1) if min(mask_lr.shape) >= 3 * k
-          and _uncertainty._has_interior(_uncertainty._pool(np.zeros((1, *mask_lr.shape)), mask_lr, k)[1])]
-    tasks = [_uncertainty._task(lr64, mask_lr, k, coef, kw["folds"], kw["seed"]) for k in ks]
-    if tasks:
-        from scipy.optimize import nnls
-
-        a_all, t_all = np.concatenate([t[0] for t in tasks], 2), np.concatenate([t[1] for t in tasks], 1)
-        w = np.zeros((len(names), 3))
-        for c in range(len(names)):
-            norm = np.maximum(a_all[:, c].max(axis=1), 1e-300)
-            w[c] = nnls(a_all[:, c].T / norm, t_all[c])[0] / norm
-        out[f"calibrated on k = {', '.join(map(str, ks))}"] = score(np.einsum("cp,pchw->chw", w, parts))
+    # the map as it was before the histology part: the same calibration without the features
+    w3 = _uncertainty.calibrate(lr64, mask_lr, coef, folds=kw["folds"], seed=kw["seed"]).weights
+    out["calibrated, without the histology part"] = score(np.einsum("cp,pchw->chw", w3, parts))
     # for comparison: the local spread of the measurement itself (no model at all)
     grad = np.stack([np.sqrt(np.maximum(uniform_filter(c ** 2, 3) - uniform_filter(c, 3) ** 2, 0)) for c in lr])
     out["LR local spread (no model)"] = uncertainty_rank_correlation(np.repeat(np.repeat(grad, factor, 1), factor, 2),

@@ -197,3 +197,18 @@ def test_reconstruct_pipeline_grids_and_methods(crop):
     # same field of view, 2.5 µm H&E pixels, 10 µm SR cells of 4 x 4 guide pixels: the guide is the H&E
     np.testing.assert_allclose(result.guide_rgb, he / 255.0, atol=0.02)
     assert any("self-supervised" in s for s in stages) and any("regression" in s for s in stages)
+
+
+def test_the_regression_progress_never_runs_backwards(crop, features):
+    """Both network inputs are tried on this small LR: the last report keeps the total the fold networks counted to."""
+    _, _, _, lr, mask_lr = crop
+    fm, _ = features
+    reports = []
+    params = dataclasses.replace(TINY_REGRESSION, steps=50, patience=50, network_input="auto")
+    train_regression(fm.data, lr, 4, mask_lr=mask_lr, params=params,
+                     progress=lambda stage, done, total: reports.append((stage, done, total)))
+    regression = [(done, total) for stage, done, total in reports if "regression" in stage]
+    totals = {total for _, total in regression}
+    assert len(totals) == 1, totals
+    done = [d for d, _ in regression]
+    assert done == sorted(done) and done[-1] == regression[-1][1]

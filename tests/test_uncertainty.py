@@ -10,6 +10,7 @@ from napari_smsdl.reconstruction import backprojection_upsample
 from napari_smsdl.reconstruction._uncertainty import (
     PARTS,
     calibrate,
+    histology_variation,
     structure_variance,
     uncertainty_map,
 )
@@ -71,5 +72,34 @@ def test_unit_weights_where_the_lr_is_too_small_for_a_task_one_scale_up():
     lr = np.random.default_rng(1).gamma(2.0, 1.0, size=(2, 5, 5)).astype(np.float32)
     calib = calibrate(lr, np.ones((5, 5), bool))  # pooled by 2: 2 x 2, no interior pixel
     assert calib.factors == [] and calib.pixels == 0
-    np.testing.assert_array_equal(calib.weights, [[1.0, 1.0, 0.0]] * 2)
+    np.testing.assert_array_equal(calib.weights, [[1.0, 1.0, 0.0, 0.0]] * 2)
     assert "too small" in calib.to_dict()["how"]
+
+
+def test_the_histology_part_is_weighted_only_where_the_features_vary_with_the_ion():
+    """Features whose edges are the ion's edges earn the histology part a weight; random features earn none."""
+    truth, factor = _edges(), 4
+    lr, mask_lr = degrade(truth, np.ones(truth.shape[1:], bool), factor)
+    sr = backprojection_upsample(lr, factor, mask_lr=mask_lr)
+    spread = np.full_like(sr, 0.01)
+    hist = PARTS.index("histology structure")
+    _, without = uncertainty_map(sr, spread, lr, mask_lr, factor)
+    assert without.weights[0, hist] == 0.0  # no features: the part is left out
+    aligned = np.stack([truth[0], -2.0 * truth[0]]).reshape(2, -1)
+    _, calib = uncertainty_map(sr, spread, lr, mask_lr, factor, features=aligned)
+    assert calib.weights[0, hist] > 0
+    noise = np.random.default_rng(0).normal(size=(3, truth.shape[1] * truth.shape[2]))
+    unc, calib = uncertainty_map(sr, spread, lr, mask_lr, factor, features=noise)
+    assert calib.weights[0, hist] == 0.0
+    np.testing.assert_array_equal(calib.weights, without.weights)
+
+
+def test_histology_variation_is_relative_and_zero_inside_uniform_pixels():
+    rng = np.random.default_rng(2)
+    blocks = np.repeat(np.repeat(rng.normal(size=(3, 4, 5)), 3, 1), 3, 2)  # constant inside each 3 x 3 pixel
+    mask = np.ones((12, 15), bool)
+    np.testing.assert_array_equal(histology_variation(blocks, 3, mask), 0.0)
+    varied = blocks + rng.normal(size=blocks.shape)
+    v = histology_variation(varied, 3, mask)
+    np.testing.assert_allclose(v.mean(), 1.0)
+    np.testing.assert_allclose(histology_variation(7.0 * varied, 3, mask), v)  # the features' scale does not matter

@@ -450,13 +450,14 @@ def fit_guided(
     spread = np.where(used[:, None, None], weight[:, None, None] * np.sqrt(m2 / (n_folds - 1)),
                       np.sqrt(c_m2 / (n_folds - 1)))
     # spread, noise and unresolved structure, weighted by a calibration one scale up (no ground truth)
-    uncertainty, calibration = uncertainty_map(sr, spread, lr, mask_lr, factor, folds=n_folds, seed=params.seed)
+    uncertainty, calibration = uncertainty_map(sr, spread, lr, mask_lr, factor, folds=n_folds, seed=params.seed,
+                                               features=x_feat)
     choices["uncertainty"] = calibration.to_dict()
     if not used.all():
         log.info("%d of %d channels fell back to the H&E-free control (%s gain not clearly positive)",
                  int((~used).sum()), n_ch, "scale-transfer" if scale_gain is not None else "held-out")
     if progress is not None:
-        progress(stage, n_folds * params.steps, n_folds * params.steps)
+        progress(stage, n_runs * params.steps, n_runs * params.steps)  # the total the fold networks counted to
     return RegressionResult(sr, guided.astype(np.float32), control, uncertainty, guidance, choices, history,
                             time.perf_counter() - start, str(dev), extra)
 

@@ -13,9 +13,15 @@ The parts, each a variance on the grid of the SR image it describes (per channel
 * **unresolved structure** G²: the squared change of the SR image across one measured pixel,
   (F · |central-difference gradient|)², computed from each pixel's four neighbours. With the
   block means conserved, the SR error lies *inside* the measured pixels, and it concentrates where
-  the signal varies within a pixel (edges, texture): neither the spread nor the noise model sees it.
+  the signal varies within a pixel (edges, texture): neither the spread nor the noise model sees it;
+* **structure where the histology varies** G²·V: the structure part times the relative variation
+  of the H&E features inside the measured pixel (each cell's squared distance, in the standardised
+  feature space the network sees, from the mean of its pixel's cells, divided by its mean over the
+  tissue). The SR image's gradient says the ion changes near here, the H&E says whether it changes
+  *inside this pixel*, where the measurement cannot tell how. Without features it is left out
+  (weight 0).
 
-The map is sqrt(w_S·S² + w_N·N² + w_G·G²), with per-channel weights w ≥ 0 **calibrated on a
+The map is sqrt(w_S·S² + w_N·N² + w_G·G² + w_V·G²·V), with per-channel weights w ≥ 0 **calibrated on a
 super-resolution task one scale up, where the truth is known**: the measured LR image is pooled by
 k = 2 (block means over tissue, as :mod:`._scale_check` pools), the H&E-free control (bicubic +
 exact back-projection) super-resolves it back, and its squared error against the measured LR
@@ -46,7 +52,9 @@ import numpy as np
 from ._scale_check import _pool_mask, pool_measurement
 
 #: the parts of the uncertainty, in the order of the calibrated weights
-PARTS = ("spread", "noise", "structure")
+PARTS = ("spread", "noise", "structure", "histology structure")
+#: the weights where no task one scale up is possible: the map before calibration (spread ⊕ noise)
+UNIT_WEIGHTS = (1.0, 1.0, 0.0, 0.0)
 #: the pooling factor of the calibration task (see the module notes: the smallest, with the most pixels)
 CALIBRATION_FACTOR = 2
 
@@ -93,10 +101,34 @@ def structure_variance(sr: np.ndarray, factor: int) -> np.ndarray:
     return float(factor) ** 2 * (gx**2 + gy**2)
 
 
-def _parts(pred: np.ndarray, spread: np.ndarray, coef: np.ndarray, grid_factor: int, factor: int) -> np.ndarray:
-    """(3, C, H, W): spread², noise² (per pixel of a grid ``grid_factor`` finer than the LR), structure²."""
+def histology_variation(features: np.ndarray, block: int, mask: np.ndarray) -> np.ndarray:
+    """(H, W) relative variation of features (D, H, W) inside each ``block`` × ``block`` pixel.
+
+    Each cell's squared distance from its block's mean feature vector, divided by the mean of that
+    over ``mask`` (so the map is 1 on average over the tissue, whatever the features' scale); all
+    zero where the features do not vary inside any block. H and W are multiples of ``block``.
+    """
+    d, h, w = features.shape
+    m = np.asarray(mask, bool)
+    out = np.zeros((h, w))
+    total = 0.0  # the features' whole variance over the mask: what "no variation inside pixels" is relative to
+    for f in features:  # one feature at a time: no (D, H, W) float64 copy
+        f = np.asarray(f, np.float64)
+        means = f.reshape(h // block, block, w // block, block).mean(axis=(1, 3))
+        out += (f - np.repeat(np.repeat(means, block, 0), block, 1)) ** 2
+        total += float(f[m].var()) if m.any() else 0.0
+    scale = out[m].mean() if m.any() else 0.0
+    return out / scale if scale > 1e-9 * total else np.zeros_like(out)
+
+
+def _parts(pred: np.ndarray, spread: np.ndarray, coef: np.ndarray, grid_factor: int, factor: int,
+           variation: np.ndarray | None = None) -> np.ndarray:
+    """(4, C, H, W): spread², noise² (per pixel of a grid ``grid_factor`` finer than the LR), structure²,
+    structure² × the histology's variation inside the pixel (``variation``, (H, W); zero without it)."""
     noise = grid_factor**2 * (coef[:, 0, None, None] * np.maximum(pred, 0.0) + coef[:, 1, None, None])
-    return np.stack([np.asarray(spread, np.float64) ** 2, noise, structure_variance(pred, factor)])
+    structure = structure_variance(pred, factor)
+    hist = structure * variation[None] if variation is not None else np.zeros_like(structure)
+    return np.stack([np.asarray(spread, np.float64) ** 2, noise, structure, hist])
 
 
 @dataclass(frozen=True)
@@ -128,8 +160,12 @@ def calibration_factors(mask_lr: np.ndarray) -> list[int]:
     return [k] if min(m.shape) >= 3 * k and _has_interior(_pool_mask(m, k)) else []
 
 
-def _task(lr: np.ndarray, m: np.ndarray, k: int, coef: np.ndarray, folds: int, seed: int):
-    """The control's parts (3, C, n) and squared error (C, n) on the LR pixels scored by the task pooled by k."""
+def _task(lr: np.ndarray, m: np.ndarray, k: int, coef: np.ndarray, folds: int, seed: int,
+          features_lr: np.ndarray | None = None):
+    """The control's parts (4, C, n) and squared error (C, n) on the LR pixels scored by the task pooled by k.
+
+    ``features_lr`` (D, h, w): the features averaged over each LR pixel's cells, for the histology part.
+    """
     from ._heldout import blocked_folds
     from .baselines import bicubic_upsample
     from .baselines.backprojection import Conservation, conserve
@@ -145,18 +181,24 @@ def _task(lr: np.ndarray, m: np.ndarray, k: int, coef: np.ndarray, folds: int, s
         bic = bicubic_upsample(np.where(train[None], llr, np.nan), k, mask_lr=train)
         preds.append(conserve(bic, llr, k, train, Conservation.EXACT))
     spread = np.std(preds, axis=0, ddof=1)
+    variation = None
+    if features_lr is not None:
+        h, w = score.shape
+        variation = histology_variation(np.asarray(features_lr)[:, :h, :w], k, score)
     # an output pixel of this task is an LR pixel: its noise is the LR noise model itself
-    return _parts(control, spread, coef, 1, k)[:, :, score], (control - lr_c)[:, score] ** 2
+    return _parts(control, spread, coef, 1, k, variation)[:, :, score], (control - lr_c)[:, score] ** 2
 
 
 def calibrate(lr: np.ndarray, mask_lr: np.ndarray, coef: np.ndarray | None = None, *,
-              folds: int = 5, seed: int = 0) -> Calibration:
+              folds: int = 5, seed: int = 0, features_lr: np.ndarray | None = None) -> Calibration:
     """Weights of the parts from the task one scale up (see the module notes); no ground truth used.
 
     The weights do not depend on F: the parts are defined so that they carry over between scales.
 
     ``coef`` is the LR noise model (:func:`noise_variance_model`); ``folds`` and ``seed`` set the
-    blocked folds of the pooled pixels for the control's fold spread, as the SR fit's folds.
+    blocked folds of the pooled pixels for the control's fold spread, as the SR fit's folds;
+    ``features_lr`` (D, h, w), the features averaged over each LR pixel's cells, enables the
+    histology part (without them its weight is 0).
     """
     from scipy.optimize import nnls
 
@@ -165,11 +207,11 @@ def calibrate(lr: np.ndarray, mask_lr: np.ndarray, coef: np.ndarray | None = Non
     n_ch = lr.shape[0]
     if coef is None:
         coef = noise_variance_model(lr, m)
-    unit = np.tile([1.0, 1.0, 0.0], (n_ch, 1))
+    unit = np.tile(UNIT_WEIGHTS, (n_ch, 1))
     ks = calibration_factors(m)
     if not ks:
         return Calibration(unit, [], 0)
-    tasks = [_task(lr, m, k, coef, folds, seed) for k in ks]
+    tasks = [_task(lr, m, k, coef, folds, seed, features_lr) for k in ks]
     parts = np.concatenate([t[0] for t in tasks], axis=2)
     target = np.concatenate([t[1] for t in tasks], axis=1)
     weights = unit.copy()
@@ -192,6 +234,7 @@ def uncertainty_map(
     *,
     folds: int = 5,
     seed: int = 0,
+    features: np.ndarray | None = None,
 ) -> tuple[np.ndarray, Calibration]:
     """Predictive standard deviation (C, h·F, w·F) of an SR stack, and the calibration of its parts.
 
@@ -205,12 +248,24 @@ def uncertainty_map(
         The measurement, its tissue pixels and F, for the noise model and the calibration.
     folds, seed
         The blocked folds of the calibration's control (as the SR fit's).
+    features : ndarray, shape (D, h·F·w·F) or (D, h·F, w·F), optional
+        The standardised features the network saw, for the histology part (left out without them).
     """
+    from .baselines.backprojection import block_mean
+
     lr = np.nan_to_num(np.asarray(lr, np.float64))
     coef = noise_variance_model(lr, mask_lr)
-    calib = calibrate(lr, mask_lr, coef, folds=folds, seed=seed)
+    variation = features_lr = None
+    if features is not None:
+        rows, cols = np.shape(sr)[1:]
+        grid = np.asarray(features).reshape(-1, rows, cols)
+        mask_sr = np.repeat(np.repeat(np.asarray(mask_lr, bool), factor, 0), factor, 1)
+        variation = histology_variation(grid, factor, mask_sr)
+        features_lr = np.stack([block_mean(np.asarray(f, np.float64)[None], factor)[0] for f in grid])
+    calib = calibrate(lr, mask_lr, coef, folds=folds, seed=seed, features_lr=features_lr)
     out = np.empty(np.shape(sr), np.float32)
-    for c in range(out.shape[0]):  # one channel at a time: three SR-sized float64 parts, not 3·C
-        parts = _parts(np.asarray(sr[c : c + 1], np.float64), spread[c : c + 1], coef[c : c + 1], factor, factor)
+    for c in range(out.shape[0]):  # one channel at a time: four SR-sized float64 parts, not 4·C
+        parts = _parts(np.asarray(sr[c : c + 1], np.float64), spread[c : c + 1], coef[c : c + 1], factor, factor,
+                       variation)
         out[c] = np.sqrt(np.tensordot(calib.weights[c], parts[:, 0], axes=1))
     return out, calib
