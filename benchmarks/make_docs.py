@@ -134,8 +134,11 @@ there only to that precision.
   and 0.33 on the sample, where the counting-noise part carries most of the calibrated weight; on
   the UMAP summary, whose error sits in texture below the pixel, the structure part (the SR's
   change across one measured pixel, weighted by a calibration one scale up, no ground truth) lifts
-  it from 0.24 to 0.27 at F = 2 and from −0.08 to 0.23 at F = 4 (seeds 0–2): it ranks the error
-  there now, but stays under the 0.3 asked for; an oracle, the truth's own local 3 × 3 spread,
+  it from 0.24 to 0.27 at F = 2 and from −0.08 to 0.22 at F = 4, and the histology part (that
+  change where the H&E features vary inside the measured pixel, calibrated the same way) to
+  0.276 ± 0.005 and 0.262 ± 0.011 (seeds 0–2; without it, on the same fits, 0.269 ± 0.004 and
+  0.221 ± 0.009; the lowest cerebellum channel at F = 4 0.17 → 0.23; bladder and sample within
+  0.002): it ranks the error there, but stays under the 0.3 asked for; an oracle, the truth's own local 3 × 3 spread,
   reaches 0.38 ([method.md](method.md#uncertainty); the uncertainty-variants table above).
 
 **How much could the histology add at all? (ceiling)** `python benchmarks/bench_ceiling.py`, seeds 0–2
