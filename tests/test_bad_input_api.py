@@ -59,6 +59,19 @@ def test_channels_last_msi_is_refused_with_how_to_fix_it():
     assert out.sr["bicubic"].shape == (5, 80, 160)
 
 
+def test_a_pixel_nan_in_some_channels_is_named_before_it_is_dropped(caplog):
+    he = np.zeros((160, 320, 3), np.uint8)
+    lr = np.random.default_rng(0).random((3, 20, 40)).astype(np.float32) + 0.1
+    lr[1, 4, 7] = np.nan  # one channel missing at one pixel: the whole spectrum there is left out
+    lr[:, 10, 10] = np.nan  # no spectrum at all: the usual gap of an imzML, not worth a warning
+    with caplog.at_level("WARNING", logger="napari_smsdl"):
+        reconstruct(lr, he, he_pixel_size_um=2.5, msi_pixel_size_um=20.0, settings=Settings(factor=4),
+                    methods=["bicubic"])
+    warned = [r.getMessage() for r in caplog.records if "NaN in" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "1 MSI pixels (e.g. row 4, column 7) are NaN in 1 of 3 channels (e.g. channel 1)" in warned[0]
+
+
 def test_empty_or_tiny_msi_is_refused_before_training():
     he = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(InputError, match="no acquired pixel with a non-zero"):

@@ -169,6 +169,14 @@ def check_inputs(lr_msi, he_rgb, settings: Settings, methods, mask_lr=None, tran
                 f"the MSI stack of shape {tuple(lr.shape)} looks channels-last (rows, cols, channels) for an H&E of "
                 f"shape {tuple(he_shape)}; pass it as (channels, rows, cols), e.g. np.moveaxis(stack, -1, 0)")
     acquired = np.isfinite(lr).all(0)
+    partial = ~acquired & np.isfinite(lr).any(0)
+    if partial.any():
+        # a NaN means "no spectrum here": a pixel with NaN in only some channels is dropped from all of them
+        bad = np.flatnonzero((~np.isfinite(lr[:, partial])).any(1))
+        row, col = (int(v[0]) for v in np.nonzero(partial))
+        log.warning("%d MSI pixels (e.g. row %d, column %d) are NaN in %d of %d channels (e.g. channel %d): they are "
+                    "treated as having no spectrum and left out of every channel", int(partial.sum()), row, col,
+                    len(bad), lr.shape[0], int(bad[0]))
     if mask_lr is None:
         mask_lr = tissue_mask(lr)
     elif np.shape(mask_lr) != lr.shape[1:]:
