@@ -67,10 +67,12 @@ def test_fallback_triggers_on_noise_and_not_on_a_channel_the_features_explain():
     g = result.guidance
     assert g.used_histology == [True, False], g.to_dict()
     assert g.gain[0] > 0.2 and g.gain[1] < g.gain[0]
-    # too small for the scale-transfer check: the held-out pixels choose, between exact and none only
-    assert not result.choices["scale_transfer"]["available"]
-    assert result.choices["conservation"]["value"] in ("exact", "none")
-    assert "exact or none" in result.choices["conservation"]["how"]
+    # too small for the scale-transfer check pooled by F = 4 (6 x 6 LLR pixels, 4 tiles): it runs pooled by 3
+    # (8 x 8, 4 folds) and makes the decisions
+    check = result.choices["scale_transfer"]
+    assert check["available"] and check["pooling"] == 3 and check["folds"] == 4
+    assert check["clearly_positive"] == [True, False]
+    assert result.choices["conservation"]["how"] == check["conservation"]["how"]
     assert result.guidance.fell_back == [1]
     np.testing.assert_array_equal(result.sr[1], result.control[1])  # the fallback is the control itself
     np.testing.assert_array_equal(result.sr[0], result.guided[0])
@@ -91,6 +93,9 @@ def test_a_channel_never_detected_stays_zero_even_when_the_histology_is_forced()
         g = result.guidance
         assert g.used_histology[1] is False and g.gain[1] == 0.0 and g.weight[1] == 0.0, g.to_dict()
         assert not np.any(result.sr[1]) and result.choices["constant_channels"] == 1
+        # 6 x 6 LLR pixels pooled by F = 2, too few for any check: held-out pixels choose, exact or none only
+        assert not result.choices["scale_transfer"]["available"]
+        assert "exact or none" in result.choices["conservation"]["how"]
         assert result.sr[0].std() > 0  # the detected ion is reconstructed as before
 
 
@@ -206,3 +211,18 @@ def test_fallback_on_the_sample_uses_the_colour_explained_ion_and_not_noise():
     assert result.choices["scale_transfer"]["available"], result.choices["scale_transfer"]
     assert g["used_histology"] == [True, False], g
     assert g["scale_gain"][0] > 0.3 and g["scale_gain"][1] < g["scale_gain"][0]
+
+
+def test_the_check_pools_by_less_than_f_where_the_lr_pooled_by_f_is_too_small():
+    from napari_smsdl.reconstruction._scale_check import check_pooling, pool_inputs
+
+    assert check_pooling(np.ones((32, 32), bool), 4, folds=5)[:2] == (4, 4)  # by F where it can
+    k, n, why = check_pooling(np.ones((15, 25), bool), 4, folds=5)  # by 4: 3 x 6, 2 tiles; by 3: 5 x 8, 6 tiles
+    assert (k, n) == (3, 3) and "pooled by 3, not by F = 4" in why
+    k, n, why = check_pooling(np.ones((8, 8), bool), 4, folds=5)  # by 2: 4 x 4, 4 tiles: too few for 3 folds
+    assert (k, n) == (0, 0) and "down to 2" in why and "held-out gain decides alone" in why
+    fields, lr = _explained_and_noise(4, 15, 25)
+    inputs = pool_inputs(fields.reshape(6, -1), lr, np.ones((15, 25), bool), 4, 3)
+    # the features go to the LR grid (by F), the measurement once more by 3, both cropped to a multiple of 3
+    assert inputs.features.shape == (6, 15 * 24) and inputs.llr.shape == (2, 5, 8) and inputs.lr.shape == (2, 15, 24)
+    np.testing.assert_allclose(inputs.llr, block_mean(lr[:, :15, :24], 3), rtol=1e-6)

@@ -52,7 +52,7 @@ from ..errors import Cancelled, InputError
 from ..io import tissue_mask
 from ..torch_setup import get_device
 from ._heldout import blocked_folds, choose_pca_dims, held_out_mse
-from ._scale_check import blend_weight, pool_inputs, scale_check_folds, scale_check_size, scale_gain, standard_errors
+from ._scale_check import blend_weight, check_pooling, pool_inputs, scale_check_size, scale_gain, standard_errors
 from ._uncertainty import uncertainty_map
 from .baselines.backprojection import Conservation, block_mean, conserve
 
@@ -496,15 +496,15 @@ def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, modes:
     channels, is clearly larger over the folds, and the gains, weights and decisions returned are
     those of the mode kept (``conservation`` says which and why).
     """
-    n_folds, why = scale_check_folds(mask_lr, factor, params.folds)
+    k, n_folds, why = check_pooling(mask_lr, factor, params.folds)
     if not n_folds:
         log.info("scale-transfer check skipped: %s", why)
         return {"available": False, "reason": why}
     t0 = time.perf_counter()
-    inputs = pool_inputs(feats, lr, mask_lr, factor)
+    inputs = pool_inputs(feats, lr, mask_lr, factor, k)
     inner = dataclasses.replace(params, fallback=False, conservation=Conservation.EXACT.value, folds=n_folds,
-                                batch_pixels=max(1, params.batch_pixels // factor**2))
-    fit = fit_guided(inputs.features, inputs.llr, factor, mask_lr=inputs.mask_llr, params=inner, device=device,
+                                batch_pixels=max(1, params.batch_pixels // k**2))
+    fit = fit_guided(inputs.features, inputs.llr, k, mask_lr=inputs.mask_llr, params=inner, device=device,
                      progress=progress, should_stop=should_stop, distributed=distributed,
                      stage="SMSDL scale-transfer check", pca_dims=inputs.features.shape[0], scale_check=False,
                      reference=False)
@@ -512,8 +512,8 @@ def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, modes:
     errors = standard_errors(n_folds, params.folds, GAIN_STANDARD_ERRORS)
     by_mode = {}
     for m in modes:
-        guided_m = conserve(fit.extra["raw_mean"], inputs.llr, factor, inputs.mask_llr, Conservation(m))
-        by_mode[Conservation(m).value] = (guided_m, *scale_gain(guided_m, fit.control, inputs, folds_llr, factor))
+        guided_m = conserve(fit.extra["raw_mean"], inputs.llr, k, inputs.mask_llr, Conservation(m))
+        by_mode[Conservation(m).value] = (guided_m, *scale_gain(guided_m, fit.control, inputs, folds_llr, k))
     if len(modes) == 1:
         mode, how = Conservation(modes[0]), "given"
     else:
@@ -523,10 +523,10 @@ def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, modes:
         how = "scale-transfer gain (exact unless another mode is clearly better)"
     guided_lr, gain, std, per_fold = by_mode[mode.value]
     clearly = gain - errors * std / np.sqrt(n_folds) > 0
-    weight, weight_std, _ = blend_weight(guided_lr, fit.control, inputs, folds_llr, factor)
+    weight, weight_std, _ = blend_weight(guided_lr, fit.control, inputs, folds_llr, k)
     conservation = {"value": mode.value, "how": how,
                     "gain_by_mode": {k: float(v[1].mean()) for k, v in by_mode.items()}}
-    return {"available": True, "how": why, "folds": n_folds, "standard_errors": errors, "conservation": conservation,
+    return {"available": True, "how": why, "pooling": k, "folds": n_folds, "standard_errors": errors, "conservation": conservation,
             "gain": gain.tolist(), "gain_std": std.tolist(),
             "weight": weight.tolist(), "weight_std": weight_std.tolist(),
             "per_fold": per_fold.tolist(), "clearly_positive": clearly.tolist(),

@@ -19,7 +19,9 @@ varies with the place it covers). Where it holds too few tiles for the main fit'
 check runs with as many folds as it has pairs of tiles, down to :data:`MIN_CHECK_FOLDS`, and its
 "clearly positive" threshold grows with the fewer degrees of freedom (:func:`standard_errors`:
 the same one-sided confidence as two standard errors over the main fit's folds). Below that it is
-skipped, with the reason, and the held-out gain decides alone.
+pooled by the largest k < F that still gives :data:`MIN_CHECK_FOLDS` folds (:func:`check_pooling`:
+detail inside k × k LR pixels rather than F × F, a weaker proxy but still within pixels); only
+where no k down to 2 does is it skipped, with the reason, and the held-out gain decides alone.
 """
 
 from __future__ import annotations
@@ -73,10 +75,31 @@ def scale_check_folds(mask_lr: np.ndarray, factor: int, folds: int, tile: int = 
     return n, f"LLR grid {h} x {w} with {where}{fewer}"
 
 
-def scale_check_size(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE) -> tuple[bool, str]:
-    """(whether the LR image is large enough for the check, a sentence saying why or why not)."""
+def check_pooling(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE) -> tuple[int, int, str]:
+    """(the pooling k of the check, its folds, why): k = F where the LR pooled by F is large enough,
+    else the largest k < F whose pooled image is (0, 0 and the reason where none is, down to 2).
+
+    A pooling k < F tests detail inside k × k LR pixels rather than F × F: a weaker proxy for the
+    SR task, but one that still scores structure *inside* measured pixels, which the held-out
+    gain, the only other judge on such a small image, does not.
+    """
     n, why = scale_check_folds(mask_lr, factor, folds, tile)
-    return n > 0, why
+    if n:
+        return int(factor), n, why
+    for k in range(int(factor) - 1, 1, -1):
+        n_k, why_k = scale_check_folds(mask_lr, k, folds, tile)
+        if n_k:
+            return k, n_k, (f"pooled by {k}, not by F = {factor} (the LR image pooled by {factor} is too small): "
+                            f"{why_k}")
+    if factor > 2:
+        why += f" (and pooled by {factor - 1} down to 2 it is too small too)"
+    return 0, 0, why
+
+
+def scale_check_size(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE) -> tuple[bool, str]:
+    """(whether the LR image is large enough for the check at some pooling, a sentence saying why or why not)."""
+    k, _, why = check_pooling(mask_lr, factor, folds, tile)
+    return k > 0, why
 
 
 def standard_errors(n_folds: int, reference_folds: int, reference_errors: float) -> float:
@@ -98,23 +121,26 @@ def _pool_mask(mask_lr: np.ndarray, factor: int) -> np.ndarray:
     return counts >= factor * factor / 2
 
 
-def pool_inputs(features: np.ndarray, lr: np.ndarray, mask_lr: np.ndarray, factor: int) -> ScaleInputs:
-    """Pool the SR-grid features (D, h·F·w·F) and the LR measurement (C, h, w) once more by F.
+def pool_inputs(features: np.ndarray, lr: np.ndarray, mask_lr: np.ndarray, factor: int,
+                pooling: int | None = None) -> ScaleInputs:
+    """Pool the SR-grid features (D, h·F·w·F) by F to the LR grid and the LR measurement (C, h, w) once
+    more by ``pooling`` (default F; the LR grid is cropped to a multiple of it).
 
     LLR pixels are means over their tissue LR pixels. The pooled features are recentred and scaled
     so the leading component has unit spread, as on the SR grid (pooling shrinks it), keeping the
     components' relative scale.
     """
     f = factor
+    k = f if pooling is None else int(pooling)
     lr = np.nan_to_num(np.asarray(lr, np.float64))
     m = np.asarray(mask_lr, bool)
     rows, cols = lr.shape[1:]
-    h, w = (rows // f) * f, (cols // f) * f
+    h, w = (rows // k) * k, (cols // k) * k
     feats = np.asarray(features, np.float32).reshape(-1, rows * f, cols * f)[:, : h * f, : w * f]
     pooled = block_mean(feats.astype(np.float64), f).reshape(feats.shape[0], -1)
     pooled -= pooled.mean(axis=1, keepdims=True)
     pooled /= pooled[0].std() + 1e-6
-    llr, mask_llr, lr_c, score = pool_measurement(lr, m, f)
+    llr, mask_llr, lr_c, score = pool_measurement(lr, m, k)
     return ScaleInputs(pooled.astype(np.float32), llr.astype(np.float32), mask_llr, lr_c.astype(np.float32), score)
 
 
