@@ -96,6 +96,14 @@ below its seed spread. At F = 2 (LR 62 × 61, the 5-fold check runs) the halves 
 ions below the control by more than their seed spread by at most a few 1e-4: the guarantee holds
 there only to that precision.
 
+Smaller still (2026-12-07): on the section's four 60 × 100 crops at F = 4 (LR 15 × 25, too small
+for the check pooled by 4 even with 3 folds) the check now runs pooled by 3
+(`python benchmarks/bench_guided_crops.py`, seeds 0–2, mean over crops): with the held-out gain
+deciding, as before, SMSDL − control was RMSE +0.0005 ± 0.0001, SSIM +0.0035 ± 0.0004, R² −0.0029 ±
+0.0005 with 14.8 of 20 ions using the H&E; pooled by 3, +0.0001 ± 0.0002, +0.0022 ± 0.0003,
+−0.0007 ± 0.0008 with 5.5 ions. Closer to "never worse than the control", not there (worst crop
+R² −0.0038). No case of the table below changes (each keeps its pooling by F, or none).
+
 {guided}
 
 {guided_verdict}
