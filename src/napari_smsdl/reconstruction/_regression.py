@@ -525,7 +525,7 @@ def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, modes:
     clearly = gain - errors * std / np.sqrt(n_folds) > 0
     weight, weight_std, _ = blend_weight(guided_lr, fit.control, inputs, folds_llr, k)
     conservation = {"value": mode.value, "how": how,
-                    "gain_by_mode": {k: float(v[1].mean()) for k, v in by_mode.items()}}
+                    "gain_by_mode": {name: float(v[1].mean()) for name, v in by_mode.items()}}
     return {"available": True, "how": why, "pooling": k, "folds": n_folds, "standard_errors": errors, "conservation": conservation,
             "gain": gain.tolist(), "gain_std": std.tolist(),
             "weight": weight.tolist(), "weight_std": weight_std.tolist(),

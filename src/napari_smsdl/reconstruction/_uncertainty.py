@@ -50,6 +50,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._scale_check import _pool_mask, pool_measurement
+from .baselines.backprojection import block_mean
+from .baselines.grid import upsample_mask
 
 #: the parts of the uncertainty, in the order of the calibrated weights
 PARTS = ("spread", "noise", "structure", "histology structure")
@@ -114,8 +116,7 @@ def histology_variation(features: np.ndarray, block: int, mask: np.ndarray) -> n
     total = 0.0  # the features' whole variance over the mask: what "no variation inside pixels" is relative to
     for f in features:  # one feature at a time: no (D, H, W) float64 copy
         f = np.asarray(f, np.float64)
-        means = f.reshape(h // block, block, w // block, block).mean(axis=(1, 3))
-        out += (f - np.repeat(np.repeat(means, block, 0), block, 1)) ** 2
+        out += (f - np.repeat(np.repeat(block_mean(f, block), block, 0), block, 1)) ** 2
         total += float(f[m].var()) if m.any() else 0.0
     scale = out[m].mean() if m.any() else 0.0
     return out / scale if scale > 1e-9 * total else np.zeros_like(out)
@@ -251,16 +252,13 @@ def uncertainty_map(
     features : ndarray, shape (D, h·F·w·F) or (D, h·F, w·F), optional
         The standardised features the network saw, for the histology part (left out without them).
     """
-    from .baselines.backprojection import block_mean
-
     lr = np.nan_to_num(np.asarray(lr, np.float64))
     coef = noise_variance_model(lr, mask_lr)
     variation = features_lr = None
     if features is not None:
         rows, cols = np.shape(sr)[1:]
         grid = np.asarray(features).reshape(-1, rows, cols)
-        mask_sr = np.repeat(np.repeat(np.asarray(mask_lr, bool), factor, 0), factor, 1)
-        variation = histology_variation(grid, factor, mask_sr)
+        variation = histology_variation(grid, factor, upsample_mask(mask_lr, factor))
         features_lr = np.stack([block_mean(np.asarray(f, np.float64)[None], factor)[0] for f in grid])
     calib = calibrate(lr, mask_lr, coef, folds=folds, seed=seed, features_lr=features_lr)
     out = np.empty(np.shape(sr), np.float32)
