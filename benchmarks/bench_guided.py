@@ -319,7 +319,9 @@ def report() -> dict:
         entries.sort(key=lambda e: e["seed"])
         factor = entries[0]["factor"]
         methods = [m for m in LABELS if all(m in e["metrics"] for e in entries)]
-        summary[case] = {"factor": factor, "seeds": [e["seed"] for e in entries], "methods": {}}
+        summary[case] = {"factor": factor, "seeds": [e["seed"] for e in entries], "methods": {},
+                         # SMSDL re-run alone after a change: its ablation rows are from the run before
+                         "smsdl_rerun": sorted({e["smsdl_rerun"] for e in entries if "smsdl_rerun" in e})}
         for m in methods:
             stats = {k: _mean_std([e["metrics"][m][k]["mean"] for e in entries]) for k in METRICS}
             stats["seconds"] = _mean_std([e["metrics"][m]["seconds"] for e in entries])

@@ -67,10 +67,9 @@ def test_fallback_triggers_on_noise_and_not_on_a_channel_the_features_explain():
     g = result.guidance
     assert g.used_histology == [True, False], g.to_dict()
     assert g.gain[0] > 0.2 and g.gain[1] < g.gain[0]
-    # too small for the scale-transfer check pooled by F = 4 (6 x 6 LLR pixels, 4 tiles): it runs pooled by 3
-    # (8 x 8, 4 folds) and makes the decisions
+    # the scale-transfer check runs pooled by 2, not by F = 4 (12 x 12 LLR pixels, 16 tiles: 5 folds), and decides
     check = result.choices["scale_transfer"]
-    assert check["available"] and check["pooling"] == 3 and check["folds"] == 4
+    assert check["available"] and check["pooling"] == 2 and check["folds"] == 5
     assert check["clearly_positive"] == [True, False]
     assert result.choices["conservation"]["how"] == check["conservation"]["how"]
     assert result.guidance.fell_back == [1]
@@ -213,14 +212,17 @@ def test_fallback_on_the_sample_uses_the_colour_explained_ion_and_not_noise():
     assert g["scale_gain"][0] > 0.3 and g["scale_gain"][1] < g["scale_gain"][0]
 
 
-def test_the_check_pools_by_less_than_f_where_the_lr_pooled_by_f_is_too_small():
+def test_the_check_pools_by_2_at_every_factor_and_is_skipped_where_that_is_too_small():
     from napari_smsdl.reconstruction._scale_check import check_pooling, pool_inputs
 
-    assert check_pooling(np.ones((32, 32), bool), 4, folds=5)[:2] == (4, 4)  # by F where it can
-    k, n, why = check_pooling(np.ones((15, 25), bool), 4, folds=5)  # by 4: 3 x 6, 2 tiles; by 3: 5 x 8, 6 tiles
-    assert (k, n) == (3, 3) and "pooled by 3, not by F = 4" in why
+    k, n, why = check_pooling(np.ones((32, 32), bool), 4, folds=5)  # by 2: 16 x 16, 36 tiles (by 4 it would run too)
+    assert (k, n) == (2, 5) and "pooled by 2, not by F = 4" in why
+    k, n, why = check_pooling(np.ones((32, 32), bool), 2, folds=5)
+    assert (k, n) == (2, 5) and "not by F" not in why
+    k, n, why = check_pooling(np.ones((15, 25), bool), 4, folds=5)  # by 2: 7 x 12, 12 tiles (by 4: 3 x 6, 2 tiles)
+    assert (k, n) == (2, 5)
     k, n, why = check_pooling(np.ones((8, 8), bool), 4, folds=5)  # by 2: 4 x 4, 4 tiles: too few for 3 folds
-    assert (k, n) == (0, 0) and "down to 2" in why and "held-out gain decides alone" in why
+    assert (k, n) == (0, 0) and "pooled by 2" in why and "held-out gain decides alone" in why
     fields, lr = _explained_and_noise(4, 15, 25)
     inputs = pool_inputs(fields.reshape(6, -1), lr, np.ones((15, 25), bool), 4, 3)
     # the features go to the LR grid (by F), the measurement once more by 3, both cropped to a multiple of 3

@@ -22,7 +22,7 @@ itself, on spatially blocked folds of the LR tissue pixels (:mod:`._heldout`):
   conserved the same way) — so a network's mere smoothing of noise is not credited to the H&E.
   The gain over the control itself is recorded too;
 * per channel, the **scale-transfer gain** (:mod:`._scale_check`): the same fit one scale up
-  (LR pooled by F → LR), scored against the measured LR pixels, over the control — the one check
+  (LR pooled by 2 → LR), scored against the measured LR pixels, over the control — the one check
   that sees the detail drawn inside a pixel. Where it ran, it decides: a channel whose scale-transfer
   gain is not clearly positive (mean minus two standard errors over folds ≤ 0) outputs the H&E-free
   control (bicubic + back-projection; ``fallback``); a channel that uses the histology outputs the

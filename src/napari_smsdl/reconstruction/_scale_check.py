@@ -3,9 +3,9 @@
 The held-out folds (:mod:`._heldout`) score predictions across a gap at the LR scale, so they say
 how well a model interpolates between measured pixels, not whether the structure it draws within
 a pixel is right. Scale transfer tests exactly that, on a real target: pool the measured LR image
-once more by F (LR → LLR, block means over tissue), pool the SR-grid features to the LR grid the
-same way, run the same SMSDL fit and the same H&E-free control LLR → LR, and score both against
-the measured LR pixels, which neither method saw (they only saw their F × F means). That is the SR
+once more, by k = 2 (LR → LLR, block means over tissue), pool the SR-grid features to the LR grid
+by F, run the same SMSDL fit and the same H&E-free control LLR → LR, and score both against the
+measured LR pixels, which neither method saw (they only saw their k × k means). That is an SR
 task one scale up; per channel, the scale-transfer gain is 1 − MSE(SMSDL) / MSE(control).
 
 Its uncertainty comes from the LLR fit's own spatially blocked folds: the gain is computed on the
@@ -18,10 +18,14 @@ must hold at least two fold tiles per fold (:func:`scale_check_size`, the condit
 varies with the place it covers). Where it holds too few tiles for the main fit's folds, the
 check runs with as many folds as it has pairs of tiles, down to :data:`MIN_CHECK_FOLDS`, and its
 "clearly positive" threshold grows with the fewer degrees of freedom (:func:`standard_errors`:
-the same one-sided confidence as two standard errors over the main fit's folds). Below that it is
-pooled by the largest k < F that still gives :data:`MIN_CHECK_FOLDS` folds (:func:`check_pooling`:
-detail inside k × k LR pixels rather than F × F, a weaker proxy but still within pixels); only
-where no k down to 2 does is it skipped, with the reason, and the held-out gain decides alone.
+the same one-sided confidence as two standard errors over the main fit's folds).
+
+The measurement is pooled by :data:`CHECK_POOLING` = 2, not by F (:func:`check_pooling`): the check
+then tests detail inside 2 × 2 LR pixels rather than F × F, a weaker proxy for the SR task at F > 2,
+but it scores F² / 4 times more pixels, and a decision per channel made on few pixels has little
+power: it falls back wherever the gain is not large. It is also the task the uncertainty is calibrated on
+(:mod:`._uncertainty`). Only where the LR pooled by 2 is too small is the check skipped, with the
+reason, and the held-out gain decides alone.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class ScaleInputs:
 #: The fewest folds the check runs with: two folds leave one degree of freedom for the spread of
 #: the fold gains, which cannot say "clearly positive" with any useful confidence.
 MIN_CHECK_FOLDS = 3
+#: the pooling of the check: the smallest, with the most pixels to decide on (see the module notes)
+CHECK_POOLING = 2
 
 
 def scale_check_folds(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE) -> tuple[int, str]:
@@ -76,24 +82,16 @@ def scale_check_folds(mask_lr: np.ndarray, factor: int, folds: int, tile: int = 
 
 
 def check_pooling(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE) -> tuple[int, int, str]:
-    """(the pooling k of the check, its folds, why): k = F where the LR pooled by F is large enough,
-    else the largest k < F whose pooled image is (0, 0 and the reason where none is, down to 2).
+    """(the pooling k of the check, its folds, why): k = :data:`CHECK_POOLING` where the LR pooled by it
+    is large enough for :data:`MIN_CHECK_FOLDS` folds, else (0, 0 and the reason).
 
-    A pooling k < F tests detail inside k × k LR pixels rather than F × F: a weaker proxy for the
-    SR task, but one that still scores structure *inside* measured pixels, which the held-out
-    gain, the only other judge on such a small image, does not.
+    ``factor`` (F) only words the reason: the pooling is the same at every F (see the module notes).
     """
-    n, why = scale_check_folds(mask_lr, factor, folds, tile)
-    if n:
-        return int(factor), n, why
-    for k in range(int(factor) - 1, 1, -1):
-        n_k, why_k = scale_check_folds(mask_lr, k, folds, tile)
-        if n_k:
-            return k, n_k, (f"pooled by {k}, not by F = {factor} (the LR image pooled by {factor} is too small): "
-                            f"{why_k}")
-    if factor > 2:
-        why += f" (and pooled by {factor - 1} down to 2 it is too small too)"
-    return 0, 0, why
+    k = min(CHECK_POOLING, int(factor))
+    n, why = scale_check_folds(mask_lr, k, folds, tile)
+    if n and k != factor:
+        why = f"pooled by {k}, not by F = {factor} (the most pixels): {why}"
+    return (k, n, why) if n else (0, 0, why)
 
 
 def scale_check_size(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE) -> tuple[bool, str]:
