@@ -12,7 +12,7 @@ Its uncertainty comes from the LLR fit's own spatially blocked folds: the gain i
 LR pixels under each fold's LLR pixels, and the spread of those fold gains is its standard
 deviation — the same statistic as the held-out gain's, so both are judged by one criterion.
 
-The pooled image is F² times smaller, so the check needs a large enough LR image: the LLR tissue
+The pooled image is k² = 4 times smaller, so the check needs a large enough LR image: the LLR tissue
 must hold at least two fold tiles per fold (:func:`scale_check_size`, the condition under which
 :func:`._heldout.blocked_folds` deals tiles rather than single pixels, so a fold's gain still
 varies with the place it covers). Where it holds too few tiles for the main fit's folds, the
