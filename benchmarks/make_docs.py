@@ -143,7 +143,14 @@ fallback-rule table below (the forced study) scores the check as it was, pooled 
   0.0002; RMSE equal to 4 decimals, R² within 0.0002. With the check pooled by F the three were
   within seed noise (SSIM +0.0010 and +0.0001 for the ViT, seed std 0.0025–0.0036). The
   multi-level features do not earn their keep over colour on noisy ion images: colour does
-  slightly better.
+  slightly better. **Block masking**: SimMIM's masking as published for ViTs (60 % of the window in
+  random 2 × 2-token blocks, `FeatureParams(mask_ratio=0.6, mask_block_tokens=2)`, which a masked
+  token cannot fill in from its neighbours' colour; the same 150 steps), SMSDL only, seeds 0–2
+  (2026-12-07, `benchmarks/results/guided_block_mask/`): bladder F = 4 SSIM 0.4017 ± 0.0002, margin
+  over the control +0.0022 ± 0.0002 (per-token masking: the same), still below colour-only; on the
+  cerebellum at F = 4, where the histology matters, 0.619 ± 0.029 against 0.635 ± 0.008 (seeds 1
+  and 2 0.638 and 0.632 vs 0.636 and 0.643; on seed 0 the held-out gain dropped UMAP 0, 0.586 vs
+  0.627). It is not the default; the option stays for longer (GPU) training.
 - **Cerebellum UMAP, F = 2: SMSDL ties the control on SSIM and still loses on RMSE and R², by
   less** (RMSE +0.0002 ± 0.0003, SSIM +0.0000 ± 0.0002, R² −0.0004 ± 0.0006; before the blend
   weight +0.0004, −0.0002, −0.0009; with the held-out rule +0.0013, −0.0027, −0.0041).

@@ -55,6 +55,23 @@ def test_features_shape_training_and_cache_hit(crop, features):
     assert not extract_features(crop[0], sr_shape=(64, 64), factor=4, params=other, cache_dir=cache).from_cache
 
 
+def test_simmim_masks_square_blocks_of_tokens():
+    """The published SimMIM masking: a fixed share of the window in 2 x 2-token blocks, fresh per sample."""
+    import torch
+
+    from napari_smsdl.features._vit import WINDOW_TOKENS, block_mask
+
+    mask = block_mask(4, 0.6, 2, torch.Generator().manual_seed(0)).reshape(4, WINDOW_TOKENS, WINDOW_TOKENS)
+    blocks = mask[:, ::2, ::2]
+    assert torch.equal(mask, blocks.repeat_interleave(2, 1).repeat_interleave(2, 2))  # whole blocks only
+    assert (blocks.reshape(4, -1).sum(1) == round(0.6 * 64)).all()  # the same count in every sample
+    assert not torch.equal(mask[0], mask[1])
+    again = block_mask(4, 0.6, 2, torch.Generator().manual_seed(0)).reshape(4, WINDOW_TOKENS, WINDOW_TOKENS)
+    assert torch.equal(mask, again)  # seeded
+    single = block_mask(2, 0.5, 1, torch.Generator().manual_seed(0))  # the default: tokens one by one
+    assert torch.equal(single, torch.rand(2, WINDOW_TOKENS**2, generator=torch.Generator().manual_seed(0)) < 0.5)
+
+
 def test_cellular_features_follow_the_image(crop, features):
     """Cells with different H&E have different features: no constant or patch-grid output."""
     fm, _ = features
