@@ -4,9 +4,8 @@ Each crop (MSI rows 0–59 / 60–119, columns 0–99 / 100–199 of ``../shared
 with its optical image) has an LR of 15 × 25 at F = 4: pooled by 4 it holds 2 fold tiles, too few
 for even a 3-fold scale-transfer check. Two rules decide per ion whether SMSDL uses the H&E there:
 
-* ``pooled`` (the default): the scale-transfer check as the code runs it. Measured on 2026-12-07
-  pooled by the largest k < F that left enough tiles (k = 3 here: LLR 5 × 8, 3 folds); since then
-  the check is pooled by 2 at every F (LLR 7 × 12, 5 folds), not re-run here;
+* ``pooled`` (the default): the scale-transfer check as the code runs it, pooled by 2 at every F
+  (LLR 7 × 12, 5 folds; re-run 2026-12-07; the earlier pooling by 3 is quoted in the docs);
 * ``held-out``: the check only at k = F (so never here), the held-out gain deciding.
 
 Seeds 0–2, the protocol of ``bench_guided.py`` (SMSDL and the control). Appends one JSON line per

@@ -1,8 +1,8 @@
 """The bladder section cut in two halves, as cases nothing was tuned on: SMSDL vs the H&E-free control per ion.
 
 The left half (MSI columns 0–121) and the right half (122–243) of ``../shared/data/mouse-bladder-dev``,
-each with its optical image, at F = 2 and 4 (LR 62 × 61 / 31 × 30: at F = 4 the LR pooled by F holds
-9 tiles, fewer than the 10 a 5-fold scale-transfer check needs), seeds 0–2, the protocol of
+each with its optical image, at F = 2 and 4 (LR 62 × 61 / 31 × 30; the scale-transfer check pools
+the LR by 2 at every F, 5 folds here), seeds 0–2, the protocol of
 ``bench_guided.py`` (SMSDL, the control and bicubic only). Writes
 ``benchmarks/results/guided_halves/<case>_s<seed>.json`` (skipped when there) and prints, per case,
 SMSDL − control (mean ± std over seeds), the ions using the H&E and how many ions fall below the
@@ -26,10 +26,11 @@ import bench_guided as guided  # noqa: E402
 
 OUT = HERE / "results" / "guided_halves"
 HALF_COLS = 122  # of 244 MSI columns; 4 optical columns per MSI column
+_load_whole = guided.load_case  # main() points guided.load_case at load_half, which reads through this
 
 
 def load_half(name: str):
-    truth, he, factor, truth_px, he_px, names = guided.load_case("bladder" + name[-1])
+    truth, he, factor, truth_px, he_px, names = _load_whole("bladder" + name[-1])
     k = he.shape[1] // truth.shape[2]
     if "left" in name:
         return truth[:, :, :HALF_COLS], he[:, : HALF_COLS * k], factor, truth_px, he_px, names
