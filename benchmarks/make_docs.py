@@ -376,7 +376,9 @@ def _guided_verdict() -> str:
         line = f"- **{case[:-1]}, F = {entry['factor']}**: SMSDL beats " + "; ".join(said) + "."
         for key, what in (("smsdl_colour", "colour-only features"), ("smsdl_random_vit", "random ViT weights")):
             if key in m:
-                line += f" Self-supervised ViT features vs {what}: SSIM {m['smsdl']['ssim'][0] - m[key]['ssim'][0]:+.4f}."
+                diff = {k: m["smsdl"][k][0] - m[key][k][0] for k in label}
+                line += (f" Self-supervised ViT features vs {what}: RMSE {diff['rmse']:+.4f}, SSIM {diff['ssim']:+.4f}, "
+                         f"R² {diff['r2']:+.4f}.")
         if entry.get("smsdl_rerun") and ("smsdl_colour" in m or "smsdl_random_vit" in m):
             line += " (SMSDL was re-run since, the ablations not: not like-for-like differences.)"
         lines.append(line)

@@ -144,6 +144,13 @@ def test_fallback_summary_names_the_channels_that_use_the_control():
     many = {"used_histology": [False] * 25}
     assert fallback_summary(many, [f"c{i}" for i in range(25)]).endswith("c19 and 5 more")
     assert fallback_summary(None, ["a"]) is None and fallback_summary({}, ["a"]) is None
+    # a decision the scale-transfer check could not make is flagged; one it made is not
+    mz = (700.1, 800.2, 900.3)
+    weak = fallback_summary({**GUIDANCE, "decided_by": "held_out"}, ["a", "b", "c"], mz=mz)
+    assert weak.startswith(text) and "held-out gain alone" in weak and "may still be worse than the control" in weak
+    assert fallback_summary({**GUIDANCE, "decided_by": "scale_transfer"}, ["a", "b", "c"], mz=mz) == text
+    assert "held-out" not in fallback_summary({**GUIDANCE, "used_histology": [False] * 3, "decided_by": "held_out"},
+                                              ["a", "b", "c"])  # every channel is the control: nothing to caution
 
 
 def test_guidance_cells_per_channel_and_summary():

@@ -95,6 +95,7 @@ def test_a_channel_never_detected_stays_zero_even_when_the_histology_is_forced()
         # 6 x 6 LLR pixels pooled by F = 2, too few for any check: held-out pixels choose, exact or none only
         assert not result.choices["scale_transfer"]["available"]
         assert "exact or none" in result.choices["conservation"]["how"]
+        assert g.to_dict()["decided_by"] == ("held_out" if fallback else "forced")  # the summary cautions on it
         assert result.sr[0].std() > 0  # the detected ion is reconstructed as before
 
 
@@ -177,7 +178,8 @@ def test_scale_transfer_gain_is_deterministic_and_separates_explained_from_noise
     inp = a.choices["network_input"]
     assert inp["how"].startswith("scale-transfer") and inp["scale_gain"][inp["value"]] == max(inp["scale_gain"].values())
     assert set(inp["held_out_mse"]) == {f"{inp['value']}, {m}" for m in ("exact", "smooth", "none")}
-    assert set(ga) == {"gain", "gain_std", "used_histology", "scale_gain", "scale_gain_std", "weight"}
+    assert set(ga) == {"gain", "gain_std", "used_histology", "scale_gain", "scale_gain_std", "weight", "decided_by"}
+    assert ga["decided_by"] == "scale_transfer"
     # the conservation is chosen one scale up too, where every LLR mean is known as every LR mean is
     cons, check_cons = a.choices["conservation"], a.choices["scale_transfer"]["conservation"]
     assert cons["value"] == check_cons["value"] and cons["how"] == check_cons["how"]

@@ -485,6 +485,9 @@ def _record_guidance(out, per_chunk: dict, n_ch: int) -> None:
     for c0 in sorted(chunks):
         for key in guidance:
             guidance[key] += chunks[c0]["guidance"][key]
+    decided = {chunks[c0]["guidance"].get("decided_by") for c0 in chunks}
+    if len(decided) == 1 and None not in decided:  # the same for every chunk (the tissue mask decides it)
+        guidance["decided_by"] = decided.pop()
     if len(guidance["gain"]) != n_ch:
         raise RuntimeError(f"guidance for {len(guidance['gain'])} of {n_ch} channels")
     zarr.open_group(str(out), mode="r+").attrs.update(

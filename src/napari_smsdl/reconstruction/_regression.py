@@ -124,6 +124,10 @@ class Guidance:
     #: the share of SMSDL's detail over the control in the output (0 on channels that fell back;
     #: the scale-transfer blend weight where that check ran, else 1)
     weight: list | None = None
+    #: what decided which channels use the histology: ``"scale_transfer"`` (the check of the detail
+    #: inside a pixel), ``"held_out"`` (the LR image is too small for that check: the held-out gain,
+    #: which scores predictions between pixels, a weaker test) or ``"forced"`` (no fallback)
+    decided_by: str | None = None
 
     def to_dict(self) -> dict:
         out = {"gain": [float(g) for g in self.gain], "gain_std": [float(s) for s in self.gain_std],
@@ -133,6 +137,8 @@ class Guidance:
             out["scale_gain_std"] = [float(s) for s in self.scale_gain_std]
         if self.weight is not None:
             out["weight"] = [float(w) for w in self.weight]
+        if self.decided_by is not None:
+            out["decided_by"] = self.decided_by
         return out
 
     @property
@@ -444,7 +450,9 @@ def fit_guided(
     # weight is clearly positive), so the scale gain decides which channels use the histology at all
     weight = np.clip(check["weight"], 0.0, 1.0) if scale_gain is not None and params.fallback else np.ones(n_ch)
     weight = np.where(used, weight, 0.0)
-    guidance = Guidance(gain.tolist(), gain_std.tolist(), used.tolist(), scale_gain, scale_std, weight.tolist())
+    decided_by = "forced" if not params.fallback else ("scale_transfer" if scale_gain is not None else "held_out")
+    guidance = Guidance(gain.tolist(), gain_std.tolist(), used.tolist(), scale_gain, scale_std, weight.tolist(),
+                        decided_by)
     w3 = weight[:, None, None]
     sr = np.where(w3 == 1.0, guided, np.where(w3 == 0.0, control, control + w3 * (guided - control))).astype(np.float32)
     spread = np.where(used[:, None, None], weight[:, None, None] * np.sqrt(m2 / (n_folds - 1)),
