@@ -149,6 +149,8 @@ def test_fallback_summary_names_the_channels_that_use_the_control():
     weak = fallback_summary({**GUIDANCE, "decided_by": "held_out"}, ["a", "b", "c"], mz=mz)
     assert weak.startswith(text) and "held-out gain alone" in weak and "may still be worse than the control" in weak
     assert fallback_summary({**GUIDANCE, "decided_by": "scale_transfer"}, ["a", "b", "c"], mz=mz) == text
+    small = fallback_summary({**GUIDANCE, "decided_by": "scale_transfer_per_pixel"}, ["a", "b", "c"], mz=mz)
+    assert small.startswith(text) and "single-pixel folds" in small
     assert "held-out" not in fallback_summary({**GUIDANCE, "used_histology": [False] * 3, "decided_by": "held_out"},
                                               ["a", "b", "c"])  # every channel is the control: nothing to caution
 

@@ -92,11 +92,28 @@ def test_a_channel_never_detected_stays_zero_even_when_the_histology_is_forced()
         g = result.guidance
         assert g.used_histology[1] is False and g.gain[1] == 0.0 and g.weight[1] == 0.0, g.to_dict()
         assert not np.any(result.sr[1]) and result.choices["constant_channels"] == 1
-        # 6 x 6 LLR pixels pooled by F = 2, too few for any check: held-out pixels choose, exact or none only
-        assert not result.choices["scale_transfer"]["available"]
+        # 6 x 6 LLR pixels pooled by 2, too few tiles for blocked folds: held-out pixels choose the conservation
+        # (exact or none only) and the input; the check runs on single-pixel folds for the per-channel decision
+        check = result.choices["scale_transfer"]
+        assert check["available"] and check["per_pixel_folds"] and check["conservation"]["how"] == "given"
         assert "exact or none" in result.choices["conservation"]["how"]
-        assert g.to_dict()["decided_by"] == ("held_out" if fallback else "forced")  # the summary cautions on it
+        assert result.choices["network_input"]["how"].startswith("held-out error")
+        assert g.to_dict()["decided_by"] == ("scale_transfer_per_pixel" if fallback else "forced")
         assert result.sr[0].std() > 0  # the detected ion is reconstructed as before
+
+
+def test_a_small_image_is_decided_on_single_pixel_folds_and_a_tiny_one_by_the_held_out_gain():
+    """LR 12 x 12 at F = 2 (LLR 6 x 6: 4 tiles, too few to block): the check on single-pixel folds uses the
+    explained channel and drops the noise; LR 4 x 4 (LLR 2 x 2) is too small for any check."""
+    fields, lr = _explained_and_noise(2, 12, 12)
+    params = RegressionParams(hidden=16, steps=100, patience=50, folds=3, pca_dims=4, seed=0)
+    result = train_regression(fields, lr, 2, mask_lr=np.ones((12, 12), bool), params=params)
+    g = result.guidance.to_dict()
+    assert g["decided_by"] == "scale_transfer_per_pixel" and g["used_histology"] == [True, False], g
+    assert g["scale_gain"][0] > 0.1 and g["weight"][1] == 0.0
+    assert "per-pixel folds" in result.choices["scale_transfer"]["how"]
+    tiny = train_regression(fields[:, :8, :8], lr[:, :4, :4], 2, mask_lr=np.ones((4, 4), bool), params=params)
+    assert not tiny.choices["scale_transfer"]["available"] and tiny.guidance.to_dict()["decided_by"] == "held_out"
 
 
 def _explained_and_noise(factor: int, rows: int, cols: int, seed: int = 0):
@@ -225,6 +242,11 @@ def test_the_check_pools_by_2_at_every_factor_and_is_skipped_where_that_is_too_s
     assert (k, n) == (2, 5)
     k, n, why = check_pooling(np.ones((8, 8), bool), 4, folds=5)  # by 2: 4 x 4, 4 tiles: too few for 3 folds
     assert (k, n) == (0, 0) and "pooled by 2" in why and "held-out gain decides alone" in why
+    # ... but 16 pixels: enough for 5 folds of single pixels, when the caller accepts those
+    k, n, why = check_pooling(np.ones((8, 8), bool), 4, folds=5, per_pixel=True)
+    assert (k, n) == (2, 5) and "per-pixel folds" in why and "16 tissue pixels" in why
+    k, n, why = check_pooling(np.ones((5, 5), bool), 2, folds=5, per_pixel=True)  # 2 x 2: 4 pixels, 6 needed
+    assert (k, n) == (0, 0) and "held-out gain decides alone" in why
     fields, lr = _explained_and_noise(4, 15, 25)
     inputs = pool_inputs(fields.reshape(6, -1), lr, np.ones((15, 25), bool), 4, 3)
     # the features go to the LR grid (by F), the measurement once more by 3, both cropped to a multiple of 3

@@ -62,9 +62,12 @@ def fallback_summary(guidance: dict | None, channel_names: Sequence[str], mz: Se
     fell = [channel_label(i, channel_names, mz) if i < n else f"channel {i}" for i, u in enumerate(used) if not u]
     head = f"SMSDL used the H&E on {len(used) - len(fell)} of {len(used)} channels"
     # where the LR image was too small for the check of the detail inside a pixel, say that the decision is weaker
-    caution = ("" if guidance.get("decided_by") != "held_out" or len(fell) == len(used) else
-               " (decided by the held-out gain alone: the MSI is too small for the scale-transfer check of the "
-               "detail inside a pixel, so a channel that uses the H&E may still be worse than the control)")
+    cautions = {"held_out": " (decided by the held-out gain alone: the MSI is too small for the scale-transfer "
+                            "check of the detail inside a pixel, so a channel that uses the H&E may still be worse "
+                            "than the control)",
+                "scale_transfer_per_pixel": " (the MSI is small: the scale-transfer check ran on single-pixel folds, "
+                                            "a decision on few pixels)"}
+    caution = "" if len(fell) == len(used) else cautions.get(guidance.get("decided_by"), "")
     if not fell:
         return head + "; no channel fell back to the H&E-free control" + caution
     shown = ", ".join(fell[:max_named]) + (f" and {len(fell) - max_named} more" if len(fell) > max_named else "")

@@ -28,9 +28,11 @@ itself, on spatially blocked folds of the LR tissue pixels (:mod:`._heldout`):
   control (bicubic + back-projection; ``fallback``); a channel that uses the histology outputs the
   blend control + w · (SMSDL − control), w the least-squares weight of that blend against the
   measured LR pixels in the same check, clipped to [0, 1] (the share of SMSDL's detail that points
-  towards the measurement). Where the LR image is too small for it, the held-out gain decides by
-  the same criterion and a used channel keeps all of SMSDL's detail. The result says which channels
-  fell back and each channel's weight.
+  towards the measurement). Where the LR pooled by 2 holds too few tiles for blocked folds, the
+  check runs on single-pixel folds for this decision and weight only (the input and conservation
+  are then the held-out folds' choice); where it is too small even for that, the held-out gain
+  decides by the same criterion and a used channel keeps all of SMSDL's detail. The result says
+  which channels fell back, each channel's weight and what decided (``Guidance.decided_by``).
 
 Under torchrun (a torch.distributed process group of N > 1 processes) each fold network's training
 pixels are sharded across ranks and DistributedDataParallel averages the gradients; every rank ends
@@ -52,7 +54,15 @@ from ..errors import Cancelled, InputError
 from ..io import tissue_mask
 from ..torch_setup import get_device
 from ._heldout import blocked_folds, choose_pca_dims, held_out_mse
-from ._scale_check import blend_weight, check_pooling, pool_inputs, scale_check_size, scale_gain, standard_errors
+from ._scale_check import (
+    PER_PIXEL_FOLDS,
+    blend_weight,
+    check_pooling,
+    pool_inputs,
+    scale_check_size,
+    scale_gain,
+    standard_errors,
+)
 from ._uncertainty import uncertainty_map
 from .baselines.backprojection import Conservation, block_mean, conserve
 
@@ -125,8 +135,9 @@ class Guidance:
     #: the scale-transfer blend weight where that check ran, else 1)
     weight: list | None = None
     #: what decided which channels use the histology: ``"scale_transfer"`` (the check of the detail
-    #: inside a pixel), ``"held_out"`` (the LR image is too small for that check: the held-out gain,
-    #: which scores predictions between pixels, a weaker test) or ``"forced"`` (no fallback)
+    #: inside a pixel), ``"scale_transfer_per_pixel"`` (that check on single-pixel folds: a small LR
+    #: image), ``"held_out"`` (too small even for that: the held-out gain, which scores predictions
+    #: between pixels, a weaker test) or ``"forced"`` (no fallback)
     decided_by: str | None = None
 
     def to_dict(self) -> dict:
@@ -325,7 +336,8 @@ def fit_guided(
     inputs = list(NETWORK_INPUTS) if params.network_input == "auto" else [params.network_input]
     input_choice = {"value": inputs[0], "how": "given"}
     modes = [Conservation(params.conservation)] if params.conservation != "auto" else list(Conservation)
-    if len(inputs) > 1 and scale_check and scale_check_size(mask_lr, factor, params.folds)[0]:
+    blocked_check = scale_check and scale_check_size(mask_lr, factor, params.folds)[0]
+    if len(inputs) > 1 and blocked_check:
         # the held-out folds favour the features: inside a held-out tile the bicubic input is extrapolated
         # from the tile's edge, which the SR task never asks of it; one scale up both inputs see what
         # they see there, and the within-pixel detail is scored on real pixels
@@ -391,11 +403,10 @@ def fit_guided(
     held_out_by_input = {f"{a}, {b}": float(v.mean()) for (a, b), v in err.items()}
     err = {b: v for (a, b), v in err.items() if a == inp}  # the chosen input's, per conservation mode
     check = None
-    if scale_check:
+    if scale_check and (reuse_check is not None or blocked_check):
         check = reuse_check if reuse_check is not None else _scale_transfer(
             feats, lr, factor, mask_lr, dataclasses.replace(params, network_input=inp), modes, device=str(dev),
             progress=progress, should_stop=should_stop, distributed=distributed)
-        choices["scale_transfer"] = check
     if len(modes) == 1:
         mode, mode_how = modes[0], "given"
     elif check is not None and check["available"]:
@@ -408,10 +419,21 @@ def fit_guided(
         # either from none
         mode = _choose_conservation({k: v for k, v in err.items() if k != Conservation.SMOOTH.value})
         mode_how = "held-out error, exact or none (held-out pixels cannot tell exact from smooth back-projection)"
+    if scale_check and check is None:
+        # too few pooled tiles for blocked folds: the check on single-pixel folds. Its gain is as valid (the
+        # scored LR pixels are unseen, only their means), its fold spread optimistic (no region is replicated),
+        # so it judges only what the held-out pixels cannot: the detail inside a pixel, per channel (use and
+        # weight); the input and the conservation keep the held-out choice above
+        check = _scale_transfer(feats, lr, factor, mask_lr, dataclasses.replace(params, network_input=inp), [mode],
+                                device=str(dev), progress=progress, should_stop=should_stop, distributed=distributed,
+                                per_pixel=True)
+    if scale_check:
+        choices["scale_transfer"] = check
     mean, m2 = stats[inp]
     history = histories[inp]
     if len(inputs) > 1:
-        input_choice = {"value": inp, "how": "held-out error (the LR image is too small for the scale-transfer check)"}
+        input_choice = {"value": inp, "how": "held-out error (the LR image is too small for the scale-transfer check on blocked "
+                                            "folds)"}
     choices["network_input"] = {**input_choice, "held_out_mse": held_out_by_input}
     choices["conservation"] = {"value": mode.value, "how": mode_how,
                                "held_out_mse": {k: float(v.mean()) for k, v in err.items()}}
@@ -450,7 +472,8 @@ def fit_guided(
     # weight is clearly positive), so the scale gain decides which channels use the histology at all
     weight = np.clip(check["weight"], 0.0, 1.0) if scale_gain is not None and params.fallback else np.ones(n_ch)
     weight = np.where(used, weight, 0.0)
-    decided_by = "forced" if not params.fallback else ("scale_transfer" if scale_gain is not None else "held_out")
+    decided_by = "forced" if not params.fallback else "held_out" if scale_gain is None else \
+        "scale_transfer_per_pixel" if check.get("per_pixel_folds") else "scale_transfer"
     guidance = Guidance(gain.tolist(), gain_std.tolist(), used.tolist(), scale_gain, scale_std, weight.tolist(),
                         decided_by)
     w3 = weight[:, None, None]
@@ -494,7 +517,7 @@ def _decide(held_out_clear: np.ndarray, scale_clear: list | None) -> np.ndarray:
 
 
 def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, modes: list, *, device, progress,
-                    should_stop, distributed) -> dict:
+                    should_stop, distributed, per_pixel: bool = False) -> dict:
     """The scale-transfer check (:mod:`._scale_check`): the same fit LLR → LR, scored on the measured LR.
 
     The LLR fit has F² fewer pixels; its batch is F² times smaller so a step covers the same share
@@ -502,9 +525,10 @@ def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, modes:
     components, so only the scale differs. Its raw prediction is conserved to the LLR means by each
     of ``modes``; exact conservation (the control's) is kept unless another mode's gain, mean over
     channels, is clearly larger over the folds, and the gains, weights and decisions returned are
-    those of the mode kept (``conservation`` says which and why).
+    those of the mode kept (``conservation`` says which and why). ``per_pixel``: single-pixel folds
+    where the pooled tissue holds too few tiles for blocked ones (``per_pixel_folds`` in the result).
     """
-    k, n_folds, why = check_pooling(mask_lr, factor, params.folds)
+    k, n_folds, why = check_pooling(mask_lr, factor, params.folds, per_pixel=per_pixel)
     if not n_folds:
         log.info("scale-transfer check skipped: %s", why)
         return {"available": False, "reason": why}
@@ -534,7 +558,8 @@ def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, modes:
     weight, weight_std, _ = blend_weight(guided_lr, fit.control, inputs, folds_llr, k)
     conservation = {"value": mode.value, "how": how,
                     "gain_by_mode": {name: float(v[1].mean()) for name, v in by_mode.items()}}
-    return {"available": True, "how": why, "pooling": k, "folds": n_folds, "standard_errors": errors, "conservation": conservation,
+    return {"available": True, "how": why, "pooling": k, "folds": n_folds, "per_pixel_folds": PER_PIXEL_FOLDS in why,
+            "standard_errors": errors, "conservation": conservation,
             "gain": gain.tolist(), "gain_std": std.tolist(),
             "weight": weight.tolist(), "weight_std": weight_std.tolist(),
             "per_fold": per_fold.tolist(), "clearly_positive": clearly.tolist(),

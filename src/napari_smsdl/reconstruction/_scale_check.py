@@ -20,12 +20,20 @@ check runs with as many folds as it has pairs of tiles, down to :data:`MIN_CHECK
 "clearly positive" threshold grows with the fewer degrees of freedom (:func:`standard_errors`:
 the same one-sided confidence as two standard errors over the main fit's folds).
 
+Where the LLR tissue holds too few tiles even for that, the check can run on single-pixel folds
+(``check_pooling(..., per_pixel=True)``, at least :data:`MIN_CHECK_FOLDS` folds of two pixels). Its
+gain is as valid: the ensemble's prediction is scored on LR pixels it never saw, only their means,
+and the folds only split the scored pixels. Its fold spread is optimistic, though: interleaved
+pixels do not replicate regions. The regression therefore uses it only for what the held-out pixels
+cannot judge at all, the per-channel use and blend weight, and keeps the held-out choice of the
+network input and the conservation.
+
 The measurement is pooled by :data:`CHECK_POOLING` = 2, not by F (:func:`check_pooling`): the check
 then tests detail inside 2 × 2 LR pixels rather than F × F, a weaker proxy for the SR task at F > 2,
 but it scores F² / 4 times more pixels, and a decision per channel made on few pixels has little
 power: it falls back wherever the gain is not large. It is also the task the uncertainty is calibrated on
-(:mod:`._uncertainty`). Only where the LR pooled by 2 is too small is the check skipped, with the
-reason, and the held-out gain decides alone.
+(:mod:`._uncertainty`). Only where the LR pooled by 2 is too small even for single-pixel folds is
+the check skipped, with the reason, and the held-out gain decides alone.
 """
 
 from __future__ import annotations
@@ -60,6 +68,8 @@ class ScaleInputs:
 MIN_CHECK_FOLDS = 3
 #: the pooling of the check: the smallest, with the most pixels to decide on (see the module notes)
 CHECK_POOLING = 2
+#: how the reason of a check on single-pixel folds begins (see :func:`check_pooling`)
+PER_PIXEL_FOLDS = "per-pixel folds (too few tiles for blocked ones)"
 
 
 def scale_check_folds(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE) -> tuple[int, str]:
@@ -81,14 +91,24 @@ def scale_check_folds(mask_lr: np.ndarray, factor: int, folds: int, tile: int = 
     return n, f"LLR grid {h} x {w} with {where}{fewer}"
 
 
-def check_pooling(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE) -> tuple[int, int, str]:
+def check_pooling(mask_lr: np.ndarray, factor: int, folds: int, tile: int = FOLD_TILE,
+                  per_pixel: bool = False) -> tuple[int, int, str]:
     """(the pooling k of the check, its folds, why): k = :data:`CHECK_POOLING` where the LR pooled by it
     is large enough for :data:`MIN_CHECK_FOLDS` folds, else (0, 0 and the reason).
 
     ``factor`` (F) only words the reason: the pooling is the same at every F (see the module notes).
+    ``per_pixel``: where the pooled tissue holds too few tiles for blocked folds, deal single pixels
+    to the folds instead (:data:`PER_PIXEL_FOLDS`; the reason says so).
     """
     k = min(CHECK_POOLING, int(factor))
     n, why = scale_check_folds(mask_lr, k, folds, tile)
+    if not n and per_pixel:
+        n, _ = scale_check_folds(mask_lr, k, folds, 1)
+        if n:
+            mask_llr = _pool_mask(np.asarray(mask_lr, bool), k)
+            fewer = "" if n == folds else f", so {n} folds instead of {folds}"
+            why = (f"{PER_PIXEL_FOLDS}: LLR grid {mask_llr.shape[0]} x {mask_llr.shape[1]} with "
+                   f"{int(mask_llr.sum())} tissue pixels{fewer}")
     if n and k != factor:
         why = f"pooled by {k}, not by F = {factor} (the most pixels): {why}"
     return (k, n, why) if n else (0, 0, why)
