@@ -383,7 +383,8 @@ def report() -> dict:
         text += ("\nPer-channel fallback rules, scored against the true per-channel gain (SMSDL forced on every "
                  "channel vs the control, on the ground truth; `bench_guided.py --forced`, then `--rules`). "
                  "Held-out / scale: that gain more than two standard errors above zero; \"where absent\": the "
-                 "held-out gain where the LR is too small for the scale-transfer check (the cerebellum at F = 4). "
+                 "held-out gain where the LR is too small for any scale-transfer check (none of these cases since the "
+                 "check runs on single-pixel folds where blocked ones are too few: the cerebellum at F = 4). "
                  "Margins mean ± std over seeds:\n\n" + "\n".join(rules_table(forced)) + "\n")
     md.write_text(text)
     print(md.read_text())
