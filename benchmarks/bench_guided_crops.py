@@ -47,31 +47,42 @@ def _held_out_rule() -> None:
     _regression.scale_check_size = lambda mask_lr, factor, folds, *args: (only_f(mask_lr, factor, folds)[0] > 0, "")
 
 
-def run(rule: str, seed: int) -> None:
+def crop_benchmarks(seed: int, crops, shape):
+    """(crop corner, SMSDL's metrics, the control's metrics) of each crop of the bladder section at F = 4,
+    the protocol of ``bench_guided.py`` (default preset, SMSDL and the control), one crop at a time."""
     from napari_smsdl.evaluation import run_benchmark
     from napari_smsdl.reconstruction import Settings
 
-    if rule == "held-out":
-        _held_out_rule()
     truth, he, factor, truth_px, he_px, _ = guided.load_case("bladder4")
     k = he.shape[1] // truth.shape[2]
-    rows, cols = CROP_SHAPE
-    for r0, c0 in CROPS:
+    rows, cols = shape
+    for r0, c0 in crops:
         t = truth[:, r0 : r0 + rows, c0 : c0 + cols]
         h = he[r0 * k : (r0 + rows) * k, c0 * k : (c0 + cols) * k]
         bench = run_benchmark(t, h, factor=factor, truth_pixel_size_um=truth_px, he_pixel_size_um=he_px,
                               settings=Settings.preset("default", factor=factor, seed=seed),
                               methods=["smsdl", "backprojection"], cache_dir=guided.OUT / "cache", refine=False)
-        s, c = bench.metrics["smsdl"], bench.metrics["backprojection"]
+        yield (r0, c0), bench.metrics["smsdl"], bench.metrics["backprojection"]
+
+
+def append_run(out_path: Path, out: dict, brief_without: str) -> None:
+    """Print a run (without its per-ion list) and append it to the JSON-lines file."""
+    print(json.dumps({k_: v for k_, v in out.items() if k_ != brief_without}), flush=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("a") as f:
+        f.write(json.dumps(out) + "\n")
+
+
+def run(rule: str, seed: int) -> None:
+    if rule == "held-out":
+        _held_out_rule()
+    for (r0, c0), s, c in crop_benchmarks(seed, CROPS, CROP_SHAPE):
         out = {"rule": rule, "seed": seed, "crop": [r0, c0],
                **{m: s[m]["mean"] - c[m]["mean"] for m in ("rmse", "ssim", "r2")},
                "used": int(sum(s["guidance"]["used_histology"])),
                "per_ssim": np.subtract(s["ssim"]["per_channel"], c["ssim"]["per_channel"]).tolist(),
                "pooling": (s["choices"].get("scale_transfer") or {}).get("pooling")}
-        print(json.dumps({k_: v for k_, v in out.items() if k_ != "per_ssim"}), flush=True)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        with OUT.open("a") as f:
-            f.write(json.dumps(out) + "\n")
+        append_run(OUT, out, "per_ssim")
 
 
 def summary() -> list[str]:
@@ -92,9 +103,11 @@ def summary() -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rules", default="pooled,held-out")
+def cli(argv, description: str, default_rules: str, run_rule, print_summary) -> int:
+    """The command line of a crop benchmark: every seed × rule (one process per rule in practice: a rule
+    may patch the module), then the summary table; ``--summary`` only prints it."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rules", default=default_rules)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--summary", action="store_true", help="only print the table of the runs written")
     args = parser.parse_args(argv)
@@ -104,9 +117,13 @@ def main(argv=None) -> int:
             return 0
         for seed in (int(s) for s in args.seeds.split(",")):
             for rule in args.rules.split(","):
-                run(rule, seed)  # one process per rule in practice: the held-out rule patches the module
-    print("\n".join(summary()))
+                run_rule(rule, seed)
+    print("\n".join(print_summary()))
     return 0
+
+
+def main(argv=None) -> int:
+    return cli(argv, __doc__.splitlines()[0], "pooled,held-out", run, summary)
 
 
 if __name__ == "__main__":

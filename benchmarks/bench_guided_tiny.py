@@ -19,7 +19,6 @@ per ion, the ions using the H&E, what decided) and prints the summary.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench_guided as guided  # noqa: E402
+import bench_guided_crops as crops  # noqa: E402
 
 OUT = HERE / "results" / "guided_tiny" / "runs.jsonl"
 CROPS = [(0, 0), (0, 100), (0, 200), (80, 0), (80, 100), (80, 200)]  # (row, column) corners, MSI pixels
@@ -49,29 +48,14 @@ def _held_out_rule() -> None:
 
 
 def run(rule: str, seed: int) -> None:
-    from napari_smsdl.evaluation import run_benchmark
-    from napari_smsdl.reconstruction import Settings
-
     if rule == "held-out":
         _held_out_rule()
-    truth, he, factor, truth_px, he_px, _ = guided.load_case("bladder4")
-    k = he.shape[1] // truth.shape[2]
-    rows, cols = CROP_SHAPE
-    for r0, c0 in CROPS:
-        t = truth[:, r0 : r0 + rows, c0 : c0 + cols]
-        h = he[r0 * k : (r0 + rows) * k, c0 * k : (c0 + cols) * k]
-        bench = run_benchmark(t, h, factor=factor, truth_pixel_size_um=truth_px, he_pixel_size_um=he_px,
-                              settings=Settings.preset("default", factor=factor, seed=seed),
-                              methods=["smsdl", "backprojection"], cache_dir=guided.OUT / "cache", refine=False)
-        s, c = bench.metrics["smsdl"], bench.metrics["backprojection"]
+    for (r0, c0), s, c in crops.crop_benchmarks(seed, CROPS, CROP_SHAPE):
         out = {"rule": rule, "seed": seed, "crop": [r0, c0],
                **{m: s[m]["mean"] - c[m]["mean"] for m in METRICS},
                "used": int(sum(s["guidance"]["used_histology"])), "decided_by": s["guidance"].get("decided_by"),
                "per_channel": {m: np.subtract(s[m]["per_channel"], c[m]["per_channel"]).tolist() for m in METRICS}}
-        print(json.dumps({k_: v for k_, v in out.items() if k_ != "per_channel"}), flush=True)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        with OUT.open("a") as f:
-            f.write(json.dumps(out) + "\n")
+        crops.append_run(OUT, out, "per_channel")
 
 
 def summary() -> list[str]:
@@ -96,20 +80,7 @@ def summary() -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rules", default="per-pixel,held-out")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--summary", action="store_true", help="only print the table of the runs written")
-    args = parser.parse_args(argv)
-    if not args.summary:
-        if not (guided.SHARED / "mouse-bladder-dev").exists():
-            print("skipped: the bladder data set is absent")
-            return 0
-        for seed in (int(s) for s in args.seeds.split(",")):
-            for rule in args.rules.split(","):
-                run(rule, seed)  # one process per rule in practice: the held-out rule patches the module
-    print("\n".join(summary()))
-    return 0
+    return crops.cli(argv, __doc__.splitlines()[0], "per-pixel,held-out", run, summary)
 
 
 if __name__ == "__main__":
