@@ -55,10 +55,10 @@ from ..io import tissue_mask
 from ..torch_setup import get_device
 from ._heldout import blocked_folds, choose_pca_dims, held_out_mse
 from ._scale_check import (
-    PER_PIXEL_FOLDS,
     blend_weight,
     check_pooling,
     pool_inputs,
+    scale_check_folds,
     scale_check_size,
     scale_gain,
     standard_errors,
@@ -558,7 +558,7 @@ def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, modes:
     weight, weight_std, _ = blend_weight(guided_lr, fit.control, inputs, folds_llr, k)
     conservation = {"value": mode.value, "how": how,
                     "gain_by_mode": {name: float(v[1].mean()) for name, v in by_mode.items()}}
-    return {"available": True, "how": why, "pooling": k, "folds": n_folds, "per_pixel_folds": PER_PIXEL_FOLDS in why,
+    return {"available": True, "how": why, "pooling": k, "folds": n_folds, "per_pixel_folds": per_pixel and not scale_check_folds(mask_lr, k, params.folds)[0],
             "standard_errors": errors, "conservation": conservation,
             "gain": gain.tolist(), "gain_std": std.tolist(),
             "weight": weight.tolist(), "weight_std": weight_std.tolist(),
