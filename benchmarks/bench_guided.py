@@ -126,6 +126,8 @@ def run_forced(name: str, seed: int) -> dict:
             "control": {k: c[k]["per_channel"] for k in METRICS}, "guidance": s["guidance"],
             "held_out_clear": [bool(g - 2.0 * sd / np.sqrt(ch["folds"]) > 0)
                                for g, sd in zip(s["guidance"]["gain"], s["guidance"]["gain_std"])],
+            "held_out_negative": [bool(g + 2.0 * sd / np.sqrt(ch["folds"]) < 0)
+                                  for g, sd in zip(s["guidance"]["gain"], s["guidance"]["gain_std"])],
             "scale_transfer": ch.get("scale_transfer"), "gain_over_control": ch["gain_over_control"],
             "uncertainty_spearman": s["uncertainty_spearman"]}
 
@@ -236,12 +238,25 @@ def uncertainty_table() -> list[str]:
 
 
 #: fallback rules scored offline: (held-out clearly positive, scale clearly positive or None) → use
-RULES = {
-    "held-out only": lambda h, sc: h,
-    "scale only (held-out where absent)": lambda h, sc: h if sc is None else sc,
-    "both (held-out where absent)": lambda h, sc: h if sc is None else h & sc,
-    "either (held-out where absent)": lambda h, sc: h if sc is None else h | sc,
+RULES = {  # (held-out gain clearly positive, scale gain clearly positive or None, held-out gain clearly negative)
+    "held-out only": lambda h, sc, neg: h,
+    "scale only (held-out where absent)": lambda h, sc, neg: h if sc is None else sc,
+    "scale unless the held-out gain is clearly negative (the default)": lambda h, sc, neg: h if sc is None else sc & ~neg,
+    "both (held-out where absent)": lambda h, sc, neg: h if sc is None else h & sc,
+    "either (held-out where absent)": lambda h, sc, neg: h if sc is None else h | sc,
 }
+
+
+def _held_out_negative(entry: dict) -> np.ndarray:
+    """Per channel: the held-out gain is clearly negative (recorded since the veto; else from the gains and
+    the default preset's folds, which every forced run used)."""
+    if "held_out_negative" in entry:
+        return np.array(entry["held_out_negative"], bool)
+    from napari_smsdl.reconstruction import Settings
+
+    folds = Settings.preset("default", factor=entry["factor"]).regression.folds
+    g = entry["guidance"]
+    return np.asarray(g["gain"]) + 2.0 * np.asarray(g["gain_std"]) / np.sqrt(folds) < 0
 
 
 def rules() -> list[str]:
@@ -277,7 +292,8 @@ def rules_table(entries: list) -> list[str]:
             for e in group:
                 h = np.array(e["held_out_clear"], bool)
                 st = e["scale_transfer"] or {}
-                use = f(h, np.array(st["clearly_positive"], bool) if st.get("available") else None)
+                use = f(h, np.array(st["clearly_positive"], bool) if st.get("available") else None,
+                        _held_out_negative(e))
                 true = 1 - np.square(e["forced"]["rmse"]) / np.square(e["control"]["rmse"]) > 0
                 agree += int((use == true).sum())
                 wrong_use += int((use & ~true).sum())

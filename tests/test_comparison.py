@@ -153,6 +153,10 @@ def test_fallback_summary_names_the_channels_that_use_the_control():
     assert small.startswith(text) and "single-pixel folds" in small
     assert "held-out" not in fallback_summary({**GUIDANCE, "used_histology": [False] * 3, "decided_by": "held_out"},
                                               ["a", "b", "c"])  # every channel is the control: nothing to caution
+    # a channel the held-out gain vetoed is counted among those that fell back; no veto, no sentence
+    vetoed = fallback_summary({**GUIDANCE, "held_out_veto": [False, True, False]}, ["a", "b", "c"], mz=mz)
+    assert vetoed.startswith(text) and "1 of them passed the scale-transfer check" in vetoed
+    assert fallback_summary({**GUIDANCE, "held_out_veto": [False] * 3}, ["a", "b", "c"], mz=mz) == text
 
 
 def test_guidance_cells_per_channel_and_summary():

@@ -71,6 +71,7 @@ def test_fallback_triggers_on_noise_and_not_on_a_channel_the_features_explain():
     check = result.choices["scale_transfer"]
     assert check["available"] and check["pooling"] == 2 and check["folds"] == 5
     assert check["clearly_positive"] == [True, False]
+    assert g.held_out_veto == [False, False]  # the held-out gain does not contradict the check
     assert result.choices["conservation"]["how"] == check["conservation"]["how"]
     assert result.guidance.fell_back == [1]
     np.testing.assert_array_equal(result.sr[1], result.control[1])  # the fallback is the control itself
@@ -195,7 +196,8 @@ def test_scale_transfer_gain_is_deterministic_and_separates_explained_from_noise
     inp = a.choices["network_input"]
     assert inp["how"].startswith("scale-transfer") and inp["scale_gain"][inp["value"]] == max(inp["scale_gain"].values())
     assert set(inp["held_out_mse"]) == {f"{inp['value']}, {m}" for m in ("exact", "smooth", "none")}
-    assert set(ga) == {"gain", "gain_std", "used_histology", "scale_gain", "scale_gain_std", "weight", "decided_by"}
+    assert set(ga) == {"gain", "gain_std", "used_histology", "scale_gain", "scale_gain_std", "weight", "decided_by",
+                       "held_out_veto"}
     assert ga["decided_by"] == "scale_transfer"
     # the conservation is chosen one scale up too, where every LLR mean is known as every LR mean is
     cons, check_cons = a.choices["conservation"], a.choices["scale_transfer"]["conservation"]
@@ -252,3 +254,15 @@ def test_the_check_pools_by_2_at_every_factor_and_is_skipped_where_that_is_too_s
     # the features go to the LR grid (by F), the measurement once more by 3, both cropped to a multiple of 3
     assert inputs.features.shape == (6, 15 * 24) and inputs.llr.shape == (2, 5, 8) and inputs.lr.shape == (2, 15, 24)
     np.testing.assert_allclose(inputs.llr, block_mean(lr[:, :15, :24], 3), rtol=1e-6)
+
+
+def test_a_clearly_negative_held_out_gain_vetoes_the_scale_transfer_check():
+    """The check passes channels 0 and 1; the held-out gain is clearly negative on 1: it falls back. Where
+    the LR image is too small for the check, the held-out gain alone decides."""
+    from napari_smsdl.reconstruction._regression import _decide
+
+    held_out_clear = np.array([False, False, True])
+    against = np.array([False, True, False])
+    assert _decide(held_out_clear, [True, True, False], against).tolist() == [True, False, False]
+    assert _decide(held_out_clear, [True, True, False]).tolist() == [True, True, False]
+    assert _decide(held_out_clear, None, against).tolist() == [False, False, True]

@@ -71,7 +71,10 @@ def fallback_summary(guidance: dict | None, channel_names: Sequence[str], mz: Se
     if not fell:
         return head + "; no channel fell back to the H&E-free control" + caution
     shown = ", ".join(fell[:max_named]) + (f" and {len(fell) - max_named} more" if len(fell) > max_named else "")
-    return f"{head}; fell back to the H&E-free control (BI + back-projection) on: {shown}{caution}"
+    vetoed = sum(bool(v) for v in guidance.get("held_out_veto") or [])
+    veto = (f" ({vetoed} of them passed the scale-transfer check but their held-out gain was clearly negative: the "
+            "two tests disagree, so the control is kept)") if vetoed else ""
+    return f"{head}; fell back to the H&E-free control (BI + back-projection) on: {shown}{veto}{caution}"
 
 
 def guidance_cells(guidance: dict | None, channel: int | None) -> tuple[str, str]:

@@ -480,8 +480,9 @@ def _record_guidance(out, per_chunk: dict, n_ch: int) -> None:
     # the scale-transfer gain exists for every chunk or none (it depends on the tissue mask only)
     if all("scale_gain" in chunks[c0]["guidance"] for c0 in chunks):
         guidance.update(scale_gain=[], scale_gain_std=[])
-    if all("weight" in chunks[c0]["guidance"] for c0 in chunks):
-        guidance["weight"] = []
+    for key in ("weight", "held_out_veto"):
+        if all(key in chunks[c0]["guidance"] for c0 in chunks):
+            guidance[key] = []
     for c0 in sorted(chunks):
         for key in guidance:
             guidance[key] += chunks[c0]["guidance"][key]

@@ -28,7 +28,10 @@ itself, on spatially blocked folds of the LR tissue pixels (:mod:`._heldout`):
   control (bicubic + back-projection; ``fallback``); a channel that uses the histology outputs the
   blend control + w · (SMSDL − control), w the least-squares weight of that blend against the
   measured LR pixels in the same check, clipped to [0, 1] (the share of SMSDL's detail that points
-  towards the measurement). Where the LR pooled by 2 holds too few tiles for blocked folds, the
+  towards the measurement). A channel whose held-out gain is clearly *negative* (mean plus two
+  standard errors < 0: with the H&E the network predicts unseen measured pixels worse than without
+  it) falls back too, whatever the check says: the two tests disagree, and the control is the safe
+  side. Where the LR pooled by 2 holds too few tiles for blocked folds, the
   check runs on single-pixel folds for this decision and weight only (the input and conservation
   are then the held-out folds' choice); where it is too small even for that, the held-out gain
   decides by the same criterion and a used channel keeps all of SMSDL's detail. The result says
@@ -139,6 +142,9 @@ class Guidance:
     #: image), ``"held_out"`` (too small even for that: the held-out gain, which scores predictions
     #: between pixels, a weaker test) or ``"forced"`` (no fallback)
     decided_by: str | None = None
+    #: per channel: the scale-transfer check passed it but its held-out gain was clearly negative, so it
+    #: fell back (the held-out veto); None where the check did not decide
+    held_out_veto: list | None = None
 
     def to_dict(self) -> dict:
         out = {"gain": [float(g) for g in self.gain], "gain_std": [float(s) for s in self.gain_std],
@@ -150,6 +156,8 @@ class Guidance:
             out["weight"] = [float(w) for w in self.weight]
         if self.decided_by is not None:
             out["decided_by"] = self.decided_by
+        if self.held_out_veto is not None:
+            out["held_out_veto"] = [bool(v) for v in self.held_out_veto]
         return out
 
     @property
@@ -447,16 +455,20 @@ def fit_guided(
     gain, gain_std = gains.mean(0), gains.std(0, ddof=1)
     choices["gain_over_control"] = over_control.mean(0).tolist()
     clearly = gain - GAIN_STANDARD_ERRORS * gain_std / np.sqrt(n_folds) > 0
+    against = gain + GAIN_STANDARD_ERRORS * gain_std / np.sqrt(n_folds) < 0  # the H&E clearly hurts held-out pixels
     control = conserve(bic_full, lr, factor, mask_lr, Conservation.EXACT)
     guided = conserve(mean, lr, factor, mask_lr, mode)
-    extra = {"clearly_positive": clearly.tolist()}
+    extra = {"clearly_positive": clearly.tolist(), "clearly_negative": against.tolist()}
     if not scale_check:  # the scale-transfer check's own fit: it conserves the raw mean once per mode
         extra["raw_mean"] = mean
     scale_gain = scale_std = None
     if check is not None and check["available"]:
         scale_gain, scale_std = check.pop("gain"), check.pop("gain_std")
         extra["scale_clearly_positive"] = check["clearly_positive"]
-    used = _decide(clearly, extra.get("scale_clearly_positive")) if params.fallback else np.ones(n_ch, bool)
+    used = _decide(clearly, extra.get("scale_clearly_positive"), against) if params.fallback else np.ones(n_ch, bool)
+    # per channel: the check passed it but the held-out gain vetoed it (said in the result and the summary)
+    veto = (np.asarray(check["clearly_positive"], bool) & against) if scale_gain is not None and params.fallback \
+        else None
     # a channel that is constant over the tissue (an ion never detected: all zero) has nothing for the
     # histology to explain, and its gains are ratios of rounding errors: its output is the control (the
     # constant itself), whatever --force-histology says
@@ -474,8 +486,10 @@ def fit_guided(
     weight = np.where(used, weight, 0.0)
     decided_by = "forced" if not params.fallback else "held_out" if scale_gain is None else \
         "scale_transfer_per_pixel" if check.get("per_pixel_folds") else "scale_transfer"
+    if veto is not None and flat.any():
+        veto = veto & ~flat  # a constant channel falls back for its own reason
     guidance = Guidance(gain.tolist(), gain_std.tolist(), used.tolist(), scale_gain, scale_std, weight.tolist(),
-                        decided_by)
+                        decided_by, None if veto is None else veto.tolist())
     w3 = weight[:, None, None]
     sr = np.where(w3 == 1.0, guided, np.where(w3 == 0.0, control, control + w3 * (guided - control))).astype(np.float32)
     spread = np.where(used[:, None, None], weight[:, None, None] * np.sqrt(m2 / (n_folds - 1)),
@@ -502,18 +516,20 @@ def constant_channels(lr: np.ndarray, mask_lr: np.ndarray) -> np.ndarray:
     return spread <= 1e-6 * np.maximum(np.abs(vals).max(1), 1e-30)
 
 
-def _decide(held_out_clear: np.ndarray, scale_clear: list | None) -> np.ndarray:
+def _decide(held_out_clear: np.ndarray, scale_clear: list | None, held_out_against: np.ndarray | None = None) -> np.ndarray:
     """Per channel: use the histology? (the fallback rule; see the module notes).
 
     ``scale_clear``: the scale-transfer gain is clearly positive; None where the LR image is too
-    small for the check.
+    small for the check. ``held_out_against``: the held-out gain is clearly negative (a veto).
     """
     if scale_clear is None:  # the LR image is too small for the scale-transfer check
         return np.asarray(held_out_clear, bool)
     # SMSDL's output differs from the control's by what it draws inside the LR pixels (and, unless
     # the conservation is exact, by their means); the scale-transfer check scores both of those on
-    # real pixels, the held-out folds only predictions across a gap at the LR scale
-    return np.asarray(scale_clear, bool)
+    # real pixels, the held-out folds only predictions across a gap at the LR scale. But where the
+    # held-out pixels say the H&E clearly makes predictions worse, the tests disagree: fall back
+    use = np.asarray(scale_clear, bool)
+    return use if held_out_against is None else use & ~np.asarray(held_out_against, bool)
 
 
 def _scale_transfer(feats, lr, factor, mask_lr, params: RegressionParams, modes: list, *, device, progress,
