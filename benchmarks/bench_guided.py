@@ -3,7 +3,8 @@
 Data sets (ground truth at native resolution, block-averaged by F, reconstructed back, scored on
 tissue): the real bladder ion images (``../shared/data/mouse-bladder-dev``: 20 noisy AP-SMALDI ion
 images + the optical image of the section) and the real mouse-cerebellum pair (UMAP summary) at
-F = 2 and 4, and the built-in sample at F = 4. Every case runs for seeds 0, 1 and 2 (one seed
+F = 2 and 4, and the built-in sample at F = 4; since 2026-12-07 both real pairs at F = 3 too, a
+factor no setting or rule was developed on (the case name's last digit is F). Every case runs for seeds 0, 1 and 2 (one seed
 drives the ViT training, the folds and the networks), so a difference can be read against the
 seed spread. On every case the features are also ablated: SMSDL trained on the same fold
 design with colour-only features (each SR cell's mean colour) and with ViTs left at random weights.
@@ -12,7 +13,7 @@ Each (case, seed) is written to ``benchmarks/results/guided/<case>_s<seed>.json`
 done and skipped when already there (delete a file to re-run it); ``--report`` only aggregates
 them into ``benchmarks/results/guided.json`` and ``docs/benchmarks/guided.md``.
 
-    python benchmarks/bench_guided.py [--only bladder4,bladder2,mouse2,mouse4,sample4] [--seeds 0,1,2]
+    python benchmarks/bench_guided.py [--only bladder4,bladder2,bladder3,mouse4,mouse2,mouse3,sample4] [--seeds 0,1,2]
                                       [--methods smsdl,bicubic,backprojection,cnn] [--no-ablation] [--merge] [--report]
 
 ``--merge --methods ""`` re-runs only the feature ablations into the existing case files.
@@ -407,7 +408,7 @@ def report() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="bladder4,bladder2,mouse4,mouse2,sample4")
+    parser.add_argument("--only", default="bladder4,bladder2,bladder3,mouse4,mouse2,mouse3,sample4")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="smsdl,bicubic,backprojection,cnn")
     parser.add_argument("--no-ablation", action="store_true")

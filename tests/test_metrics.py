@@ -132,3 +132,20 @@ def test_errors():
     bad[0, 1, 1] = np.nan
     with pytest.raises(InputError, match="prediction"):
         score_stack(np.zeros((1, 3, 3)), bad, FULL)
+
+
+def test_uncertainty_rank_correlation_scores_a_constant_map_as_ranking_nothing():
+    """A flat uncertainty map ranks no error: 0, counted in the mean (not left out); NaN only without errors."""
+    from napari_smsdl.evaluation._benchmark import uncertainty_rank_correlation
+
+    rng = np.random.default_rng(0)
+    truth = rng.random((2, 8, 8))
+    pred = truth + rng.normal(scale=0.1, size=truth.shape)
+    mask = np.ones((8, 8), bool)
+    ranked = np.abs(pred - truth)  # the error itself: a perfect ranking
+    unc = np.stack([ranked[0], np.full((8, 8), 0.3)])
+    out = uncertainty_rank_correlation(unc, pred, truth, mask)
+    assert out["per_channel"][0] == pytest.approx(1.0) and out["per_channel"][1] == 0.0
+    assert out["mean"] == pytest.approx(0.5)
+    exact = uncertainty_rank_correlation(unc, truth, truth, mask)  # no error anywhere: nothing to rank
+    assert np.isnan(exact["per_channel"]).all() and np.isnan(exact["mean"])

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 def uncertainty_rank_correlation(uncertainty, prediction, truth, mask) -> dict:
     """Spearman correlation of an uncertainty map with the absolute error, on tissue, per channel.
 
-    An uncertainty map is worth showing only if it ranks where the errors are large.
+    An uncertainty map is worth showing only if it ranks where the errors are large. A map that is
+    constant over the tissue ranks nothing: 0 (not left out of the mean, which would flatter the
+    other channels); NaN only where the error itself is constant (nothing to rank).
     """
     from scipy.stats import spearmanr
 
@@ -34,7 +36,10 @@ def uncertainty_rank_correlation(uncertainty, prediction, truth, mask) -> dict:
     for c in range(truth.shape[0]):
         err = np.abs(np.asarray(prediction[c], np.float64) - truth[c])[mask]
         u = np.asarray(uncertainty[c], np.float64)[mask]
-        rho = spearmanr(u, err)[0] if np.ptp(u) > 0 and np.ptp(err) > 0 else float("nan")
+        if np.ptp(err) == 0 or not u.size:
+            rho = float("nan")
+        else:
+            rho = spearmanr(u, err)[0] if np.ptp(u) > 0 else 0.0
         per.append(float(rho))
     finite = [v for v in per if np.isfinite(v)]
     return {"mean": float(np.mean(finite)) if finite else float("nan"), "per_channel": per}
