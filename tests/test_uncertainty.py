@@ -103,3 +103,26 @@ def test_histology_variation_is_relative_and_zero_inside_uniform_pixels():
     v = histology_variation(varied, 3, mask)
     np.testing.assert_allclose(v.mean(), 1.0)
     np.testing.assert_allclose(histology_variation(7.0 * varied, 3, mask), v)  # the features' scale does not matter
+
+
+def test_a_channel_whose_calibrated_map_would_be_flat_gets_the_unit_weights(monkeypatch):
+    """All calibrated weight on a noise level that does not grow with the signal: the map would be one value
+    over the tissue, ranking nothing; that channel gets the map before calibration (spread ⊕ noise) instead."""
+    from napari_smsdl.reconstruction import _uncertainty
+
+    rng = np.random.default_rng(0)
+    lr = 5.0 + rng.normal(size=(2, 24, 24))  # white noise of constant variance: a = 0, a flat noise part
+    mask = np.ones((24, 24), bool)
+    assert _uncertainty.noise_variance_model(lr, mask)[0, 0] == 0  # channel 0: a flat noise part
+    sr = backprojection_upsample(lr.astype(np.float32), 2, mask_lr=mask).astype(np.float64)
+    spread = 0.1 + 0.05 * rng.random(sr.shape)
+    real = calibrate(lr, mask)
+    noise_only = real.weights.copy()
+    noise_only[0] = [0.0, 1.0, 0.0, 0.0]  # channel 0: as if the task had found only the noise level
+    monkeypatch.setattr(_uncertainty, "calibrate",
+                        lambda *a, **k: _uncertainty.Calibration(noise_only, real.factors, real.pixels))
+    unc, calib = uncertainty_map(sr, spread, lr, mask, 2)
+    assert calib.flat == [0] and calib.to_dict()["unit_weights_where_flat"] == [0]
+    np.testing.assert_array_equal(calib.weights[0], [1.0, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(calib.weights[1], noise_only[1])  # the other channel keeps its calibration
+    assert np.ptp(unc[0]) > 0 and spearmanr(unc[0].ravel(), spread[0].ravel())[0] > 0.99  # ranks by the spread

@@ -38,14 +38,18 @@ and 2 × 2 by 4), and it is the same task at every F. What carries over is assum
 structure one scale up is taken to look like the structure below the pixel (self-similarity), and
 the control's error and fold spread to behave like SMSDL's (on a channel that fell back, SMSDL's
 output *is* the control). Where no pooled pixel is interior, the unit weights (S² + N², the map
-before calibration) are used. The held-out LR residuals are not used as the target: they measure
+before calibration) are used, and so they are for a channel whose calibrated map would be constant
+over the tissue (all its weight on parts that do not vary there, e.g. a noise level that does not
+grow with the signal): the task found nothing that ranks the error, and a flat map would show the
+user nothing; the unit weights at least rank by the fold spread (``Calibration.flat``). The held-out
+LR residuals are not used as the target: they measure
 an error *between* pixels (the pixel mean predicted across a gap), which the fold spread predicts
 well, while with the block means conserved the SR error lies *within* the pixels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -139,11 +143,13 @@ class Calibration:
     weights: np.ndarray
     factors: list  # every k of a task one scale up; empty where none was possible (unit weights)
     pixels: int  # LR pixels scored by the calibration, all tasks together
+    #: channels whose calibrated map was constant over the tissue: they get the unit weights instead
+    flat: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         ks = ", ".join(str(k) for k in self.factors)
         return {"parts": list(PARTS), "weights": self.weights.tolist(), "pooling_factors": list(self.factors),
-                "pixels": self.pixels,
+                "pixels": self.pixels, "unit_weights_where_flat": [int(c) for c in self.flat],
                 "how": ("non-negative least squares of the H&E-free control's squared error one scale up "
                         f"(LR pooled by {ks} and super-resolved back, scored on the measured LR)")
                 if self.factors else "unit weights: the LR image is too small for a task one scale up"}
@@ -261,9 +267,15 @@ def uncertainty_map(
         variation = histology_variation(grid, factor, upsample_mask(mask_lr, factor))
         features_lr = np.stack([block_mean(np.asarray(f, np.float64)[None], factor)[0] for f in grid])
     calib = calibrate(lr, mask_lr, coef, folds=folds, seed=seed, features_lr=features_lr)
+    tissue = upsample_mask(mask_lr, factor)
     out = np.empty(np.shape(sr), np.float32)
+    weights, flat = calib.weights.copy(), []
     for c in range(out.shape[0]):  # one channel at a time: four SR-sized float64 parts, not 4·C
         parts = _parts(np.asarray(sr[c : c + 1], np.float64), spread[c : c + 1], coef[c : c + 1], factor, factor,
                        variation)
-        out[c] = np.sqrt(np.tensordot(calib.weights[c], parts[:, 0], axes=1))
-    return out, calib
+        out[c] = np.sqrt(np.tensordot(weights[c], parts[:, 0], axes=1))
+        if tissue.any() and np.ptp(out[c][tissue]) == 0 and np.ptp(parts[:, 0][:, tissue], axis=1).any():
+            # the calibration found nothing that ranks the error: the map before calibration (see the notes)
+            weights[c], flat = UNIT_WEIGHTS, [*flat, c]
+            out[c] = np.sqrt(np.tensordot(weights[c], parts[:, 0], axes=1))
+    return out, (replace(calib, weights=weights, flat=flat) if flat else calib)
