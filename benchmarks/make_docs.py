@@ -262,6 +262,11 @@ found with the command line, as a new user would try it: five other bladder ions
 - it lost to the control by SSIM 0.0038 and R² 0.0016.
 
 That case is now `bladderfive3` in `bench_guided.py` (seeds 0–2, with the veto): {five_ions}
+Over the seeds, SMSDL − control is RMSE +0.0000 ± 0.0001, SSIM −0.0002 ± 0.0004, R² −0.0002 ±
+0.0003. Before the veto, seed 0 alone was at SSIM −0.0008 (CLI run). On seed 1 the held-out gain of
+m/z 896.604, −0.21 ± 0.26, is negative but not clearly so: the ion keeps the H&E and loses R²
+0.0029. **On this case SMSDL still does not beat the control**, and the CNN ties it; the loss is
+within the seed spread (0 channels below it).
 
 On every other case — the 20-ion bladder at F = 2, 3 and 4, the cerebellum at F = 2, 3 and 4, the
 sample — no channel's held-out gain is clearly negative. The veto changes none of their results,
