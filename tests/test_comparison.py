@@ -172,6 +172,8 @@ def test_guidance_cells_per_channel_and_summary():
     blended = {**GUIDANCE, "weight": [0.62, 0.0, 1.0]}
     assert guidance_cells(blended, 0)[1] == "yes (weight 0.62)" and guidance_cells(blended, 1)[1] == "no (control)"
     assert guidance_cells(blended, 2)[1] == "yes" and guidance_cells({**GUIDANCE, "weight": [None] * 3}, 0)[1] == "yes"
+    vetoed = {**GUIDANCE, "held_out_veto": [False, True, False]}
+    assert guidance_cells(vetoed, 1)[1] == "no (control: held-out veto)" and guidance_cells(vetoed, 0)[1] == "yes"
 
 
 def test_figure_has_a_column_for_the_he_free_control(tmp_path):

@@ -81,7 +81,7 @@ def guidance_cells(guidance: dict | None, channel: int | None) -> tuple[str, str
     """Table text of one channel's histology gain: (``"gain ± std"``, ``"yes"``/``"no (control)"``).
 
     A used channel whose output takes only part of the histology's detail (``guidance["weight"]``
-    below 1) reads ``"yes (weight 0.62)"``.
+    below 1) reads ``"yes (weight 0.62)"``; one the held-out gain vetoed ``"no (control: held-out veto)"``.
 
     ``channel`` None gives the summary of every channel: the mean gain ± the std of the channels'
     gains, and how many channels use the histology. ``("—", "—")`` without guidance.
@@ -101,7 +101,8 @@ def guidance_cells(guidance: dict | None, channel: int | None) -> tuple[str, str
         return "—", "—"
     text = "—" if not np.isfinite(gain[c]) else f"{gain[c]:.3g} ± {std[c]:.2g}"
     if not used[c]:
-        return text, "no (control)"
+        vetoed = guidance.get("held_out_veto") or []
+        return text, "no (control: held-out veto)" if c < len(vetoed) and vetoed[c] else "no (control)"
     # a used channel takes the share ``weight`` of the histology's detail over the control (1: all of it)
     weights = guidance.get("weight") or []
     w = weights[c] if c < len(weights) and weights[c] is not None else 1.0
