@@ -36,7 +36,7 @@ def uncertainty_rank_correlation(uncertainty, prediction, truth, mask) -> dict:
     for c in range(truth.shape[0]):
         err = np.abs(np.asarray(prediction[c], np.float64) - truth[c])[mask]
         u = np.asarray(uncertainty[c], np.float64)[mask]
-        if np.ptp(err) == 0 or not u.size:
+        if not err.size or np.ptp(err) == 0:
             rho = float("nan")
         else:
             rho = spearmanr(u, err)[0] if np.ptp(u) > 0 else 0.0

@@ -458,23 +458,24 @@ def fit_guided(
     against = gain + GAIN_STANDARD_ERRORS * gain_std / np.sqrt(n_folds) < 0  # the H&E clearly hurts held-out pixels
     control = conserve(bic_full, lr, factor, mask_lr, Conservation.EXACT)
     guided = conserve(mean, lr, factor, mask_lr, mode)
-    extra = {"clearly_positive": clearly.tolist(), "clearly_negative": against.tolist()}
+    extra = {"clearly_positive": clearly.tolist()}
     if not scale_check:  # the scale-transfer check's own fit: it conserves the raw mean once per mode
         extra["raw_mean"] = mean
     scale_gain = scale_std = None
     if check is not None and check["available"]:
         scale_gain, scale_std = check.pop("gain"), check.pop("gain_std")
         extra["scale_clearly_positive"] = check["clearly_positive"]
-    used = _decide(clearly, extra.get("scale_clearly_positive"), against) if params.fallback else np.ones(n_ch, bool)
+    scale_clear = extra.get("scale_clearly_positive")
+    used = _decide(clearly, scale_clear, against) if params.fallback else np.ones(n_ch, bool)
     # per channel: the check passed it but the held-out gain vetoed it (said in the result and the summary)
-    veto = (np.asarray(check["clearly_positive"], bool) & against) if scale_gain is not None and params.fallback \
-        else None
+    veto = np.asarray(scale_clear, bool) & against if scale_clear is not None and params.fallback else None
     # a channel that is constant over the tissue (an ion never detected: all zero) has nothing for the
     # histology to explain, and its gains are ratios of rounding errors: its output is the control (the
     # constant itself), whatever --force-histology says
     flat = constant_channels(lr, mask_lr)
     if flat.any():
         used, gain, gain_std = used & ~flat, np.where(flat, 0.0, gain), np.where(flat, 0.0, gain_std)
+        veto = None if veto is None else veto & ~flat  # a constant channel falls back for its own reason
         choices["constant_channels"] = int(flat.sum())
         log.warning("%d of %d channels are constant over the tissue (e.g. never detected): their output is the "
                     "H&E-free control, and the fallback summary names them", int(flat.sum()), n_ch)
@@ -486,8 +487,6 @@ def fit_guided(
     weight = np.where(used, weight, 0.0)
     decided_by = "forced" if not params.fallback else "held_out" if scale_gain is None else \
         "scale_transfer_per_pixel" if check.get("per_pixel_folds") else "scale_transfer"
-    if veto is not None and flat.any():
-        veto = veto & ~flat  # a constant channel falls back for its own reason
     guidance = Guidance(gain.tolist(), gain_std.tolist(), used.tolist(), scale_gain, scale_std, weight.tolist(),
                         decided_by, None if veto is None else veto.tolist())
     w3 = weight[:, None, None]
